@@ -1,0 +1,41 @@
+"""Build the compiled core.
+
+Every ``src/fastpool/_*.pyx`` becomes an extension module.  A build without
+Cython or without a C compiler fails: fastpool has no pure-Python fallback, so a
+wheel without its compiled core would be a broken wheel, not a slow one.
+"""
+
+import sys
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+if not sys.platform.startswith("linux"):
+    # The worker loop is written against epoll, accept4, sendfile and
+    # PR_SET_PDEATHSIG; say so at build time rather than at first request.
+    sys.exit(f"fastpool supports Linux only (this is {sys.platform!r}); see README.md")
+
+SRC = Path("src/fastpool")
+
+extensions = [
+    Extension(
+        f"fastpool.{pyx.stem}",
+        [str(pyx)],
+        extra_compile_args=["-O2"],
+    )
+    for pyx in sorted(SRC.glob("_*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    ),
+)

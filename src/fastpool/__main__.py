@@ -1,0 +1,5 @@
+"""``python -m fastpool`` is the ``fastpool`` command."""
+
+from fastpool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,589 @@
+# cython: language_level=3
+"""The HTTP/1.1 connection core shared by every worker kind.
+
+Rules of this module:
+
+* It does no I/O.  A worker feeds received bytes to ``HttpConnection.feed`` and
+  reads complete request heads from ``pending``; it writes response bytes it
+  builds with the serialiser below.  So the WSGI worker (epoll, blocking app)
+  and the ASGI worker (asyncio) share one parser glue and one set of limits.
+* Parsing is httptools (llhttp).  Its callbacks land in the ``on_*`` methods of
+  ``HttpConnection``; a subclass decides how a request is represented (a WSGI
+  environ, an ASGI scope) through ``new_request``, ``add_header`` and
+  ``finish_head``.
+* A protocol error is a status, not an exception: ``fail`` records it in
+  ``error_status`` and stops the parser.  The worker answers the requests that
+  came before it, then that status, then closes — the framing cannot be trusted
+  any more.  Statuses: 400 malformed, 413 body too large, 414 request line too
+  long, 431 header fields too many or too large, 501 unsupported
+  Transfer-Encoding or unknown method, 505 HTTP version other than 1.0/1.1.
+* httptools has no size limits, so every limit is counted here, in the
+  callbacks, plus one check after each feed for a head that is still
+  incomplete (a header that trickles in forever is never reported by httptools
+  until it ends).
+* Response heads are validated while they are serialised: a header name that
+  is not a token, or a value with CR, LF or NUL, raises ``ValueError`` and is
+  never sent.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from libc.string cimport memchr
+
+from fastpool._posix cimport (
+    iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
+    time, clock_gettime, timespec, CLOCK_MONOTONIC,
+)
+
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+
+cdef object HttpParserError = httptools.HttpParserError
+cdef object HttpParserUpgrade = httptools.HttpParserUpgrade
+cdef object HttpParserInvalidMethodError = httptools.HttpParserInvalidMethodError
+cdef object HttpRequestParser = httptools.HttpRequestParser
+
+
+class StopParsing(Exception):
+    """Raised from a parser callback to abort httptools after ``fail``."""
+
+
+cdef double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic_time():
+    """The clock every deadline of the worker is measured on."""
+    return monotonic()
+
+
+# ---------------------------------------------------------------- limits
+
+@cython.final
+cdef class Limits:
+    def __init__(self, Py_ssize_t request_line=4094, Py_ssize_t request_fields=100,
+                 Py_ssize_t request_field_size=8190, long long request_body=0):
+        self.request_line = request_line
+        self.request_fields = request_fields
+        self.request_field_size = request_field_size
+        self.request_body = request_body
+        if request_line and request_fields and request_field_size:
+            self.request_head = request_line + request_fields * (request_field_size + 2) + 4
+        else:
+            self.request_head = 0
+
+
+# ---------------------------------------------------------------- request
+
+@cython.freelist(64)
+cdef class Request:
+    def __cinit__(self):
+        self.content_length = -1
+        self.body = bytearray()
+
+    cdef int append_body(self, bytes chunk) except -1:
+        if not self.discard_body:
+            self.body += chunk
+        return 0
+
+    cdef Py_ssize_t body_buffered(self):
+        return PyByteArray_GET_SIZE(self.body) - self.body_pos
+
+    cdef bytes take_body(self, Py_ssize_t size):
+        """Up to ``size`` buffered body bytes (all of them when size < 0)."""
+        cdef Py_ssize_t available = self.body_buffered()
+        cdef bytes out
+        if size < 0 or size > available:
+            size = available
+        out = bytes(self.body[self.body_pos:self.body_pos + size])
+        self.body_pos += size
+        if self.body_pos == PyByteArray_GET_SIZE(self.body):
+            del self.body[:]
+            self.body_pos = 0
+        elif self.body_pos > 65536:
+            del self.body[:self.body_pos]
+            self.body_pos = 0
+        return out
+
+    cdef Py_ssize_t find_in_body(self, char byte, Py_ssize_t limit):
+        """Offset just past the first ``byte`` in the buffered body, or -1."""
+        cdef Py_ssize_t available = self.body_buffered()
+        cdef char *start = PyByteArray_AS_STRING(self.body) + self.body_pos
+        cdef char *hit
+        if limit >= 0 and limit < available:
+            available = limit
+        hit = <char *>memchr(start, byte, available)
+        if hit == NULL:
+            return -1
+        return hit - start + 1
+
+
+# ---------------------------------------------------------------- parser glue
+
+cdef bint name_is(bytes name, const char *lower, Py_ssize_t length):
+    """Case-insensitive comparison of a header name with a lower-case C string."""
+    cdef const char *raw
+    cdef Py_ssize_t i
+    cdef char c
+    if PyBytes_GET_SIZE(name) != length:
+        return False
+    raw = PyBytes_AS_STRING(name)
+    for i in range(length):
+        c = raw[i]
+        if 65 <= c <= 90:
+            c = c + 32
+        if c != lower[i]:
+            return False
+    return True
+
+
+cdef dict METHODS = {}
+
+
+cdef str method_name(bytes raw):
+    cdef str name = METHODS.get(raw)
+    if name is None:
+        name = raw.decode("ascii")
+        METHODS[raw] = name
+    return name
+
+
+cdef class HttpConnection:
+    def __init__(self, Limits limits not None):
+        self.limits = limits
+        self.pending = []
+        self.parser = HttpRequestParser(self)
+        self.url_buffer = bytearray()
+
+    # ---- hooks for the worker kind (WSGI, ASGI)
+
+    cdef Request new_request(self):
+        return Request()
+
+    cdef int add_header(self, Request request, bytes name, bytes value) except -1:
+        return 0
+
+    cdef int finish_head(self, Request request) except -1:
+        return 0
+
+    # ---- state
+
+    cdef int fail(self, int status, str reason) except -1:
+        if not self.error_status:
+            self.error_status = status
+            self.error_reason = reason
+        self.stop_reading = True
+        raise StopParsing(reason)
+
+    cdef bint at_message_boundary(self):
+        """True when no request is partly received."""
+        return self.current is None
+
+    # ---- httptools callbacks
+
+    def on_message_begin(self):
+        cdef Request request = self.new_request()
+        request.started = monotonic()
+        self.current = request
+        self.in_head = True
+        del self.url_buffer[:]
+        self.header_count = 0
+        self.head_bytes = 0
+        self.field_bytes = 0
+
+    def on_url(self, bytes url):
+        self.url_buffer += url
+        if self.limits.request_line and (
+            PyByteArray_GET_SIZE(self.url_buffer) + 16 > self.limits.request_line
+        ):
+            self.fail(414, "request line too long")
+
+    def on_header(self, bytes name, bytes value):
+        cdef Request request = self.current
+        cdef Limits limits = self.limits
+        self.header_seen_in_feed = True
+        self.header_count += 1
+        if limits.request_fields and self.header_count > limits.request_fields:
+            self.fail(431, "too many header fields")
+        if limits.request_field_size and (
+            PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 2 > limits.request_field_size
+        ):
+            self.fail(431, "header field too large")
+        if name_is(name, b"content-length", 14):
+            try:
+                request.content_length = int(value)
+            except ValueError:
+                self.fail(400, "invalid Content-Length")
+            if limits.request_body and request.content_length > limits.request_body:
+                self.fail(413, "request body too large")
+        elif name_is(name, b"transfer-encoding", 17):
+            # Only "chunked" is understood; gzip and friends are 501 (RFC 9112 6.1),
+            # checked here because llhttp reports them only after the head.
+            if value.strip().lower() != b"chunked":
+                self.fail(501, "unsupported Transfer-Encoding")
+            request.chunked = True
+        elif name_is(name, b"expect", 6):
+            if value.strip().lower() == b"100-continue":
+                request.expect_continue = True
+        self.add_header(request, name, value)
+
+    def on_headers_complete(self):
+        cdef Request request = self.current
+        cdef object parser = self.parser
+        cdef str version = parser.get_http_version()
+        if version == "1.1":
+            request.http_minor = 1
+        elif version == "1.0":
+            request.http_minor = 0
+        else:
+            self.fail(505, "HTTP version not supported")
+        request.method = method_name(parser.get_method())
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        request.target = bytes(self.url_buffer)
+        request.head_complete = True
+        # A request without a body is complete now; on_message_complete also says so.
+        if request.content_length <= 0 and not request.chunked:
+            request.body_complete = True
+        self.in_head = False
+        self.finish_head(request)
+        self.pending.append(request)
+
+    def on_body(self, bytes chunk):
+        cdef Request request = self.current
+        request.body_received += PyBytes_GET_SIZE(chunk)
+        if self.limits.request_body and request.body_received > self.limits.request_body:
+            self.fail(413, "request body too large")
+        request.append_body(chunk)
+
+    def on_message_complete(self):
+        self.current.body_complete = True
+        self.current = None
+
+    # ---- feeding
+
+    cdef int feed(self, bytes data) except -1:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef Request request
+        cdef Limits limits = self.limits
+        self.header_seen_in_feed = False
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            # The head (and, with no body, the message) is complete; what follows
+            # belongs to another protocol that this worker does not speak.
+            # Answer the request and close.
+            request = self.pending[-1]
+            request.keep_alive = False
+            request.body_complete = True
+            self.current = None
+            self.stop_reading = True
+            return 0
+        except HttpParserError as exc:
+            if not self.error_status:
+                self.error_status = parser_error_status(exc, data)
+                self.error_reason = str(exc)
+            self.stop_reading = True
+            # The request being parsed has broken framing: never dispatch it.
+            if self.current is not None and self.pending and self.pending[-1] is self.current:
+                self.pending.pop()
+            self.current = None
+            return 0
+        if self.in_head:
+            self.head_bytes += size
+            if self.header_seen_in_feed:
+                self.field_bytes = 0
+            else:
+                self.field_bytes += size
+            if limits.request_field_size and self.field_bytes > limits.request_field_size + 2:
+                if self.header_count == 0 and limits.request_line:
+                    self.error_status = 414
+                    self.error_reason = "request line too long"
+                else:
+                    self.error_status = 431
+                    self.error_reason = "header field too large"
+            elif limits.request_head and self.head_bytes > limits.request_head:
+                self.error_status = 431
+                self.error_reason = "request head too large"
+            if self.error_status:
+                self.stop_reading = True
+                self.current = None
+        return 0
+
+
+cdef int parser_error_status(object exc, bytes data):
+    cdef str message = str(exc)
+    cdef bytes method
+    if "version" in message or "PRI" in message:
+        return 505
+    if isinstance(exc, HttpParserInvalidMethodError):
+        # An unknown method that is a well-formed token is "not implemented";
+        # anything else is a malformed request.
+        method = data.split(b" ", 1)[0]
+        if 0 < len(method) <= 32 and method.isalpha() and method.isupper():
+            return 501
+    return 400
+
+
+# ---------------------------------------------------------------- responses
+
+# The Date header, rebuilt at most once a second (refresh_date is called by the
+# worker loop once per wakeup; formatting happens only when the second changes).
+cdef bytes _date_header = b""
+cdef long _date_second = -1
+
+
+cdef int refresh_date() except -1:
+    global _date_header, _date_second
+    cdef long now = time(NULL)
+    if now != _date_second:
+        _date_second = now
+        _date_header = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+    return 0
+
+
+cdef bytes date_header():
+    return _date_header
+
+
+cdef dict STATUS_LINES = {}
+
+
+cdef tuple status_line(str status):
+    """``(b"HTTP/1.1 200 OK\\r\\n", 200)`` for ``"200 OK"``; cached."""
+    cdef tuple cached = STATUS_LINES.get(status)
+    cdef int code
+    if cached is not None:
+        return cached
+    if len(status) < 3 or not status[:3].isdigit() or (len(status) > 3 and status[3] != " "):
+        raise ValueError(f"invalid status {status!r}: expected '<3 digits> <reason>'")
+    if "\r" in status or "\n" in status or "\0" in status:
+        raise ValueError(f"invalid status {status!r}: contains CR, LF or NUL")
+    code = int(status[:3])
+    if code < 100:
+        raise ValueError(f"invalid status {status!r}")
+    cached = (b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n", code)
+    if len(STATUS_LINES) < 512:
+        STATUS_LINES[status] = cached
+    return cached
+
+
+# RFC 9110 token characters, for header names.
+cdef bint TOKEN_CHARS[256]
+
+
+cdef _init_token_chars():
+    cdef int i
+    for i in range(256):
+        TOKEN_CHARS[i] = False
+    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        TOKEN_CHARS[c] = True
+
+
+_init_token_chars()
+
+
+cdef int check_header(bytes name, bytes value) except -1:
+    cdef const unsigned char *raw = <const unsigned char *>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if size == 0:
+        raise ValueError("empty header name")
+    for i in range(size):
+        if not TOKEN_CHARS[raw[i]]:
+            raise ValueError(f"invalid header name {name!r}")
+    raw = <const unsigned char *>PyBytes_AS_STRING(value)
+    size = PyBytes_GET_SIZE(value)
+    for i in range(size):
+        c = raw[i]
+        if c == 13 or c == 10 or c == 0:
+            raise ValueError(f"invalid header value for {name!r}: contains CR, LF or NUL")
+    return 0
+
+
+cdef int append_str_header(bytearray out, object name, object value,
+                           HeadFlags *flags) except -1:
+    """Validate one WSGI (str, str) header and append ``name: value\\r\\n``."""
+    cdef bytes raw_name, raw_value
+    cdef Py_ssize_t size
+    if type(name) is not str or type(value) is not str:
+        raise TypeError(f"header name and value must be str, got {name!r}: {value!r}")
+    raw_name = (<str>name).encode("latin-1")
+    raw_value = (<str>value).encode("latin-1")
+    check_header(raw_name, raw_value)
+    size = PyBytes_GET_SIZE(raw_name)
+    if size == 14 and name_is(raw_name, b"content-length", 14):
+        if not raw_value.strip().isdigit():
+            raise ValueError(f"invalid Content-Length {value!r}")
+        flags.content_length = int(raw_value)
+    elif size == 4 and name_is(raw_name, b"date", 4):
+        flags.has_date = True
+    elif size == 6 and name_is(raw_name, b"server", 6):
+        flags.has_server = True
+    elif size == 10 and name_is(raw_name, b"connection", 10):
+        # The connection's framing is the server's business; an app may only
+        # ask for it to be closed.
+        if raw_value.strip().lower() == b"close":
+            flags.connection_close = True
+        return 0
+    elif size == 17 and name_is(raw_name, b"transfer-encoding", 17):
+        flags.has_transfer_encoding = True
+        return 0
+    out += raw_name
+    out += b": "
+    out += raw_value
+    out += b"\r\n"
+    return 0
+
+
+# ---------------------------------------------------------------- output buffer
+
+cdef enum:
+    MAX_IOV = 64
+    SMALL_WRITE = 16384
+
+
+@cython.final
+cdef class OutBuffer:
+    """Bytes waiting to be sent on one connection, in order.
+
+    Small writes are copied into one trailing bytearray so that a response head
+    and a small body go out in one ``send``; large ones are kept as they are and
+    sent with ``writev`` (no copy).
+    """
+
+    def __cinit__(self):
+        self.chunks = []
+        self.tail = None
+        self.first_offset = 0
+        self.size = 0
+
+    cdef bytearray open_tail(self):
+        if self.tail is None:
+            self.tail = bytearray()
+            self.chunks.append(self.tail)
+        return self.tail
+
+    cdef int write(self, object data) except -1:
+        cdef Py_ssize_t size = len(data)
+        cdef bytearray tail
+        if size == 0:
+            return 0
+        if size < SMALL_WRITE:
+            tail = self.open_tail()
+            tail += data
+        else:
+            if type(data) is not bytes:
+                data = bytes(data)
+            self.chunks.append(data)
+            self.tail = None
+        self.size += size
+        return 0
+
+    cdef int clear(self) except -1:
+        del self.chunks[:]
+        self.tail = None
+        self.first_offset = 0
+        self.size = 0
+        return 0
+
+    cdef Py_ssize_t send_to(self, int fd) except -2:
+        """Send what the socket takes without blocking; return bytes sent, or -1
+        when the socket would block before any byte.  Raises OSError when the
+        peer is gone."""
+        cdef iovec iov[MAX_IOV]
+        cdef int count = 0
+        cdef Py_ssize_t sent, remaining, chunk_size
+        cdef object chunk
+        cdef char *base
+        if self.size == 0:
+            return 0
+        for chunk in self.chunks:
+            if count == MAX_IOV:
+                break
+            if type(chunk) is bytes:
+                base = PyBytes_AS_STRING(chunk)
+                chunk_size = PyBytes_GET_SIZE(chunk)
+            else:
+                base = PyByteArray_AS_STRING(chunk)
+                chunk_size = PyByteArray_GET_SIZE(chunk)
+            if count == 0:
+                base += self.first_offset
+                chunk_size -= self.first_offset
+            iov[count].iov_base = base
+            iov[count].iov_len = chunk_size
+            count += 1
+        while True:
+            if count == 1:
+                sent = send(fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
+            else:
+                sent = writev(fd, iov, count)
+            if sent >= 0:
+                break
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return -1
+            raise OSError(errno, "send failed")
+        self.size -= sent
+        if self.size == 0:
+            self.clear()
+            return sent
+        remaining = sent
+        while remaining:
+            chunk = self.chunks[0]
+            chunk_size = len(chunk) - self.first_offset
+            if remaining >= chunk_size:
+                remaining -= chunk_size
+                del self.chunks[0]
+                self.first_offset = 0
+                if chunk is self.tail:
+                    self.tail = None
+            else:
+                self.first_offset += remaining
+                remaining = 0
+        return sent
+
+
+cdef int append_chunk(OutBuffer out, object data) except -1:
+    """Append ``data`` in chunked transfer coding."""
+    cdef Py_ssize_t size = len(data)
+    cdef bytes prefix
+    cdef bytearray tail
+    if size == 0:
+        return 0
+    prefix = b"%x\r\n" % size
+    tail = out.open_tail()
+    tail += prefix
+    out.size += PyBytes_GET_SIZE(prefix)
+    out.write(data)
+    tail = out.open_tail()
+    tail += b"\r\n"
+    out.size += 2
+    return 0
+
+
+cpdef bytes error_response(int status, str detail=""):
+    """A complete response the server sends on its own (the connection closes)."""
+    cdef str phrase
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = f"{status} {phrase}\n".encode("latin-1")
+    if detail:
+        body += detail.encode("latin-1", "replace") + b"\n"
+    refresh_date()
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+        + _date_header
+        + b"Server: fastpool\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        + b"Content-Length: " + str(len(body)).encode("ascii")
+        + b"\r\nConnection: close\r\n\r\n" + body
+    )

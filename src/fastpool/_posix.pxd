@@ -1,0 +1,156 @@
+# C declarations of the Linux system calls the compiled worker uses.
+#
+# Rules: declarations only (no code); every function that can block is declared
+# ``nogil`` so that callers can release the GIL around it and only around it.
+
+from libc.stdint cimport uint32_t, uint64_t
+from posix.types cimport off_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EWOULDBLOCK  # equal to EAGAIN on Linux: test EAGAIN only (a switch on both fails to compile)
+        EINTR
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
+        ECONNABORTED
+        EPROTO
+        EPERM
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLEXCLUSIVE
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+
+    struct sockaddr:
+        sa_family_t sa_family
+
+    struct sockaddr_storage:
+        sa_family_t ss_family
+
+    enum:
+        AF_INET
+        AF_INET6
+        AF_UNIX
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        MSG_NOSIGNAL
+        MSG_DONTWAIT
+        SHUT_WR
+        SOL_SOCKET
+        IPPROTO_TCP
+
+    int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t len, int flags)
+    int shutdown(int sockfd, int how)
+    int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+
+    struct in6_addr:
+        unsigned char s6_addr[16]
+
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
+
+    unsigned short ntohs(unsigned short netshort)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    enum:
+        INET6_ADDRSTRLEN
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+
+cdef extern from "<sys/sendfile.h>" nogil:
+    ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+
+    enum:
+        POLLIN
+        POLLOUT
+        POLLERR
+        POLLHUP
+
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    int getppid()
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+
+    enum:
+        CLOCK_MONOTONIC
+
+    int clock_gettime(int clk_id, timespec *tp)
+    time_t time(time_t *tloc)

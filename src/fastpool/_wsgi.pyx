@@ -1,0 +1,1043 @@
+# cython: language_level=3
+"""The compiled WSGI worker: accept, read, parse, call the app, respond.
+
+Rules of this module:
+
+* One worker process runs one ``WSGIWorker.run`` loop over epoll (level
+  triggered) with non-blocking sockets and many keep-alive connections.  The
+  app is called synchronously (the prefork model): one request at a time.
+* A request is dispatched once its head and its body are in (or its buffered
+  body reaches ``BODY_BUFFER`` bytes, or it asked ``Expect: 100-continue``), so
+  a slow uploader holds a connection, not the worker.  Past that point the app
+  reads the rest of a large body through blocking reads with a timeout.
+* Responses are written into the connection's ``OutBuffer`` and sent once per
+  batch of pipelined requests; only while an app streams more than
+  ``HIGH_WATER`` bytes does the worker wait (poll, GIL released) for the
+  client to drain.  A response that cannot be sent at once waits for EPOLLOUT
+  and the connection reads nothing more until it is out.
+* The GIL is released only around epoll_wait and poll.
+* Every connection has one deadline (idle keep-alive, header/body read, write
+  progress, lingering close); ``sweep`` enforces them once a second.
+* Nothing a client sends and nothing an app does may end this loop: protocol
+  errors become statuses (see _http.pyx), app errors become 500s, and a client
+  that disappears is a closed connection.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from posix.types cimport off_t
+
+from fastpool._posix cimport (
+    epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
+    EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
+    sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, socklen_t, accept4, recv,
+    shutdown, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, AF_INET, AF_INET6,
+    IPPROTO_TCP, TCP_NODELAY, inet_ntop, ntohs, INET6_ADDRSTRLEN, sendfile, poll, pollfd,
+    POLLIN, POLLOUT, close, getppid, errno, EAGAIN, EINTR, ECONNABORTED,
+    EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
+)
+from fastpool._http cimport (
+    Limits, Request, HttpConnection, HeadFlags, OutBuffer, date_header, refresh_date,
+    status_line, append_str_header, append_chunk, error_response,
+)
+from fastpool._http import monotonic_time
+
+import logging
+import os
+import stat
+import sys
+from urllib.parse import unquote_to_bytes
+
+cdef object error_log = logging.getLogger("fastpool.error")
+
+
+cdef enum:
+    RECV_SIZE = 65536
+    MAX_EVENTS = 256
+    ACCEPT_BATCH = 64
+    # A body this large is handed to the app before it is complete; below it the
+    # worker buffers the whole body first (a slow uploader costs no worker time).
+    BODY_BUFFER = 262144
+    # While an app streams a response, wait for the client once this much is queued.
+    HIGH_WATER = 262144
+
+
+class ClientDisconnected(OSError):
+    """The client went away, or stopped reading or sending for too long."""
+
+
+class RequestBodyError(OSError):
+    """The request body broke a limit or its framing while the app read it."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+
+
+# ---------------------------------------------------------------- environ
+
+cdef dict HEADER_KEYS = {}
+
+
+cdef object header_key(bytes name):
+    """The environ key for a request header name, or None to drop it.
+
+    Names containing "_" are dropped: once "-" becomes "_" they could pass
+    for another header (X-Auth_User vs X-Auth-User), as gunicorn and nginx
+    also rule.
+    """
+    cdef object key = HEADER_KEYS.get(name, False)
+    cdef str upper
+    if key is not False:
+        return key
+    if b"_" in name:
+        key = None
+    else:
+        upper = name.decode("latin-1").upper().replace("-", "_")
+        if upper == "CONTENT_TYPE" or upper == "CONTENT_LENGTH":
+            key = upper
+        else:
+            key = "HTTP_" + upper
+    if len(HEADER_KEYS) < 2048:
+        HEADER_KEYS[name] = key
+    return key
+
+
+# request-target -> (PATH_INFO, QUERY_STRING, RAW_URI) before root_path is applied
+cdef dict TARGETS = {}
+
+
+cdef tuple split_target(bytes target):
+    cdef tuple cached = TARGETS.get(target)
+    cdef bytes path, query
+    cdef Py_ssize_t mark
+    if cached is not None:
+        return cached
+    path = target
+    query = b""
+    mark = path.find(b"#")
+    if mark >= 0:
+        path = path[:mark]
+    mark = path.find(b"?")
+    if mark >= 0:
+        query = path[mark + 1:]
+        path = path[:mark]
+    if path[:1] != b"/" and path != b"*":
+        # absolute-form (GET http://host/path): keep the path part.
+        mark = path.find(b"://")
+        if mark >= 0:
+            mark = path.find(b"/", mark + 3)
+            path = path[mark:] if mark >= 0 else b"/"
+    if b"%" in path:
+        path = unquote_to_bytes(path)
+    cached = (path.decode("latin-1"), query.decode("latin-1"), target.decode("latin-1"))
+    if len(TARGETS) >= 1024:
+        TARGETS.clear()
+    TARGETS[target] = cached
+    return cached
+
+
+@cython.final
+@cython.freelist(64)
+cdef class WSGIRequest(Request):
+    cdef public dict environ
+
+
+# ---------------------------------------------------------------- wsgi.input
+
+@cython.final
+@cython.freelist(64)
+cdef class InputStream:
+    """``wsgi.input``: the request body, de-chunked, never read past its end."""
+
+    cdef WSGIConnection conn
+    cdef WSGIRequest request
+
+    def read(self, size=-1):
+        cdef Py_ssize_t wanted = -1 if size is None else size
+        cdef WSGIRequest request = self.request
+        if wanted < 0:
+            while not request.body_complete:
+                self.conn.fill_body(request)
+        else:
+            while request.body_buffered() < wanted and not request.body_complete:
+                self.conn.fill_body(request)
+        return request.take_body(wanted)
+
+    def readline(self, size=-1):
+        cdef Py_ssize_t limit = -1 if size is None else size
+        cdef WSGIRequest request = self.request
+        cdef Py_ssize_t end
+        while True:
+            end = request.find_in_body(b"\n", limit)
+            if end >= 0:
+                return request.take_body(end)
+            if limit >= 0 and request.body_buffered() >= limit:
+                return request.take_body(limit)
+            if request.body_complete:
+                return request.take_body(-1)
+            self.conn.fill_body(request)
+
+    def readlines(self, hint=-1):
+        cdef list lines = []
+        cdef Py_ssize_t total = 0
+        cdef Py_ssize_t limit = -1 if hint is None else hint
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < limit <= total:
+                return lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+# ---------------------------------------------------------------- file wrapper
+
+@cython.final
+cdef class FileWrapper:
+    """``wsgi.file_wrapper``: served with sendfile when the file is a regular file."""
+
+    cdef public object filelike
+    cdef public Py_ssize_t blksize
+
+    def __init__(self, filelike, blksize=8192):
+        self.filelike = filelike
+        self.blksize = blksize
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+    def close(self):
+        closer = getattr(self.filelike, "close", None)
+        if closer is not None:
+            closer()
+
+
+# ---------------------------------------------------------------- listeners
+
+@cython.final
+cdef class Listener:
+    """One listening socket this worker accepts from."""
+
+    cdef readonly int fd
+    cdef readonly bint tcp
+    cdef readonly dict base_environ
+
+    def __init__(self, int fd, bint tcp, dict base_environ):
+        self.fd = fd
+        self.tcp = tcp
+        self.base_environ = base_environ
+
+
+# ---------------------------------------------------------------- connection
+
+cdef enum ConnState:
+    OPEN = 0        # reading requests / idle between them
+    LINGERING = 1   # response sent, write side shut, discarding input until EOF
+    CLOSED = 2
+
+
+@cython.final
+cdef class WSGIConnection(HttpConnection):
+    cdef int fd
+    cdef WSGIWorker worker
+    cdef dict base_environ
+    cdef readonly str remote_addr
+    cdef OutBuffer out
+    cdef ConnState state
+    cdef double deadline
+    cdef bint closing          # close once the output is sent
+    cdef bint peer_closed      # the client shut its side down
+    cdef bint want_write       # registered for EPOLLOUT
+    cdef object start_response_method
+    cdef object write_method
+    # The response being produced (one at a time).
+    cdef WSGIRequest request
+    cdef object status
+    cdef object headers
+    cdef bint headers_sent
+    cdef bint chunked
+    cdef bint body_suppressed
+    cdef bint response_close
+    cdef bint continue_sent
+    cdef long long declared_length
+    cdef long long body_sent
+    cdef int status_code
+
+    def __init__(self, WSGIWorker worker, int fd, dict base_environ, str remote_addr):
+        HttpConnection.__init__(self, worker.limits)
+        self.worker = worker
+        self.fd = fd
+        self.base_environ = base_environ
+        self.remote_addr = remote_addr
+        self.out = OutBuffer()
+        self.state = OPEN
+        self.start_response_method = self.start_response
+        self.write_method = self.write
+
+    # ---- building the environ (hooks of HttpConnection)
+
+    cdef Request new_request(self):
+        cdef WSGIRequest request = WSGIRequest.__new__(WSGIRequest)
+        request.environ = self.base_environ.copy()
+        return request
+
+    cdef int add_header(self, Request request, bytes name, bytes value) except -1:
+        cdef object key = header_key(name)
+        cdef dict environ
+        cdef str text
+        if key is None:
+            return 0
+        environ = (<WSGIRequest>request).environ
+        text = value.decode("latin-1")
+        previous = environ.get(key)
+        if previous is None:
+            environ[key] = text
+        else:
+            environ[key] = previous + ", " + text
+        return 0
+
+    cdef int finish_head(self, Request request) except -1:
+        cdef dict environ = (<WSGIRequest>request).environ
+        cdef tuple parts = split_target(request.target)
+        cdef str path = parts[0]
+        cdef str root = self.worker.root_path
+        environ["REQUEST_METHOD"] = request.method
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root):]
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = parts[1]
+        environ["RAW_URI"] = parts[2]
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_minor else "HTTP/1.0"
+        return 0
+
+    # ---- start_response and write (PEP 3333)
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called a second time without exc_info")
+        if type(status) is not str:
+            raise TypeError(f"status must be str, got {type(status).__name__}")
+        if type(headers) is not list:
+            raise TypeError(f"headers must be a list, got {type(headers).__name__}")
+        status_line(status)  # raises ValueError on a malformed status, here where the app sees it
+        self.status = status
+        self.headers = headers
+        return self.write_method
+
+    def write(self, data):
+        if self.status is None:
+            raise AssertionError("write() called before start_response()")
+        if type(data) is not bytes:
+            raise TypeError(f"write() takes bytes, got {type(data).__name__}")
+        self.write_body(data)
+        self.flush_blocking()
+
+    # ---- response serialisation
+
+    cdef int write_head(self, long long body_length) except -1:
+        """Serialise status and headers; ``body_length`` is the whole body's
+        size when the worker knows it, else -1."""
+        cdef WSGIRequest request = self.request
+        cdef tuple line = status_line(self.status)
+        cdef HeadFlags flags
+        cdef bytearray tail = self.out.open_tail()
+        cdef Py_ssize_t start = len(tail)
+        cdef int code = line[1]
+        flags.content_length = -1
+        flags.has_date = False
+        flags.has_server = False
+        flags.connection_close = False
+        flags.has_transfer_encoding = False
+        tail += <bytes>line[0]
+        try:
+            for name, value in self.headers:
+                append_str_header(tail, name, value, &flags)
+            if flags.has_transfer_encoding:
+                raise ValueError("an app must not set Transfer-Encoding (PEP 3333 hop-by-hop)")
+        except BaseException:
+            del tail[start:]
+            raise
+        self.status_code = code
+        if not flags.has_server:
+            tail += b"Server: fastpool\r\n"
+        if not flags.has_date:
+            tail += date_header()
+        if code < 200 or code == 204 or code == 304:
+            self.body_suppressed = True
+            self.declared_length = 0
+        elif flags.content_length >= 0:
+            self.declared_length = flags.content_length
+        elif body_length >= 0:
+            tail += b"Content-Length: %d\r\n" % body_length
+            self.declared_length = body_length
+        elif request.http_minor == 1:
+            tail += b"Transfer-Encoding: chunked\r\n"
+            self.chunked = True
+        else:
+            self.response_close = True   # HTTP/1.0 without a length: close-delimited
+        if request.method == "HEAD":
+            self.body_suppressed = True
+            self.chunked = False
+        if (flags.connection_close or not request.keep_alive or not self.worker.alive
+                or self.worker.keep_alive <= 0 or not request.body_complete):
+            self.response_close = True
+        if self.response_close:
+            tail += b"Connection: close\r\n"
+        elif request.http_minor == 0:
+            tail += b"Connection: keep-alive\r\n"
+        tail += b"\r\n"
+        self.out.size += len(tail) - start
+        self.headers_sent = True
+        return 0
+
+    cdef int write_body(self, bytes data) except -1:
+        cdef long long size = PyBytes_GET_SIZE(data)
+        cdef long long allowed
+        if size == 0:
+            return 0   # PEP 3333: the head waits for the first non-empty chunk
+        if not self.headers_sent:
+            self.write_head(-1)
+        if self.body_suppressed:
+            return 0
+        if self.declared_length >= 0:
+            allowed = self.declared_length - self.body_sent
+            if size > allowed:
+                # More than its Content-Length: send what was declared, then
+                # close, so the extra bytes cannot be read as a next response.
+                if not self.response_close:
+                    error_log.warning(
+                        "app sent more than its Content-Length (%d) for %s; closing",
+                        self.declared_length, self.request.environ.get("RAW_URI"))
+                self.response_close = True
+                data = data[:allowed]
+                size = allowed
+                if size == 0:
+                    return 0
+        self.body_sent += size
+        if self.chunked:
+            append_chunk(self.out, data)
+        else:
+            self.out.write(data)
+        if self.out.size > HIGH_WATER:
+            self.flush_blocking()
+        return 0
+
+    cdef int finish_body(self) except -1:
+        if not self.headers_sent:
+            self.write_head(0)
+        if self.chunked:
+            self.out.write(b"0\r\n\r\n")
+        elif self.declared_length > self.body_sent and not self.body_suppressed:
+            # Shorter than announced: the client would wait for the rest.
+            self.response_close = True
+        return 0
+
+    # ---- blocking helpers, used only while the app runs
+
+    cdef int wait_socket(self, short events) except -1:
+        cdef pollfd pfd
+        cdef int timeout_ms = <int>(self.worker.header_timeout * 1000) or -1
+        cdef int ready
+        pfd.fd = self.fd
+        pfd.events = events
+        pfd.revents = 0
+        while True:
+            with nogil:
+                ready = poll(&pfd, 1, timeout_ms)
+            if ready >= 0:
+                break
+            if errno != EINTR:
+                raise ClientDisconnected(errno, "poll failed")
+            PyErr_CheckSignals()
+        if ready == 0:
+            raise ClientDisconnected("client timed out")
+        return 0
+
+    cdef int flush_blocking(self) except -1:
+        cdef Py_ssize_t sent
+        while self.out.size:
+            try:
+                sent = self.out.send_to(self.fd)
+            except OSError as exc:
+                raise ClientDisconnected(*exc.args) from None
+            if sent < 0:
+                self.wait_socket(POLLOUT)
+        return 0
+
+    cdef int fill_body(self, WSGIRequest request) except -1:
+        """Read more of ``request``'s body from the socket (blocking)."""
+        cdef ssize_t received
+        cdef bytes data
+        if request.expect_continue and not self.continue_sent and not self.headers_sent:
+            self.continue_sent = True
+            self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.flush_blocking()
+        if self.error_status:
+            raise RequestBodyError(self.error_status, self.error_reason)
+        if self.peer_closed:
+            raise ClientDisconnected("client closed the connection before sending the body")
+        while True:
+            received = recv(self.fd, self.worker.recv_buffer, RECV_SIZE, 0)
+            if received > 0:
+                break
+            if received == 0:
+                self.peer_closed = True
+                raise ClientDisconnected("client closed the connection before sending the body")
+            if errno == EAGAIN:
+                self.wait_socket(POLLIN)
+            elif errno != EINTR:
+                raise ClientDisconnected(errno, "recv failed")
+        data = PyBytes_FromStringAndSize(self.worker.recv_buffer, received)
+        self.feed(data)
+        if self.error_status and not request.body_complete:
+            raise RequestBodyError(self.error_status, self.error_reason)
+        return 0
+
+    # ---- one request
+
+    cdef int reset_response(self, WSGIRequest request) except -1:
+        self.request = request
+        self.status = None
+        self.headers = None
+        self.headers_sent = False
+        self.chunked = False
+        self.body_suppressed = False
+        self.response_close = False
+        self.continue_sent = False
+        self.declared_length = -1
+        self.body_sent = 0
+        self.status_code = 0
+        return 0
+
+    cdef int run_app(self, WSGIRequest request) except -1:
+        """Call the app for ``request`` and queue its whole response."""
+        cdef InputStream body = InputStream.__new__(InputStream)
+        cdef object result = None
+        cdef object item
+        cdef long long total
+        cdef WSGIWorker worker = self.worker
+        self.reset_response(request)
+        body.conn = self
+        body.request = request
+        request.environ["wsgi.input"] = body
+        try:
+            try:
+                result = worker.app(request.environ, self.start_response_method)
+                if type(result) is list or type(result) is tuple:
+                    total = 0
+                    for item in result:
+                        if type(item) is not bytes:
+                            raise TypeError(
+                                f"the app's iterable yielded {type(item).__name__}, not bytes")
+                        total += PyBytes_GET_SIZE(<bytes>item)
+                    if self.status is None:
+                        raise AssertionError("the app returned without calling start_response()")
+                    if not self.headers_sent:
+                        self.write_head(total)
+                    for item in result:
+                        self.write_body(item)
+                elif type(result) is FileWrapper and self.send_file(<FileWrapper>result):
+                    pass
+                else:
+                    for item in result:
+                        if type(item) is not bytes:
+                            raise TypeError(
+                                f"the app's iterable yielded {type(item).__name__}, not bytes")
+                        if self.status is None:
+                            raise AssertionError("the app yielded a body before start_response()")
+                        self.write_body(item)
+                    if self.status is None:
+                        raise AssertionError("the app returned without calling start_response()")
+                self.finish_body()
+            finally:
+                if result is not None and hasattr(result, "close"):
+                    result.close()
+        except ClientDisconnected:
+            self.closing = True
+            self.out.clear()
+        except RequestBodyError as exc:
+            self.fail_request(exc.status, str(exc))
+        except Exception as exc:
+            error_log.error("Error handling request %s %s",
+                            request.method, request.environ.get("RAW_URI"), exc_info=True)
+            self.fail_request(500, "")
+        worker.requests += 1
+        if worker.access_log is not None:
+            worker.access_log(request.environ, self.status_code, self.body_sent,
+                              monotonic_time() - request.started)
+        if self.response_close:
+            self.closing = True
+        return 0
+
+    cdef int fail_request(self, int status, str detail) except -1:
+        """Answer ``status`` in place of a response the app could not give."""
+        if self.headers_sent:
+            # Part of the response is out: the only honest signal left is to close.
+            self.closing = True
+            return 0
+        self.out.write(error_response(status, detail))
+        self.status_code = status
+        self.closing = True
+        return 0
+
+    cdef bint send_file(self, FileWrapper wrapper) except -1:
+        """Serve a wsgi.file_wrapper with sendfile; False if it is not a regular file."""
+        cdef off_t offset
+        cdef long long remaining
+        cdef ssize_t sent
+        cdef int in_fd
+        try:
+            in_fd = wrapper.filelike.fileno()
+            info = os.fstat(in_fd)
+        except (AttributeError, OSError, ValueError):
+            return False
+        if not stat.S_ISREG(info.st_mode) or self.status is None or self.chunked:
+            return False
+        try:
+            offset = wrapper.filelike.tell()
+        except (AttributeError, OSError):
+            offset = 0
+        remaining = info.st_size - offset
+        if remaining < 0:
+            remaining = 0
+        if not self.headers_sent:
+            self.write_head(remaining)
+        if self.declared_length >= 0 and remaining > self.declared_length:
+            remaining = self.declared_length
+        if self.body_suppressed:
+            return True
+        self.flush_blocking()
+        while remaining > 0:
+            sent = sendfile(self.fd, in_fd, &offset, remaining)
+            if sent > 0:
+                remaining -= sent
+                self.body_sent += sent
+            elif sent == 0:
+                break   # the file shrank: finish_body sees the short length and closes
+            elif errno == EAGAIN:
+                self.wait_socket(POLLOUT)
+            elif errno != EINTR:
+                raise ClientDisconnected(errno, "sendfile failed")
+        return True
+
+
+# ---------------------------------------------------------------- worker
+
+@cython.final
+cdef class WSGIWorker:
+    """The event loop of one worker process."""
+
+    cdef readonly object app
+    cdef Limits limits
+    cdef int epfd
+    cdef list listeners
+    cdef list table              # fd -> Listener | WSGIConnection | None
+    cdef readonly int connections
+    cdef readonly bint alive
+    cdef bint quitting
+    cdef readonly long long requests
+    cdef readonly double keep_alive
+    cdef readonly double header_timeout
+    cdef double graceful_timeout
+    cdef double graceful_deadline
+    cdef readonly str root_path
+    cdef object access_log
+    cdef int master_pid
+    cdef char *recv_buffer
+    cdef double next_sweep
+    cdef bint accept_paused
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.recv_buffer = <char *>malloc(RECV_SIZE)
+        if self.recv_buffer == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.recv_buffer)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def __init__(self, app, listeners, *, Limits limits not None, double keep_alive=5.0,
+                 double header_timeout=30.0, double graceful_timeout=30.0,
+                 str root_path="", access_log=None, int master_pid=0):
+        """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
+        owned by the caller's socket objects until ``stop`` closes them."""
+        cdef epoll_event event
+        self.app = app
+        self.limits = limits
+        self.keep_alive = keep_alive
+        self.header_timeout = header_timeout
+        self.graceful_timeout = graceful_timeout
+        self.root_path = root_path.rstrip("/")
+        self.access_log = access_log
+        self.master_pid = master_pid
+        self.alive = True
+        self.table = []
+        self.listeners = []
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        for fd, tcp, base_environ, shared in listeners:
+            listener = Listener(fd, tcp, base_environ)
+            self.listeners.append(listener)
+            self.register(fd, listener)
+            memset(&event, 0, sizeof(event))
+            # A socket shared by all workers wakes one of them, not all (no herd).
+            event.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
+            event.data.fd = fd
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+                raise OSError(errno, "epoll_ctl(listener) failed")
+
+    cdef int register(self, int fd, object obj) except -1:
+        while len(self.table) <= fd:
+            self.table.extend([None] * (fd + 64 - len(self.table)))
+        self.table[fd] = obj
+        return 0
+
+    # ---- control (called from signal handlers in worker.py)
+
+    def stop(self, bint graceful=True):
+        """Graceful: stop accepting, finish what is in flight, then return from
+        ``run``.  Otherwise return as soon as the loop wakes."""
+        if not graceful:
+            self.quitting = True
+            return
+        if not self.alive:
+            return
+        self.alive = False
+        self.graceful_deadline = monotonic_time() + self.graceful_timeout
+        self.close_listeners()
+        self.next_sweep = 0   # close idle keep-alive connections on the next wakeup
+
+    cdef int close_listeners(self) except -1:
+        cdef Listener listener
+        for listener in self.listeners:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+            self.table[listener.fd] = None
+        del self.listeners[:]
+        return 0
+
+    # ---- the loop
+
+    def run(self):
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int ready, i, fd, timeout_ms
+        cdef unsigned int flags
+        cdef object entry
+        cdef double now
+        refresh_date()
+        while not self.quitting:
+            if not self.alive and self.connections == 0:
+                break
+            timeout_ms = 1000
+            with nogil:
+                ready = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+            if ready < 0:
+                if errno != EINTR:
+                    raise OSError(errno, "epoll_wait failed")
+                PyErr_CheckSignals()
+                ready = 0
+            refresh_date()
+            for i in range(ready):
+                fd = events[i].data.fd
+                flags = events[i].events
+                entry = self.table[fd]
+                if entry is None:
+                    continue
+                if type(entry) is Listener:
+                    self.accept(<Listener>entry)
+                else:
+                    self.on_event(<WSGIConnection>entry, flags)
+            PyErr_CheckSignals()
+            now = monotonic_time()
+            if now >= self.next_sweep:
+                self.sweep(now)
+                self.next_sweep = now + 1.0
+        self.close_listeners()
+        for entry in self.table:
+            if type(entry) is WSGIConnection:
+                self.close_connection(<WSGIConnection>entry)
+
+    cdef int accept(self, Listener listener) except -1:
+        cdef sockaddr_storage address
+        cdef socklen_t length
+        cdef int fd, count, one = 1
+        cdef epoll_event event
+        cdef WSGIConnection conn
+        cdef str remote
+        cdef dict base
+        for count in range(ACCEPT_BATCH):
+            length = sizeof(address)
+            fd = accept4(listener.fd, <sockaddr *>&address, &length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EAGAIN:
+                    return 0
+                if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
+                    continue
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # Out of descriptors or memory: leave the connection queued
+                    # (the kernel keeps it) and try again after the next sweep.
+                    error_log.error("accept failed: %s; pausing accepts for a second",
+                                    os.strerror(errno))
+                    self.pause_accepting()
+                    return 0
+                raise OSError(errno, "accept4 failed")
+            base = listener.base_environ.copy()
+            if listener.tcp:
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+                remote = peer_address(&address, base)
+            else:
+                remote = ""
+                base["REMOTE_ADDR"] = ""
+            conn = WSGIConnection(self, fd, base, remote)
+            conn.deadline = monotonic_time() + (self.header_timeout or 1e9)
+            self.register(fd, conn)
+            memset(&event, 0, sizeof(event))
+            event.events = EPOLLIN
+            event.data.fd = fd
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+                self.table[fd] = None
+                close(fd)
+                continue
+            self.connections += 1
+        return 0
+
+    cdef int pause_accepting(self) except -1:
+        cdef Listener listener
+        if self.accept_paused:
+            return 0
+        self.accept_paused = True
+        for listener in self.listeners:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+        return 0
+
+    cdef int resume_accepting(self) except -1:
+        cdef Listener listener
+        cdef epoll_event event
+        if not self.accept_paused:
+            return 0
+        self.accept_paused = False
+        for listener in self.listeners:
+            memset(&event, 0, sizeof(event))
+            event.events = EPOLLIN
+            event.data.fd = listener.fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, listener.fd, &event)
+        return 0
+
+    cdef int on_event(self, WSGIConnection conn, unsigned int flags) except -1:
+        if conn.want_write:
+            if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self.flush(conn)
+            return 0
+        if conn.state == LINGERING:
+            self.linger_read(conn)
+            return 0
+        self.read(conn)
+        return 0
+
+    cdef int read(self, WSGIConnection conn) except -1:
+        cdef ssize_t received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
+        if received > 0:
+            conn.feed(PyBytes_FromStringAndSize(self.recv_buffer, received))
+        elif received == 0:
+            conn.peer_closed = True
+            conn.stop_reading = True
+        elif errno == EAGAIN or errno == EINTR:
+            return 0
+        else:
+            self.close_connection(conn)
+            return 0
+        self.process(conn)
+        return 0
+
+    cdef int process(self, WSGIConnection conn) except -1:
+        """Answer every request of ``conn`` that is ready, in order, then send."""
+        cdef WSGIRequest request
+        while conn.pending and not conn.closing:
+            request = <WSGIRequest>conn.pending[0]
+            if not (request.body_complete or request.expect_continue
+                    or request.body_buffered() >= BODY_BUFFER):
+                if conn.peer_closed or conn.error_status:
+                    conn.pending.clear()   # can never complete
+                    conn.closing = True
+                break
+            conn.run_app(request)
+            if conn.pending and conn.pending[0] is request:
+                del conn.pending[0]
+            if not request.body_complete:
+                request.discard_body = True
+                conn.closing = True
+        if conn.state == CLOSED:
+            return 0
+        if not conn.closing and not conn.pending:
+            if conn.error_status:
+                conn.out.write(error_response(conn.error_status, conn.error_reason or ""))
+                conn.closing = True
+            elif conn.peer_closed:
+                conn.closing = True
+        if not conn.closing and not self.alive and conn.at_message_boundary() and not conn.pending:
+            conn.closing = True
+        self.flush(conn)
+        return 0
+
+    cdef int flush(self, WSGIConnection conn) except -1:
+        """Send queued output; then close, linger, or wait for more input."""
+        cdef Py_ssize_t sent
+        cdef epoll_event event
+        cdef double now = monotonic_time()
+        if conn.out.size:
+            try:
+                sent = conn.out.send_to(conn.fd)
+            except OSError:
+                self.close_connection(conn)
+                return 0
+            if conn.out.size:
+                # The client is slow to read: wait for EPOLLOUT, read nothing meanwhile.
+                conn.deadline = now + (self.header_timeout or 1e9)
+                if not conn.want_write:
+                    conn.want_write = True
+                    memset(&event, 0, sizeof(event))
+                    event.events = EPOLLOUT
+                    event.data.fd = conn.fd
+                    epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
+                return 0
+        if conn.want_write:
+            conn.want_write = False
+            memset(&event, 0, sizeof(event))
+            event.events = EPOLLIN
+            event.data.fd = conn.fd
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
+            if conn.pending and not conn.closing:
+                # Pipelined requests waited for this output to drain.
+                return self.process(conn)
+        if conn.closing:
+            self.start_close(conn)
+        elif conn.pending:
+            conn.deadline = (<Request>conn.pending[0]).started + (self.header_timeout or 1e9)
+        elif not conn.at_message_boundary():
+            conn.deadline = conn.current.started + (self.header_timeout or 1e9)
+        else:
+            conn.deadline = now + self.keep_alive
+        return 0
+
+    cdef int start_close(self, WSGIConnection conn) except -1:
+        """Close after a response.  If the client may still be sending (an unread
+        body, a rejected request), shut our side and drain theirs for a moment
+        first: closing with unread input would reset the connection and could
+        destroy the response before the client reads it."""
+        if conn.peer_closed or (conn.at_message_boundary() and not conn.error_status
+                                and not conn.pending):
+            self.close_connection(conn)
+            return 0
+        shutdown(conn.fd, SHUT_WR)
+        conn.state = LINGERING
+        conn.deadline = monotonic_time() + 2.0
+        return 0
+
+    cdef int linger_read(self, WSGIConnection conn) except -1:
+        cdef ssize_t received
+        cdef int rounds
+        for rounds in range(16):
+            received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
+            if received > 0:
+                continue
+            if received < 0 and (errno == EAGAIN or errno == EINTR):
+                return 0
+            break
+        else:
+            return 0
+        self.close_connection(conn)
+        return 0
+
+    cdef int close_connection(self, WSGIConnection conn) except -1:
+        if conn.state == CLOSED:
+            return 0
+        conn.state = CLOSED
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+        close(conn.fd)
+        self.table[conn.fd] = None
+        self.connections -= 1
+        conn.pending.clear()
+        conn.out.clear()
+        return 0
+
+    cdef int sweep(self, double now) except -1:
+        """Once a second: deadlines, a vanished master, the end of a drain."""
+        cdef object entry
+        cdef WSGIConnection conn
+        if self.master_pid and getppid() != self.master_pid:
+            error_log.warning("master (pid %d) is gone; worker %d stopping",
+                              self.master_pid, os.getpid())
+            self.stop(True)
+        if not self.alive and now >= self.graceful_deadline:
+            self.quitting = True
+            return 0
+        if self.accept_paused:
+            self.resume_accepting()
+        for entry in self.table:
+            if type(entry) is not WSGIConnection:
+                continue
+            conn = <WSGIConnection>entry
+            if not self.alive and conn.state == OPEN and not conn.want_write \
+                    and not conn.pending and conn.at_message_boundary():
+                self.close_connection(conn)   # idle keep-alive during a drain
+            elif now >= conn.deadline:
+                if conn.state == OPEN and not conn.want_write and (
+                        conn.pending or not conn.at_message_boundary()):
+                    # A request started but did not arrive in time.
+                    conn.pending.clear()
+                    conn.out.write(error_response(408, "request not received in time"))
+                    try:
+                        conn.out.send_to(conn.fd)
+                    except OSError:
+                        pass
+                self.close_connection(conn)
+        return 0
+
+
+cdef str peer_address(sockaddr_storage *address, dict environ):
+    """Fill REMOTE_ADDR and REMOTE_PORT from an accepted peer address."""
+    cdef char text[INET6_ADDRSTRLEN + 1]
+    cdef int port
+    cdef str host
+    if address.ss_family == AF_INET:
+        inet_ntop(AF_INET, &(<sockaddr_in *>address).sin_addr, text, sizeof(text))
+        port = ntohs((<sockaddr_in *>address).sin_port)
+    elif address.ss_family == AF_INET6:
+        inet_ntop(AF_INET6, &(<sockaddr_in6 *>address).sin6_addr, text, sizeof(text))
+        port = ntohs((<sockaddr_in6 *>address).sin6_port)
+    else:
+        environ["REMOTE_ADDR"] = ""
+        return ""
+    host = text.decode("ascii")
+    environ["REMOTE_ADDR"] = host
+    environ["REMOTE_PORT"] = str(port)
+    return host

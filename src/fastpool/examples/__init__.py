@@ -1,0 +1,1 @@
+"""Example apps bundled so that ``fastpool serve`` has something to serve."""

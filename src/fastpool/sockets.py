@@ -1,0 +1,215 @@
+"""Listening sockets: parsing ``--bind`` addresses and creating the sockets.
+
+Rules of this module:
+
+* The master creates every listening socket before it forks and holds it for
+  its whole life.  A worker that exits therefore never takes a socket, and the
+  connections queued on it, down with it: its replacement accepts them.
+* With ``reuse_port`` (the default) each worker slot gets its own
+  SO_REUSEPORT socket per TCP address, so the kernel spreads connections over
+  the workers without a shared accept queue.  Unix sockets, inherited
+  ``fd://N`` sockets and ``--no-reuse-port`` use one socket shared by all
+  workers (woken with EPOLLEXCLUSIVE).
+* An address that cannot be parsed or bound is a ``ConfigError`` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from fastpool.settings import ConfigError
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str           # "tcp", "unix" or "fd"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd://{self.fd}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+def parse_address(text: str, source: str = "--bind") -> Address:
+    """``HOST:PORT``, ``[IPV6]:PORT``, ``HOST`` (port 8000), ``unix:PATH`` or ``fd://N``."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError(f"{source}: {text!r} has no socket path (expected unix:/path)")
+        return Address("unix", path=path)
+    if text.startswith("fd://"):
+        try:
+            return Address("fd", fd=int(text[5:]))
+        except ValueError:
+            raise ConfigError(f"{source}: {text!r} is not fd://N with a number N") from None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{source}: {text!r} is not [IPV6]:PORT")
+        port_text = rest[1:] if rest else "8000"
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" not in text:
+        host, port_text = text, "8000"
+    else:
+        raise ConfigError(f"{source}: {text!r} is ambiguous; write IPv6 hosts as [HOST]:PORT")
+    if not host:
+        raise ConfigError(f"{source}: {text!r} has no host (expected HOST:PORT)")
+    try:
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{source}: {text!r} has no valid port (expected 0-65535)") from None
+    return Address("tcp", host=host, port=port)
+
+
+def _tcp_socket(address: Address, port: int, backlog: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if address.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _unix_socket(address: Address, backlog: int) -> socket.socket:
+    try:
+        if stat.S_ISSOCK(os.stat(address.path).st_mode):
+            os.unlink(address.path)   # a stale socket left by an earlier run
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address.path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+@dataclass
+class BoundSocket:
+    sock: socket.socket
+    address: Address
+    shared: bool
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.sock.family in (socket.AF_INET, socket.AF_INET6)
+
+    @property
+    def server_name_port(self) -> tuple[str, str]:
+        if self.is_tcp:
+            host, port = self.sock.getsockname()[:2]
+            return str(host), str(port)
+        return str(self.sock.getsockname() or "localhost"), "0"
+
+
+class Listeners:
+    """Every listening socket of a server, by worker slot."""
+
+    def __init__(self, addresses: list[Address], *, backlog: int, reuse_port: bool) -> None:
+        self.addresses = addresses
+        self.backlog = backlog
+        self.reuse_port = reuse_port
+        self.shared: list[BoundSocket] = []
+        self.per_slot: dict[int, list[BoundSocket]] = {}
+        # For port 0: the port the kernel chose for the first socket, reused by
+        # every later slot so that all slots share one address.
+        self._ports: dict[Address, int] = {}
+        try:
+            for address in addresses:
+                if address.kind == "unix":
+                    self.shared.append(BoundSocket(_unix_socket(address, backlog), address, True))
+                elif address.kind == "fd":
+                    self.shared.append(BoundSocket(self._inherited(address), address, True))
+                elif not reuse_port:
+                    sock = _tcp_socket(address, address.port, backlog, False)
+                    self.shared.append(BoundSocket(sock, address, True))
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _inherited(address: Address) -> socket.socket:
+        try:
+            sock = socket.socket(fileno=address.fd)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {address}: {exc.strerror or exc}") from None
+        if sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"cannot use {address}: not a stream socket")
+        sock.setblocking(False)
+        return sock
+
+    def for_slot(self, slot: int) -> list[BoundSocket]:
+        """The sockets worker ``slot`` accepts from (created on first use)."""
+        if slot not in self.per_slot:
+            own: list[BoundSocket] = []
+            if self.reuse_port:
+                for address in self.addresses:
+                    if address.kind != "tcp":
+                        continue
+                    port = self._ports.get(address, address.port)
+                    sock = _tcp_socket(address, port, self.backlog, True)
+                    self._ports[address] = sock.getsockname()[1]
+                    own.append(BoundSocket(sock, address, False))
+            self.per_slot[slot] = own
+        return self.per_slot[slot] + self.shared
+
+    def all_sockets(self) -> list[socket.socket]:
+        socks = [b.sock for b in self.shared]
+        for own in self.per_slot.values():
+            socks.extend(b.sock for b in own)
+        return socks
+
+    def describe(self) -> list[str]:
+        """One ``http://host:port`` / ``unix:path`` per address, with the real port."""
+        seen: list[str] = []
+        bound = list(self.shared) + [b for own in self.per_slot.values() for b in own]
+        for item in bound:
+            if item.is_tcp and item.address.kind == "tcp":
+                host, port = item.sock.getsockname()[:2]
+                text = str(Address("tcp", host=str(host), port=int(port)))
+            else:
+                text = str(item.address)
+            if text not in seen:
+                seen.append(text)
+        return seen
+
+    def close(self) -> None:
+        for sock in self.all_sockets():
+            sock.close()
+        for address in self.addresses:
+            if address.kind == "unix":
+                try:
+                    os.unlink(address.path)
+                except OSError:
+                    pass
+        self.shared.clear()
+        self.per_slot.clear()

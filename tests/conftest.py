@@ -1,0 +1,197 @@
+"""Shared fixtures: start the real ``fastpool serve`` in a subprocess.
+
+Rules: every server is started through the CLI (``python -m fastpool serve``),
+waited for with a deadline (never a fixed sleep), and stopped at the end of
+the test, killed if it does not stop in time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+DEADLINE = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = DEADLINE,
+              interval: float = 0.02, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Server:
+    """A running ``fastpool serve`` process."""
+
+    def __init__(self, args: list[str], *, port: int | None, workers: int,
+                 env: dict[str, str] | None, cwd: Path, log_path: Path) -> None:
+        self.port = port
+        self.host = "127.0.0.1"
+        self.workers = workers
+        self.log_path = log_path
+        self.args = args
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+        full_env.pop("WEB_CONCURRENCY", None)
+        if env:
+            full_env.update(env)
+        self._log = open(log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastpool", "serve", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=full_env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the master's live children (read from /proc)."""
+        pids = []
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        try:
+            text = children.read_text()
+        except OSError:
+            return []
+        for token in text.split():
+            pids.append(int(token))
+        return sorted(pids)
+
+    def booted_workers(self) -> list[int]:
+        return [int(p) for p in re.findall(r"Booting worker \d+ with pid: (\d+)", self.log)]
+
+    def wait_ready(self, timeout: float = DEADLINE) -> Server:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode} before it was ready:\n{self.log}")
+            return len(self.booted_workers()) >= self.workers and (
+                self.port is None or self.can_connect())
+        wait_for(ready, timeout, what=f"{self.workers} worker(s) to boot:\n{self.log}")
+        return self
+
+    def can_connect(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"server did not stop within {timeout}s:\n{self.log}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``serve("apps:hello", "--workers", "2")`` starts a server and waits for it.
+
+    A ``--port``/``--bind`` is added unless the args already have one.  Pass
+    ``wait=False`` to get the process without waiting (for boot failures).
+    """
+    servers: list[Server] = []
+
+    def start(app: str, *args: str, workers: int = 1, wait: bool = True,
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+        argv = [app, *args]
+        port: int | None = None
+        if not any(a in ("--port", "--bind", "-b") or a.startswith("--bind=") for a in args):
+            port = free_port()
+            argv += ["--port", str(port)]
+        else:
+            for flag, value in zip(args, args[1:], strict=False):
+                if flag == "--port":
+                    port = int(value)
+                elif flag in ("--bind", "-b") and not value.startswith(("unix:", "fd:")):
+                    port = int(value.rsplit(":", 1)[1])
+        if "--workers" not in args and "-w" not in args:
+            argv += ["--workers", str(workers)]
+        else:
+            index = args.index("--workers") if "--workers" in args else args.index("-w")
+            workers = int(args[index + 1])
+        server = Server(argv, port=port, workers=workers, env=env, cwd=cwd or tmp_path,
+                        log_path=tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            try:
+                server.stop(signal.SIGQUIT, timeout=10)
+            except AssertionError:
+                server.kill()
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until the peer closes the connection."""
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection, half-close, and return all the server sent."""
+    with server.connect(timeout) as sock:
+        sock.sendall(data)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return read_response(sock, timeout)

@@ -1,3 +1,8 @@
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from libc.stdlib cimport malloc, realloc
+from libc.string cimport memcpy
+
 # Declarations of the connection core shared by every worker kind (WSGI today,
 # ASGI next): request parsing glue over httptools, limits, and the response
 # serialiser.  See _http.pyx for the rules.
@@ -43,7 +48,13 @@ cdef class HttpConnection:
     # Requests whose head is complete, oldest first (pipelining keeps order).
     cdef public list pending
     cdef Request current
-    cdef bytearray url_buffer
+    cdef bytes url
+    # 11 / 10 when the request line was seen in the read that began the
+    # message (saves asking httptools for the version), else 0.
+    cdef int version_hint
+    cdef int next_version_hint
+    cdef str method_hint
+    cdef str next_method_hint
     cdef Py_ssize_t header_count
     cdef Py_ssize_t head_bytes
     cdef Py_ssize_t field_bytes
@@ -73,20 +84,84 @@ cdef struct HeadFlags:
 
 
 cdef class OutBuffer:
+    # Small writes land in ``buf`` (C memory reused for the connection's life),
+    # so a response head plus a small body costs no allocation and one send.
+    cdef char *buf
+    cdef Py_ssize_t buf_start
+    cdef Py_ssize_t buf_end
+    cdef Py_ssize_t buf_capacity
+    # What follows buf's content, in order: large bytes objects, and a
+    # bytearray collecting small writes that come after one of them.
     cdef list chunks
     cdef bytearray tail
     cdef Py_ssize_t first_offset
     cdef public Py_ssize_t size
 
+    cdef int write_raw(self, const char *data, Py_ssize_t size) except -1
     cdef int write(self, object data) except -1
-    cdef bytearray open_tail(self)
     cdef int clear(self) except -1
     cdef Py_ssize_t send_to(self, int fd) except -2
+
+
+# A response head being built: in a caller's stack buffer, moved to the heap
+# only when the head outgrows it.
+cdef struct HeadBuf:
+    char *data
+    Py_ssize_t length
+    Py_ssize_t capacity
+    bint on_heap
+
+
+cdef inline void head_init(HeadBuf *head, char *stack, Py_ssize_t capacity) noexcept:
+    head.data = stack
+    head.length = 0
+    head.capacity = capacity
+    head.on_heap = False
+
+
+cdef inline int head_put(HeadBuf *head, const char *data, Py_ssize_t size) except -1:
+    cdef Py_ssize_t wanted = head.length + size
+    cdef char *grown
+    if wanted > head.capacity:
+        wanted = wanted * 2
+        if head.on_heap:
+            grown = <char *>realloc(head.data, wanted)
+        else:
+            grown = <char *>malloc(wanted)
+            if grown != NULL:
+                memcpy(grown, head.data, head.length)
+        if grown == NULL:
+            raise MemoryError()
+        head.data = grown
+        head.capacity = wanted
+        head.on_heap = True
+    memcpy(head.data + head.length, data, size)
+    head.length += size
+    return 0
+
+
+cdef inline int head_put_bytes(HeadBuf *head, bytes data) except -1:
+    return head_put(head, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
 
 cdef bytes date_header()
 cdef int refresh_date() except -1
 cdef tuple status_line(str status)
-cdef int append_str_header(bytearray out, object name, object value, HeadFlags *flags) except -1
+cdef int append_str_header(HeadBuf *head, object name, object value, HeadFlags *flags) except -1
+cdef int put_content_length(HeadBuf *head, long long length) except -1
+cdef void head_free(HeadBuf *head) noexcept
+cdef double monotonic() noexcept nogil
 cdef int append_chunk(OutBuffer out, object data) except -1
 cpdef bytes error_response(int status, str detail=*)
+
+
+cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) except -1:
+    """Append raw bytes to a bytearray (no buffer-protocol round trip)."""
+    cdef Py_ssize_t old = PyByteArray_GET_SIZE(target)
+    PyByteArray_Resize(target, old + size)
+    memcpy(PyByteArray_AS_STRING(target) + old, data, size)
+    return 0
+
+
+cdef inline int extend_bytes(bytearray target, bytes data) except -1:
+    return extend(target, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))

@@ -28,8 +28,10 @@ Rules of this module:
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from libc.string cimport memchr
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from libc.stdio cimport snprintf
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memchr, memcpy, memcmp, memmove
 
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
@@ -52,14 +54,10 @@ class StopParsing(Exception):
 
 
 cdef double monotonic() noexcept nogil:
+    """The clock every deadline of the worker is measured on."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-def monotonic_time():
-    """The clock every deadline of the worker is measured on."""
-    return monotonic()
 
 
 # ---------------------------------------------------------------- limits
@@ -81,17 +79,23 @@ cdef class Limits:
 # ---------------------------------------------------------------- request
 
 @cython.freelist(64)
+@cython.no_gc   # holds only str/bytes/bytearray: it can never be part of a cycle
 cdef class Request:
     def __cinit__(self):
         self.content_length = -1
-        self.body = bytearray()
 
     cdef int append_body(self, bytes chunk) except -1:
-        if not self.discard_body:
-            self.body += chunk
+        if self.discard_body:
+            return 0
+        if self.body is None:
+            self.body = bytearray(chunk)
+        else:
+            extend_bytes(self.body, chunk)
         return 0
 
     cdef Py_ssize_t body_buffered(self):
+        if self.body is None:
+            return 0
         return PyByteArray_GET_SIZE(self.body) - self.body_pos
 
     cdef bytes take_body(self, Py_ssize_t size):
@@ -100,6 +104,8 @@ cdef class Request:
         cdef bytes out
         if size < 0 or size > available:
             size = available
+        if size == 0:
+            return b""
         out = bytes(self.body[self.body_pos:self.body_pos + size])
         self.body_pos += size
         if self.body_pos == PyByteArray_GET_SIZE(self.body):
@@ -113,8 +119,11 @@ cdef class Request:
     cdef Py_ssize_t find_in_body(self, char byte, Py_ssize_t limit):
         """Offset just past the first ``byte`` in the buffered body, or -1."""
         cdef Py_ssize_t available = self.body_buffered()
-        cdef char *start = PyByteArray_AS_STRING(self.body) + self.body_pos
+        cdef char *start
         cdef char *hit
+        if available == 0:
+            return -1
+        start = PyByteArray_AS_STRING(self.body) + self.body_pos
         if limit >= 0 and limit < available:
             available = limit
         hit = <char *>memchr(start, byte, available)
@@ -158,7 +167,6 @@ cdef class HttpConnection:
         self.limits = limits
         self.pending = []
         self.parser = HttpRequestParser(self)
-        self.url_buffer = bytearray()
 
     # ---- hooks for the worker kind (WSGI, ASGI)
 
@@ -191,15 +199,20 @@ cdef class HttpConnection:
         request.started = monotonic()
         self.current = request
         self.in_head = True
-        del self.url_buffer[:]
+        self.url = None
+        self.version_hint = self.next_version_hint
+        self.method_hint = self.next_method_hint
+        self.next_version_hint = 0
+        self.next_method_hint = None
         self.header_count = 0
         self.head_bytes = 0
         self.field_bytes = 0
 
     def on_url(self, bytes url):
-        self.url_buffer += url
+        # Almost always one call per request; a URL split across reads is joined.
+        self.url = url if self.url is None else self.url + url
         if self.limits.request_line and (
-            PyByteArray_GET_SIZE(self.url_buffer) + 16 > self.limits.request_line
+            PyBytes_GET_SIZE(self.url) + 16 > self.limits.request_line
         ):
             self.fail(414, "request line too long")
 
@@ -235,17 +248,25 @@ cdef class HttpConnection:
     def on_headers_complete(self):
         cdef Request request = self.current
         cdef object parser = self.parser
-        cdef str version = parser.get_http_version()
-        if version == "1.1":
-            request.http_minor = 1
-        elif version == "1.0":
-            request.http_minor = 0
+        cdef str version
+        if self.version_hint:
+            request.http_minor = self.version_hint - 10
         else:
-            self.fail(505, "HTTP version not supported")
-        request.method = method_name(parser.get_method())
+            # httptools formats a new string here; the hint above avoids it for
+            # the first request of each read, which is nearly every request.
+            version = parser.get_http_version()
+            if version == "1.1":
+                request.http_minor = 1
+            elif version == "1.0":
+                request.http_minor = 0
+            else:
+                self.fail(505, "HTTP version not supported")
+        if self.method_hint is not None:
+            request.method = self.method_hint
+        else:
+            request.method = method_name(parser.get_method())
         request.keep_alive = parser.should_keep_alive()
-        request.upgrade = parser.should_upgrade()
-        request.target = bytes(self.url_buffer)
+        request.target = self.url if self.url is not None else b""
         request.head_complete = True
         # A request without a body is complete now; on_message_complete also says so.
         if request.content_length <= 0 and not request.chunked:
@@ -272,6 +293,9 @@ cdef class HttpConnection:
         cdef Request request
         cdef Limits limits = self.limits
         self.header_seen_in_feed = False
+        if self.current is None:
+            self.next_version_hint = version_hint(data)
+            self.next_method_hint = method_hint(data) if self.next_version_hint else None
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -279,6 +303,7 @@ cdef class HttpConnection:
             # belongs to another protocol that this worker does not speak.
             # Answer the request and close.
             request = self.pending[-1]
+            request.upgrade = True
             request.keep_alive = False
             request.body_complete = True
             self.current = None
@@ -314,6 +339,49 @@ cdef class HttpConnection:
                 self.stop_reading = True
                 self.current = None
         return 0
+
+
+cdef int version_hint(bytes data):
+    """11 or 10 when ``data`` starts with a complete ``... HTTP/1.1`` (or 1.0)
+    request line, else 0 (unknown: ask the parser)."""
+    cdef const char *raw = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const char *newline = <const char *>memchr(raw, 10, size if size < 8192 else 8192)
+    cdef Py_ssize_t end
+    if newline == NULL:
+        return 0
+    end = newline - raw
+    if end < 10 or raw[end - 1] != 13 or raw[end - 10] != 32:
+        return 0
+    if memcmp(raw + end - 9, b"HTTP/1.", 7) != 0:
+        return 0
+    if raw[end - 2] == 49:
+        return 11
+    if raw[end - 2] == 48:
+        return 10
+    return 0
+
+
+cdef str method_hint(bytes data):
+    """The method of the request line ``data`` starts with, for the common
+    methods (None otherwise: ask the parser).  llhttp still validates it."""
+    cdef const char *raw = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    if size > 4 and memcmp(raw, b"GET ", 4) == 0:
+        return "GET"
+    if size > 5 and memcmp(raw, b"POST ", 5) == 0:
+        return "POST"
+    if size > 5 and memcmp(raw, b"HEAD ", 5) == 0:
+        return "HEAD"
+    if size > 4 and memcmp(raw, b"PUT ", 4) == 0:
+        return "PUT"
+    if size > 7 and memcmp(raw, b"DELETE ", 7) == 0:
+        return "DELETE"
+    if size > 6 and memcmp(raw, b"PATCH ", 6) == 0:
+        return "PATCH"
+    if size > 8 and memcmp(raw, b"OPTIONS ", 8) == 0:
+        return "OPTIONS"
+    return None
 
 
 cdef int parser_error_status(object exc, bytes data):
@@ -407,39 +475,94 @@ cdef int check_header(bytes name, bytes value) except -1:
     return 0
 
 
-cdef int append_str_header(bytearray out, object name, object value,
-                           HeadFlags *flags) except -1:
-    """Validate one WSGI (str, str) header and append ``name: value\\r\\n``."""
-    cdef bytes raw_name, raw_value
-    cdef Py_ssize_t size
-    if type(name) is not str or type(value) is not str:
-        raise TypeError(f"header name and value must be str, got {name!r}: {value!r}")
-    raw_name = (<str>name).encode("latin-1")
-    raw_value = (<str>value).encode("latin-1")
+cdef enum HeaderKind:
+    PLAIN = 0
+    CONTENT_LENGTH = 1
+    DATE = 2
+    SERVER = 3
+    CONNECTION = 4
+    TRANSFER_ENCODING = 5
+
+
+# name -> {value -> (line or None, kind, number)}: validated, encoded header
+# lines.  Apps send the same few headers on every response, so encoding and
+# validating them once is the common case.  Bounded so varying values
+# (cookies, ETags) cannot grow it without limit.
+cdef dict HEADER_LINES = {}
+
+
+cdef tuple encode_header(str name, str value):
+    cdef bytes raw_name = name.encode("latin-1")
+    cdef bytes raw_value = value.encode("latin-1")
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(raw_name)
+    cdef int kind = PLAIN
+    cdef long long number = 0
     check_header(raw_name, raw_value)
-    size = PyBytes_GET_SIZE(raw_name)
     if size == 14 and name_is(raw_name, b"content-length", 14):
         if not raw_value.strip().isdigit():
             raise ValueError(f"invalid Content-Length {value!r}")
-        flags.content_length = int(raw_value)
+        kind = CONTENT_LENGTH
+        number = int(raw_value)
     elif size == 4 and name_is(raw_name, b"date", 4):
-        flags.has_date = True
+        kind = DATE
     elif size == 6 and name_is(raw_name, b"server", 6):
-        flags.has_server = True
+        kind = SERVER
     elif size == 10 and name_is(raw_name, b"connection", 10):
         # The connection's framing is the server's business; an app may only
-        # ask for it to be closed.
-        if raw_value.strip().lower() == b"close":
+        # ask for it to be closed.  The line itself is never copied.
+        return (None, CONNECTION, 1 if raw_value.strip().lower() == b"close" else 0)
+    elif size == 17 and name_is(raw_name, b"transfer-encoding", 17):
+        return (None, TRANSFER_ENCODING, 0)
+    return (raw_name + b": " + raw_value + b"\r\n", kind, number)
+
+
+cdef int append_str_header(HeadBuf *head, object name, object value,
+                           HeadFlags *flags) except -1:
+    """Validate one WSGI (str, str) header and append ``name: value\\r\\n``."""
+    cdef dict by_value
+    cdef tuple entry = None
+    cdef object line
+    cdef int kind
+    if type(name) is not str or type(value) is not str:
+        raise TypeError(f"header name and value must be str, got {name!r}: {value!r}")
+    by_value = HEADER_LINES.get(name)
+    if by_value is not None:
+        entry = by_value.get(value)
+    if entry is None:
+        entry = encode_header(name, value)
+        if by_value is None and len(HEADER_LINES) < 256:
+            by_value = HEADER_LINES[name] = {}
+        if by_value is not None and len(by_value) < 64:
+            by_value[value] = entry
+    line = entry[0]
+    kind = entry[1]
+    if kind == CONTENT_LENGTH:
+        flags.content_length = entry[2]
+    elif kind == DATE:
+        flags.has_date = True
+    elif kind == SERVER:
+        flags.has_server = True
+    elif kind == CONNECTION:
+        if entry[2]:
             flags.connection_close = True
         return 0
-    elif size == 17 and name_is(raw_name, b"transfer-encoding", 17):
+    elif kind == TRANSFER_ENCODING:
         flags.has_transfer_encoding = True
         return 0
-    out += raw_name
-    out += b": "
-    out += raw_value
-    out += b"\r\n"
+    head_put_bytes(head, <bytes>line)
     return 0
+
+
+cdef int put_content_length(HeadBuf *head, long long length) except -1:
+    cdef char line[48]
+    cdef int size = snprintf(line, sizeof(line), "Content-Length: %lld\r\n", length)
+    return head_put(head, line, size)
+
+
+cdef void head_free(HeadBuf *head) noexcept:
+    if head.on_heap:
+        free(head.data)
+        head.on_heap = False
 
 
 # ---------------------------------------------------------------- output buffer
@@ -447,42 +570,57 @@ cdef int append_str_header(bytearray out, object name, object value,
 cdef enum:
     MAX_IOV = 64
     SMALL_WRITE = 16384
+    BUF_LIMIT = 262144
+    SHRINK_ABOVE = 65536
 
 
 @cython.final
 cdef class OutBuffer:
-    """Bytes waiting to be sent on one connection, in order.
-
-    Small writes are copied into one trailing bytearray so that a response head
-    and a small body go out in one ``send``; large ones are kept as they are and
-    sent with ``writev`` (no copy).
-    """
+    """Bytes waiting to be sent on one connection, in order (see _http.pxd)."""
 
     def __cinit__(self):
         self.chunks = []
-        self.tail = None
-        self.first_offset = 0
-        self.size = 0
 
-    cdef bytearray open_tail(self):
-        if self.tail is None:
-            self.tail = bytearray()
-            self.chunks.append(self.tail)
-        return self.tail
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef int write_raw(self, const char *data, Py_ssize_t size) except -1:
+        cdef Py_ssize_t wanted
+        cdef char *grown
+        if size <= 0:
+            return 0
+        if not self.chunks and self.buf_end + size <= BUF_LIMIT:
+            if self.buf_end + size > self.buf_capacity:
+                if self.buf_start:
+                    memmove(self.buf, self.buf + self.buf_start, self.buf_end - self.buf_start)
+                    self.buf_end -= self.buf_start
+                    self.buf_start = 0
+                if self.buf_end + size > self.buf_capacity:
+                    wanted = max(self.buf_capacity * 2, self.buf_end + size, 4096)
+                    grown = <char *>realloc(self.buf, wanted)
+                    if grown == NULL:
+                        raise MemoryError()
+                    self.buf = grown
+                    self.buf_capacity = wanted
+            memcpy(self.buf + self.buf_end, data, size)
+            self.buf_end += size
+        else:
+            if self.tail is None:
+                self.tail = bytearray()
+                self.chunks.append(self.tail)
+            extend(self.tail, data, size)
+        self.size += size
+        return 0
 
     cdef int write(self, object data) except -1:
-        cdef Py_ssize_t size = len(data)
-        cdef bytearray tail
-        if size == 0:
-            return 0
+        cdef Py_ssize_t size
+        if type(data) is not bytes:
+            data = bytes(data)
+        size = PyBytes_GET_SIZE(data)
         if size < SMALL_WRITE:
-            tail = self.open_tail()
-            tail += data
-        else:
-            if type(data) is not bytes:
-                data = bytes(data)
-            self.chunks.append(data)
-            self.tail = None
+            return self.write_raw(PyBytes_AS_STRING(data), size)
+        self.chunks.append(data)
+        self.tail = None
         self.size += size
         return 0
 
@@ -491,6 +629,12 @@ cdef class OutBuffer:
         self.tail = None
         self.first_offset = 0
         self.size = 0
+        self.buf_start = self.buf_end = 0
+        if self.buf_capacity > SHRINK_ABOVE:
+            # A one-off large burst: give the memory back.
+            free(self.buf)
+            self.buf = NULL
+            self.buf_capacity = 0
         return 0
 
     cdef Py_ssize_t send_to(self, int fd) except -2:
@@ -499,11 +643,15 @@ cdef class OutBuffer:
         peer is gone."""
         cdef iovec iov[MAX_IOV]
         cdef int count = 0
-        cdef Py_ssize_t sent, remaining, chunk_size
+        cdef Py_ssize_t sent, remaining, chunk_size, taken
         cdef object chunk
         cdef char *base
         if self.size == 0:
             return 0
+        if self.buf_end > self.buf_start:
+            iov[0].iov_base = self.buf + self.buf_start
+            iov[0].iov_len = self.buf_end - self.buf_start
+            count = 1
         for chunk in self.chunks:
             if count == MAX_IOV:
                 break
@@ -513,7 +661,7 @@ cdef class OutBuffer:
             else:
                 base = PyByteArray_AS_STRING(chunk)
                 chunk_size = PyByteArray_GET_SIZE(chunk)
-            if count == 0:
+            if chunk is self.chunks[0]:
                 base += self.first_offset
                 chunk_size -= self.first_offset
             iov[count].iov_base = base
@@ -536,6 +684,13 @@ cdef class OutBuffer:
             self.clear()
             return sent
         remaining = sent
+        taken = self.buf_end - self.buf_start
+        if taken > remaining:
+            taken = remaining
+        self.buf_start += taken
+        remaining -= taken
+        if self.buf_start == self.buf_end:
+            self.buf_start = self.buf_end = 0
         while remaining:
             chunk = self.chunks[0]
             chunk_size = len(chunk) - self.first_offset
@@ -554,18 +709,12 @@ cdef class OutBuffer:
 cdef int append_chunk(OutBuffer out, object data) except -1:
     """Append ``data`` in chunked transfer coding."""
     cdef Py_ssize_t size = len(data)
-    cdef bytes prefix
-    cdef bytearray tail
+    cdef char prefix[24]
     if size == 0:
         return 0
-    prefix = b"%x\r\n" % size
-    tail = out.open_tail()
-    tail += prefix
-    out.size += PyBytes_GET_SIZE(prefix)
+    out.write_raw(prefix, snprintf(prefix, sizeof(prefix), "%zx\r\n", size))
     out.write(data)
-    tail = out.open_tail()
-    tail += b"\r\n"
-    out.size += 2
+    out.write_raw("\r\n", 2)
     return 0
 
 

@@ -41,9 +41,9 @@ from fastpool._posix cimport (
 )
 from fastpool._http cimport (
     Limits, Request, HttpConnection, HeadFlags, OutBuffer, date_header, refresh_date,
-    status_line, append_str_header, append_chunk, error_response,
+    status_line, append_str_header, append_chunk, error_response, HeadBuf, head_init,
+    head_put_bytes, head_free, put_content_length, monotonic,
 )
-from fastpool._http import monotonic_time
 
 import logging
 import os
@@ -63,6 +63,8 @@ cdef enum:
     BODY_BUFFER = 262144
     # While an app streams a response, wait for the client once this much is queued.
     HIGH_WATER = 262144
+    # Response heads are built on the stack up to this size.
+    HEAD_STACK = 4096
 
 
 class ClientDisconnected(OSError):
@@ -142,6 +144,7 @@ cdef tuple split_target(bytes target):
 
 @cython.final
 @cython.freelist(64)
+@cython.no_gc   # environ -> wsgi.input -> request is a cycle only until run_app breaks it
 cdef class WSGIRequest(Request):
     cdef public dict environ
 
@@ -150,8 +153,12 @@ cdef class WSGIRequest(Request):
 
 @cython.final
 @cython.freelist(64)
+@cython.no_gc   # its references are dropped by run_app when the response is done
 cdef class InputStream:
-    """``wsgi.input``: the request body, de-chunked, never read past its end."""
+    """``wsgi.input``: the request body, de-chunked, never read past its end.
+
+    After the response is finished it is detached and reads as empty.
+    """
 
     cdef WSGIConnection conn
     cdef WSGIRequest request
@@ -159,6 +166,8 @@ cdef class InputStream:
     def read(self, size=-1):
         cdef Py_ssize_t wanted = -1 if size is None else size
         cdef WSGIRequest request = self.request
+        if request is None:
+            return b""
         if wanted < 0:
             while not request.body_complete:
                 self.conn.fill_body(request)
@@ -171,6 +180,8 @@ cdef class InputStream:
         cdef Py_ssize_t limit = -1 if size is None else size
         cdef WSGIRequest request = self.request
         cdef Py_ssize_t end
+        if request is None:
+            return b""
         while True:
             end = request.find_in_body(b"\n", limit)
             if end >= 0:
@@ -362,57 +373,58 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int write_head(self, long long body_length) except -1:
         """Serialise status and headers; ``body_length`` is the whole body's
-        size when the worker knows it, else -1."""
+        size when the worker knows it, else -1.  Nothing is queued unless every
+        header is valid."""
         cdef WSGIRequest request = self.request
         cdef tuple line = status_line(self.status)
         cdef HeadFlags flags
-        cdef bytearray tail = self.out.open_tail()
-        cdef Py_ssize_t start = len(tail)
+        cdef char stack[HEAD_STACK]
+        cdef HeadBuf head
         cdef int code = line[1]
         flags.content_length = -1
         flags.has_date = False
         flags.has_server = False
         flags.connection_close = False
         flags.has_transfer_encoding = False
-        tail += <bytes>line[0]
+        head_init(&head, stack, HEAD_STACK)
         try:
+            head_put_bytes(&head, <bytes>line[0])
             for name, value in self.headers:
-                append_str_header(tail, name, value, &flags)
+                append_str_header(&head, name, value, &flags)
             if flags.has_transfer_encoding:
                 raise ValueError("an app must not set Transfer-Encoding (PEP 3333 hop-by-hop)")
-        except BaseException:
-            del tail[start:]
-            raise
-        self.status_code = code
-        if not flags.has_server:
-            tail += b"Server: fastpool\r\n"
-        if not flags.has_date:
-            tail += date_header()
-        if code < 200 or code == 204 or code == 304:
-            self.body_suppressed = True
-            self.declared_length = 0
-        elif flags.content_length >= 0:
-            self.declared_length = flags.content_length
-        elif body_length >= 0:
-            tail += b"Content-Length: %d\r\n" % body_length
-            self.declared_length = body_length
-        elif request.http_minor == 1:
-            tail += b"Transfer-Encoding: chunked\r\n"
-            self.chunked = True
-        else:
-            self.response_close = True   # HTTP/1.0 without a length: close-delimited
-        if request.method == "HEAD":
-            self.body_suppressed = True
-            self.chunked = False
-        if (flags.connection_close or not request.keep_alive or not self.worker.alive
-                or self.worker.keep_alive <= 0 or not request.body_complete):
-            self.response_close = True
-        if self.response_close:
-            tail += b"Connection: close\r\n"
-        elif request.http_minor == 0:
-            tail += b"Connection: keep-alive\r\n"
-        tail += b"\r\n"
-        self.out.size += len(tail) - start
+            self.status_code = code
+            if not flags.has_server:
+                head_put_bytes(&head, b"Server: fastpool\r\n")
+            if not flags.has_date:
+                head_put_bytes(&head, date_header())
+            if code < 200 or code == 204 or code == 304:
+                self.body_suppressed = True
+                self.declared_length = 0
+            elif flags.content_length >= 0:
+                self.declared_length = flags.content_length
+            elif body_length >= 0:
+                put_content_length(&head, body_length)
+                self.declared_length = body_length
+            elif request.http_minor == 1:
+                head_put_bytes(&head, b"Transfer-Encoding: chunked\r\n")
+                self.chunked = True
+            else:
+                self.response_close = True   # HTTP/1.0 without a length: close-delimited
+            if request.method == "HEAD":
+                self.body_suppressed = True
+                self.chunked = False
+            if (flags.connection_close or not request.keep_alive or not self.worker.alive
+                    or self.worker.keep_alive <= 0 or not request.body_complete):
+                self.response_close = True
+            if self.response_close:
+                head_put_bytes(&head, b"Connection: close\r\n")
+            elif request.http_minor == 0:
+                head_put_bytes(&head, b"Connection: keep-alive\r\n")
+            head_put_bytes(&head, b"\r\n")
+            self.out.write_raw(head.data, head.length)
+        finally:
+            head_free(&head)
         self.headers_sent = True
         return 0
 
@@ -576,8 +588,11 @@ cdef class WSGIConnection(HttpConnection):
                         raise AssertionError("the app returned without calling start_response()")
                 self.finish_body()
             finally:
-                if result is not None and hasattr(result, "close"):
-                    result.close()
+                if (result is not None and type(result) is not list
+                        and type(result) is not tuple):
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
         except ClientDisconnected:
             self.closing = True
             self.out.clear()
@@ -587,12 +602,18 @@ cdef class WSGIConnection(HttpConnection):
             error_log.error("Error handling request %s %s",
                             request.method, request.environ.get("RAW_URI"), exc_info=True)
             self.fail_request(500, "")
+        finally:
+            # Break environ -> wsgi.input -> request -> environ, so that the
+            # request is freed by reference counting, not by the cyclic GC.
+            body.request = None
+            body.conn = None
         worker.requests += 1
         if worker.access_log is not None:
             worker.access_log(request.environ, self.status_code, self.body_sent,
-                              monotonic_time() - request.started)
+                              monotonic() - request.started)
         if self.response_close:
             self.closing = True
+        self.request = None
         return 0
 
     cdef int fail_request(self, int status, str detail) except -1:
@@ -732,7 +753,7 @@ cdef class WSGIWorker:
         if not self.alive:
             return
         self.alive = False
-        self.graceful_deadline = monotonic_time() + self.graceful_timeout
+        self.graceful_deadline = monotonic() + self.graceful_timeout
         self.close_listeners()
         self.next_sweep = 0   # close idle keep-alive connections on the next wakeup
 
@@ -776,7 +797,7 @@ cdef class WSGIWorker:
                 else:
                     self.on_event(<WSGIConnection>entry, flags)
             PyErr_CheckSignals()
-            now = monotonic_time()
+            now = monotonic()
             if now >= self.next_sweep:
                 self.sweep(now)
                 self.next_sweep = now + 1.0
@@ -818,7 +839,7 @@ cdef class WSGIWorker:
                 remote = ""
                 base["REMOTE_ADDR"] = ""
             conn = WSGIConnection(self, fd, base, remote)
-            conn.deadline = monotonic_time() + (self.header_timeout or 1e9)
+            conn.deadline = monotonic() + (self.header_timeout or 1e9)
             self.register(fd, conn)
             memset(&event, 0, sizeof(event))
             event.events = EPOLLIN
@@ -912,7 +933,7 @@ cdef class WSGIWorker:
         """Send queued output; then close, linger, or wait for more input."""
         cdef Py_ssize_t sent
         cdef epoll_event event
-        cdef double now = monotonic_time()
+        cdef double now = monotonic()
         if conn.out.size:
             try:
                 sent = conn.out.send_to(conn.fd)
@@ -959,7 +980,7 @@ cdef class WSGIWorker:
             return 0
         shutdown(conn.fd, SHUT_WR)
         conn.state = LINGERING
-        conn.deadline = monotonic_time() + 2.0
+        conn.deadline = monotonic() + 2.0
         return 0
 
     cdef int linger_read(self, WSGIConnection conn) except -1:
@@ -987,6 +1008,11 @@ cdef class WSGIWorker:
         self.connections -= 1
         conn.pending.clear()
         conn.out.clear()
+        # Drop the connection's self-references (bound methods held by itself and
+        # by its parser) so it is freed at once, without the cyclic GC.
+        conn.parser = None
+        conn.start_response_method = None
+        conn.write_method = None
         return 0
 
     cdef int sweep(self, double now) except -1:

@@ -33,7 +33,7 @@ setup(
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,
-            "wraparound": False,
+            "wraparound": False,  # so a negative index is a bug: write len(x) - 1
             "cdivision": True,
             "embedsignature": True,
         },

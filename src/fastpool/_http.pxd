@@ -59,6 +59,8 @@ cdef class HttpConnection:
     cdef Py_ssize_t head_bytes
     cdef Py_ssize_t field_bytes
     cdef bint header_seen_in_feed
+    cdef bint feed_at_boundary
+    cdef int begun_in_feed
     cdef bint in_head
     # When non-zero, the stream can no longer be trusted: answer this status
     # after the requests before it, then close.

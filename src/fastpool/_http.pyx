@@ -32,6 +32,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy, memcmp, memmove
+from libc.stdint cimport INT64_MAX as PY_SSIZE_T_MAX
 
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
@@ -200,6 +201,7 @@ cdef class HttpConnection:
         self.current = request
         self.in_head = True
         self.url = None
+        self.begun_in_feed += 1
         self.version_hint = self.next_version_hint
         self.method_hint = self.next_method_hint
         self.next_version_hint = 0
@@ -210,11 +212,18 @@ cdef class HttpConnection:
 
     def on_url(self, bytes url):
         # Almost always one call per request; a URL split across reads is joined.
+        cdef Py_ssize_t limit = self.limits.request_line
+        cdef Py_ssize_t method_size
         self.url = url if self.url is None else self.url + url
-        if self.limits.request_line and (
-            PyBytes_GET_SIZE(self.url) + 16 > self.limits.request_line
-        ):
-            self.fail(414, "request line too long")
+        # The request line is METHOD SP URL SP HTTP/1.x: the URL plus 10 bytes
+        # plus the method (at least 3), without the CRLF.
+        if limit and PyBytes_GET_SIZE(self.url) + 13 > limit:
+            if self.method_hint is not None:
+                method_size = len(self.method_hint)
+            else:
+                method_size = len(self.parser.get_method())
+            if PyBytes_GET_SIZE(self.url) + 10 + method_size > limit:
+                self.fail(414, "request line too long")
 
     def on_header(self, bytes name, bytes value):
         cdef Request request = self.current
@@ -293,6 +302,8 @@ cdef class HttpConnection:
         cdef Request request
         cdef Limits limits = self.limits
         self.header_seen_in_feed = False
+        self.begun_in_feed = 0
+        self.feed_at_boundary = self.current is None
         if self.current is None:
             self.next_version_hint = version_hint(data)
             self.next_method_hint = method_hint(data) if self.next_version_hint else None
@@ -302,7 +313,8 @@ cdef class HttpConnection:
             # The head (and, with no body, the message) is complete; what follows
             # belongs to another protocol that this worker does not speak.
             # Answer the request and close.
-            request = self.pending[-1]
+            # (setup.py compiles with wraparound=False: no negative indexes.)
+            request = self.pending[len(self.pending) - 1]
             request.upgrade = True
             request.keep_alive = False
             request.body_complete = True
@@ -311,11 +323,14 @@ cdef class HttpConnection:
             return 0
         except HttpParserError as exc:
             if not self.error_status:
-                self.error_status = parser_error_status(exc, data)
+                # ``data`` starts with the failing request only if it began this read.
+                self.error_status = parser_error_status(
+                    exc, data if self.feed_at_boundary and self.begun_in_feed == 1 else b"")
                 self.error_reason = str(exc)
             self.stop_reading = True
             # The request being parsed has broken framing: never dispatch it.
-            if self.current is not None and self.pending and self.pending[-1] is self.current:
+            if (self.current is not None and self.pending
+                    and self.pending[len(self.pending) - 1] is self.current):
                 self.pending.pop()
             self.current = None
             return 0
@@ -325,13 +340,13 @@ cdef class HttpConnection:
                 self.field_bytes = 0
             else:
                 self.field_bytes += size
-            if limits.request_field_size and self.field_bytes > limits.request_field_size + 2:
-                if self.header_count == 0 and limits.request_line:
-                    self.error_status = 414
-                    self.error_reason = "request line too long"
-                else:
-                    self.error_status = 431
-                    self.error_reason = "header field too large"
+            # Bytes since the last complete header: a field that never ends.  Before
+            # the first header they may still be the request line, which on_url
+            # limits; count them as a field only past any line that limit allows.
+            if limits.request_field_size and self.field_bytes > limits.request_field_size + 2 + (
+                    0 if self.header_count else limits.request_line or PY_SSIZE_T_MAX // 2):
+                self.error_status = 431
+                self.error_reason = "header field too large"
             elif limits.request_head and self.head_bytes > limits.request_head:
                 self.error_status = 431
                 self.error_reason = "request head too large"
@@ -387,7 +402,11 @@ cdef str method_hint(bytes data):
 cdef int parser_error_status(object exc, bytes data):
     cdef str message = str(exc)
     cdef bytes method
-    if "version" in message or "PRI" in message:
+    # llhttp's reasons for a version it does not know ("Invalid HTTP version",
+    # "Invalid major version", ...) and for the HTTP/2 preface (PRI * HTTP/2.0);
+    # other messages that mention the version ("Expected CRLF after version")
+    # are malformed request lines.
+    if message.startswith("Invalid") and message.endswith("version") or "PRI" in message:
         return 505
     if isinstance(exc, HttpParserInvalidMethodError):
         # An unknown method that is a well-formed token is "not implemented";
@@ -554,9 +573,22 @@ cdef int append_str_header(HeadBuf *head, object name, object value,
 
 
 cdef int put_content_length(HeadBuf *head, long long length) except -1:
+    # Hand-rolled: snprintf costs more than the rest of the head together.
     cdef char line[48]
-    cdef int size = snprintf(line, sizeof(line), "Content-Length: %lld\r\n", length)
-    return head_put(head, line, size)
+    cdef char digits[24]
+    cdef int count = 0, i
+    memcpy(line, b"Content-Length: ", 16)
+    while True:
+        digits[count] = 48 + <char>(length % 10)
+        length //= 10
+        count += 1
+        if length == 0:
+            break
+    for i in range(count):
+        line[16 + i] = digits[count - 1 - i]
+    line[16 + count] = 13
+    line[17 + count] = 10
+    return head_put(head, line, 18 + count)
 
 
 cdef void head_free(HeadBuf *head) noexcept:

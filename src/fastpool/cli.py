@@ -11,19 +11,27 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from fastpool import __version__, core, settings
 from fastpool.sockets import parse_address
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with operator errors as one ``Error:`` line (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"Error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastpool",
         description="A compiled prefork HTTP/1.1 server for Python WSGI apps.",
     )
     parser.add_argument("--version", action="store_true",
                         help="print the version and whether the compiled core is loaded")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = commands.add_parser(
         "serve", help="serve a WSGI app",
         description="Serve a WSGI app with a pool of prefork workers. Every flag can also "
@@ -53,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = settings.resolve(args.app, vars(args))
         for text in config.binds:
-            parse_address(text)
+            parse_address(text, config.bind_source)
     except settings.ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -80,7 +80,7 @@ class Master:
         except core.CompiledCoreMissing as exc:
             log.error("%s", exc)
             return 1
-        addresses = [parse_address(text) for text in config.binds]
+        addresses = [parse_address(text, config.bind_source) for text in config.binds]
         self.listeners = Listeners(addresses, backlog=config.backlog,
                                    reuse_port=config.reuse_port)
         for slot in range(config.workers):
@@ -225,9 +225,13 @@ class Master:
                     log.info("Worker %d (pid %d) exited", slot, pid)
             elif os.WIFSIGNALED(status):
                 signum = os.WTERMSIG(status)
-                name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ \
-                    else str(signum)
-                log.warning("Worker %d (pid %d) was killed by signal %s", slot, pid, name)
+                try:
+                    name = signal.Signals(signum).name
+                except ValueError:
+                    name = str(signum)
+                # A worker the master itself is stopping is not news.
+                report = log.info if self.stopping else log.warning
+                report("Worker %d (pid %d) was killed by signal %s", slot, pid, name)
 
     # ---- the loop
 

@@ -49,6 +49,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number from 0 to 65535, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -88,7 +95,8 @@ class Setting:
 
     @property
     def cli(self) -> str:
-        return self.flags[0] if self.flags else ""
+        """The long flag, which error messages name."""
+        return self.flags[-1] if self.flags else ""
 
     def resolve_default(self) -> Any:
         return self.default() if callable(self.default) else self.default
@@ -101,7 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
         ("-b", "--bind"), "ADDRESS", kind="append", default_doc="HOST:PORT",
     ),
     Setting("host", str, "127.0.0.1", "Host to listen on when no --bind is given.", ("--host",)),
-    Setting("port", _non_negative_int, 8000, "Port to listen on when no --bind is given.",
+    Setting("port", _port, 8000, "Port to listen on when no --bind is given.",
             ("--port",)),
     Setting(
         "workers", _positive_int, _default_workers, "Number of worker processes.",
@@ -176,7 +184,20 @@ class Config:
 
     @property
     def binds(self) -> list[str]:
-        return list(self.values["bind"] or [f"{self.values['host']}:{self.values['port']}"])
+        return list(self.values["bind"] or [self.host_port])
+
+    @property
+    def host_port(self) -> str:
+        """--host and --port as one address (IPv6 hosts in brackets)."""
+        host = self.values["host"]
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.values['port']}"
+
+    @property
+    def bind_source(self) -> str:
+        """The flag an address error should name."""
+        return "--bind" if self.values["bind"] else "--host"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

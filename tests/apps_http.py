@@ -1,0 +1,141 @@
+"""WSGI apps for the HTTP protocol and limit tests (``apps_http:app``).
+
+One router app; the path picks the behaviour.  Deliberately not wrapped in
+``wsgiref.validate``: several routes misbehave on purpose (raise, yield str,
+lie about Content-Length) to check how the server copes.
+
+Routes:
+
+* ``/echo``          the request body (read with ``read()``), Content-Length set
+* ``/echo-chunks``   the request body, read with ``read(8192)`` until empty
+* ``/noread``        ``ok`` without touching the body
+* ``/stream?n=N``    N parts from a generator, no Content-Length
+* ``/big?size=N``    N bytes of ``pattern`` in 64 KiB blocks; ``&chunked=1``: no length
+* ``/close``         ``bye`` with an app header ``Connection: close``
+* ``/status/NNN``    that status, empty generator body
+* ``/overlong``      declares Content-Length 5, yields 10 bytes
+* ``/short``         declares Content-Length 10, yields 5 bytes
+* ``/raise``         raises before start_response
+* ``/raise-stream``  yields one part of a streamed response, then raises
+* ``/nonbytes``      returns a list holding a str
+* ``/pid``           the worker's pid
+* ``/env``           a few environ keys as JSON
+* anything else      ``METHOD PATH?QUERY``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from urllib.parse import parse_qs
+
+BLOCK = 65536
+
+
+def pattern(size: int) -> bytes:
+    """``size`` bytes where every 64 KiB block starts with its own index, so a
+    lost, repeated or reordered block changes the result."""
+    parts = []
+    index = 0
+    remaining = size
+    while remaining > 0:
+        parts.append(block(index)[:remaining])
+        remaining -= BLOCK
+        index += 1
+    return b"".join(parts)
+
+
+def block(index: int) -> bytes:
+    head = b"[block %08d]" % index
+    return head + bytes((index + i) % 251 for i in range(BLOCK - len(head)))
+
+
+def _query(environ) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+
+def _big(size: int):
+    index = 0
+    remaining = size
+    while remaining > 0:
+        yield block(index)[:remaining]
+        remaining -= BLOCK
+        index += 1
+
+
+def _raise_stream(start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"first part\n"
+    raise RuntimeError("boom in the middle of a streamed response")
+
+
+def _stream(count: int):
+    for i in range(count):
+        yield b"part %d\n" % i
+
+
+def app(environ, start_response):
+    path = environ["PATH_INFO"]
+    method = environ["REQUEST_METHOD"]
+    text = [("Content-Type", "text/plain")]
+    if path == "/echo":
+        body = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [body]
+    if path == "/echo-chunks":
+        parts = []
+        while True:
+            part = environ["wsgi.input"].read(8192)
+            if not part:
+                break
+            parts.append(part)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [b"".join(parts)]
+    if path == "/noread":
+        start_response("200 OK", text)
+        return [b"ok"]
+    if path == "/stream":
+        start_response("200 OK", text)
+        return _stream(int(_query(environ).get("n", "5")))
+    if path == "/big":
+        query = _query(environ)
+        size = int(query["size"])
+        headers = [("Content-Type", "application/octet-stream")]
+        if query.get("chunked") != "1":
+            headers.append(("Content-Length", str(size)))
+        start_response("200 OK", headers)
+        return _big(size)
+    if path == "/close":
+        start_response("200 OK", text + [("Connection", "close")])
+        return [b"bye"]
+    if path.startswith("/status/"):
+        code = int(path.rsplit("/", 1)[1])
+        reasons = {204: "No Content", 304: "Not Modified"}
+        start_response(f"{code} {reasons.get(code, 'Whatever')}", text)
+        return iter([b""])
+    if path == "/overlong":
+        start_response("200 OK", text + [("Content-Length", "5")])
+        return iter([b"01234", b"56789"])
+    if path == "/short":
+        start_response("200 OK", text + [("Content-Length", "10")])
+        return iter([b"01234"])
+    if path == "/raise":
+        raise RuntimeError("boom before start_response")
+    if path == "/raise-stream":
+        return _raise_stream(start_response)
+    if path == "/nonbytes":
+        start_response("200 OK", text)
+        return ["not bytes"]
+    if path == "/pid":
+        start_response("200 OK", text)
+        return [str(os.getpid()).encode()]
+    if path == "/env":
+        keys = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
+                "CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT")
+        shown = {k: environ[k] for k in keys if k in environ}
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(shown).encode()]
+    query = environ.get("QUERY_STRING", "")
+    body = f"{method} {path}{'?' + query if query else ''}".encode("latin-1")
+    start_response("200 OK", text)
+    return [body]

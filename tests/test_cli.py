@@ -1,0 +1,135 @@
+"""The ``fastpool`` command line: --version, operator errors, the README table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TESTS, free_port
+
+import fastpool
+
+ROOT = TESTS.parent
+START_MARKER = "<!-- settings-table:start -->"
+END_MARKER = "<!-- settings-table:end -->"
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None,
+            timeout: float = 20.0, command: list[str] | None = None,
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m fastpool ARGS`` to completion (killed, and failed, past ``timeout``)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
+    for name in list(full_env):
+        if name.startswith("FASTPOOL_") or name == "WEB_CONCURRENCY":
+            del full_env[name]
+    full_env.update(env or {})
+    proc = subprocess.Popen((command or [sys.executable, "-m", "fastpool"]) + args,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=TESTS, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"fastpool {' '.join(args)} still ran after {timeout}s:\n{stdout}\n{stderr}"
+        ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+# ---------------------------------------------------------------- --version
+
+
+def test_version_module():
+    result = run_cli(["--version"])
+    assert result.returncode == 0, result.stderr
+    assert fastpool.__version__ in result.stdout
+    assert "compiled core: yes" in result.stdout
+
+
+def test_version_console_script():
+    script = Path(sys.executable).parent / "fastpool"
+    if not script.exists():
+        pytest.skip(f"no console script at {script}")
+    result = run_cli(["--version"], command=[str(script)])
+    assert result.returncode == 0, result.stderr
+    assert fastpool.__version__ in result.stdout
+    assert "compiled core: yes" in result.stdout
+
+
+# ---------------------------------------------------------------- operator errors
+
+BAD_USAGE = {
+    "workers-zero": (["--workers", "0"], {}, "--workers"),
+    "workers-word": (["--workers", "many"], {}, "--workers"),
+    "workers-missing-value": (["--workers"], {}, "--workers"),
+    "port-word": (["--port", "abc"], {}, "--port"),
+    "port-negative": (["--port", "-1"], {}, "--port"),
+    "port-too-large": (["--port", "70000"], {}, "--port"),
+    "bind-port-too-large": (["--bind", "1.2.3.4:99999"], {}, "--bind"),
+    "bind-port-word": (["--bind", "127.0.0.1:http"], {}, "--bind"),
+    "bind-no-host": (["--bind", ":8000"], {}, "--bind"),
+    "keep-alive-negative": (["--keep-alive", "-1"], {}, "--keep-alive"),
+    "graceful-timeout-word": (["--graceful-timeout", "soon"], {}, "--graceful-timeout"),
+    "backlog-zero": (["--backlog", "0"], {}, "--backlog"),
+    "log-level": (["--log-level", "loud"], {}, "--log-level"),
+    "unknown-flag": (["--wrokers", "3"], {}, "--wrokers"),
+    "env-workers": ([], {"FASTPOOL_WORKERS": "x"}, "FASTPOOL_WORKERS"),
+    "env-preload": ([], {"FASTPOOL_PRELOAD": "maybe"}, "FASTPOOL_PRELOAD"),
+    "env-port": ([], {"FASTPOOL_PORT": "eighty"}, "FASTPOOL_PORT"),
+    "web-concurrency": ([], {"WEB_CONCURRENCY": "lots"}, "WEB_CONCURRENCY"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_USAGE))
+def test_bad_setting_is_one_error_line_and_exit_2(case):
+    args, env, flag = BAD_USAGE[case]
+    if not any(a in ("--port", "--bind") for a in args) and "FASTPOOL_PORT" not in env:
+        args = [*args, "--port", str(free_port())]   # should it start anyway: not on 8000
+    result = run_cli(["serve", "apps_wsgi:hello", *args], env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error:"), result.stderr
+    assert flag in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("how", ["port", "bind"])
+def test_port_in_use(how):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = ["--port", str(port)] if how == "port" else ["--bind", f"127.0.0.1:{port}"]
+        result = run_cli(["serve", "apps_wsgi:hello", *args])
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"127.0.0.1:{port}" in output
+    assert "Traceback" not in output
+    assert "Booting worker" not in output
+
+
+# ---------------------------------------------------------------- README
+
+
+def test_readme_settings_table_is_current():
+    expected = subprocess.run([sys.executable, "-m", "fastpool.settings"], capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+    assert expected.startswith("| setting |")
+    readme = ROOT / "README.md"
+    assert readme.exists(), "README.md is missing"
+    text = readme.read_text(encoding="utf-8")
+    assert text.count(START_MARKER) == 1 and text.count(END_MARKER) == 1, \
+        "README.md needs exactly one pair of settings-table markers"
+    table = text.split(START_MARKER, 1)[1].split(END_MARKER, 1)[0].strip()
+    assert table == expected, (
+        "README.md's settings table is stale; replace it with the output of "
+        "`python -m fastpool.settings`")

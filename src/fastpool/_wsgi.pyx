@@ -21,6 +21,14 @@ Rules of this module:
 * Nothing a client sends and nothing an app does may end this loop: protocol
   errors become statuses (see _http.pyx), app errors become 500s, and a client
   that disappears is a closed connection.
+* With ``threads`` > 1 the app runs in a pool of threads (gthread model): a
+  connection with a ready request is taken out of epoll and handed to a
+  thread, which serves its ready requests exactly as the loop would (the same
+  methods) and hands it back through a wake-up pipe.  A connection belongs to
+  one thread at a time; the loop never touches a busy one.
+* The worker reports to the master through its scoreboard record (shared
+  memory): requests served, when the oldest running request started (for
+  ``timeout``), and its state.
 """
 
 cimport cython
@@ -47,8 +55,10 @@ from fastpool._http cimport (
 
 import logging
 import os
+import queue
 import stat
 import sys
+import threading
 from urllib.parse import unquote_to_bytes
 
 cdef object error_log = logging.getLogger("fastpool.error")
@@ -261,6 +271,19 @@ cdef class Listener:
 
 # ---------------------------------------------------------------- connection
 
+# The scoreboard record of a worker: four doubles in memory shared with the
+# master (fastpool.scoreboard reads them).
+cdef enum:
+    BOARD_REQUESTS = 0     # requests served
+    BOARD_BUSY_SINCE = 1   # monotonic start of the oldest running request; 0 = idle
+    BOARD_STATE = 2        # 0 booting, 1 serving, 2 draining
+    BOARD_SIZE = 4
+
+
+cdef class WakePipe:
+    """The table entry of the pipe app threads use to wake the loop."""
+
+
 cdef enum ConnState:
     OPEN = 0        # reading requests / idle between them
     LINGERING = 1   # response sent, write side shut, discarding input until EOF
@@ -279,6 +302,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef bint closing          # close once the output is sent
     cdef bint peer_closed      # the client shut its side down
     cdef bint want_write       # registered for EPOLLOUT
+    cdef bint busy             # owned by an app thread (threads > 1)
     cdef object start_response_method
     cdef object write_method
     # The response being produced (one at a time).
@@ -553,11 +577,13 @@ cdef class WSGIConnection(HttpConnection):
         cdef object result = None
         cdef object item
         cdef long long total
+        cdef object started
         cdef WSGIWorker worker = self.worker
         self.reset_response(request)
         body.conn = self
         body.request = request
         request.environ["wsgi.input"] = body
+        started = worker.request_started()
         try:
             try:
                 result = worker.app(request.environ, self.start_response_method)
@@ -607,7 +633,7 @@ cdef class WSGIConnection(HttpConnection):
             # request is freed by reference counting, not by the cyclic GC.
             body.request = None
             body.conn = None
-        worker.requests += 1
+            worker.request_finished(started)
         if worker.access_log is not None:
             worker.access_log(request.environ, self.status_code, self.body_sent,
                               monotonic() - request.started)
@@ -693,9 +719,24 @@ cdef class WSGIWorker:
     cdef char *recv_buffer
     cdef double next_sweep
     cdef bint accept_paused
+    cdef bint close_idle          # on a graceful stop: close idle keep-alive at once
+    cdef readonly long long max_requests
+    # The scoreboard record: see BOARD_* below.
+    cdef double[::1] board
+    cdef object board_owner
+    cdef list running             # start times of the requests being served
+    # Thread pool (threads > 1)
+    cdef readonly int threads
+    cdef object tasks
+    cdef list finished
+    cdef object finished_lock
+    cdef int wake_read
+    cdef int wake_write
+    cdef list pool
 
     def __cinit__(self):
         self.epfd = -1
+        self.wake_read = self.wake_write = -1
         self.recv_buffer = <char *>malloc(RECV_SIZE)
         if self.recv_buffer == NULL:
             raise MemoryError()
@@ -704,14 +745,24 @@ cdef class WSGIWorker:
         free(self.recv_buffer)
         if self.epfd >= 0:
             close(self.epfd)
+        if self.wake_read >= 0:
+            close(self.wake_read)
+            close(self.wake_write)
 
     def __init__(self, app, listeners, *, Limits limits not None, double keep_alive=5.0,
                  double header_timeout=30.0, double graceful_timeout=30.0,
-                 str root_path="", access_log=None, int master_pid=0):
+                 str root_path="", access_log=None, int master_pid=0, int threads=1,
+                 long long max_requests=0, scoreboard=None):
         """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
-        owned by the caller's socket objects until ``stop`` closes them."""
+        owned by the caller's socket objects until ``stop`` closes them.
+        ``scoreboard``: a writable buffer of BOARD_SIZE doubles, or None."""
         cdef epoll_event event
         self.app = app
+        self.threads = threads
+        self.max_requests = max_requests
+        self.running = []
+        self.board_owner = scoreboard if scoreboard is not None else bytearray(8 * BOARD_SIZE)
+        self.board = memoryview(self.board_owner).cast("B").cast("d")
         self.limits = limits
         self.keep_alive = keep_alive
         self.header_timeout = header_timeout
@@ -735,6 +786,96 @@ cdef class WSGIWorker:
             event.data.fd = fd
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
                 raise OSError(errno, "epoll_ctl(listener) failed")
+        self.wake_read = self.wake_write = -1
+        if threads > 1:
+            self.start_pool(threads)
+
+    # ---- the thread pool (threads > 1)
+
+    cdef int start_pool(self, int threads) except -1:
+        cdef epoll_event event
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.register(self.wake_read, WakePipe())
+        memset(&event, 0, sizeof(event))
+        event.events = EPOLLIN
+        event.data.fd = self.wake_read
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_read, &event) < 0:
+            raise OSError(errno, "epoll_ctl(wake pipe) failed")
+        self.tasks = queue.SimpleQueue()
+        self.finished = []
+        self.finished_lock = threading.Lock()
+        self.pool = []
+        for index in range(threads):
+            thread = threading.Thread(target=self.thread_main, name=f"fastpool-app-{index}",
+                                      daemon=True)
+            thread.start()
+            self.pool.append(thread)
+        return 0
+
+    def thread_main(self):
+        """An app thread: serve the ready requests of each connection handed over."""
+        cdef WSGIConnection conn
+        while True:
+            conn = self.tasks.get()
+            if conn is None:
+                return
+            try:
+                self.serve_ready(conn)
+            except BaseException:
+                error_log.exception("app thread failed while serving a connection")
+                conn.closing = True
+            with self.finished_lock:
+                self.finished.append(conn)
+            try:
+                os.write(self.wake_write, b"x")
+            except BlockingIOError:
+                pass   # the pipe is full: the loop is already due to wake
+
+    cdef int take_back(self) except -1:
+        """Connections the app threads are done with return to the loop."""
+        cdef WSGIConnection conn
+        cdef epoll_event event
+        cdef list done
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.finished_lock:
+            done = self.finished
+            self.finished = []
+        for conn in done:
+            conn.busy = False
+            if conn.state == CLOSED:
+                continue
+            memset(&event, 0, sizeof(event))
+            event.events = EPOLLIN
+            event.data.fd = conn.fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event)
+            self.after_serving(conn)
+        return 0
+
+    # ---- the scoreboard
+
+    cdef object request_started(self):
+        """Record an app call starting; returns the token request_finished takes."""
+        cdef object now = monotonic()
+        self.running.append(now)
+        if len(self.running) == 1:
+            self.board[BOARD_BUSY_SINCE] = now
+        return now
+
+    cdef int request_finished(self, object started) except -1:
+        self.requests += 1
+        self.board[BOARD_REQUESTS] = self.requests
+        if len(self.running) == 1:
+            del self.running[0]
+            self.board[BOARD_BUSY_SINCE] = 0.0
+        else:
+            # Threads finish in any order: the oldest still running counts.
+            self.running.remove(started)
+            self.board[BOARD_BUSY_SINCE] = min(self.running)
+        return 0
 
     cdef int register(self, int fd, object obj) except -1:
         while len(self.table) <= fd:
@@ -744,15 +885,23 @@ cdef class WSGIWorker:
 
     # ---- control (called from signal handlers in worker.py)
 
-    def stop(self, bint graceful=True):
+    def stop(self, bint graceful=True, bint close_idle=True):
         """Graceful: stop accepting, finish what is in flight, then return from
-        ``run``.  Otherwise return as soon as the loop wakes."""
+        ``run``.  Otherwise return as soon as the loop wakes.
+
+        ``close_idle``: close idle keep-alive connections at once (shutdown).
+        Without it (a retiring or reloaded worker) each idle connection stays
+        until its keep-alive deadline and its next request is answered with
+        ``Connection: close``, so no client races a close on a connection it
+        is about to reuse."""
         if not graceful:
             self.quitting = True
             return
+        self.close_idle = self.close_idle or close_idle
         if not self.alive:
             return
         self.alive = False
+        self.board[BOARD_STATE] = 2
         self.graceful_deadline = monotonic() + self.graceful_timeout
         self.close_listeners()
         self.next_sweep = 0   # close idle keep-alive connections on the next wakeup
@@ -774,6 +923,7 @@ cdef class WSGIWorker:
         cdef object entry
         cdef double now
         refresh_date()
+        self.board[BOARD_STATE] = 1
         while not self.quitting:
             if not self.alive and self.connections == 0:
                 break
@@ -794,17 +944,26 @@ cdef class WSGIWorker:
                     continue
                 if type(entry) is Listener:
                     self.accept(<Listener>entry)
+                elif type(entry) is WakePipe:
+                    self.take_back()
                 else:
                     self.on_event(<WSGIConnection>entry, flags)
             PyErr_CheckSignals()
+            if self.max_requests and self.requests >= self.max_requests and self.alive:
+                error_log.info("worker %d retiring after %d requests (max_requests)",
+                               os.getpid(), self.requests)
+                self.stop(True, False)
             now = monotonic()
             if now >= self.next_sweep:
                 self.sweep(now)
                 self.next_sweep = now + 1.0
         self.close_listeners()
         for entry in self.table:
-            if type(entry) is WSGIConnection:
+            if type(entry) is WSGIConnection and not (<WSGIConnection>entry).busy:
                 self.close_connection(<WSGIConnection>entry)
+        if self.pool:
+            for _ in self.pool:
+                self.tasks.put(None)
 
     cdef int accept(self, Listener listener) except -1:
         cdef sockaddr_storage address
@@ -899,13 +1058,33 @@ cdef class WSGIWorker:
         self.process(conn)
         return 0
 
+    cdef bint has_ready_request(self, WSGIConnection conn):
+        cdef WSGIRequest request
+        if not conn.pending or conn.closing:
+            return False
+        request = <WSGIRequest>conn.pending[0]
+        return (request.body_complete or request.expect_continue
+                or request.body_buffered() >= BODY_BUFFER)
+
     cdef int process(self, WSGIConnection conn) except -1:
         """Answer every request of ``conn`` that is ready, in order, then send."""
+        if self.pool is not None and self.has_ready_request(conn):
+            # Hand the connection to an app thread; the loop forgets it until
+            # take_back.
+            conn.busy = True
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+            self.tasks.put(conn)
+            return 0
+        self.serve_ready(conn)
+        return self.after_serving(conn)
+
+    cdef int serve_ready(self, WSGIConnection conn) except -1:
+        """Run the app for each ready request of ``conn``, in order (in the loop,
+        or in an app thread)."""
         cdef WSGIRequest request
         while conn.pending and not conn.closing:
             request = <WSGIRequest>conn.pending[0]
-            if not (request.body_complete or request.expect_continue
-                    or request.body_buffered() >= BODY_BUFFER):
+            if not self.has_ready_request(conn):
                 if conn.peer_closed or conn.error_status:
                     conn.pending.clear()   # can never complete
                     conn.closing = True
@@ -916,6 +1095,10 @@ cdef class WSGIWorker:
             if not request.body_complete:
                 request.discard_body = True
                 conn.closing = True
+        return 0
+
+    cdef int after_serving(self, WSGIConnection conn) except -1:
+        """Protocol errors, the close decision, and sending (always in the loop)."""
         if conn.state == CLOSED:
             return 0
         if not conn.closing and not conn.pending:
@@ -1032,9 +1215,11 @@ cdef class WSGIWorker:
             if type(entry) is not WSGIConnection:
                 continue
             conn = <WSGIConnection>entry
-            if not self.alive and conn.state == OPEN and not conn.want_write \
-                    and not conn.pending and conn.at_message_boundary():
-                self.close_connection(conn)   # idle keep-alive during a drain
+            if conn.busy:
+                continue
+            if not self.alive and self.close_idle and conn.state == OPEN \
+                    and not conn.want_write and not conn.pending and conn.at_message_boundary():
+                self.close_connection(conn)   # idle keep-alive during a shutdown
             elif now >= conn.deadline:
                 if conn.state == OPEN and not conn.want_write and (
                         conn.pending or not conn.at_message_boundary()):

@@ -1,20 +1,26 @@
-"""The ``fastpool`` command.
+"""The ``fastpool`` command: serve, check, status, reload, scale.
 
 Rules: flags come from the settings table (``fastpool.settings``), never
 written here; every operator error is one line on stderr starting with
-``Error:`` and a non-zero exit (2 for bad usage or configuration).
+``Error:`` and a non-zero exit (2 for bad usage or configuration, 1 when the
+master cannot be reached).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from fastpool import __version__, core, settings
-from fastpool.sockets import parse_address
+from fastpool.control import ControlError, format_status, request
+from fastpool.loading import AppLoadError, import_app
+from fastpool.sockets import check_addresses
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,23 +30,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"Error: {message} (see '{self.prog} --help')\n")
 
 
+def _add_config_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="a fastpool.toml (default: [tool.fastpool] in ./pyproject.toml)")
+
+
+def _add_control_target(parser: argparse.ArgumentParser) -> None:
+    _add_config_source(parser)
+    parser.add_argument("--control-socket", metavar="PATH", dest="control_socket",
+                        help="the master's control socket (default: from the config, "
+                             "else ./.fastpool.sock)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastpool",
-        description="A compiled prefork HTTP/1.1 server for Python WSGI apps.",
+        description="A compiled prefork HTTP/1.1 server for Python WSGI apps, with worker "
+                    "groups that keep slow endpoints from starving fast ones.",
     )
     parser.add_argument("--version", action="store_true",
                         help="print the version and whether the compiled core is loaded")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    serve = commands.add_parser(
-        "serve", help="serve a WSGI app",
-        description="Serve a WSGI app with a pool of prefork workers. Every flag can also "
-                    "be set with its FASTPOOL_* environment variable.",
-    )
-    serve.add_argument("app", metavar="APP",
-                       help="the app as MODULE:ATTRIBUTE or MODULE:FACTORY() "
-                            "(e.g. fastpool.examples.hello:app)")
-    settings.add_arguments(serve)
+    for name, text in (("serve", "serve a WSGI app, or the groups of a config file"),
+                       ("check", "validate the config, import every app and target, print "
+                                 "the plan")):
+        command = commands.add_parser(
+            name, help=text, description=f"{text[0].upper()}{text[1:]}. Every flag can "
+            "also be set with its FASTPOOL_* environment variable; flags override the file.")
+        command.add_argument("app", metavar="APP", nargs="?",
+                             help="the app as MODULE:ATTRIBUTE or MODULE:FACTORY() "
+                                  "(e.g. fastpool.examples.hello:app); omit with --config")
+        _add_config_source(command)
+        settings.add_arguments(command)
+    status = commands.add_parser("status", help="show groups, workers and processes",
+                                 description="Ask the running master for its state.")
+    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _add_control_target(status)
+    reload = commands.add_parser("reload", help="rolling reload (like SIGHUP)",
+                                 description="Re-read the config and replace every worker "
+                                 "(or one group's) without dropping a request.")
+    reload.add_argument("--group", metavar="G", help="reload only this group")
+    _add_control_target(reload)
+    scale = commands.add_parser("scale", help="add or remove workers of a group",
+                                description="Change a group's worker count by +N or -N.")
+    scale.add_argument("group", metavar="G")
+    scale.add_argument("delta", metavar="+N|-N")
+    _add_control_target(scale)
     return parser
 
 
@@ -49,23 +84,95 @@ def version_text() -> str:
             f"{platform.system()} {platform.machine()}); {core.describe()}")
 
 
+def control_path(args: argparse.Namespace) -> Path:
+    """Where the master listens: --control-socket, else the config's
+    control_socket (relative to the config file), else ./.fastpool.sock."""
+    if args.control_socket:
+        return Path(args.control_socket)
+    raw = os.environ.get("FASTPOOL_CONTROL_SOCKET")
+    if raw:
+        return Path(raw)
+    path, data = settings.find_config(args.config)
+    server = data.get("server", {}) if isinstance(data.get("server", {}), dict) else {}
+    configured = Path(server.get("control_socket",
+                                 settings.SETTINGS_BY_NAME["control_socket"].default))
+    if configured.is_absolute():
+        return configured
+    return (path.parent if path is not None else Path.cwd()) / configured
+
+
+def _plan(config: settings.ServerConfig) -> str:
+    lines = [f"config: {config.path or 'command line'}"]
+    for name, group in config.groups.items():
+        lines.append(
+            f"group {name}: app {group.app}, listen {', '.join(group.listen)}, "
+            f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
+            f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
+            f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}")
+    for name, process in config.processes.items():
+        lines.append(f"process {name}: target {process.target} x {process.count}")
+    lines.append(f"control socket: {config.control_path}")
+    return "\n".join(lines)
+
+
+def _check(config: settings.ServerConfig) -> None:
+    """Import every app and process target, as the workers would."""
+    if config.chdir:
+        os.chdir(config.chdir)
+    for name, group in config.groups.items():
+        try:
+            import_app(group.app)
+        except AppLoadError as exc:
+            raise settings.ConfigError(f"group {name}: {exc}") from None
+    for name, process in config.processes.items():
+        try:
+            import_app(process.target, callable_kind="a process target")
+        except AppLoadError as exc:
+            raise settings.ConfigError(f"process {name}: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         print(version_text())
         return 0
-    if args.command != "serve":
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        config = settings.resolve(args.app, vars(args))
-        for text in config.binds:
-            parse_address(text, config.bind_source)
-    except settings.ConfigError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    if args.command in ("serve", "check"):
+        cli = vars(args)
+        try:
+            config = settings.load(cli, os.environ, args.config, args.app)
+            check_addresses(config)
+            if args.command == "check":
+                _check(config)
+        except settings.ConfigError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
+        if args.command == "check":
+            print(_plan(config))
+            print("OK")
+            return 0
+        from fastpool import master
 
-    from fastpool.master import Master
-
-    return Master(config).run()
+        return master.run(config, cli, args.config, args.app)
+    if args.command in ("status", "reload", "scale"):
+        try:
+            path = control_path(args)
+            if args.command == "status":
+                reply = request(path, {"command": "status"})
+                print(json.dumps(reply, indent=2) if args.json else format_status(reply))
+            elif args.command == "reload":
+                request(path, {"command": "reload", "group": args.group})
+                print(f"reloading {('group ' + args.group) if args.group else 'all groups'}")
+            else:
+                try:
+                    delta = int(args.delta)
+                except ValueError:
+                    raise ControlError(f"scale: expected +N or -N, got {args.delta!r}") from None
+                reply = request(path, {"command": "scale", "group": args.group, "delta": delta})
+                print(f"group {args.group}: {reply['workers']} worker(s)")
+        except (ControlError, settings.ConfigError) as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    parser.print_help(sys.stderr)
+    return 2

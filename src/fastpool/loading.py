@@ -30,7 +30,8 @@ def _literal(node: ast.expr, spec: str) -> Any:
         ) from None
 
 
-def import_app(spec: str, *, add_cwd: bool = True) -> Callable[..., Any]:
+def import_app(spec: str, *, add_cwd: bool = True,
+               callable_kind: str = "a WSGI app") -> Callable[..., Any]:
     """Return the app object named by ``spec``."""
     if add_cwd and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -94,8 +95,7 @@ def import_app(spec: str, *, add_cwd: bool = True) -> Callable[..., Any]:
                 f"app factory {expression!r} raised:\n{traceback.format_exc().rstrip()}"
             ) from None
     if not callable(obj):
-        raise AppLoadError(
-            f"app {spec!r} is not callable (it is a {type(obj).__name__}); "
-            "a WSGI app is a callable taking (environ, start_response)"
-        )
+        hint = ("a WSGI app is a callable taking (environ, start_response)"
+                if callable_kind == "a WSGI app" else f"{callable_kind} must be callable")
+        raise AppLoadError(f"{spec!r} is not callable (it is a {type(obj).__name__}); {hint}")
     return obj

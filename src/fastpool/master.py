@@ -1,60 +1,126 @@
-"""The master process: binds, forks, supervises, stops.
+"""The master process: binds, forks, supervises every group and process, stops.
 
 Rules of this module (the model is gunicorn's arbiter):
 
 * Signal handlers only enqueue the signal and wake the loop; one loop does all
-  the work: handle queued signals, reap children with ``waitpid(-1,
-  WNOHANG)``, respawn empty worker slots, enforce the shutdown deadline.
-* Workers are forked, never spawned, after the config is parsed, the sockets
+  the work: read children's notices, handle queued signals and control
+  requests, reap with ``waitpid(-1, WNOHANG)``, enforce timeouts, then bring
+  every group and process to the state it should be in (``maintain``).
+* Children are forked, never spawned, after the config is parsed, the sockets
   are bound and (with ``preload``) the app is imported.
-* A worker that dies is replaced in the same slot, on the same sockets.  A
-  worker that fails to boot stops the whole server with its message, printed
-  once, and exit code 3 (boot error) or 4 (app failed to load) — never a
-  respawn loop.
-* TERM and INT: graceful stop (workers finish in-flight requests, then exit;
-  after ``graceful_timeout`` they are killed).  QUIT, or a second INT:
-  immediate stop.
+* The master holds every listening socket for as long as its worker slot
+  exists, so a worker that exits, is recycled or is reloaded never takes its
+  accept queue down with it.
+* A reload (SIGHUP, ``fastpool reload``) starts the new workers of a slot
+  first and retires the old one only once the new one says READY; a new
+  worker that fails to boot leaves the old ones serving.
+* Boot failures at start-up stop the server with the message printed once
+  (exit 3, or 4 when the app cannot be imported): never a respawn loop.
+  Later, workers that die within ``CRASH_WINDOW`` of boot ``crash_limit``
+  times in a row mark their group crash-looping: it is stopped, and
+  ``on_crash_loop`` says whether the server stops too.
+* TERM and INT: graceful stop.  QUIT, or a second INT: immediate stop.
+  HUP: reload.  TTIN/TTOU: one worker more/less in every group.  USR1:
+  workers reopen their access logs.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import random
 import select
 import signal
+import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastpool import __version__, core, worker
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
-from fastpool.settings import Config, ConfigError
-from fastpool.sockets import Listeners, parse_address
+from fastpool.scoreboard import Scoreboard
+from fastpool.settings import ConfigError, GroupConfig, ProcessConfig, ServerConfig, load
+from fastpool.sockets import Listeners, check_addresses, parse_address
 
 log = logging.getLogger("fastpool.error")
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
+ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
+PROCESS_BACKOFF_MAX = 30.0
+
+
+@dataclass
+class Child:
+    pid: int
+    kind: str                # "worker" or "process"
+    name: str                # group or process name
+    slot: int
+    started: float
+    board: int = -1
+    generation: int = 0
+    ready: bool = False
+    retiring: bool = False
+    abort_sent: float = 0.0
+
+
+@dataclass
+class Group:
+    config: GroupConfig
+    listeners: Listeners
+    app: Callable[..., Any] | None = None
+    wanted: int = 1
+    generation: int = 0
+    state: str = "running"            # running, crash-loop, stopped
+    crash_streak: int = 0
+    restarts: int = 0
+    reload_failed_generation: int = -1
+
+
+@dataclass
+class ProcessGroup:
+    config: ProcessConfig
+    restarts: int = 0
+    generation: int = 0
+    failures: dict[int, int] = field(default_factory=dict)
+    next_start: dict[int, float] = field(default_factory=dict)
+    state: str = "running"
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Master:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: ServerConfig, reload_source: Callable[[], ServerConfig] | None
+                 = None) -> None:
         self.config = config
+        self.reload_source = reload_source
         self.pid = os.getpid()
-        self.workers: dict[int, int] = {}       # pid -> slot
+        self.children: dict[int, Child] = {}
+        self.groups: dict[str, Group] = {}
+        self.processes: dict[str, ProcessGroup] = {}
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.kill_deadline = 0.0
         self.killed = False
         self.exit_code = 0
-        self.app: Callable[..., Any] | None = None
-        self.listeners: Listeners | None = None
-        self.boot_messages: dict[int, str] = {}
+        self.board = Scoreboard()
+        self.control: socket.socket | None = None
+        self.booted = False      # every group has had a READY worker once
 
-    # ---- start
+    # ---------------------------------------------------------------- start
 
     def run(self) -> int:
         setup_error_log(self.config.log_level)
@@ -64,50 +130,185 @@ class Master:
             log.error("%s", exc)
             return 1
         finally:
-            if self.listeners is not None:
-                self.listeners.close()
+            for group in self.groups.values():
+                group.listeners.close()
+            self.close_control()
 
     def _run(self) -> int:
         config = self.config
-        if config.chdir:
-            try:
-                os.chdir(config.chdir)
-            except OSError as exc:
-                raise ConfigError(f"--chdir: cannot change to {config.chdir!r}: "
-                                  f"{exc.strerror}") from None
         try:
             core.load()
         except core.CompiledCoreMissing as exc:
             log.error("%s", exc)
             return 1
-        addresses = [parse_address(text, config.bind_source) for text in config.binds]
-        self.listeners = Listeners(addresses, backlog=config.backlog,
-                                   reuse_port=config.reuse_port)
-        for slot in range(config.workers):
-            self.listeners.for_slot(slot)
-        if config.preload:
-            try:
-                self.app = import_app(config.app)
-            except AppLoadError as exc:
-                log.error("App failed to load: %s", exc)
-                return worker.APP_LOAD_ERROR
+        check_addresses(config)
+        for name, group_config in config.groups.items():
+            self.groups[name] = self.make_group(group_config)
+        for group in self.groups.values():
+            if group.config.preload:
+                try:
+                    group.app = import_app(group.config.app)
+                except AppLoadError as exc:
+                    log.error("App failed to load (group %s): %s", group.config.name, exc)
+                    return worker.APP_LOAD_ERROR
+        for name, process_config in config.processes.items():
+            self.processes[name] = ProcessGroup(process_config)
 
-        log.info("Starting fastpool %s", __version__)
-        for text in self.listeners.describe():
-            log.info("Listening at: %s (%d)", text, self.pid)
-        log.info("Using worker: wsgi (compiled), %d worker(s)", config.workers)
-
+        log.info("Starting fastpool %s (master pid %d)", __version__, self.pid)
+        for group in self.groups.values():
+            for text in group.listeners.describe():
+                log.info("Listening at: %s (group %s, %d worker(s))", text, group.config.name,
+                         group.wanted)
+        worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.boot_r, self.boot_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.open_control()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
-        for slot in range(config.workers):
-            self.spawn(slot)
+        self.maintain()
         self.loop()
         log.info("Shutting down: master")
         return self.exit_code
 
-    # ---- signals
+    def make_group(self, config: GroupConfig) -> Group:
+        addresses = [parse_address(text, f"[group.{config.name}] listen")
+                     for text in config.listen]
+        listeners = Listeners(addresses, backlog=config.backlog, reuse_port=config.reuse_port)
+        group = Group(config=config, listeners=listeners, wanted=config.workers)
+        try:
+            for slot in range(config.workers):
+                listeners.for_slot(slot)
+        except BaseException:
+            listeners.close()
+            raise
+        return group
+
+    # ---------------------------------------------------------------- control socket
+
+    def open_control(self) -> None:
+        path = self.config.control_path
+        try:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                pass
+            else:
+                log.warning("control socket %s belongs to another running master; "
+                            "fastpool status/reload/scale will not reach this one", path)
+                return
+            finally:
+                probe.close()
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)     # created 0600: only this user may steer it
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            sock.listen(16)
+            sock.setblocking(False)
+            sock.set_inheritable(False)
+        except OSError as exc:
+            log.warning("no control socket at %s (%s): fastpool status/reload/scale "
+                        "are unavailable", path, exc.strerror or exc)
+            return
+        self.control = sock
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+            try:
+                self.config.control_path.unlink()
+            except OSError:
+                pass
+
+    def serve_control(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                conn, _ = self.control.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    data = b""
+                    while not data.endswith(b"\n") and len(data) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    request = json.loads(data or b"{}")
+                    reply = self.control_command(request)
+                except (OSError, ValueError) as exc:
+                    reply = {"ok": False, "error": f"bad control request: {exc}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def control_command(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, **self.status()}
+        if command == "reload":
+            group = request.get("group")
+            if group is not None and group not in self.groups:
+                return {"ok": False, "error": f"no group named {group!r}"}
+            error = self.reload(only=group)
+            return {"ok": error is None, "error": error}
+        if command == "scale":
+            name = request.get("group")
+            if name not in self.groups:
+                return {"ok": False, "error": f"no group named {name!r}"}
+            try:
+                delta = int(request.get("delta", 0))
+            except (TypeError, ValueError):
+                return {"ok": False, "error": "delta must be an integer"}
+            group = self.groups[name]
+            group.wanted = max(1, group.wanted + delta)
+            log.info("Scaling group %s to %d worker(s)", name, group.wanted)
+            return {"ok": True, "workers": group.wanted}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        groups = []
+        for name, group in self.groups.items():
+            workers = []
+            for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
+                if child.kind != "worker" or child.name != name:
+                    continue
+                record = self.board.read(child.board)
+                workers.append({
+                    "pid": child.pid, "slot": child.slot, "requests": record.requests,
+                    "current_request_s": round(now - record.busy_since, 3)
+                    if record.busy_since else None,
+                    "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
+                    "state": "retiring" if child.retiring else record.state,
+                    "generation": child.generation,
+                })
+            groups.append({
+                "name": name, "app": group.config.app, "state": group.state,
+                "listen": group.listeners.describe(), "workers_wanted": group.wanted,
+                "threads": group.config.threads, "restarts": group.restarts,
+                "workers": workers,
+            })
+        processes = []
+        for name, process in self.processes.items():
+            pids = sorted(c.pid for c in self.children.values()
+                          if c.kind == "process" and c.name == name)
+            processes.append({"name": name, "target": process.config.target,
+                              "count": process.config.count, "restarts": process.restarts,
+                              "state": process.state, "pids": pids})
+        return {"master": self.pid, "version": __version__, "groups": groups,
+                "processes": processes}
+
+    # ---------------------------------------------------------------- signals
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signal_queue.append(signum)
@@ -125,37 +326,54 @@ class Master:
             if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
                 log.info("Handling signal: %s (immediate stop)", name)
                 self.stop(graceful=False)
-            else:
+            elif signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("Handling signal: %s (graceful stop)", name)
                 self.stop(graceful=True)
+            elif self.stopping:
+                continue
+            elif signum == signal.SIGHUP:
+                log.info("Handling signal: %s (reload)", name)
+                self.reload()
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                delta = 1 if signum == signal.SIGTTIN else -1
+                for group in self.groups.values():
+                    group.wanted = max(1, group.wanted + delta)
+                log.info("Handling signal: %s (%s)", name,
+                         ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items()))
+            elif signum == signal.SIGUSR1:
+                log.info("Handling signal: %s (reopen log files)", name)
+                self.kill_children(signal.SIGUSR1, kind="worker")
 
-    # ---- workers
+    # ---------------------------------------------------------------- children
 
-    def spawn(self, slot: int) -> None:
-        assert self.listeners is not None
-        sockets = self.listeners.for_slot(slot)
+    def all_listening_sockets(self) -> list[socket.socket]:
+        socks = []
+        for group in self.groups.values():
+            socks.extend(group.listeners.all_sockets())
+        return socks
+
+    def fork(self, child_main: Callable[[], int], keep: list[socket.socket]) -> int:
+        """Fork; in the child run ``child_main`` and exit with its code."""
         pid = os.fork()
         if pid:
-            self.workers[pid] = slot
-            return
-        # Child: from here on, never return into the master's code.
+            return pid
         code = 1
         try:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            os.close(self.boot_r)
-            own = {id(b.sock) for b in sockets}
-            for sock in self.listeners.all_sockets():
+            for fd in (self.wake_r, self.wake_w, self.notify_r):
+                os.close(fd)
+            if self.control is not None:
+                self.control.close()
+            own = {id(sock) for sock in keep}
+            for sock in self.all_listening_sockets():
                 if id(sock) not in own:
                     sock.close()
-            code = worker.run(config=self.config, slot=slot, sockets=sockets, app=self.app,
-                              master_pid=self.pid, boot_fd=self.boot_w)
+            code = child_main()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0
         except BaseException:
-            log.exception("Worker %d crashed", os.getpid())
+            log.exception("Child %d crashed", os.getpid())
             code = 1
         finally:
             try:
@@ -164,38 +382,106 @@ class Master:
             finally:
                 os._exit(code)
 
-    def kill_all(self, signum: int) -> None:
-        for pid in list(self.workers):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+    def spawn_worker(self, group: Group, slot: int) -> None:
+        config = group.config
+        sockets = group.listeners.for_slot(slot)
+        board = self.board.allocate()
+        max_requests = config.max_requests
+        if max_requests and config.max_requests_jitter:
+            max_requests += random.randint(0, config.max_requests_jitter)
+        view = self.board.view(board)
+        pid = self.fork(lambda: worker.run_worker(
+            group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
+            notify_fd=self.notify_w, board=view, max_requests=max_requests,
+        ), [b.sock for b in sockets])
+        self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
+                                   group.generation)
+
+    def spawn_process(self, process: ProcessGroup, index: int) -> None:
+        pid = self.fork(lambda: worker.run_process(process=process.config, index=index,
+                                                   master_pid=self.pid), [])
+        self.children[pid] = Child(pid, "process", process.config.name, index, time.monotonic(),
+                                   generation=process.generation)
+
+    def kill_children(self, signum: int, kind: str | None = None, name: str | None = None) -> None:
+        for child in list(self.children.values()):
+            if (kind is None or child.kind == kind) and (name is None or child.name == name):
+                self.signal_child(child, signum)
+
+    @staticmethod
+    def signal_child(child: Child, signum: int) -> None:
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def retire(self, child: Child) -> None:
+        """Graceful replacement: stop accepting, finish, leave (SIGUSR2)."""
+        if not child.retiring:
+            child.retiring = True
+            self.signal_child(child, signal.SIGUSR2 if child.kind == "worker"
+                              else signal.SIGTERM)
 
     def stop(self, graceful: bool) -> None:
         now = time.monotonic()
         if graceful:
             if self.stopping:
                 return
-            self.kill_deadline = now + self.config.graceful_timeout
-            self.kill_all(signal.SIGTERM)
+            timeout = max([g.config.graceful_timeout for g in self.groups.values()]
+                          + [p.config.graceful_timeout for p in self.processes.values()]
+                          + [0.0])
+            self.kill_deadline = now + timeout
+            self.kill_children(signal.SIGTERM)
         else:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
-            self.kill_all(signal.SIGQUIT)
+            self.kill_children(signal.SIGQUIT)
         self.stopping = True
 
-    def read_boot_messages(self) -> None:
+    # ---------------------------------------------------------------- notices
+
+    def read_notices(self) -> None:
+        """Records ``PID\\0KIND\\0MESSAGE\\x1e`` (see worker.notify)."""
         while True:
             try:
-                data = os.read(self.boot_r, 65536)
+                data = os.read(self.notify_r, 65536)
             except BlockingIOError:
                 return
             if not data:
                 return
-            # Records are "PID\0MESSAGE\x1e" (see worker.report_boot_failure).
             for record in data.decode("utf-8", "replace").split("\x1e"):
-                pid_text, _, message = record.partition("\0")
-                if pid_text.strip().isdigit():
-                    self.boot_messages[int(pid_text)] = message.rstrip("\n")
+                pid_text, _, rest = record.partition("\0")
+                kind, _, message = rest.partition("\0")
+                if not pid_text.strip().isdigit():
+                    continue
+                child = self.children.get(int(pid_text))
+                if child is None:
+                    continue
+                if kind == "READY":
+                    child.ready = True
+                elif kind == "ERROR":
+                    self.boot_failure(child, message.rstrip("\n"))
+
+    def boot_failure(self, child: Child, message: str) -> None:
+        group = self.groups.get(child.name)
+        if not self.booted:
+            # At start-up: the operator must fix the app, not watch it respawn.
+            if not self.exit_code:
+                log.error("%s", message)
+                log.error("Worker %d (pid %d) of group %s failed to boot; stopping the server",
+                          child.slot, child.pid, child.name)
+                self.exit_code = worker.WORKER_BOOT_ERROR
+                if message.startswith("App failed to load"):
+                    self.exit_code = worker.APP_LOAD_ERROR
+            self.stop(graceful=False)
+            return
+        # Later (a respawn, a reload): log it; the crash-loop guard counts it.
+        log.error("%s", message)
+        if group is not None and child.generation == group.generation and group.generation > 0:
+            log.error("Reload of group %s failed: its new workers cannot boot; the old ones "
+                      "keep serving", child.name)
+            group.reload_failed_generation = group.generation
+
+    # ---------------------------------------------------------------- reaping
 
     def reap(self) -> None:
         while True:
@@ -205,62 +491,272 @@ class Master:
                 return
             if pid == 0:
                 return
-            slot = self.workers.pop(pid, None)
-            if slot is None:
+            child = self.children.pop(pid, None)
+            if child is None:
                 continue
+            if child.board >= 0:
+                self.board.release(child.board)
+            self.read_notices()
+            describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"
+                        if child.kind == "worker"
+                        else f"Process {child.name} {child.slot} (pid {pid})")
+            crashed = True
             if os.WIFEXITED(status):
                 code = os.WEXITSTATUS(status)
-                if code in (worker.WORKER_BOOT_ERROR, worker.APP_LOAD_ERROR):
-                    self.read_boot_messages()
-                    if not self.exit_code:
-                        message = self.boot_messages.get(pid, "Worker failed to boot.")
-                        log.error("%s", message)
-                        log.error("Worker %d (pid %d) failed to boot; stopping the server",
-                                  slot, pid)
-                        self.exit_code = code
-                    self.stop(graceful=False)
-                elif code and not self.stopping:
-                    log.warning("Worker %d (pid %d) exited with code %d", slot, pid, code)
+                crashed = code != 0
+                if not crashed or self.stopping or child.retiring:
+                    log.info("%s exited%s", describe, f" with code {code}" if code else "")
                 else:
-                    log.info("Worker %d (pid %d) exited", slot, pid)
-            elif os.WIFSIGNALED(status):
+                    log.warning("%s exited with code %d", describe, code)
+            else:
                 signum = os.WTERMSIG(status)
                 try:
                     name = signal.Signals(signum).name
                 except ValueError:
                     name = str(signum)
-                # A worker the master itself is stopping is not news.
-                report = log.info if self.stopping else log.warning
-                report("Worker %d (pid %d) was killed by signal %s", slot, pid, name)
+                # A child the master itself is stopping is not news.
+                report = log.info if self.stopping or child.retiring else log.warning
+                report("%s was killed by signal %s", describe, name)
+            if self.stopping:
+                continue
+            if child.kind == "worker":
+                self.worker_exited(child, crashed)
+            else:
+                self.process_exited(child, crashed)
 
-    # ---- the loop
+    def worker_exited(self, child: Child, crashed: bool) -> None:
+        group = self.groups.get(child.name)
+        if group is None:
+            return
+        if crashed and not self.booted and not self.exit_code:
+            # Died before serving without saying why (a crash in C during import).
+            log.error("Worker %d (pid %d) of group %s died while booting; stopping the server",
+                      child.slot, child.pid, child.name)
+            self.exit_code = worker.WORKER_BOOT_ERROR
+            self.stop(graceful=False)
+            return
+        if not child.retiring:
+            group.restarts += 1
+        if not crashed or time.monotonic() - child.started > CRASH_WINDOW:
+            group.crash_streak = 0
+            return
+        group.crash_streak += 1
+        if group.crash_streak >= group.config.crash_limit and group.state == "running":
+            group.state = "crash-loop"
+            log.error("Group %s is crash-looping: %d workers died within %.0f s of boot in a "
+                      "row; stopping the group (on_crash_loop = %s)", child.name,
+                      group.crash_streak, CRASH_WINDOW, group.config.on_crash_loop)
+            self.kill_children(signal.SIGTERM, kind="worker", name=child.name)
+            if group.config.on_crash_loop == "stop-server":
+                self.exit_code = 1
+                self.stop(graceful=True)
+
+    def process_exited(self, child: Child, crashed: bool) -> None:
+        process = self.processes.get(child.name)
+        if process is None or child.retiring:
+            return
+        process.restarts += 1
+        lived = time.monotonic() - child.started
+        failures = 0 if lived > PROCESS_BACKOFF_MAX else process.failures.get(child.slot, 0) + 1
+        process.failures[child.slot] = failures
+        delay = min(PROCESS_BACKOFF_MAX, 0.5 * 2 ** (failures - 1)) if failures else 0.0
+        process.next_start[child.slot] = time.monotonic() + delay
+        if delay:
+            log.info("Process %s %d will be restarted in %.1f s", child.name, child.slot, delay)
+
+    # ---------------------------------------------------------------- timeouts
+
+    def check_timeouts(self) -> None:
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.kind != "worker":
+                continue
+            if child.abort_sent:
+                if now - child.abort_sent > ABORT_GRACE:
+                    self.signal_child(child, signal.SIGKILL)
+                continue
+            group = self.groups.get(child.name)
+            if group is None or not group.config.timeout:
+                continue
+            busy_since = self.board.read(child.board).busy_since
+            if busy_since and now - busy_since > group.config.timeout:
+                log.error("Worker %d (pid %d) of group %s has run one request for %.1f s "
+                          "(timeout %g s): aborting it (SIGABRT, its stack follows) and "
+                          "replacing it", child.slot, child.pid, child.name, now - busy_since,
+                          group.config.timeout)
+                child.abort_sent = now
+                self.signal_child(child, signal.SIGABRT)
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self, only: str | None = None) -> str | None:
+        """Re-read the config and roll every group (or ``only``) onto new workers.
+        Returns an error message, or None."""
+        new_config = self.config
+        if self.reload_source is not None:
+            try:
+                new_config = self.reload_source()
+                check_addresses(new_config)
+            except ConfigError as exc:
+                log.error("Reload refused, the config has an error (nothing changed): %s", exc)
+                return str(exc)
+        names = [only] if only is not None else list(new_config.groups)
+        for name in names:
+            group_config = new_config.groups.get(name)
+            group = self.groups.get(name)
+            if group_config is None:
+                continue
+            if group is None:
+                try:
+                    self.groups[name] = self.make_group(group_config)
+                except ConfigError as exc:
+                    log.error("Reload: cannot start group %s: %s", name, exc)
+                    continue
+                log.info("Reload: starting new group %s", name)
+                continue
+            if group_config.listen != group.config.listen or \
+                    group_config.reuse_port != group.config.reuse_port:
+                log.warning("Reload: group %s changed its listen addresses; restart the "
+                            "server to apply that (the rest of its settings apply now)", name)
+                group_config.values["listen"] = group.config.listen
+                group_config.values["reuse_port"] = group.config.reuse_port
+            group.config = group_config
+            group.wanted = group_config.workers
+            group.generation += 1
+            group.state = "running"
+            group.crash_streak = 0
+            log.info("Reload: rolling group %s onto new workers (generation %d)", name,
+                     group.generation)
+        if only is None:
+            for name in [n for n in self.groups if n not in new_config.groups]:
+                log.info("Reload: stopping group %s (gone from the config)", name)
+                self.groups[name].state = "stopped"
+                self.groups[name].wanted = 0
+            for name, process_config in new_config.processes.items():
+                if name in self.processes:
+                    process = self.processes[name]
+                    process.config = process_config
+                    process.generation += 1
+                else:
+                    self.processes[name] = ProcessGroup(process_config)
+            for name in [n for n in self.processes if n not in new_config.processes]:
+                self.processes[name].state = "stopped"
+            self.config.values.update(new_config.values)
+        return None
+
+    # ---------------------------------------------------------------- maintain
+
+    def maintain(self) -> None:
+        """Bring every group and process to the state it should be in."""
+        for name, group in list(self.groups.items()):
+            workers = [c for c in self.children.values()
+                       if c.kind == "worker" and c.name == name]
+            if group.state != "running":
+                for child in workers:
+                    self.retire(child)
+                if not workers and group.state == "stopped":
+                    group.listeners.close()
+                    del self.groups[name]
+                continue
+            for slot in range(group.wanted):
+                in_slot = [c for c in workers if c.slot == slot and not c.retiring]
+                new = [c for c in in_slot if c.generation == group.generation]
+                old = [c for c in in_slot if c.generation != group.generation]
+                if not new:
+                    # After a failed reload the old workers keep the slot.
+                    if not old or group.reload_failed_generation != group.generation:
+                        self.spawn_worker(group, slot)
+                elif any(c.ready for c in new):
+                    for child in old:
+                        self.retire(child)
+            for child in workers:
+                if child.slot >= group.wanted:
+                    self.retire(child)
+            # Slots above the wanted count whose last worker is gone: give back their sockets.
+            busy_slots = {c.slot for c in workers}
+            for slot in list(group.listeners.per_slot):
+                if slot >= group.wanted and slot not in busy_slots:
+                    group.listeners.close_slot(slot)
+        if not self.booted and all(
+                any(c.ready for c in self.children.values() if c.name == n and c.kind == "worker")
+                for n in self.groups):
+            self.booted = True
+        now = time.monotonic()
+        for name, process in list(self.processes.items()):
+            instances = [c for c in self.children.values()
+                         if c.kind == "process" and c.name == name]
+            if process.state == "stopped":
+                for child in instances:
+                    self.retire(child)
+                if not instances:
+                    del self.processes[name]
+                continue
+            for child in instances:
+                if child.slot >= process.config.count or child.generation != process.generation:
+                    self.retire(child)
+            running = {c.slot for c in instances if not c.retiring}
+            for index in range(process.config.count):
+                if index not in running and now >= process.next_start.get(index, 0.0) and \
+                        not any(c.slot == index for c in instances):
+                    self.spawn_process(process, index)
+
+    # ---------------------------------------------------------------- the loop
 
     def loop(self) -> None:
         while True:
+            readable = [self.wake_r, self.notify_r]
+            if self.control is not None:
+                readable.append(self.control)
             try:
-                select.select([self.wake_r], [], [], 1.0)
+                ready, _, _ = select.select(readable, [], [], 0.5)
             except InterruptedError:
-                pass
+                ready = []
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
+                ready = []
             try:
                 while os.read(self.wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
+            self.read_notices()
             self.handle_signals()
+            if self.control is not None and self.control in ready and not self.stopping:
+                self.serve_control()
             self.reap()
             if self.stopping:
-                if not self.workers:
+                if not self.children:
                     return
                 if time.monotonic() >= self.kill_deadline and not self.killed:
-                    log.warning("Graceful timeout reached; killing %d worker(s)",
-                                len(self.workers))
-                    self.kill_all(signal.SIGKILL)
+                    log.warning("Graceful timeout reached; killing %d child(ren)",
+                                len(self.children))
+                    self.kill_children(signal.SIGKILL)
                     self.killed = True
                 continue
-            running = set(self.workers.values())
-            for slot in range(self.config.workers):
-                if slot not in running:
-                    self.spawn(slot)
+            self.check_timeouts()
+            self.maintain()
+            if not self.groups and not self.processes:
+                log.info("Nothing left to supervise")
+                return
+
+
+def run(config: ServerConfig, cli: Mapping[str, Any], config_file: str | None,
+        app: str | None) -> int:
+    """``fastpool serve``: run a master until it stops; return the exit code."""
+    chdir = config.chdir
+    if chdir:
+        try:
+            os.chdir(chdir)
+        except OSError as exc:
+            log.error("--chdir: cannot change to %r: %s", chdir, exc.strerror)
+            return 1
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    environ = dict(os.environ)
+
+    def reload_source() -> ServerConfig:
+        return load(cli, environ, config_file, app)
+
+    return Master(config, reload_source if config.path is not None else None).run()
+

@@ -2,65 +2,87 @@
 
 Rules of this module:
 
-* Every setting is one ``Setting`` row in ``SETTINGS``.  The command-line flags,
-  the ``FASTPOOL_*`` environment variables and the settings table in README.md
-  are all generated from these rows; nothing else lists options.
-* Precedence, highest first: command-line flag, environment variable, default.
-* Values are validated when they are read, and a bad value is a ``ConfigError``
-  whose message names where it came from (``--workers``, ``FASTPOOL_WORKERS``)
-  and what was expected, so the operator sees one line, not a traceback.
-* ``Config`` holds plain values only; loading the app and binding sockets happen
-  later, in the master (``Config`` stays cheap to build and to pickle).
+* Every setting is one ``Setting`` row in ``SETTINGS``.  The command-line
+  flags, the ``FASTPOOL_*`` environment variables, the config-file keys and the
+  settings table in README.md are all generated from these rows; nothing else
+  lists options.
+* A row's ``scope`` says where it may be set in a config file: ``group`` rows
+  in any ``[group.NAME]`` table or once in ``[server]`` as the default of every
+  group; ``server`` rows only in ``[server]``; ``process`` rows only in
+  ``[process.NAME]`` tables.
+* Precedence, highest first: command-line flag, environment variable, the
+  group's own table, ``[server]``, the row's default.
+* Values are checked where they are read, and a bad one is a ``ConfigError``
+  whose message names where it came from (``--workers``, ``FASTPOOL_WORKERS``,
+  ``fastpool.toml: [group.task] workers``) and what was expected: one line for
+  the operator, never a traceback.
+* The result is plain data (``ServerConfig``, ``GroupConfig``,
+  ``ProcessConfig``): loading apps and binding sockets happen in the master.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_GROUP = "main"
 
 
 class ConfigError(Exception):
     """A setting has a value fastpool cannot use; the message says which and why."""
 
 
-def _to_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
+# ---------------------------------------------------------------- value checks
+# Each takes the typed value and returns it (possibly normalised) or raises
+# ValueError with "expected ..." wording.
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"expected an integer >= 0, got {text!r}")
-    return value
+def at_least(minimum: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value < minimum:
+            unit = "an integer" if isinstance(value, int) else "a number"
+            raise ValueError(f"expected {unit} >= {minimum:g}, got {value!r}")
+        return value
+    return check
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
+def _port(value: int) -> int:
     if not 0 <= value <= 65535:
-        raise ValueError(f"expected a port number from 0 to 65535, got {text!r}")
+        raise ValueError(f"expected a port number from 0 to 65535, got {value!r}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise ValueError(f"expected a number of seconds >= 0, got {text!r}")
+def _nice(value: int) -> int:
+    if not -20 <= value <= 19:
+        raise ValueError(f"expected a niceness from -20 to 19, got {value!r}")
     return value
+
+
+def _cpus(value: list[int]) -> list[int]:
+    available = os.cpu_count() or 1
+    for cpu in value:
+        if not 0 <= cpu < available:
+            raise ValueError(f"expected CPU numbers from 0 to {available - 1}, got {cpu!r}")
+    return value
+
+
+def choice(*options: str) -> Callable[[Any], Any]:
+    def check(value: str) -> str:
+        lowered = value.lower()
+        if lowered not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return lowered
+    return check
 
 
 def _default_workers() -> int:
@@ -69,9 +91,20 @@ def _default_workers() -> int:
     if raw is None:
         return 1
     try:
-        return _positive_int(raw)
+        value = int(raw)
+        if value < 1:
+            raise ValueError
     except ValueError:
         raise ConfigError(f"WEB_CONCURRENCY: expected an integer >= 1, got {raw!r}") from None
+    return value
+
+
+# ---------------------------------------------------------------- the table
+
+TYPE_NAMES = {
+    "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+    "list": "a list of strings", "ints": "a list of integers",
+}
 
 
 @dataclass(frozen=True)
@@ -79,15 +112,15 @@ class Setting:
     """One row of the settings table."""
 
     name: str
-    parse: Callable[[str], Any]
+    type: str                     # a key of TYPE_NAMES
     default: Any
     help: str
-    flags: tuple[str, ...] = ()
+    scope: str = "group"          # "group", "server" or "process"
+    flags: tuple[str, ...] = ()   # no flags: config file (and environment) only
     metavar: str | None = None
-    # "flag": a boolean switch (--x / --no-x); "append": may be given several times.
-    kind: str = "value"
-    # Shown in the docs instead of the default value, when the default is computed.
+    check: Callable[[Any], Any] | None = None
     default_doc: str | None = None
+    env_var: bool = True
 
     @property
     def env(self) -> str:
@@ -99,82 +132,213 @@ class Setting:
         return self.flags[-1] if self.flags else ""
 
     def resolve_default(self) -> Any:
-        return self.default() if callable(self.default) else self.default
+        value = self.default() if callable(self.default) else self.default
+        return list(value) if isinstance(value, list) else value
+
+    # ---- reading values
+
+    def from_text(self, text: str, source: str) -> Any:
+        """A value given as text (a flag or an environment variable)."""
+        try:
+            if self.type == "int":
+                value: Any = int(text)
+            elif self.type == "float":
+                value = float(text)
+            elif self.type == "bool":
+                lowered = text.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    value = True
+                elif lowered in ("0", "false", "no", "off"):
+                    value = False
+                else:
+                    raise ValueError
+            elif self.type == "list":
+                value = [part.strip() for part in text.split(",") if part.strip()]
+            elif self.type == "ints":
+                value = [int(part) for part in text.replace(",", " ").split()]
+            else:
+                value = text
+        except ValueError:
+            raise ConfigError(
+                f"{source}: expected {TYPE_NAMES[self.type]}, got {text!r}") from None
+        return self._checked(value, source)
+
+    def from_file(self, value: Any, source: str) -> Any:
+        """A value read from a TOML table, type-checked."""
+        expected = TYPE_NAMES[self.type]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "ints": isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value),
+        }[self.type]
+        if self.type == "list" and isinstance(value, str):
+            value, ok = [value], True
+        if not ok:
+            raise ConfigError(f"{source}: expected {expected}, got {value!r}")
+        if self.type == "float":
+            value = float(value)
+        return self._checked(value, source)
+
+    def _checked(self, value: Any, source: str) -> Any:
+        if self.check is None:
+            return value
+        try:
+            return self.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "bind", str, None, "Address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH. "
-        "May be given several times. Overrides --host/--port.",
-        ("-b", "--bind"), "ADDRESS", kind="append", default_doc="HOST:PORT",
-    ),
-    Setting("host", str, "127.0.0.1", "Host to listen on when no --bind is given.", ("--host",)),
-    Setting("port", _port, 8000, "Port to listen on when no --bind is given.",
-            ("--port",)),
-    Setting(
-        "workers", _positive_int, _default_workers, "Number of worker processes.",
-        ("-w", "--workers"), "N", default_doc="$WEB_CONCURRENCY or 1",
-    ),
-    Setting(
-        "reuse_port", _to_bool, True,
-        "One SO_REUSEPORT listening socket per worker (the kernel spreads connections); "
-        "--no-reuse-port shares one socket among all workers.",
-        ("--reuse-port",), kind="flag",
-    ),
-    Setting("backlog", _positive_int, 2048, "Listen queue length of each socket.",
-            ("--backlog",), "N"),
-    Setting("chdir", str, None, "Change to this directory before loading the app.",
-            ("--chdir",), "DIR"),
-    Setting(
-        "preload", _to_bool, False,
-        "Import the app in the master before forking (shared copy-on-write; "
-        "a reload then needs a restart to pick up code changes).",
-        ("--preload",), kind="flag",
-    ),
-    Setting("root_path", str, "", "SCRIPT_NAME for the app (the prefix it is mounted under).",
-            ("--root-path",), "PATH"),
-    Setting("keep_alive", _non_negative_float, 5.0,
+    # ---- a group: what it serves and where
+    Setting("app", "str", None,
+            "The WSGI app as MODULE:ATTRIBUTE or MODULE:FACTORY(...). On the command line it "
+            "is the positional APP.", env_var=False),
+    Setting("listen", "list", None,
+            "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
+            "command line: --bind (repeatable) or --host/--port.",
+            flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`"),
+    Setting("host", "str", "127.0.0.1",
+            "Host to listen on when no --bind is given (command line only).",
+            scope="server", flags=("--host",)),
+    Setting("port", "int", 8000, "Port to listen on when no --bind is given (command line only).",
+            scope="server", flags=("--port",), check=_port),
+    Setting("workers", "int", _default_workers, "Worker processes.",
+            flags=("-w", "--workers"), metavar="N", check=at_least(1),
+            default_doc="$WEB_CONCURRENCY or 1"),
+    Setting("threads", "int", 1,
+            "Threads per worker that run the app while the worker's compiled loop keeps "
+            "accepting, reading and writing (for groups whose requests wait on I/O).",
+            flags=("--threads",), metavar="N", check=at_least(1)),
+    Setting("reuse_port", "bool", True,
+            "One SO_REUSEPORT listening socket per worker (the kernel spreads connections); "
+            "false: one socket shared by the group's workers.", flags=("--reuse-port",)),
+    Setting("backlog", "int", 2048, "Listen queue length of each socket.",
+            flags=("--backlog",), metavar="N", check=at_least(1)),
+    Setting("preload", "bool", False,
+            "Import the app in the master before forking (shared copy-on-write; a reload "
+            "then keeps the old code).", flags=("--preload",)),
+    Setting("root_path", "str", "", "SCRIPT_NAME for the app (the prefix it is mounted under).",
+            flags=("--root-path",), metavar="PATH"),
+    # ---- a group: time
+    Setting("timeout", "float", 30.0,
+            "Seconds one request may run before its worker is aborted (SIGABRT, which dumps "
+            "its Python stack, then SIGKILL) and replaced. 0 disables it.",
+            flags=("-t", "--timeout"), metavar="SECONDS", check=at_least(0)),
+    Setting("graceful_timeout", "float", 30.0,
+            "Seconds in-flight requests get to finish on shutdown or reload before workers "
+            "are killed.", flags=("--graceful-timeout",), metavar="SECONDS", check=at_least(0)),
+    Setting("keep_alive", "float", 5.0,
             "Seconds an idle keep-alive connection is kept open (0 disables keep-alive).",
-            ("--keep-alive",), "SECONDS"),
-    Setting(
-        "header_timeout", _non_negative_float, 30.0,
-        "Seconds a client may take to send a request's line, headers and buffered body, "
-        "or to accept a response's bytes, before the connection is closed (slowloris guard).",
-        ("--header-timeout",), "SECONDS",
-    ),
-    Setting("graceful_timeout", _non_negative_float, 30.0,
-            "Seconds in-flight requests get to finish on shutdown before workers are killed.",
-            ("--graceful-timeout",), "SECONDS"),
-    Setting("limit_request_line", _non_negative_int, 4094,
+            flags=("--keep-alive",), metavar="SECONDS", check=at_least(0)),
+    Setting("header_timeout", "float", 30.0,
+            "Seconds a client may take to send a request's line, headers and buffered body, "
+            "or to accept a response's bytes, before the connection is closed (slowloris "
+            "guard).", flags=("--header-timeout",), metavar="SECONDS", check=at_least(0)),
+    Setting("max_requests", "int", 0,
+            "Requests a worker serves before it is replaced (0: never), like gunicorn.",
+            flags=("--max-requests",), metavar="N", check=at_least(0)),
+    Setting("max_requests_jitter", "int", 0,
+            "A random 0..N added to max_requests per worker, so workers do not all restart "
+            "at once.", flags=("--max-requests-jitter",), metavar="N", check=at_least(0)),
+    # ---- a group: limits
+    Setting("limit_request_line", "int", 4094,
             "Largest request line in bytes (larger: 414). 0 means unlimited.",
-            ("--limit-request-line",), "BYTES"),
-    Setting("limit_request_fields", _non_negative_int, 100,
+            flags=("--limit-request-line",), metavar="BYTES", check=at_least(0)),
+    Setting("limit_request_fields", "int", 100,
             "Most header fields in a request (more: 431). 0 means unlimited.",
-            ("--limit-request-fields",), "N"),
-    Setting("limit_request_field_size", _non_negative_int, 8190,
-            "Largest header field (name, colon, value) in bytes (larger: 431). 0 means unlimited.",
-            ("--limit-request-field-size",), "BYTES"),
-    Setting("limit_request_body", _non_negative_int, 0,
+            flags=("--limit-request-fields",), metavar="N", check=at_least(0)),
+    Setting("limit_request_field_size", "int", 8190,
+            "Largest header field (name, colon, value) in bytes (larger: 431). 0 means "
+            "unlimited.", flags=("--limit-request-field-size",), metavar="BYTES",
+            check=at_least(0)),
+    Setting("limit_request_body", "int", 0,
             "Largest request body in bytes (larger: 413). 0 means unlimited.",
-            ("--limit-request-body",), "BYTES"),
-    Setting("access_log", str, None,
-            "Write an access log line per request to this file ('-' is stdout). Off by default.",
-            ("--access-log",), "PATH"),
-    Setting("log_level", str.lower, "info",
-            "Error log level: debug, info, warning, error or critical.",
-            ("--log-level",), "LEVEL"),
+            flags=("--limit-request-body",), metavar="BYTES", check=at_least(0)),
+    # ---- a group: processes
+    Setting("nice", "int", 0,
+            "Scheduling niceness of the group's workers (-20..19; higher yields the CPU to "
+            "other groups).", flags=("--nice",), metavar="N", check=_nice),
+    Setting("cpus", "ints", [],
+            "CPU numbers the group's workers may run on (empty: any).",
+            flags=("--cpus",), metavar="LIST", check=_cpus, default_doc="any"),
+    Setting("crash_limit", "int", 5,
+            "Worker deaths within 30 s of their boot, in a row, after which the group is "
+            "declared crash-looping and stopped instead of respawned.",
+            flags=("--crash-limit",), metavar="N", check=at_least(1)),
+    Setting("on_crash_loop", "str", "stop-group",
+            "What a crash-looping group does to the server: stop-group (the other groups "
+            "keep serving) or stop-server.", flags=("--on-crash-loop",),
+            metavar="ACTION", check=choice("stop-group", "stop-server")),
+    Setting("access_log", "str", None,
+            "Write an access log line per request to this file ('-' is stdout). Off by "
+            "default.", flags=("--access-log",), metavar="PATH"),
+    # ---- the server as a whole
+    Setting("chdir", "str", None, "Change to this directory before loading the apps.",
+            scope="server", flags=("--chdir",), metavar="DIR"),
+    Setting("log_level", "str", "info", "Error log level: debug, info, warning, error, critical.",
+            scope="server", flags=("--log-level",), metavar="LEVEL",
+            check=choice("debug", "info", "warning", "error", "critical")),
+    Setting("control_socket", "str", ".fastpool.sock",
+            "The master's control socket (mode 0600) for fastpool status/reload/scale; "
+            "relative paths are relative to the config file's directory (or the current one).",
+            scope="server", flags=("--control-socket",), metavar="PATH"),
+    # ---- [process.NAME] tables
+    Setting("target", "str", None,
+            "A supervised process: MODULE:CALLABLE called with no arguments in a forked "
+            "child, respawned (with backoff) when it returns or dies.", scope="process",
+            env_var=False),
+    Setting("count", "int", 1, "How many copies of the process run.", scope="process",
+            env_var=False, check=at_least(1)),
 )
 
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+GROUP_SETTINGS = tuple(s for s in SETTINGS if s.scope == "group")
+SERVER_SETTINGS = tuple(s for s in SETTINGS if s.scope == "server")
+# A process shares the group rows that make sense for any supervised child.
+PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == "process") + tuple(
+    SETTINGS_BY_NAME[n] for n in ("nice", "cpus", "graceful_timeout"))
+
+
+# ---------------------------------------------------------------- resolved config
+
+@dataclass
+class GroupConfig:
+    """The settings of one worker group (plain, picklable values)."""
+
+    name: str
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 @dataclass
-class Config:
-    """The resolved settings of one ``fastpool serve`` run (plain, picklable values)."""
+class ProcessConfig:
+    name: str
+    values: dict[str, Any]
 
-    app: str
-    values: dict[str, Any] = field(default_factory=dict)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``fastpool serve`` runs: server settings, groups, processes."""
+
+    values: dict[str, Any]
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    processes: dict[str, ProcessConfig] = field(default_factory=dict)
+    path: Path | None = None     # the config file, when there is one
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -183,106 +347,230 @@ class Config:
             raise AttributeError(name) from None
 
     @property
-    def binds(self) -> list[str]:
-        return list(self.values["bind"] or [self.host_port])
+    def control_path(self) -> Path:
+        path = Path(self.values["control_socket"])
+        if not path.is_absolute():
+            base = self.path.parent if self.path is not None else Path.cwd()
+            path = base / path
+        return path
 
-    @property
-    def host_port(self) -> str:
-        """--host and --port as one address (IPv6 hosts in brackets)."""
-        host = self.values["host"]
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{host}:{self.values['port']}"
 
-    @property
-    def bind_source(self) -> str:
-        """The flag an address error should name."""
-        return "--bind" if self.values["bind"] else "--host"
-
+# ---------------------------------------------------------------- the command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting.  Defaults stay ``None`` so that precedence
-    (flag, then environment, then default) can be applied in ``resolve``."""
+    """One flag per setting that has flags.  Defaults stay ``None`` so that
+    precedence can be applied in ``load``."""
     for setting in SETTINGS:
         if not setting.flags:
             continue
-        dest = setting.name
-        if setting.kind == "flag":
-            parser.add_argument(
-                *setting.flags, dest=dest, default=None,
-                action=argparse.BooleanOptionalAction, help=setting.help,
-            )
-        elif setting.kind == "append":
-            parser.add_argument(
-                *setting.flags, dest=dest, default=None, action="append",
-                metavar=setting.metavar, help=setting.help,
-            )
+        if setting.type == "bool":
+            parser.add_argument(*setting.flags, dest=setting.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=setting.help)
+        elif setting.type == "list":
+            parser.add_argument(*setting.flags, dest=setting.name, default=None,
+                                action="append", metavar=setting.metavar, help=setting.help)
         else:
-            parser.add_argument(
-                *setting.flags, dest=dest, default=None, metavar=setting.metavar,
-                help=setting.help,
-            )
+            parser.add_argument(*setting.flags, dest=setting.name, default=None,
+                                metavar=setting.metavar, help=setting.help)
 
 
-def _parse(setting: Setting, raw: str, source: str) -> Any:
-    try:
-        return setting.parse(raw)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+def _given(setting: Setting, cli: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    """The flag's or the environment's value, or None when neither is set."""
+    raw = cli.get(setting.name)
+    if raw is not None:
+        if setting.type == "bool":
+            return bool(raw)
+        if setting.type == "list":
+            values = []
+            for item in raw:
+                values.extend(setting.from_text(item, setting.cli))
+            return values
+        return setting.from_text(raw, setting.cli)
+    if setting.env_var and setting.env in environ:
+        return setting.from_text(environ[setting.env], setting.env)
+    return None
 
 
-def resolve(app: str, cli_values: Mapping[str, Any],
-            environ: Mapping[str, str] | None = None) -> Config:
-    """Build a ``Config`` from parsed flags and the environment."""
-    environ = os.environ if environ is None else environ
+# ---------------------------------------------------------------- the config file
+
+def find_config(explicit: str | None) -> tuple[Path | None, dict[str, Any]]:
+    """The config file and its fastpool table: ``--config F``, else
+    ``[tool.fastpool]`` in ./pyproject.toml, else nothing."""
+    if explicit is not None:
+        path = Path(explicit)
+        try:
+            with path.open("rb") as handle:
+                return path.resolve(), tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: {explicit}: no such file") from None
+        except OSError as exc:
+            raise ConfigError(f"--config: {explicit}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{explicit}: not valid TOML: {exc}") from None
+    pyproject = Path("pyproject.toml")
+    if pyproject.is_file():
+        try:
+            with pyproject.open("rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"pyproject.toml: not valid TOML: {exc}") from None
+        table = data.get("tool", {}).get("fastpool")
+        if table is not None:
+            if not isinstance(table, dict):
+                raise ConfigError("pyproject.toml: [tool.fastpool] must be a table")
+            return pyproject.resolve(), table
+    return None, {}
+
+
+def _table(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    return data
+
+
+def _read_table(table: dict[str, Any], allowed: Sequence[Setting], where: str) -> dict[str, Any]:
+    """Type-check one TOML table against the rows allowed there."""
+    by_name = {s.name: s for s in allowed}
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        given = cli_values.get(setting.name)
-        if given is not None:
-            if setting.kind == "append":
-                values[setting.name] = [_parse(setting, v, setting.cli) for v in given]
-            elif setting.kind == "flag":
-                values[setting.name] = bool(given)
-            else:
-                values[setting.name] = _parse(setting, given, setting.cli)
-        elif setting.env in environ:
-            raw = environ[setting.env]
-            if setting.kind == "append":
-                values[setting.name] = [
-                    _parse(setting, part.strip(), setting.env)
-                    for part in raw.split(",") if part.strip()
-                ]
-            else:
-                values[setting.name] = _parse(setting, raw, setting.env)
-        else:
-            values[setting.name] = setting.resolve_default()
-    if values["log_level"] not in LOG_LEVELS:
-        raise ConfigError(
-            f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {values['log_level']!r}"
-        )
-    return Config(app=app, values=values)
+    for key, raw in table.items():
+        setting = by_name.get(key)
+        if setting is None:
+            known = ", ".join(sorted(by_name))
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: {known})")
+        values[key] = setting.from_file(raw, f"{where} {key}")
+    return values
 
+
+def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+         config: str | None = None, app: str | None = None) -> ServerConfig:
+    """Resolve flags, environment and config file into a ``ServerConfig``.
+
+    With a config file, groups and processes come from it; without one, the
+    command line describes a single group named ``main``.
+    """
+    environ = os.environ if environ is None else environ
+    path, data = find_config(config)
+    label = path.name if path is not None else ""
+    if path is not None and path.name == "pyproject.toml":
+        label = "pyproject.toml: [tool.fastpool]"
+
+    if path is None or (app is not None and config is None):
+        # The command line alone (a pyproject table is ignored when APP is given).
+        if app is None:
+            raise ConfigError("no app given: fastpool serve APP, or --config FILE")
+        path, data = None, {"group": {DEFAULT_GROUP: {"app": app}}}
+    elif app is not None:
+        raise ConfigError(f"give either APP or --config, not both (APP {app!r} with {label})")
+
+    allowed_top = {"server", "group", "process"}
+    for key in data:
+        if key not in allowed_top:
+            raise ConfigError(f"{label}: unknown table [{key}] (expected [server], "
+                              "[group.NAME] or [process.NAME])")
+    server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
+                               SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
+
+    values: dict[str, Any] = {}
+    for setting in SERVER_SETTINGS:
+        given = _given(setting, cli, environ)
+        if given is None:
+            given = server_table.get(setting.name)
+        values[setting.name] = setting.resolve_default() if given is None else given
+    result = ServerConfig(values=values, path=path)
+
+    groups = _table(data.get("group", {}), f"{label} [group]")
+    if not groups:
+        raise ConfigError(f"{label}: no [group.NAME] table: nothing to serve")
+    cli_listen = cli.get("listen")
+    for name, table in groups.items():
+        where = f"{label}: [group.{name}]" if path is not None else ""
+        group_values = _read_table(_table(table, where or name), GROUP_SETTINGS, where)
+        resolved: dict[str, Any] = {}
+        for setting in GROUP_SETTINGS:
+            if path is not None and setting.name == "listen" and cli_listen:
+                raise ConfigError(f"--bind cannot be combined with {label}; "
+                                  "set listen in the file")
+            given = _given(setting, cli, environ)
+            if given is None:
+                given = group_values.get(setting.name, server_table.get(setting.name))
+            resolved[setting.name] = setting.resolve_default() if given is None else given
+        if not resolved["app"]:
+            raise ConfigError(f"{where}: no app (set app here or in [server])")
+        if not resolved["listen"]:
+            if path is not None:
+                raise ConfigError(f"{where}: no listen address (set listen here or in "
+                                  "[server])")
+            resolved["listen"] = [host_port(values["host"], values["port"])]
+        result.groups[name] = GroupConfig(name, resolved)
+
+    processes = _table(data.get("process", {}), f"{label} [process]")
+    for name, table in processes.items():
+        where = f"{label}: [process.{name}]"
+        process_values = _read_table(_table(table, where), PROCESS_SETTINGS, where)
+        if "target" not in process_values:
+            raise ConfigError(f"{where}: no target (expected target = \"module:callable\")")
+        resolved = {s.name: process_values.get(s.name, server_table.get(s.name))
+                    for s in PROCESS_SETTINGS}
+        for setting in PROCESS_SETTINGS:
+            if resolved[setting.name] is None:
+                resolved[setting.name] = setting.resolve_default()
+        result.processes[name] = ProcessConfig(name, resolved)
+    return result
+
+
+def host_port(host: str, port: int) -> str:
+    """--host and --port as one address (IPv6 hosts in brackets)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+# ---------------------------------------------------------------- docs
 
 def markdown_table(settings: Sequence[Setting] = SETTINGS) -> str:
     """The settings table of README.md (a test checks README is current)."""
     lines = [
-        "| setting | flag | environment | default | meaning |",
-        "| --- | --- | --- | --- | --- |",
+        "| setting | where | flag | environment | default | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    where_text = {"group": "group, [server]", "server": "[server]", "process": "[process.NAME]"}
     for s in settings:
-        if s.kind == "flag":
+        if s.type == "bool" and s.flags:
             flag = f"`{s.cli}` / `--no-{s.cli[2:]}`"
+        elif s.name == "app":
+            flag = "APP"
         else:
-            flag = " ".join(f"`{f}`" for f in s.flags)
+            flag = " ".join(f"`{f}`" for f in s.flags) or "—"
+        env = f"`{s.env}`" if s.env_var else "—"
         if s.default_doc is not None:
             default = s.default_doc
-        elif s.default is None:
+        elif s.default is None or s.default == []:
             default = "—"
+        elif isinstance(s.default, bool):
+            default = f"`{str(s.default).lower()}`"
         else:
             default = f"`{s.default!r}`" if isinstance(s.default, str) else f"`{s.default}`"
-        lines.append(f"| {s.name} | {flag} | `{s.env}` | {default} | {s.help} |")
+        lines.append(f"| {s.name} | {where_text[s.scope]} | {flag} | {env} | {default} | "
+                     f"{s.help} |")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m fastpool.settings: print the README table
-    print(markdown_table())
+README_START = "<!-- settings-table:start -->"
+README_END = "<!-- settings-table:end -->"
+
+
+def update_readme(path: Path) -> None:
+    """Replace the table between README's markers with the current one."""
+    text = path.read_text()
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    path.write_text(f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}")
+
+
+if __name__ == "__main__":
+    # python -m fastpool.settings                        print the README table
+    # python -m fastpool.settings --update-readme FILE   rewrite it in FILE
+    if len(sys.argv) == 3 and sys.argv[1] == "--update-readme":
+        update_readme(Path(sys.argv[2]))
+    else:
+        print(markdown_table())

@@ -15,12 +15,18 @@ Rules of this module:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
 from dataclasses import dataclass
 
-from fastpool.settings import ConfigError
+from fastpool.settings import ConfigError, ServerConfig
+
+log = logging.getLogger("fastpool.error")
+
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,47 @@ def parse_address(text: str, source: str = "--bind") -> Address:
     except ValueError:
         raise ConfigError(f"{source}: {text!r} has no valid port (expected 0-65535)") from None
     return Address("tcp", host=host, port=port)
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    if a.kind != b.kind:
+        return False
+    if a.kind == "unix":
+        return os.path.abspath(a.path) == os.path.abspath(b.path)
+    if a.kind == "fd":
+        return a.fd == b.fd
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.family != b.family:
+        return False
+    return a.host == b.host or a.host in WILDCARD_HOSTS or b.host in WILDCARD_HOSTS
+
+
+def check_addresses(config: ServerConfig) -> None:
+    """Every listen address parses, and no two groups share one."""
+    seen: list[tuple[str, Address]] = []
+    for name, group in config.groups.items():
+        where = f"[group.{name}] listen"
+        if config.path is not None:
+            where = f"{config.path.name}: {where}"
+        for text in group.listen:
+            address = parse_address(text, where if config.path is not None else "--bind")
+            for other_name, other in seen:
+                if other_name != name and _overlap(address, other):
+                    raise ConfigError(
+                        f"{where}: {text!r} is also an address of group {other_name!r}; "
+                        "two groups cannot listen on one address")
+            seen.append((name, address))
+
+
+def migrate_req_enabled() -> bool | None:
+    """Whether the kernel moves the queue of a closed SO_REUSEPORT socket to
+    its siblings (net.ipv4.tcp_migrate_req); None when unknown."""
+    try:
+        with open(MIGRATE_REQ) as handle:
+            return handle.read().strip() == "1"
+    except OSError:
+        return None
 
 
 def _tcp_socket(address: Address, port: int, backlog: int, reuse_port: bool) -> socket.socket:
@@ -181,6 +228,19 @@ class Listeners:
                     own.append(BoundSocket(sock, address, False))
             self.per_slot[slot] = own
         return self.per_slot[slot] + self.shared
+
+    def close_slot(self, slot: int) -> None:
+        """Give back a slot's own sockets after scaling down.  Connections still
+        queued on a closed SO_REUSEPORT socket are reset unless the kernel
+        migrates them; say so when it will not."""
+        own = self.per_slot.pop(slot, [])
+        if own and migrate_req_enabled() is False:
+            log.warning(
+                "closing the listening socket of worker slot %d after scaling down: "
+                "connections queued on it are reset unless net.ipv4.tcp_migrate_req=1 "
+                "(sysctl -w net.ipv4.tcp_migrate_req=1)", slot)
+        for bound in own:
+            bound.sock.close()
 
     def all_sockets(self) -> list[socket.socket]:
         socks = [b.sock for b in self.shared]

@@ -1,25 +1,34 @@
-"""The life of one worker process, after the master forks it.
+"""The life of a forked child: a group's worker, or a supervised process.
 
 Rules of this module:
 
-* It runs only in a forked child and always ends in ``os._exit`` (called by
-  the master's spawn code), never by returning into the master's stack.
-* Boot failures are reported once, through the master's boot pipe, and the
-  exit code says which kind: ``APP_LOAD_ERROR`` (the app cannot be imported)
-  or ``WORKER_BOOT_ERROR`` (anything else before serving).  The master prints
-  the message a single time and stops instead of respawning.
-* Signals: TERM = graceful stop, QUIT = immediate exit, INT and HUP are the
-  master's business (a Ctrl-C reaches the whole process group; the master then
-  stops the workers in order).  The worker also stops when the master dies:
-  PR_SET_PDEATHSIG, backed by a getppid check in the loop.
+* It runs only in a forked child, and its entry points return the exit code
+  for the master's fork code to pass to ``os._exit``; nothing returns into
+  the master's stack.
+* The child tells the master about itself through the notify pipe, one
+  atomic record per event (``fastpool.master.read_notices`` parses them):
+  ``READY`` once it serves, or a boot failure message.  Exit codes say which
+  failure: ``APP_LOAD_ERROR`` (the app cannot be imported) or
+  ``WORKER_BOOT_ERROR`` (anything else before serving).
+* Signals in a worker: TERM = graceful stop, USR2 = retire (graceful, idle
+  keep-alive connections are not cut), QUIT = immediate exit, USR1 = reopen
+  the access log; INT, HUP, TTIN, TTOU are the master's business (a Ctrl-C
+  reaches the whole process group; the master then stops the workers in
+  order).  SIGABRT dumps every thread's Python stack (faulthandler) before
+  the process dies: that is how the master's ``timeout`` shows where a worker
+  was stuck.
+* A child stops when the master dies: PR_SET_PDEATHSIG, backed by a getppid
+  check in the loop.
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import traceback
@@ -29,38 +38,55 @@ from typing import Any
 from fastpool import core
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import AccessLog
-from fastpool.settings import Config
+from fastpool.settings import GroupConfig, ProcessConfig
 from fastpool.sockets import BoundSocket
 
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
 
 PR_SET_PDEATHSIG = 1
+MASTERS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 log = logging.getLogger("fastpool.error")
 
 
-def _die_with_master(master_pid: int) -> None:
+def set_title(title: str) -> None:
+    """``ps`` shows ``title`` when setproctitle is installed (fastpool[proctitle])."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(title)
+
+
+def notify(fd: int, kind: str, message: str = "") -> None:
+    """One record to the master: ``PID\\0KIND\\0MESSAGE\\x1e`` in one write (<= PIPE_BUF)."""
+    record = f"{os.getpid()}\0{kind}\0{message[:3900]}\x1e".encode("utf-8", "replace")
+    try:
+        os.write(fd, record)
+    except OSError:
+        if message:
+            sys.stderr.write(message + "\n")
+
+
+def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # the loop's getppid check still catches an orphaned worker
+        pass  # the loop's getppid check still catches an orphaned child
     if os.getppid() != master_pid:
-        # The master died between fork and prctl.
-        os._exit(0)
+        os._exit(0)   # the master died between fork and prctl
+    for signum in MASTERS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if nice:
+        os.nice(nice - os.nice(0))
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
-def report_boot_failure(boot_fd: int, message: str) -> None:
-    """Send the failure to the master in one atomic write (<= PIPE_BUF)."""
-    data = (f"{os.getpid()}\0{message}"[:4000] + "\x1e").encode("utf-8", "replace")
-    try:
-        os.write(boot_fd, data)
-    except OSError:
-        sys.stderr.write(message + "\n")
-
-
-def base_environ(bound: BoundSocket, config: Config, errors: Any) -> dict[str, Any]:
+def base_environ(bound: BoundSocket, group: GroupConfig, errors: Any) -> dict[str, Any]:
     """The environ keys that are the same for every request on one socket."""
     name, port = bound.server_name_port
     return {
@@ -77,67 +103,87 @@ def base_environ(bound: BoundSocket, config: Config, errors: Any) -> dict[str, A
         "wsgi.input": None,
         "SERVER_NAME": name,
         "SERVER_PORT": port,
-        "SCRIPT_NAME": config.root_path.rstrip("/"),
+        "SCRIPT_NAME": group.root_path.rstrip("/"),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.errors": errors,
-        "wsgi.multithread": False,
+        "wsgi.multithread": group.threads > 1,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.input_terminated": True,
     }
 
 
-def run(
+def run_worker(
     *,
-    config: Config,
+    group: GroupConfig,
     slot: int,
     sockets: list[BoundSocket],
     app: Callable[..., Any] | None,
     master_pid: int,
-    boot_fd: int,
+    notify_fd: int,
+    board: memoryview,
+    max_requests: int,
 ) -> int:
     """Boot and serve until told to stop; return the process exit code."""
+    listening = ", ".join(str(b.address) for b in sockets)
+    set_title(f"fastpool: {group.name} worker {slot} [{listening}]")
     try:
-        _die_with_master(master_pid)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _common_child_setup(master_pid, group.nice, group.cpus)
+        # No core files from the master's SIGABRT; the Python stack goes to stderr.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        faulthandler.enable(all_threads=True)
         wsgi = core.load()
+        from fastpool._http import Limits
+
         if app is None:
-            app = import_app(config.app)
-        environ_base = []
+            app = import_app(group.app)
+        listeners = []
         for bound in sockets:
-            base = base_environ(bound, config, sys.stderr)
+            base = base_environ(bound, group, sys.stderr)
             base["wsgi.file_wrapper"] = wsgi.FileWrapper
-            environ_base.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+            listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+        access_log = AccessLog(group.access_log) if group.access_log else None
         loop = wsgi.WSGIWorker(
             app,
-            environ_base,
-            limits=wsgi_limits(config),
-            keep_alive=config.keep_alive,
-            header_timeout=config.header_timeout,
-            graceful_timeout=config.graceful_timeout,
-            root_path=config.root_path,
-            access_log=AccessLog(config.access_log) if config.access_log else None,
+            listeners,
+            limits=Limits(group.limit_request_line, group.limit_request_fields,
+                          group.limit_request_field_size, group.limit_request_body),
+            keep_alive=group.keep_alive,
+            header_timeout=group.header_timeout,
+            graceful_timeout=group.graceful_timeout,
+            root_path=group.root_path,
+            access_log=access_log,
             master_pid=master_pid,
+            threads=group.threads,
+            max_requests=max_requests,
+            scoreboard=board,
         )
     except AppLoadError as exc:
-        report_boot_failure(boot_fd, f"App failed to load: {exc}")
+        notify(notify_fd, "ERROR", f"App failed to load: {exc}")
         return APP_LOAD_ERROR
     except Exception:
-        report_boot_failure(boot_fd, f"Worker failed to boot:\n{traceback.format_exc()}")
+        notify(notify_fd, "ERROR", f"Worker failed to boot:\n{traceback.format_exc()}")
         return WORKER_BOOT_ERROR
 
-    def graceful(signum: int, frame: Any) -> None:
-        loop.stop(True)
+    def on_term(signum: int, frame: Any) -> None:
+        loop.stop(True, True)
 
-    def immediate(signum: int, frame: Any) -> None:
+    def on_retire(signum: int, frame: Any) -> None:
+        loop.stop(True, False)
+
+    def on_quit(signum: int, frame: Any) -> None:
         # Raised wherever the worker is, even inside the app: QUIT means now.
         raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, graceful)
-    signal.signal(signal.SIGQUIT, immediate)
+    def on_reopen(signum: int, frame: Any) -> None:
+        if access_log is not None:
+            access_log.reopen()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR2, on_retire)
+    signal.signal(signal.SIGQUIT, on_quit)
+    signal.signal(signal.SIGUSR1, on_reopen)
     # Everything imported so far lives as long as the worker: move it out of
     # the cyclic GC's generations so collections only scan per-request garbage.
     gc.collect()
@@ -145,17 +191,26 @@ def run(
     # Requests free their objects by reference counting; a young-generation
     # collection every 700 allocations costs more than it finds.
     gc.set_threshold(7000, 10, 10)
-    log.info("Booting worker %d with pid: %d", slot, os.getpid())
+    log.info("Booting worker %d with pid: %d (group %s)", slot, os.getpid(), group.name)
+    notify(notify_fd, "READY")
     loop.run()
     return 0
 
 
-def wsgi_limits(config: Config) -> Any:
-    from fastpool._http import Limits
-
-    return Limits(
-        config.limit_request_line,
-        config.limit_request_fields,
-        config.limit_request_field_size,
-        config.limit_request_body,
-    )
+def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:
+    """A supervised custom process: call its target; its return ends the process."""
+    set_title(f"fastpool: {process.name} process {index}")
+    _common_child_setup(master_pid, process.nice, process.cpus)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    log.info("Starting process %s %d with pid: %d", process.name, index, os.getpid())
+    try:
+        target = import_app(process.target, callable_kind="a process target")
+        target()
+    except AppLoadError as exc:
+        log.error("process %s: %s", process.name, exc)
+        return APP_LOAD_ERROR
+    except Exception:
+        log.exception("process %s %d (pid %d) raised", process.name, index, os.getpid())
+        return 1
+    return 0

@@ -30,9 +30,11 @@ cdef class Request:
     cdef public long long content_length   # -1 when the request has none
     cdef public bint chunked
     cdef public double started        # monotonic time the first byte arrived
-    # Body bytes received and not yet read by the app.
-    cdef bytearray body
+    # Body bytes received and not yet read by the app: bytes chunks, the
+    # first one read up to body_pos.
+    cdef list body
     cdef Py_ssize_t body_pos
+    cdef Py_ssize_t body_size
     cdef long long body_received
     cdef bint discard_body
 

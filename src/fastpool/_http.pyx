@@ -27,7 +27,7 @@ Rules of this module:
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc, realloc
@@ -85,52 +85,84 @@ cdef class Request:
     def __cinit__(self):
         self.content_length = -1
 
+    # The body is kept as the bytes objects httptools hands over, so that
+    # reading a body that arrived in one piece returns that very object.
+
     cdef int append_body(self, bytes chunk) except -1:
-        if self.discard_body:
+        if self.discard_body or PyBytes_GET_SIZE(chunk) == 0:
             return 0
         if self.body is None:
-            self.body = bytearray(chunk)
+            self.body = [chunk]
         else:
-            extend_bytes(self.body, chunk)
+            self.body.append(chunk)
+        self.body_size += PyBytes_GET_SIZE(chunk)
         return 0
 
     cdef Py_ssize_t body_buffered(self):
-        if self.body is None:
-            return 0
-        return PyByteArray_GET_SIZE(self.body) - self.body_pos
+        return self.body_size
 
     cdef bytes take_body(self, Py_ssize_t size):
         """Up to ``size`` buffered body bytes (all of them when size < 0)."""
-        cdef Py_ssize_t available = self.body_buffered()
-        cdef bytes out
-        if size < 0 or size > available:
-            size = available
+        cdef bytes first
+        cdef Py_ssize_t first_size, taken
+        cdef list parts
+        if size < 0 or size > self.body_size:
+            size = self.body_size
         if size == 0:
             return b""
-        out = bytes(self.body[self.body_pos:self.body_pos + size])
-        self.body_pos += size
-        if self.body_pos == PyByteArray_GET_SIZE(self.body):
-            del self.body[:]
-            self.body_pos = 0
-        elif self.body_pos > 65536:
-            del self.body[:self.body_pos]
-            self.body_pos = 0
-        return out
+        first = <bytes>self.body[0]
+        first_size = PyBytes_GET_SIZE(first) - self.body_pos
+        if size <= first_size:
+            if self.body_pos == 0 and size == first_size:
+                del self.body[0]          # the whole chunk: no copy
+                out = first
+            else:
+                out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(first) + self.body_pos, size)
+                self.body_pos += size
+                if self.body_pos == PyBytes_GET_SIZE(first):
+                    del self.body[0]
+                    self.body_pos = 0
+            self.body_size -= size
+            return out
+        parts = []
+        taken = 0
+        while taken < size:
+            first = <bytes>self.body[0]
+            first_size = PyBytes_GET_SIZE(first) - self.body_pos
+            if taken + first_size <= size:
+                parts.append(first if self.body_pos == 0 else first[self.body_pos:])
+                taken += first_size
+                del self.body[0]
+                self.body_pos = 0
+            else:
+                parts.append(first[self.body_pos:self.body_pos + size - taken])
+                self.body_pos += size - taken
+                taken = size
+        self.body_size -= size
+        return b"".join(parts)
 
     cdef Py_ssize_t find_in_body(self, char byte, Py_ssize_t limit):
         """Offset just past the first ``byte`` in the buffered body, or -1."""
-        cdef Py_ssize_t available = self.body_buffered()
-        cdef char *start
-        cdef char *hit
-        if available == 0:
+        cdef Py_ssize_t seen = 0, start, size
+        cdef const char *base
+        cdef const char *hit
+        cdef bytes chunk
+        if self.body is None:
             return -1
-        start = PyByteArray_AS_STRING(self.body) + self.body_pos
-        if limit >= 0 and limit < available:
-            available = limit
-        hit = <char *>memchr(start, byte, available)
-        if hit == NULL:
-            return -1
-        return hit - start + 1
+        start = self.body_pos
+        for chunk in self.body:
+            base = PyBytes_AS_STRING(chunk) + start
+            size = PyBytes_GET_SIZE(chunk) - start
+            if limit >= 0 and seen + size > limit:
+                size = limit - seen
+            hit = <const char *>memchr(base, byte, size)
+            if hit != NULL:
+                return seen + (hit - base) + 1
+            seen += size
+            if limit >= 0 and seen >= limit:
+                return -1
+            start = 0
+        return -1
 
 
 # ---------------------------------------------------------------- parser glue

@@ -344,11 +344,9 @@ cdef class WSGIConnection(HttpConnection):
             return 0
         environ = (<WSGIRequest>request).environ
         text = value.decode("latin-1")
-        previous = environ.get(key)
-        if previous is None:
-            environ[key] = text
-        else:
-            environ[key] = previous + ", " + text
+        previous = environ.setdefault(key, text)
+        if previous is not text:
+            environ[key] = previous + ", " + text   # a repeated header
         return 0
 
     cdef int finish_head(self, Request request) except -1:

@@ -44,38 +44,49 @@ cdef class Request:
     cdef Py_ssize_t find_in_body(self, char byte, Py_ssize_t limit)
 
 
+# llhttp's parser state, allocated by us and initialised by llhttp_init; its
+# size is llhttp's business, so it gets generous room.  ``owner`` leads back
+# from a callback's parser pointer to the connection (borrowed reference).
+cdef struct ParserBox:
+    char state[1024]
+    void *owner
+
+
 cdef class HttpConnection:
-    cdef object parser
+    cdef ParserBox *box
     cdef Limits limits
     # Requests whose head is complete, oldest first (pipelining keeps order).
     cdef public list pending
     cdef Request current
     cdef bytes url
-    # 11 / 10 when the request line was seen in the read that began the
-    # message (saves asking httptools for the version), else 0.
-    cdef int version_hint
-    cdef int next_version_hint
-    cdef str method_hint
-    cdef str next_method_hint
+    # The header being received: name, then value (each may arrive in pieces).
+    cdef bytes field_name
+    cdef bytes field_value
     cdef Py_ssize_t header_count
-    cdef Py_ssize_t head_bytes
-    cdef Py_ssize_t field_bytes
-    cdef bint header_seen_in_feed
-    cdef bint feed_at_boundary
-    cdef int begun_in_feed
-    cdef bint in_head
     # When non-zero, the stream can no longer be trusted: answer this status
     # after the requests before it, then close.
     cdef public int error_status
     cdef public str error_reason
     cdef public bint stop_reading
+    # An unexpected exception raised inside a parser callback, re-raised by feed.
+    cdef object callback_error
 
     cdef Request new_request(self)
     cdef int add_header(self, Request request, bytes name, bytes value) except -1
     cdef int finish_head(self, Request request) except -1
     cdef int feed(self, bytes data) except -1
-    cdef int fail(self, int status, str reason) except -1
+    cdef int fail(self, int status, str reason) noexcept
     cdef bint at_message_boundary(self)
+    # Parser events, called from llhttp's callbacks: 0 goes on, 1 (STOP, after
+    # fail) stops the parser; an exception also stops it and feed re-raises it.
+    cdef int message_begin(self) except -1
+    cdef int url_span(self, const char *at, size_t size) except -1
+    cdef int field_span(self, const char *at, size_t size) except -1
+    cdef int value_span(self, const char *at, size_t size) except -1
+    cdef int header_complete(self) except -1
+    cdef int headers_complete(self) except -1
+    cdef int body_span(self, const char *at, size_t size) except -1
+    cdef int message_complete(self) except -1
 
 
 cdef struct HeadFlags:

@@ -7,20 +7,20 @@ Rules of this module:
   reads complete request heads from ``pending``; it writes response bytes it
   builds with the serialiser below.  So the WSGI worker (epoll, blocking app)
   and the ASGI worker (asyncio) share one parser glue and one set of limits.
-* Parsing is httptools (llhttp).  Its callbacks land in the ``on_*`` methods of
-  ``HttpConnection``; a subclass decides how a request is represented (a WSGI
-  environ, an ASGI scope) through ``new_request``, ``add_header`` and
-  ``finish_head``.
+* Parsing is the llhttp inside httptools, driven through its C API: its
+  callbacks call the C-level event methods of ``HttpConnection``
+  (``message_begin``, ``url_span`` ...) with no Python call in between.  A
+  subclass decides how a request is represented (a WSGI environ, an ASGI
+  scope) through ``new_request``, ``add_header`` and ``finish_head``.
 * A protocol error is a status, not an exception: ``fail`` records it in
   ``error_status`` and stops the parser.  The worker answers the requests that
   came before it, then that status, then closes — the framing cannot be trusted
   any more.  Statuses: 400 malformed, 413 body too large, 414 request line too
   long, 431 header fields too many or too large, 501 unsupported
   Transfer-Encoding or unknown method, 505 HTTP version other than 1.0/1.1.
-* httptools has no size limits, so every limit is counted here, in the
-  callbacks, plus one check after each feed for a head that is still
-  incomplete (a header that trickles in forever is never reported by httptools
-  until it ends).
+* llhttp has no size limits, so every limit is counted here, in the span
+  callbacks, as the bytes arrive: a header that trickles in forever is refused
+  as soon as it passes its limit.
 * Response heads are validated while they are serialised: a header name that
   is not a token, or a value with CR, LF or NUL, raises ``ValueError`` and is
   never sent.
@@ -28,11 +28,11 @@ Rules of this module:
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy, memcmp, memmove
-from libc.stdint cimport INT64_MAX as PY_SSIZE_T_MAX
+from libc.string cimport memchr, memcpy, memcmp, memmove, memset
 
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
@@ -43,16 +43,6 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
-
-cdef object HttpParserError = httptools.HttpParserError
-cdef object HttpParserUpgrade = httptools.HttpParserUpgrade
-cdef object HttpParserInvalidMethodError = httptools.HttpParserInvalidMethodError
-cdef object HttpRequestParser = httptools.HttpRequestParser
-
-
-class StopParsing(Exception):
-    """Raised from a parser callback to abort httptools after ``fail``."""
-
 
 cdef double monotonic() noexcept nogil:
     """The clock every deadline of the worker is measured on."""
@@ -184,22 +174,262 @@ cdef bint name_is(bytes name, const char *lower, Py_ssize_t length):
     return True
 
 
-cdef dict METHODS = {}
+# ---------------------------------------------------------------- llhttp
+
+# fastpool parses with the llhttp that httptools ships, calling its C API
+# directly (httptools' own Python callbacks cost more than the rest of a
+# request).  The functions are looked up by name in httptools' extension
+# module; the one thing the C API does not pin down across llhttp versions is
+# the order of the callbacks in llhttp_settings_t, so discover_layout() finds
+# it at import by asking llhttp itself (see there).  Anything unrecognised is
+# an ImportError: no guessing.
+
+cdef extern from "<dlfcn.h>" nogil:
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    char *dlerror()
+    enum:
+        RTLD_NOW
+        RTLD_LOCAL
+
+cdef struct LLHttp:
+    void (*init)(void *parser, int kind, const void *settings) noexcept nogil
+    void (*settings_init)(void *settings) noexcept nogil
+    int (*execute)(void *parser, const char *data, size_t size) noexcept nogil
+    const char *(*errno_name)(int code) noexcept nogil
+    const char *(*get_error_reason)(const void *parser) noexcept nogil
+    const char *(*get_error_pos)(const void *parser) noexcept nogil
+    int (*should_keep_alive)(const void *parser) noexcept nogil
+    unsigned char (*get_http_major)(void *parser) noexcept nogil
+    unsigned char (*get_http_minor)(void *parser) noexcept nogil
+    unsigned char (*get_method)(void *parser) noexcept nogil
+    const char *(*method_name)(int method) noexcept nogil
+
+cdef enum:
+    HTTP_REQUEST = 1      # llhttp_type_t
+    STOP = 1              # an event method's "stop parsing" (0: go on; -1: exception)
+    SETTINGS_SLOTS = 64   # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
+
+cdef LLHttp llhttp
+cdef void *SETTINGS[64]
+cdef dict ERRNO_NAMES = {}
+cdef list METHOD_NAMES = [None] * 256
 
 
-cdef str method_name(bytes raw):
-    cdef str name = METHODS.get(raw)
+cdef void *symbol(void *handle, const char *name) except NULL:
+    cdef void *found = dlsym(handle, name)
+    if found == NULL:
+        raise ImportError(f"httptools' parser module does not export {name.decode()}; "
+                          "fastpool needs httptools 0.6.1 or later")
+    return found
+
+
+cdef str errno_name(int code):
+    """llhttp's name for an error code it returned (never called with others:
+    llhttp_errno_name aborts on unknown values)."""
+    cdef str name = ERRNO_NAMES.get(code)
     if name is None:
-        name = raw.decode("ascii")
-        METHODS[raw] = name
+        name = llhttp.errno_name(code).decode("ascii")
+        ERRNO_NAMES[code] = name
     return name
 
 
+cdef int probe_fail(void *parser, const char *at, size_t size) noexcept:
+    # Never touches its arguments: in a slot llhttp calls with one argument
+    # they are garbage, and that must be harmless.
+    return -1
+
+
+# A request that exercises every callback fastpool uses, and where each data
+# span ends in it.
+cdef bytes SAMPLE = (b"PATCH /abcdefg HTTP/1.1\r\nXy: 1234567890\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nb\r\nabcdefghijk\r\n0\r\n\r\n")
+cdef dict SPAN_ENDS = {
+    SAMPLE.index(b" /abcdefg"): "method",
+    SAMPLE.index(b" HTTP/1.1"): "url",
+    SAMPLE.index(b":"): "header_field",
+    SAMPLE.index(b"\r\nTransfer"): "header_value",
+    SAMPLE.index(b"abcdefghijk") + 11: "body",
+}
+cdef dict CALLBACK_ERRORS = {
+    "HPE_CB_MESSAGE_BEGIN": "message_begin",
+    "HPE_CB_HEADERS_COMPLETE": "headers_complete",
+    "HPE_CB_MESSAGE_COMPLETE": "message_complete",
+}
+
+
+cdef dict discover_layout():
+    """Which slot of llhttp_settings_t holds which callback.
+
+    For each slot in turn, only that slot gets a callback that fails, and the
+    sample request is parsed.  llhttp then says which callback failed: by its
+    error code (HPE_CB_MESSAGE_BEGIN, ...) for the plain callbacks, and by the
+    position it stopped at (the end of the span) for the data callbacks.
+    """
+    cdef void *probe[64]
+    cdef ParserBox box
+    cdef int slot, code, delta
+    cdef Py_ssize_t at
+    cdef dict layout = {}
+    cdef const char *sample = SAMPLE
+    for slot in range(SETTINGS_SLOTS):
+        memset(probe, 0, sizeof(probe))
+        llhttp.settings_init(probe)
+        probe[slot] = <void *>probe_fail
+        llhttp.init(box.state, HTTP_REQUEST, probe)
+        code = llhttp.execute(box.state, sample, PyBytes_GET_SIZE(SAMPLE))
+        if code == 0:
+            continue
+        name = errno_name(code)
+        if name == "HPE_USER":
+            at = llhttp.get_error_pos(box.state) - sample
+            for delta in (0, 1, -1):
+                if at + delta in SPAN_ENDS:
+                    layout.setdefault(SPAN_ENDS[at + delta], slot)
+                    break
+        elif name in CALLBACK_ERRORS:
+            layout.setdefault(CALLBACK_ERRORS[name], slot)
+    return layout
+
+
+cdef int cb_message_begin(void *parser) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.message_begin() else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_url(void *parser, const char *at, size_t size) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.url_span(at, size) else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_header_field(void *parser, const char *at, size_t size) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.field_span(at, size) else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_header_value(void *parser, const char *at, size_t size) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.value_span(at, size) else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_headers_complete(void *parser) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.headers_complete() else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_body(void *parser, const char *at, size_t size) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.body_span(at, size) else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int cb_message_complete(void *parser) noexcept:
+    cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
+    try:
+        return -1 if conn.message_complete() else 0
+    except BaseException as exc:
+        conn.callback_error = exc
+        return -1
+
+
+cdef int bind_llhttp() except -1:
+    import httptools.parser.parser as compiled
+    cdef bytes path = compiled.__file__.encode()
+    cdef void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL)
+    if handle == NULL:
+        raise ImportError(f"cannot open httptools' parser module: {dlerror().decode()}")
+    llhttp.init = <void (*)(void *, int, const void *) noexcept nogil>symbol(
+        handle, b"llhttp_init")
+    llhttp.settings_init = <void (*)(void *) noexcept nogil>symbol(
+        handle, b"llhttp_settings_init")
+    llhttp.execute = <int (*)(void *, const char *, size_t) noexcept nogil>symbol(
+        handle, b"llhttp_execute")
+    llhttp.errno_name = <const char *(*)(int) noexcept nogil>symbol(
+        handle, b"llhttp_errno_name")
+    llhttp.get_error_reason = <const char *(*)(const void *) noexcept nogil>symbol(
+        handle, b"llhttp_get_error_reason")
+    llhttp.get_error_pos = <const char *(*)(const void *) noexcept nogil>symbol(
+        handle, b"llhttp_get_error_pos")
+    llhttp.should_keep_alive = <int (*)(const void *) noexcept nogil>symbol(
+        handle, b"llhttp_should_keep_alive")
+    llhttp.get_http_major = <unsigned char (*)(void *) noexcept nogil>symbol(
+        handle, b"llhttp_get_http_major")
+    llhttp.get_http_minor = <unsigned char (*)(void *) noexcept nogil>symbol(
+        handle, b"llhttp_get_http_minor")
+    llhttp.get_method = <unsigned char (*)(void *) noexcept nogil>symbol(
+        handle, b"llhttp_get_method")
+    llhttp.method_name = <const char *(*)(int) noexcept nogil>symbol(
+        handle, b"llhttp_method_name")
+    layout = discover_layout()
+    missing = [name for name in ("message_begin", "url", "header_field", "header_value",
+                                 "headers_complete", "body", "message_complete")
+               if name not in layout]
+    if missing:
+        raise ImportError(
+            f"the llhttp inside httptools {httptools.__version__} has a callback layout "
+            f"fastpool does not recognise (no {', '.join(missing)} found); "
+            "fastpool needs httptools 0.6.1 or later")
+    memset(SETTINGS, 0, sizeof(SETTINGS))
+    llhttp.settings_init(SETTINGS)
+    SETTINGS[<int>layout["message_begin"]] = <void *>cb_message_begin
+    SETTINGS[<int>layout["url"]] = <void *>cb_url
+    SETTINGS[<int>layout["header_field"]] = <void *>cb_header_field
+    SETTINGS[<int>layout["header_value"]] = <void *>cb_header_value
+    SETTINGS[<int>layout["headers_complete"]] = <void *>cb_headers_complete
+    SETTINGS[<int>layout["body"]] = <void *>cb_body
+    SETTINGS[<int>layout["message_complete"]] = <void *>cb_message_complete
+    return 0
+
+
+bind_llhttp()
+
+
+cdef str method_of(void *parser):
+    cdef int method = llhttp.get_method(parser)
+    cdef object name = METHOD_NAMES[method]
+    if name is None:
+        name = llhttp.method_name(method).decode("ascii")
+        METHOD_NAMES[method] = name
+    return <str>name
+
+
 cdef class HttpConnection:
+    def __cinit__(self):
+        self.box = <ParserBox *>PyMem_Malloc(sizeof(ParserBox))
+        if self.box == NULL:
+            raise MemoryError()
+        llhttp.init(self.box.state, HTTP_REQUEST, SETTINGS)
+        self.box.owner = <void *>self
+
+    def __dealloc__(self):
+        PyMem_Free(self.box)
+
     def __init__(self, Limits limits not None):
         self.limits = limits
         self.pending = []
-        self.parser = HttpRequestParser(self)
 
     # ---- hooks for the worker kind (WSGI, ASGI)
 
@@ -214,138 +444,149 @@ cdef class HttpConnection:
 
     # ---- state
 
-    cdef int fail(self, int status, str reason) except -1:
+    cdef int fail(self, int status, str reason) noexcept:
+        """Record a protocol error; returns STOP, which an event method returns
+        so that its callback stops llhttp."""
         if not self.error_status:
             self.error_status = status
             self.error_reason = reason
         self.stop_reading = True
-        raise StopParsing(reason)
+        return STOP
 
     cdef bint at_message_boundary(self):
         """True when no request is partly received."""
         return self.current is None
 
-    # ---- httptools callbacks
+    # ---- parser events
 
-    def on_message_begin(self):
+    cdef int message_begin(self) except -1:
         cdef Request request = self.new_request()
         request.started = monotonic()
         self.current = request
-        self.in_head = True
         self.url = None
-        self.begun_in_feed += 1
-        self.version_hint = self.next_version_hint
-        self.method_hint = self.next_method_hint
-        self.next_version_hint = 0
-        self.next_method_hint = None
+        self.field_name = None
+        self.field_value = None
         self.header_count = 0
-        self.head_bytes = 0
-        self.field_bytes = 0
+        return 0
 
-    def on_url(self, bytes url):
-        # Almost always one call per request; a URL split across reads is joined.
+    cdef int url_span(self, const char *at, size_t size) except -1:
         cdef Py_ssize_t limit = self.limits.request_line
-        cdef Py_ssize_t method_size
-        self.url = url if self.url is None else self.url + url
+        cdef bytes piece = PyBytes_FromStringAndSize(at, size)
+        # One span per request unless the URL is split across reads.
+        self.url = piece if self.url is None else self.url + piece
         # The request line is METHOD SP URL SP HTTP/1.x: the URL plus 10 bytes
-        # plus the method (at least 3), without the CRLF.
-        if limit and PyBytes_GET_SIZE(self.url) + 13 > limit:
-            if self.method_hint is not None:
-                method_size = len(self.method_hint)
-            else:
-                method_size = len(self.parser.get_method())
-            if PyBytes_GET_SIZE(self.url) + 10 + method_size > limit:
-                self.fail(414, "request line too long")
+        # plus the method, without the CRLF.
+        if limit and PyBytes_GET_SIZE(self.url) + 10 + len(method_of(self.box.state)) > limit:
+            return self.fail(414, "request line too long")
+        return 0
 
-    def on_header(self, bytes name, bytes value):
+    cdef int field_span(self, const char *at, size_t size) except -1:
+        cdef bytes piece = PyBytes_FromStringAndSize(at, size)
+        if self.field_value is not None:
+            if self.header_complete():
+                return STOP
+        if self.field_name is None:
+            self.field_name = piece
+        else:
+            self.field_name += piece
+        if self.limits.request_field_size and (
+                PyBytes_GET_SIZE(self.field_name) + 2 > self.limits.request_field_size):
+            return self.fail(431, "header field too large")
+        return 0
+
+    cdef int value_span(self, const char *at, size_t size) except -1:
+        cdef bytes piece = PyBytes_FromStringAndSize(at, size)
+        if self.field_value is None:
+            self.field_value = piece
+        else:
+            self.field_value += piece
+        # Checked as the bytes arrive, so a value that never ends is refused
+        # as soon as it is too long.
+        if self.limits.request_field_size and (
+                PyBytes_GET_SIZE(self.field_name or b"") + PyBytes_GET_SIZE(self.field_value)
+                + 2 > self.limits.request_field_size):
+            return self.fail(431, "header field too large")
+        return 0
+
+    cdef int header_complete(self) except -1:
         cdef Request request = self.current
         cdef Limits limits = self.limits
-        self.header_seen_in_feed = True
+        cdef bytes name = self.field_name if self.field_name is not None else b""
+        cdef bytes value = self.field_value if self.field_value is not None else b""
+        self.field_name = None
+        self.field_value = None
         self.header_count += 1
         if limits.request_fields and self.header_count > limits.request_fields:
-            self.fail(431, "too many header fields")
-        if limits.request_field_size and (
-            PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 2 > limits.request_field_size
-        ):
-            self.fail(431, "header field too large")
+            return self.fail(431, "too many header fields")
         if name_is(name, b"content-length", 14):
-            try:
-                request.content_length = int(value)
-            except ValueError:
-                self.fail(400, "invalid Content-Length")
+            request.content_length = parse_length(value)
+            if request.content_length < 0:
+                return self.fail(400, "invalid Content-Length")
             if limits.request_body and request.content_length > limits.request_body:
-                self.fail(413, "request body too large")
+                return self.fail(413, "request body too large")
         elif name_is(name, b"transfer-encoding", 17):
             # Only "chunked" is understood; gzip and friends are 501 (RFC 9112 6.1),
             # checked here because llhttp reports them only after the head.
             if value.strip().lower() != b"chunked":
-                self.fail(501, "unsupported Transfer-Encoding")
+                return self.fail(501, "unsupported Transfer-Encoding")
             request.chunked = True
         elif name_is(name, b"expect", 6):
             if value.strip().lower() == b"100-continue":
                 request.expect_continue = True
         self.add_header(request, name, value)
+        return 0
 
-    def on_headers_complete(self):
+    cdef int headers_complete(self) except -1:
         cdef Request request = self.current
-        cdef object parser = self.parser
-        cdef str version
-        if self.version_hint:
-            request.http_minor = self.version_hint - 10
-        else:
-            # httptools formats a new string here; the hint above avoids it for
-            # the first request of each read, which is nearly every request.
-            version = parser.get_http_version()
-            if version == "1.1":
-                request.http_minor = 1
-            elif version == "1.0":
-                request.http_minor = 0
-            else:
-                self.fail(505, "HTTP version not supported")
-        if self.method_hint is not None:
-            request.method = self.method_hint
-        else:
-            request.method = method_name(parser.get_method())
-        request.keep_alive = parser.should_keep_alive()
+        cdef void *state = self.box.state
+        if self.field_name is not None:
+            if self.header_complete():
+                return STOP
+        if llhttp.get_http_major(state) != 1 or llhttp.get_http_minor(state) > 1:
+            return self.fail(505, "HTTP version not supported")
+        request.http_minor = llhttp.get_http_minor(state)
+        request.method = method_of(state)
+        request.keep_alive = llhttp.should_keep_alive(state)
         request.target = self.url if self.url is not None else b""
         request.head_complete = True
-        # A request without a body is complete now; on_message_complete also says so.
+        # A request without a body is complete now; message_complete also says so.
         if request.content_length <= 0 and not request.chunked:
             request.body_complete = True
-        self.in_head = False
         self.finish_head(request)
         self.pending.append(request)
+        return 0
 
-    def on_body(self, bytes chunk):
+    cdef int body_span(self, const char *at, size_t size) except -1:
         cdef Request request = self.current
-        request.body_received += PyBytes_GET_SIZE(chunk)
+        request.body_received += size
         if self.limits.request_body and request.body_received > self.limits.request_body:
-            self.fail(413, "request body too large")
-        request.append_body(chunk)
+            return self.fail(413, "request body too large")
+        request.append_body(PyBytes_FromStringAndSize(at, size))
+        return 0
 
-    def on_message_complete(self):
+    cdef int message_complete(self) except -1:
         self.current.body_complete = True
         self.current = None
+        return 0
 
     # ---- feeding
 
     cdef int feed(self, bytes data) except -1:
-        cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+        cdef const char *start = PyBytes_AS_STRING(data)
+        cdef int code = llhttp.execute(self.box.state, start, PyBytes_GET_SIZE(data))
+        cdef str name
         cdef Request request
-        cdef Limits limits = self.limits
-        self.header_seen_in_feed = False
-        self.begun_in_feed = 0
-        self.feed_at_boundary = self.current is None
-        if self.current is None:
-            self.next_version_hint = version_hint(data)
-            self.next_method_hint = method_hint(data) if self.next_version_hint else None
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade:
+        if self.callback_error is not None:
+            error = self.callback_error
+            self.callback_error = None
+            raise error
+        if code == 0:
+            return 0
+        name = errno_name(code)
+        if name == "HPE_PAUSED_UPGRADE":
             # The head (and, with no body, the message) is complete; what follows
             # belongs to another protocol that this worker does not speak.
             # Answer the request and close.
-            # (setup.py compiles with wraparound=False: no negative indexes.)
             request = self.pending[len(self.pending) - 1]
             request.upgrade = True
             request.keep_alive = False
@@ -353,98 +594,51 @@ cdef class HttpConnection:
             self.current = None
             self.stop_reading = True
             return 0
-        except HttpParserError as exc:
-            if not self.error_status:
-                # ``data`` starts with the failing request only if it began this read.
-                self.error_status = parser_error_status(
-                    exc, data if self.feed_at_boundary and self.begun_in_feed == 1 else b"")
-                self.error_reason = str(exc)
-            self.stop_reading = True
-            # The request being parsed has broken framing: never dispatch it.
-            if (self.current is not None and self.pending
-                    and self.pending[len(self.pending) - 1] is self.current):
-                self.pending.pop()
-            self.current = None
-            return 0
-        if self.in_head:
-            self.head_bytes += size
-            if self.header_seen_in_feed:
-                self.field_bytes = 0
-            else:
-                self.field_bytes += size
-            # Bytes since the last complete header: a field that never ends.  Before
-            # the first header they may still be the request line, which on_url
-            # limits; count them as a field only past any line that limit allows.
-            if limits.request_field_size and self.field_bytes > limits.request_field_size + 2 + (
-                    0 if self.header_count else limits.request_line or PY_SSIZE_T_MAX // 2):
-                self.error_status = 431
-                self.error_reason = "header field too large"
-            elif limits.request_head and self.head_bytes > limits.request_head:
-                self.error_status = 431
-                self.error_reason = "request head too large"
-            if self.error_status:
-                self.stop_reading = True
-                self.current = None
+        if not self.error_status:
+            self.error_reason = llhttp.get_error_reason(self.box.state).decode("latin-1")
+            self.error_status = parser_error_status(
+                name, self.error_reason, data, llhttp.get_error_pos(self.box.state) - start)
+        self.stop_reading = True
+        # The request being parsed has broken framing: never dispatch it.
+        if (self.current is not None and self.pending
+                and self.pending[len(self.pending) - 1] is self.current):
+            self.pending.pop()
+        self.current = None
         return 0
 
 
-cdef int version_hint(bytes data):
-    """11 or 10 when ``data`` starts with a complete ``... HTTP/1.1`` (or 1.0)
-    request line, else 0 (unknown: ask the parser)."""
-    cdef const char *raw = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
-    cdef const char *newline = <const char *>memchr(raw, 10, size if size < 8192 else 8192)
-    cdef Py_ssize_t end
-    if newline == NULL:
-        return 0
-    end = newline - raw
-    if end < 10 or raw[end - 1] != 13 or raw[end - 10] != 32:
-        return 0
-    if memcmp(raw + end - 9, b"HTTP/1.", 7) != 0:
-        return 0
-    if raw[end - 2] == 49:
-        return 11
-    if raw[end - 2] == 48:
-        return 10
-    return 0
+cdef long long parse_length(bytes value):
+    """A Content-Length value (llhttp has checked its syntax), or -1."""
+    cdef const char *raw = PyBytes_AS_STRING(value)
+    cdef Py_ssize_t i, size = PyBytes_GET_SIZE(value)
+    cdef long long number = 0
+    if size == 0 or size > 18:
+        return -1
+    for i in range(size):
+        if not 48 <= raw[i] <= 57:
+            return -1
+        number = number * 10 + (raw[i] - 48)
+    return number
 
 
-cdef str method_hint(bytes data):
-    """The method of the request line ``data`` starts with, for the common
-    methods (None otherwise: ask the parser).  llhttp still validates it."""
-    cdef const char *raw = PyBytes_AS_STRING(data)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
-    if size > 4 and memcmp(raw, b"GET ", 4) == 0:
-        return "GET"
-    if size > 5 and memcmp(raw, b"POST ", 5) == 0:
-        return "POST"
-    if size > 5 and memcmp(raw, b"HEAD ", 5) == 0:
-        return "HEAD"
-    if size > 4 and memcmp(raw, b"PUT ", 4) == 0:
-        return "PUT"
-    if size > 7 and memcmp(raw, b"DELETE ", 7) == 0:
-        return "DELETE"
-    if size > 6 and memcmp(raw, b"PATCH ", 6) == 0:
-        return "PATCH"
-    if size > 8 and memcmp(raw, b"OPTIONS ", 8) == 0:
-        return "OPTIONS"
-    return None
-
-
-cdef int parser_error_status(object exc, bytes data):
-    cdef str message = str(exc)
-    cdef bytes method
-    # llhttp's reasons for a version it does not know ("Invalid HTTP version",
-    # "Invalid major version", ...) and for the HTTP/2 preface (PRI * HTTP/2.0);
-    # other messages that mention the version ("Expected CRLF after version")
-    # are malformed request lines.
-    if message.startswith("Invalid") and message.endswith("version") or "PRI" in message:
-        return 505
-    if isinstance(exc, HttpParserInvalidMethodError):
+cdef int parser_error_status(str name, str reason, bytes data, Py_ssize_t position):
+    """The status for an llhttp error: its code, refined by its reason where
+    llhttp uses one code for several faults."""
+    cdef Py_ssize_t line_start
+    cdef bytes line, method, space
+    if name == "HPE_PAUSED_H2_UPGRADE" or (
+            name == "HPE_INVALID_VERSION" and reason.startswith("Invalid")):
+        return 505      # "Invalid HTTP version", "Invalid major version", ...
+    if name == "HPE_INVALID_TRANSFER_ENCODING" and "Content-Length" not in reason:
+        return 501      # (Content-Length with Transfer-Encoding is a malformed request)
+    if name == "HPE_INVALID_METHOD" and 0 <= position <= PyBytes_GET_SIZE(data):
         # An unknown method that is a well-formed token is "not implemented";
         # anything else is a malformed request.
-        method = data.split(b" ", 1)[0]
-        if 0 < len(method) <= 32 and method.isalpha() and method.isupper():
+        # (Only a line shaped like "TOKEN SP target" has a method at all.)
+        line_start = data.rfind(b"\n", 0, position) + 1
+        line = data[line_start:line_start + 64].split(b"\r", 1)[0]
+        method, space, _ = line.partition(b" ")
+        if space and 0 < len(method) <= 32 and method.isalpha() and method.isupper():
             return 501
     return 400
 

@@ -1189,9 +1189,8 @@ cdef class WSGIWorker:
         self.connections -= 1
         conn.pending.clear()
         conn.out.clear()
-        # Drop the connection's self-references (bound methods held by itself and
-        # by its parser) so it is freed at once, without the cyclic GC.
-        conn.parser = None
+        # Drop the connection's self-references (its bound methods) so it is
+        # freed at once, without the cyclic GC.
         conn.start_response_method = None
         conn.write_method = None
         return 0

@@ -494,7 +494,9 @@ class Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            served = 0
             if child.board >= 0:
+                served = self.board.read(child.board).requests
                 self.board.release(child.board)
             self.read_notices()
             describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"
@@ -520,15 +522,15 @@ class Master:
             if self.stopping:
                 continue
             if child.kind == "worker":
-                self.worker_exited(child, crashed)
+                self.worker_exited(child, crashed, served)
             else:
                 self.process_exited(child, crashed)
 
-    def worker_exited(self, child: Child, crashed: bool) -> None:
+    def worker_exited(self, child: Child, crashed: bool, served: int) -> None:
         group = self.groups.get(child.name)
         if group is None:
             return
-        if crashed and not self.booted and not self.exit_code:
+        if crashed and not child.ready and not self.booted and not self.exit_code:
             # Died before serving without saying why (a crash in C during import).
             log.error("Worker %d (pid %d) of group %s died while booting; stopping the server",
                       child.slot, child.pid, child.name)
@@ -537,7 +539,10 @@ class Master:
             return
         if not child.retiring:
             group.restarts += 1
-        if not crashed or time.monotonic() - child.started > CRASH_WINDOW:
+        # A crash loop is workers dying right after boot, before doing any work:
+        # not a worker that served requests, nor one aborted for its timeout.
+        if (not crashed or served or child.abort_sent
+                or time.monotonic() - child.started > CRASH_WINDOW):
             group.crash_streak = 0
             return
         group.crash_streak += 1

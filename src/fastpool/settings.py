@@ -305,46 +305,42 @@ PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == "process") + tuple(
 
 # ---------------------------------------------------------------- resolved config
 
+class _Values:
+    """Settings readable as attributes (``group.workers``) from ``values``."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 @dataclass
-class GroupConfig:
+class GroupConfig(_Values):
     """The settings of one worker group (plain, picklable values)."""
 
     name: str
     values: dict[str, Any]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 @dataclass
-class ProcessConfig:
+class ProcessConfig(_Values):
+    """The settings of one supervised process."""
+
     name: str
     values: dict[str, Any]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
 
 @dataclass
-class ServerConfig:
+class ServerConfig(_Values):
     """Everything ``fastpool serve`` runs: server settings, groups, processes."""
 
     values: dict[str, Any]
     groups: dict[str, GroupConfig] = field(default_factory=dict)
     processes: dict[str, ProcessConfig] = field(default_factory=dict)
     path: Path | None = None     # the config file, when there is one
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def control_path(self) -> Path:
@@ -463,10 +459,14 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
         raise ConfigError(f"give either APP or --config, not both (APP {app!r} with {label})")
 
     allowed_top = {"server", "group", "process"}
-    for key in data:
-        if key not in allowed_top:
+    for key, value in data.items():
+        if key in allowed_top:
+            continue
+        if isinstance(value, dict):
             raise ConfigError(f"{label}: unknown table [{key}] (expected [server], "
                               "[group.NAME] or [process.NAME])")
+        raise ConfigError(f"{label}: unknown key {key!r} at the top level (settings go in "
+                          "[server] or a [group.NAME] table)")
     server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
                                SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
 

@@ -1,0 +1,335 @@
+"""Helpers of the worker-group tests: config files, servers started with
+``--config``, the ``fastpool`` command, the control socket, and a bounded
+load generator.
+
+conftest's ``serve`` fixture adds ``--port`` and ``--workers`` (which would
+override every group of a config file), so config-file servers are started
+here, on top of conftest's ``Server`` and ``wait_for``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conftest import DEADLINE, TESTS, Server, free_port, wait_for
+
+from fastpool.control import request as control_request
+
+# ---------------------------------------------------------------- config files
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render(server: dict[str, Any] | None = None, groups: dict[str, dict[str, Any]] | None = None,
+           processes: dict[str, dict[str, Any]] | None = None) -> str:
+    """A fastpool.toml with these tables."""
+    lines: list[str] = []
+    if server:
+        lines.append("[server]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in server.items()]
+    for kind, tables in (("group", groups or {}), ("process", processes or {})):
+        for name, table in tables.items():
+            lines.append(f"[{kind}.{name}]")
+            lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def group(port: int, workers: int = 1, app: str = "apps_groups:app", **more: Any) -> dict:
+    return {"app": app, "listen": [f"127.0.0.1:{port}"], "workers": workers, **more}
+
+
+# ---------------------------------------------------------------- the fastpool command
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPOOL_")}
+    env.pop("WEB_CONCURRENCY", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
+    return env
+
+
+def fastpool(*args: str, cwd: Path, timeout: float = 30.0,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fastpool ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "fastpool", *args], cwd=cwd,
+                          env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return sorted(int(token) for token in text.split())
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def fetch(port: int, path: str = "/pid", timeout: float = 10.0) -> tuple[int, bytes, int]:
+    """One request on a new connection: (status, body, pid of the worker)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, body, int(response.getheader("X-Pid") or 0)
+    finally:
+        conn.close()
+
+
+def timed_fetch(port: int, path: str = "/pid") -> tuple[float, int, int]:
+    start = time.monotonic()
+    status, _, pid = fetch(port, path)
+    return time.monotonic() - start, status, pid
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    pid: int
+    started: float       # when the request was sent
+    at: float            # when it ended
+    detail: str = ""
+
+
+@dataclass
+class Load:
+    """Client threads sending requests until ``stop`` (and never for more than
+    ``limit`` seconds): ``fresh`` threads open a new connection per request,
+    ``keep_alive`` threads reuse one (http.client reconnects by itself after a
+    ``Connection: close``)."""
+
+    port: int
+    fresh: int = 3
+    keep_alive: int = 0
+    path: str = "/pid"
+    limit: float = 30.0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._fresh_client, daemon=True)
+                         for _ in range(self.fresh)]
+        self._threads += [threading.Thread(target=self._keep_alive_client, daemon=True)
+                          for _ in range(self.keep_alive)]
+
+    def __enter__(self) -> Load:
+        self._deadline = time.monotonic() + self.limit
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+    def _running(self) -> bool:
+        return not self._stop.is_set() and time.monotonic() < self._deadline
+
+    def _record(self, started: float, ok: bool, pid: int, detail: str = "") -> None:
+        with self._lock:
+            self.outcomes.append(Outcome(ok, pid, started, time.monotonic(), detail))
+
+    def _check(self, started: float, response: http.client.HTTPResponse) -> None:
+        body = response.read()
+        pid = int(response.getheader("X-Pid") or 0)
+        if response.status == 200 and pid:
+            self._record(started, True, pid)
+        else:
+            self._record(started, False, pid, f"status {response.status}: {body[:200]!r}")
+
+    def _fresh_client(self) -> None:
+        while self._running():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            started = time.monotonic()
+            try:
+                conn.request("GET", self.path)
+                self._check(started, conn.getresponse())
+            except (OSError, http.client.HTTPException) as exc:
+                self._record(started, False, 0, f"new connection: {exc!r}")
+            finally:
+                conn.close()
+
+    def _keep_alive_client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            while self._running():
+                started = time.monotonic()
+                try:
+                    conn.request("GET", self.path)
+                    self._check(started, conn.getresponse())
+                except (OSError, http.client.HTTPException) as exc:
+                    self._record(started, False, 0, f"keep-alive: {exc!r}")
+                    conn.close()
+        finally:
+            conn.close()
+
+    # ---- results
+
+    def snapshot(self) -> list[Outcome]:
+        with self._lock:
+            return list(self.outcomes)
+
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.snapshot() if not o.ok]
+
+    def pids_since(self, moment: float) -> set[int]:
+        return {o.pid for o in self.snapshot() if o.ok and o.at >= moment}
+
+    def count_since(self, moment: float) -> int:
+        return sum(1 for o in self.snapshot() if o.ok and o.at >= moment)
+
+
+# ---------------------------------------------------------------- config-file servers
+
+
+class Cluster(Server):
+    """``fastpool serve --config FILE``: every group's port, the control socket."""
+
+    def __init__(self, args: list[str], *, config: Path | None, ports: dict[str, int],
+                 control: Path, workers: int, env: dict[str, str] | None, cwd: Path,
+                 log_path: Path) -> None:
+        super().__init__(args, port=None, workers=workers, env=env, cwd=cwd,
+                         log_path=log_path)
+        self.config = config
+        self.ports = ports
+        self.control = control
+        self.cwd = cwd
+
+    def wait_ready(self, timeout: float = DEADLINE) -> Cluster:
+        super().wait_ready(timeout)
+        for name, port in self.ports.items():
+            self.port = port
+            wait_for(self.can_connect, timeout, what=f"group {name} on port {port}")
+        self.port = None
+        return self
+
+    def status(self) -> dict[str, Any]:
+        """The master's status, straight from its control socket."""
+        return control_request(self.control, {"command": "status"})
+
+    def group_status(self, name: str) -> dict[str, Any]:
+        for entry in self.status()["groups"]:
+            if entry["name"] == name:
+                return entry
+        raise AssertionError(f"no group {name} in the status")
+
+    def group_pids(self, name: str) -> list[int]:
+        return sorted(w["pid"] for w in self.group_status(name)["workers"])
+
+    def wait_group(self, name: str, count: int, exclude: set[int] = frozenset(),
+                   timeout: float = DEADLINE) -> list[int]:
+        """Wait until group ``name`` has exactly ``count`` workers, none in
+        ``exclude``, all serving and alive; return their pids."""
+        def settled() -> list[int] | None:
+            workers = self.group_status(name)["workers"]
+            pids = sorted(w["pid"] for w in workers)
+            if len(pids) == count and not set(pids) & set(exclude) and all(
+                    w["state"] == "serving" for w in workers) and all(map(alive, pids)):
+                return pids
+            return None
+        return wait_for(settled, timeout, interval=0.05,
+                        what=f"group {name} to have {count} new worker(s):\n{self.log}")
+
+    def booted(self, group_name: str) -> list[int]:
+        return [int(pid) for pid in re.findall(
+            rf"Booting worker \d+ with pid: (\d+) \(group {re.escape(group_name)}\)", self.log)]
+
+    def fastpool(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        extra = ("--config", str(self.config)) if self.config is not None else ()
+        return fastpool(*args, *extra, cwd=self.cwd, timeout=timeout)
+
+
+class Clusters:
+    """Starts config-file servers for one test and stops them all at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[Cluster] = []
+
+    def start(self, text: str | None = None, *, workers: int, ports: dict[str, int],
+              args: tuple[str, ...] = (), wait: bool = True, filename: str = "fastpool.toml",
+              cwd: Path | None = None, env: dict[str, str] | None = None) -> Cluster:
+        """Write ``text`` to ``filename`` and serve it (``text=None``: no
+        --config, e.g. for pyproject.toml).  ``workers``: of all groups together."""
+        cwd = cwd or self.tmp_path
+        config = None
+        argv = list(args)
+        if text is not None:
+            config = self.tmp_path / filename
+            config.write_text(text)
+            argv = ["--config", str(config), *argv]
+        base = config.parent if config is not None else cwd
+        server = Cluster(argv, config=config, ports=ports, control=base / ".fastpool.sock",
+                         workers=workers, env=env, cwd=cwd,
+                         log_path=self.tmp_path / f"server-{len(self.servers)}.log")
+        self.servers.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is None:
+                try:
+                    server.stop(signal.SIGQUIT, timeout=10)
+                except AssertionError:
+                    server.kill()
+            server._log.close()
+
+
+def ports(*names: str) -> dict[str, int]:
+    """A free port per group name (distinct)."""
+    chosen: dict[str, int] = {}
+    while len(chosen) < len(names):
+        port = free_port()
+        if port not in chosen.values():
+            chosen[names[len(chosen)]] = port
+    return chosen

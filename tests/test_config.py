@@ -1,0 +1,213 @@
+"""The config file: fastpool.toml and [tool.fastpool] in pyproject.toml,
+[server] defaults vs per-group settings vs flags, and the errors a bad file
+gets before any process starts.
+
+Servers are the real ``python -m fastpool serve`` (apps_groups_support); the
+app is apps_groups.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from apps_groups_support import Clusters, fastpool, fetch, group, ports, render
+
+
+@pytest.fixture
+def clusters(tmp_path):
+    factory = Clusters(tmp_path)
+    yield factory
+    factory.close()
+
+
+# ---------------------------------------------------------------- bad configs
+
+PORT = 18391   # never bound: every case fails before anything listens
+
+GOOD_WEB = f'[group.web]\napp = "apps_groups:app"\nlisten = ["127.0.0.1:{PORT}"]\n'
+
+# name: (file text, extra args, parts the one error line must contain)
+BAD_CONFIGS = {
+    "unknown-key-in-server": (
+        "[server]\nworkerz = 2\n" + GOOD_WEB, (),
+        ["fastpool.toml: [server]", "unknown key 'workerz'", "known keys:", "workers"]),
+    "unknown-key-in-group": (
+        GOOD_WEB + "wrokers = 2\n", (),
+        ["fastpool.toml: [group.web]", "unknown key 'wrokers'", "known keys:"]),
+    "unknown-key-in-process": (
+        GOOD_WEB + '[process.mailer]\ntarget = "apps_groups:consume"\ncuont = 2\n', (),
+        ["fastpool.toml: [process.mailer]", "unknown key 'cuont'", "known keys:", "count"]),
+    "unknown-top-level-key": (
+        "timeout = 3\n" + GOOD_WEB, (),
+        # A top-level key is a key, not a table: say so.
+        ["fastpool.toml", "unknown key 'timeout'", "[server]"]),
+    "unknown-top-level-table": (
+        GOOD_WEB + '[groups.task]\napp = "apps_groups:app"\n', (),
+        ["fastpool.toml", "[groups]", "expected [server], [group.NAME] or [process.NAME]"]),
+    "workers-not-an-integer": (
+        GOOD_WEB + 'workers = "four"\n', (),
+        ["fastpool.toml: [group.web] workers", "expected an integer", "'four'"]),
+    "listen-not-a-list": (
+        '[group.web]\napp = "apps_groups:app"\nlisten = 8000\n', (),
+        ["fastpool.toml: [group.web] listen", "expected a list of strings", "8000"]),
+    "timeout-not-a-number": (
+        GOOD_WEB + 'timeout = "x"\n', (),
+        ["fastpool.toml: [group.web] timeout", "expected a number", "'x'"]),
+    "server-timeout-not-a-number": (
+        '[server]\ntimeout = "x"\n' + GOOD_WEB, (),
+        ["fastpool.toml: [server] timeout", "expected a number", "'x'"]),
+    "two-groups-one-address": (
+        GOOD_WEB + f'[group.task]\napp = "apps_groups:app"\nlisten = ["127.0.0.1:{PORT}"]\n',
+        (), ["fastpool.toml: [group.task] listen", f"'127.0.0.1:{PORT}'", "group 'web'",
+             "two groups cannot listen on one address"]),
+    "two-groups-wildcard-overlap": (
+        GOOD_WEB + f'[group.task]\napp = "apps_groups:app"\nlisten = ["0.0.0.0:{PORT}"]\n',
+        (), ["fastpool.toml: [group.task] listen", f"'0.0.0.0:{PORT}'", "group 'web'"]),
+    "unparsable-listen": (
+        '[group.web]\napp = "apps_groups:app"\nlisten = ["127.0.0.1:http"]\n', (),
+        ["fastpool.toml: [group.web] listen", "'127.0.0.1:http'", "port"]),
+    "process-without-target": (
+        GOOD_WEB + "[process.mailer]\ncount = 2\n", (),
+        ["fastpool.toml: [process.mailer]", "no target", "module:callable"]),
+    "app-with-config": (
+        GOOD_WEB, ("apps_groups:app",),
+        ["APP", "--config", "not both", "apps_groups:app", "fastpool.toml"]),
+    "invalid-toml": (
+        GOOD_WEB + "workers = \n", (), ["fastpool.toml", "not valid TOML", "line 4"]),
+}
+
+
+def assert_refused(result, parts: list[str]) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert result.stdout == "", output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("Error: "), output
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    assert "Booting worker" not in output and "Starting fastpool" not in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_refused_before_anything_starts(tmp_path, case):
+    text, extra, parts = BAD_CONFIGS[case]
+    config = tmp_path / "fastpool.toml"
+    config.write_text(text)
+    result = fastpool("serve", *extra, "--config", str(config), cwd=tmp_path)
+    assert_refused(result, parts)
+    assert not (tmp_path / ".fastpool.sock").exists()
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    result = fastpool("serve", "--config", str(missing), cwd=tmp_path)
+    assert_refused(result, ["--config", str(missing), "no such file"])
+
+
+def test_check_refuses_a_bad_config_the_same_way(tmp_path):
+    config = tmp_path / "fastpool.toml"
+    config.write_text(GOOD_WEB + 'workers = "four"\n')
+    result = fastpool("check", "--config", str(config), cwd=tmp_path)
+    assert_refused(result, ["fastpool.toml: [group.web] workers", "expected an integer"])
+
+
+def test_bad_pyproject_table_names_it(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        "[tool.fastpool.group.web]\napp = \"apps_groups:app\"\nworkers = \"four\"\n")
+    result = fastpool("serve", cwd=tmp_path)
+    assert_refused(result, ["pyproject.toml", "[tool.fastpool]", "[group.web] workers",
+                            "expected an integer"])
+
+
+# ---------------------------------------------------------------- pyproject.toml
+
+
+def test_pyproject_tool_table_is_used_without_config(clusters, tmp_path):
+    chosen = ports("web", "task")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "shop"\nversion = "1"\n\n'
+        '[tool.fastpool.server]\nroot_path = "/shop"\n\n'
+        + render(groups={"web": group(chosen["web"], 2), "task": group(chosen["task"])})
+        .replace("[group.", "[tool.fastpool.group."))
+    plan = fastpool("check", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert f"config: {tmp_path / 'pyproject.toml'}" in plan.stdout
+    assert "group web: app apps_groups:app" in plan.stdout
+    assert "2 worker(s)" in plan.stdout
+    server = clusters.start(None, workers=3, ports=chosen, cwd=tmp_path)
+    web = server.wait_group("web", 2)
+    task = server.wait_group("task", 1)
+    for name, pids in (("web", web), ("task", task)):
+        code, body, pid = fetch(chosen[name], "/shop/environ")
+        assert code == 200 and pid in pids
+        assert json.loads(body)["SCRIPT_NAME"] == "/shop"
+    status = fastpool("status", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["web", "task"]
+    # With APP on the command line, the pyproject table is not used.
+    plan = fastpool("check", "apps_groups:app", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert "config: command line" in plan.stdout
+    assert "group main: app apps_groups:app, listen 127.0.0.1:8000" in plan.stdout
+
+
+# ---------------------------------------------------------------- precedence
+
+
+def script_names(server, chosen: dict[str, int], prefixes: dict[str, str]) -> dict[str, str]:
+    names = {}
+    for name, port in chosen.items():
+        code, body, _ = fetch(port, f"{prefixes[name]}/environ")
+        assert code == 200, body
+        names[name] = json.loads(body)["SCRIPT_NAME"]
+    return names
+
+
+def test_server_table_is_the_default_of_every_group(clusters):
+    chosen = ports("plain", "own")
+    text = render(server={"root_path": "/base"},
+                  groups={"plain": group(chosen["plain"]),
+                          "own": group(chosen["own"], root_path="/other")})
+    server = clusters.start(text, workers=2, ports=chosen)
+    assert script_names(server, chosen, {"plain": "/base", "own": "/other"}) == {
+        "plain": "/base", "own": "/other"}
+
+
+def test_command_line_flag_overrides_server_table_and_group(clusters):
+    chosen = ports("plain", "own")
+    text = render(server={"root_path": "/base"},
+                  groups={"plain": group(chosen["plain"]),
+                          "own": group(chosen["own"], root_path="/other")})
+    server = clusters.start(text, workers=2, ports=chosen, args=("--root-path", "/cli"))
+    assert script_names(server, chosen, {"plain": "/cli", "own": "/cli"}) == {
+        "plain": "/cli", "own": "/cli"}
+
+
+def plan_lines(tmp_path, *args: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    result = fastpool("check", "--config", str(tmp_path / "fastpool.toml"), *args,
+                      cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    return {line.split(":")[0]: line for line in result.stdout.splitlines()}
+
+
+def test_precedence_in_the_plan(tmp_path):
+    chosen = ports("plain", "own")
+    listen = {name: [f"127.0.0.1:{port}"] for name, port in chosen.items()}
+    (tmp_path / "fastpool.toml").write_text(render(
+        server={"timeout": 7, "workers": 2, "threads": 3},
+        groups={"plain": {"app": "apps_groups:app", "listen": listen["plain"]},
+                "own": {"app": "apps_groups:app", "listen": listen["own"], "timeout": 9}}))
+    lines = plan_lines(tmp_path)
+    # [server] gives both groups 2 workers x 3 threads and timeout 7; "own" overrides timeout.
+    assert "2 worker(s) x 3 thread(s), timeout 7 s" in lines["group plain"], lines
+    assert "2 worker(s) x 3 thread(s), timeout 9 s" in lines["group own"], lines
+    # The environment beats the file, the flag beats both.
+    lines = plan_lines(tmp_path, env={"FASTPOOL_TIMEOUT": "4"})
+    assert "timeout 4 s" in lines["group plain"] and "timeout 4 s" in lines["group own"]
+    lines = plan_lines(tmp_path, "--timeout", "3", "--workers", "1",
+                       env={"FASTPOOL_TIMEOUT": "4"})
+    for name in ("group plain", "group own"):
+        assert "1 worker(s) x 3 thread(s), timeout 3 s" in lines[name], lines

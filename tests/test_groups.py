@@ -1,0 +1,379 @@
+"""Worker groups: several apps on their own ports and workers under one master,
+their per-group settings, and the control socket (status, reload, scale).
+
+Every server is the real ``python -m fastpool serve --config FILE`` (started by
+apps_groups_support.Clusters); the app is apps_groups.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import stat
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from apps_groups_support import (
+    Clusters,
+    alive,
+    children,
+    cmdline,
+    fastpool,
+    fetch,
+    group,
+    ports,
+    render,
+    timed_fetch,
+)
+from conftest import wait_for
+
+
+@pytest.fixture
+def clusters(tmp_path):
+    factory = Clusters(tmp_path)
+    yield factory
+    factory.close()
+
+
+def start_sleeper(pool: ThreadPoolExecutor, server, port: int, seconds: float,
+                  route: str = "/sleep"):
+    """A slow request on its own thread; returns once the app is inside it."""
+    tag = uuid.uuid4().hex
+    future = pool.submit(fetch, port, f"{route}?s={seconds}&tag={tag}", seconds + 15)
+    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
+             what=f"the app to start sleeping:\n{server.log}")
+    assert not future.done(), future.result()
+    return future
+
+
+# ---------------------------------------------------------------- the example config
+
+
+EXAMPLE = """\
+[server]
+graceful_timeout = 30
+[group.web]
+app = "shop:app"
+listen = ["127.0.0.1:{web}"]
+workers = 2
+[group.task]
+app = "shop:app"
+listen = ["127.0.0.1:{task}"]
+workers = 2
+timeout = 120
+max_requests = 1000
+max_requests_jitter = 100
+[process.mailer]
+target = "shop.jobs:consume"
+count = 2
+"""
+
+
+def write_shop(directory: Path) -> None:
+    """The ``shop`` package of the example, in the server's working directory."""
+    (directory / "shop").mkdir()
+    (directory / "shop" / "__init__.py").write_text("from apps_groups import app  # noqa\n")
+    (directory / "shop" / "jobs.py").write_text("from apps_groups import consume  # noqa\n")
+
+
+def test_example_config_serves_each_group_from_its_own_workers(clusters, tmp_path):
+    write_shop(tmp_path)
+    chosen = ports("web", "task")
+    server = clusters.start(EXAMPLE.format(**chosen), workers=4, ports=chosen)
+    result = server.fastpool("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    by_name = {g["name"]: g for g in status["groups"]}
+    assert set(by_name) == {"web", "task"}
+    pids = {name: sorted(w["pid"] for w in g["workers"]) for name, g in by_name.items()}
+    assert len(pids["web"]) == 2 and len(pids["task"]) == 2
+    assert not set(pids["web"]) & set(pids["task"])
+    # The log agrees with the status on which worker belongs to which group.
+    assert sorted(server.booted("web")) == pids["web"], server.log
+    assert sorted(server.booted("task")) == pids["task"], server.log
+    for name in ("web", "task"):
+        seen = set()
+        for _ in range(30):
+            code, body, pid = fetch(chosen[name], "/pid")
+            assert code == 200 and int(body) == pid
+            seen.add(pid)
+        assert seen <= set(pids[name]), (name, seen, pids)
+    # The custom processes run, print into the log, and are the master's children.
+    (mailer,) = status["processes"]
+    assert mailer["name"] == "mailer" and mailer["count"] == 2 and len(mailer["pids"]) == 2
+    for pid in mailer["pids"]:
+        wait_for(lambda pid=pid: f"mailer stdout {pid}" in server.log, what="mailer output")
+    assert sorted(children(server.pid)) == sorted(pids["web"] + pids["task"] + mailer["pids"])
+
+
+def test_check_prints_the_plan_of_the_example(tmp_path):
+    write_shop(tmp_path)
+    chosen = ports("web", "task")
+    config = tmp_path / "fastpool.toml"
+    config.write_text(EXAMPLE.format(**chosen))
+    result = fastpool("check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"config: {config}" in out
+    assert (f"group web: app shop:app, listen 127.0.0.1:{chosen['web']}, 2 worker(s) x "
+            "1 thread(s), timeout 30 s, max_requests off") in out, out
+    assert (f"group task: app shop:app, listen 127.0.0.1:{chosen['task']}, 2 worker(s) x "
+            "1 thread(s), timeout 120 s, max_requests 1000") in out, out
+    assert "process mailer: target shop.jobs:consume x 2" in out
+    assert f"control socket: {tmp_path / '.fastpool.sock'}" in out
+    assert out.rstrip().endswith("OK")
+    assert not (tmp_path / ".fastpool.sock").exists()
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def test_a_busy_group_does_not_slow_down_another(clusters):
+    chosen = ports("web", "task")
+    # task: one shared socket, so that the second slow request reaches the idle worker.
+    text = render(groups={"web": group(chosen["web"]),
+                          "task": group(chosen["task"], 2, reuse_port=False)})
+    server = clusters.start(text, workers=3, ports=chosen)
+    task_pids = server.wait_group("task", 2)
+    fetch(chosen["web"])   # warm up
+    with ThreadPoolExecutor(2) as pool:
+        sleepers = [start_sleeper(pool, server, chosen["task"], 2) for _ in range(2)]
+        busy = server.group_status("task")["workers"]
+        assert all(w["current_request_s"] is not None for w in busy), busy
+        latencies = []
+        for _ in range(5):
+            took, code, pid = timed_fetch(chosen["web"])
+            assert code == 200
+            latencies.append(took)
+        assert not any(f.done() for f in sleepers), "the slow requests ended too early"
+        results = [f.result(timeout=20) for f in sleepers]
+    assert max(latencies) < 0.1, latencies
+    assert {r[0] for r in results} == {200}
+    assert {r[2] for r in results} == set(task_pids)
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_threads_serve_concurrent_requests_in_one_worker(clusters):
+    chosen = ports("io")
+    text = render(groups={"io": group(chosen["io"], 1, threads=4)})
+    server = clusters.start(text, workers=1, ports=chosen)
+    (worker,) = server.wait_group("io", 1)
+    code, body, _ = fetch(chosen["io"], "/environ")
+    assert code == 200
+    assert json.loads(body)["wsgi.multithread"] is True
+    assert server.group_status("io")["threads"] == 4
+    with ThreadPoolExecutor(4) as pool:
+        start = time.monotonic()
+        futures = [pool.submit(fetch, chosen["io"], "/sleep?s=0.5&tag=t") for _ in range(4)]
+        results = [f.result(timeout=15) for f in futures]
+        took = time.monotonic() - start
+    assert [r[0] for r in results] == [200] * 4
+    assert {r[2] for r in results} == {worker}
+    assert took < 1.5, f"4 concurrent 0.5 s requests took {took:.2f} s on 4 threads"
+
+
+@pytest.mark.parametrize(("flooders", "limit"), [(3, 0.1), (8, 1.0)],
+                         ids=["3-of-4-threads-busy", "8-connections"])
+def test_threads_keep_a_fast_endpoint_answering_under_a_flood(clusters, flooders, limit):
+    """With a thread to spare the fast endpoint answers at once; with more
+    blocking connections than threads it waits for the pool (FIFO), never
+    longer than two rounds of it."""
+    chosen = ports("io")
+    text = render(groups={"io": group(chosen["io"], 1, threads=4)})
+    server = clusters.start(text, workers=1, ports=chosen)
+    (worker,) = server.wait_group("io", 1)
+    stop = threading.Event()
+    flooded: list[int] = []
+    deadline = time.monotonic() + 15
+
+    def flood() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", chosen["io"], timeout=10)
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                conn.request("GET", "/sleep?s=0.2&tag=flood")
+                response = conn.getresponse()
+                response.read()
+                flooded.append(response.status)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(flooders)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(flooded) >= flooders, what="the flood to run")
+        latencies = []
+        for _ in range(6):
+            took, code, pid = timed_fetch(chosen["io"], "/pid")
+            assert code == 200 and pid == worker
+            latencies.append(took)
+        busy = server.group_status("io")["workers"][0]["current_request_s"]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert set(flooded) == {200}
+    assert busy is not None
+    assert max(latencies) < limit, [round(t, 3) for t in latencies]
+
+
+# ---------------------------------------------------------------- nice, cpus, titles
+
+
+def niceness(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])   # field 19 of the whole line: after pid and comm
+
+
+def test_nice_and_cpus_apply_to_the_group_workers(clusters):
+    chosen = ports("batch", "web")
+    text = render(groups={"batch": group(chosen["batch"], 2, nice=5, cpus=[0]),
+                          "web": group(chosen["web"])})
+    server = clusters.start(text, workers=3, ports=chosen)
+    batch = server.wait_group("batch", 2)
+    (web,) = server.wait_group("web", 1)
+    master_nice = niceness(server.pid)
+    for pid in batch:
+        assert niceness(pid) == 5
+        assert os.sched_getaffinity(pid) == {0}
+    assert niceness(web) == master_nice
+    assert os.sched_getaffinity(web) == os.sched_getaffinity(server.pid)
+
+
+def test_process_titles(clusters):
+    pytest.importorskip("setproctitle")
+    chosen = ports("web")
+    text = render(groups={"web": group(chosen["web"])},
+                  processes={"mailer": {"target": "apps_groups:consume"}})
+    server = clusters.start(text, workers=1, ports=chosen)
+    (web,) = server.wait_group("web", 1)
+    (mailer,) = wait_for(lambda: server.status()["processes"][0]["pids"], what="the mailer")
+    assert "fastpool: master" in cmdline(server.pid)
+    assert f"fastpool: web worker 0 [http://127.0.0.1:{chosen['web']}]" in cmdline(web)
+    assert "fastpool: mailer process 0" in cmdline(mailer)
+
+
+# ---------------------------------------------------------------- status
+
+
+def test_status_shows_groups_workers_and_processes(clusters):
+    chosen = ports("web", "task")
+    text = render(groups={"web": group(chosen["web"]), "task": group(chosen["task"])},
+                  processes={"mailer": {"target": "apps_groups:consume", "count": 2}})
+    server = clusters.start(text, workers=2, ports=chosen)
+    (web,) = server.wait_group("web", 1)
+    (task,) = server.wait_group("task", 1)
+    assert stat.S_IMODE(os.stat(server.control).st_mode) == 0o600
+    for _ in range(3):
+        assert fetch(chosen["web"])[0] == 200
+    os.kill(web, signal.SIGKILL)
+    (web,) = server.wait_group("web", 1, exclude={web})
+    for _ in range(2):
+        assert fetch(chosen["web"])[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        slow = start_sleeper(pool, server, chosen["task"], 2)
+        result = server.fastpool("status", "--json")
+        text_result = server.fastpool("status")
+        assert not slow.done()
+        assert slow.result(timeout=15)[0] == 200
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["master"] == server.pid
+    groups = {g["name"]: g for g in status["groups"]}
+    assert groups["web"]["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
+    assert groups["task"]["listen"] == [f"http://127.0.0.1:{chosen['task']}"]
+    assert groups["web"]["restarts"] == 1
+    assert groups["task"]["restarts"] == 0
+    (web_worker,) = groups["web"]["workers"]
+    (task_worker,) = groups["task"]["workers"]
+    assert web_worker["pid"] == web and task_worker["pid"] == task
+    assert web_worker["requests"] == 2
+    assert web_worker["current_request_s"] is None
+    assert task_worker["current_request_s"] is not None and task_worker["current_request_s"] >= 0
+    for worker in (web_worker, task_worker):
+        assert worker["rss_kib"] > 1000
+    (mailer,) = status["processes"]
+    assert mailer["name"] == "mailer" and len(mailer["pids"]) == 2
+    assert sorted(children(server.pid)) == sorted([web, task, *mailer["pids"]])
+    # The human-readable form has the same facts.
+    assert text_result.returncode == 0, text_result.stderr
+    out = text_result.stdout
+    assert "group web (running): apps_groups:app, 1/1 worker(s)" in out, out
+    assert "1 restart(s)" in out and f"listen: http://127.0.0.1:{chosen['task']}" in out
+    assert str(task) in out and "process mailer (running)" in out
+
+
+def test_status_without_a_master_is_one_error_line(tmp_path):
+    result = fastpool("status", "--control-socket", str(tmp_path / "nobody.sock"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
+    assert "nobody.sock" in lines[0]
+
+
+# ---------------------------------------------------------------- reload, scale, TTIN/TTOU
+
+
+def test_reload_of_one_group_replaces_only_its_workers(clusters):
+    chosen = ports("web", "task")
+    text = render(groups={"web": group(chosen["web"], 2), "task": group(chosen["task"], 2)})
+    server = clusters.start(text, workers=4, ports=chosen)
+    web = server.wait_group("web", 2)
+    task = server.wait_group("task", 2)
+    result = server.fastpool("reload", "--group", "task")
+    assert result.returncode == 0, result.stderr
+    new_task = server.wait_group("task", 2, exclude=set(task))
+    wait_for(lambda: not any(map(alive, task)), what="the old task workers to exit")
+    assert server.group_pids("web") == web
+    assert all(map(alive, web))
+    assert {fetch(chosen["task"])[2] for _ in range(10)} <= set(new_task)
+    assert {fetch(chosen["web"])[2] for _ in range(10)} <= set(web)
+
+
+def test_scale_a_group_up_and_down(clusters):
+    chosen = ports("web", "task")
+    text = render(groups={"web": group(chosen["web"], 1), "task": group(chosen["task"], 1)})
+    server = clusters.start(text, workers=2, ports=chosen)
+    (web,) = server.wait_group("web", 1)
+    (task,) = server.wait_group("task", 1)
+    result = server.fastpool("scale", "web", "+1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "group web: 2 worker(s)"
+    two = server.wait_group("web", 2)
+    assert web in two
+    wait_for(lambda: len(children(server.pid)) == 3, what="3 children of the master")
+    assert {fetch(chosen["web"])[2] for _ in range(20)} <= set(two)
+    result = server.fastpool("scale", "web", "-1")
+    assert result.returncode == 0, result.stderr
+    (left,) = server.wait_group("web", 1)
+    wait_for(lambda: sorted(children(server.pid)) == sorted([left, task]),
+             what="the master to have 2 children")
+    assert server.group_pids("task") == [task]
+    result = server.fastpool("scale", "nosuch", "+1")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error:") and "nosuch" in result.stderr
+
+
+def test_ttin_and_ttou_change_every_group(clusters):
+    chosen = ports("web", "task")
+    text = render(groups={"web": group(chosen["web"], 1), "task": group(chosen["task"], 2)})
+    server = clusters.start(text, workers=3, ports=chosen)
+    server.wait_group("web", 1)
+    server.wait_group("task", 2)
+    server.proc.send_signal(signal.SIGTTIN)
+    server.wait_group("web", 2)
+    server.wait_group("task", 3)
+    wait_for(lambda: len(children(server.pid)) == 5, what="5 children of the master")
+    server.proc.send_signal(signal.SIGTTOU)
+    server.wait_group("web", 1)
+    server.wait_group("task", 2)
+    wait_for(lambda: len(children(server.pid)) == 3, what="3 children of the master")

@@ -1,0 +1,331 @@
+"""Supervision of worker groups and custom processes: replacement of killed
+workers, rolling reloads under load, request timeouts, max_requests, crash
+loops, supervised processes, graceful stop.
+
+Every server is the real ``python -m fastpool serve --config FILE`` (started by
+apps_groups_support.Clusters); the apps are apps_groups.py and
+apps_groups_crash.py.  Load comes from apps_groups_support.Load: client
+threads for a bounded time, each request checked for a 200 and the pid of the
+worker that served it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from apps_groups_support import Clusters, Load, alive, children, fetch, group, ports, render
+from conftest import wait_for
+
+
+@pytest.fixture
+def clusters(tmp_path):
+    factory = Clusters(tmp_path)
+    yield factory
+    factory.close()
+
+
+def start_sleeper(pool: ThreadPoolExecutor, server, port: int, seconds: float,
+                  route: str = "/sleep"):
+    """A slow request on its own thread; returns once the app is inside it."""
+    tag = uuid.uuid4().hex
+    future = pool.submit(fetch, port, f"{route}?s={seconds}&tag={tag}", seconds + 15)
+    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
+             what=f"the app to start sleeping:\n{server.log}")
+    assert not future.done(), future.result()
+    return future
+
+
+def wait_exit(server, timeout: float = 20) -> int:
+    try:
+        return server.proc.wait(timeout)
+    except Exception:
+        server.kill()
+        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
+
+
+def describe(failures) -> str:
+    return "\n".join(f"{o.detail} (pid {o.pid})" for o in failures[:20])
+
+
+# ---------------------------------------------------------------- killed worker
+
+
+def test_killed_worker_under_load_is_replaced(clusters):
+    chosen = ports("web")
+    server = clusters.start(render(groups={"web": group(chosen["web"], 2)}), workers=2,
+                            ports=chosen)
+    before = server.wait_group("web", 2)
+    victim = before[0]
+    with Load(chosen["web"], fresh=3, limit=20) as load:
+        wait_for(lambda: load.count_since(0) >= 30, what="the load to run")
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        after = server.wait_group("web", 2, exclude={victim})
+        (replacement,) = set(after) - set(before)
+        settled = time.monotonic()
+        wait_for(lambda: replacement in load.pids_since(settled) and
+                 load.count_since(settled) >= 60, what="the replacement to serve the load")
+    # Only requests in the victim's hands when it died may fail: each client
+    # has one request at a time, and the worker accepts connections in
+    # batches, so that is at most one per client, all sent before the kill.
+    failures = load.failures()
+    assert len(failures) <= load.fresh, describe(failures)
+    assert all(o.started < killed for o in failures), describe(failures)
+    assert load.pids_since(settled) <= set(after)
+    assert re.search(rf"Worker \d \(pid {victim}\) of group web was killed by signal SIGKILL",
+                     server.log), server.log
+    assert server.group_status("web")["restarts"] == 1
+
+
+# ---------------------------------------------------------------- reload
+
+
+def test_sighup_under_load_replaces_every_worker_without_a_failed_request(clusters, tmp_path):
+    chosen = ports("web")
+    server = clusters.start(render(groups={"web": group(chosen["web"], 2)}), workers=2,
+                            ports=chosen)
+    old = server.wait_group("web", 2)
+    started = time.monotonic()
+    with Load(chosen["web"], fresh=3, keep_alive=2, limit=20) as load:
+        wait_for(lambda: load.count_since(0) >= 50, what="the load to run")
+        assert load.pids_since(0) <= set(old)
+        # The edited file is read again by the reload: 2 -> 3 workers.
+        server.config.write_text(render(groups={"web": group(chosen["web"], 3)}))
+        server.proc.send_signal(signal.SIGHUP)
+        new = server.wait_group("web", 3, exclude=set(old))
+        wait_for(lambda: not any(map(alive, old)), what="the old workers to exit")
+        reloaded = time.monotonic()
+        wait_for(lambda: load.count_since(reloaded) >= 100
+                 and time.monotonic() - started >= 5, what="the load to run on")
+    failures = load.failures()
+    assert not failures, describe(failures)
+    assert load.pids_since(reloaded) <= set(new)
+    assert len(load.pids_since(reloaded)) >= 2
+    assert "Reload: rolling group web onto new workers" in server.log
+    wait_for(lambda: children(server.pid) == new, what="the old workers to be reaped")
+
+
+# ---------------------------------------------------------------- timeout
+
+
+@pytest.mark.parametrize("route", ["/sleep", "/csleep", "/select"],
+                         ids=["time.sleep", "C-sleep", "C-select"])
+def test_timeout_aborts_and_replaces_a_stuck_worker(clusters, route):
+    chosen = ports("web", "slow")
+    text = render(groups={"web": group(chosen["web"]),
+                          "slow": group(chosen["slow"], timeout=1)})
+    server = clusters.start(text, workers=2, ports=chosen)
+    (stuck,) = server.wait_group("slow", 1)
+    (web,) = server.wait_group("web", 1)
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        future = start_sleeper(pool, server, chosen["slow"], 30, route)
+        try:
+            result = future.result(timeout=20)
+        except (ConnectionError, http.client.HTTPException):
+            result = None
+    took = time.monotonic() - started
+    assert result is None or result[0] >= 500, result
+    assert took < 8, f"the stuck request was ended after {took:.1f}s with timeout = 1"
+    (fresh,) = server.wait_group("slow", 1, exclude={stuck})
+    log = server.log
+    assert re.search(rf"Worker 0 \(pid {stuck}\) of group slow has run one request for "
+                     r"[\d.]+ s \(timeout 1 s\): aborting it \(SIGABRT", log), log
+    assert "Fatal Python error: Aborted" in log, log
+    dump = log[log.index("Fatal Python error: Aborted"):]
+    assert "Current thread" in dump, log
+    assert "apps_groups.py" in dump, log
+    assert re.search(rf"pid {stuck}\) of group slow was killed by signal SIGABRT", log) or \
+        re.search(rf"pid {stuck}\) of group slow was killed by signal SIGKILL", log), log
+    assert fetch(chosen["slow"])[2] == fresh
+    # The other group was never touched.
+    assert server.group_pids("web") == [web]
+
+
+# ---------------------------------------------------------------- max_requests
+
+
+def test_max_requests_recycles_workers_under_load_without_failures(clusters):
+    chosen = ports("web")
+    text = render(groups={"web": group(chosen["web"], 2, max_requests=20,
+                                       max_requests_jitter=5)})
+    server = clusters.start(text, workers=2, ports=chosen)
+    first = server.wait_group("web", 2)
+    with Load(chosen["web"], fresh=3, limit=20) as load:
+        wait_for(lambda: len(re.findall(r"retiring after \d+ requests", server.log)) >= 4
+                 and len(load.pids_since(0)) >= 5, timeout=15,
+                 what=f"workers to be recycled:\n{server.log}")
+    failures = load.failures()
+    assert not failures, describe(failures)
+    served = re.findall(r"\[(\d+)\] \[INFO\] worker (\d+) retiring after (\d+) requests",
+                        server.log)
+    assert served, server.log
+    for logged_by, pid, count in served:
+        assert logged_by == pid
+        assert int(count) >= 20
+    assert set(first) & {int(pid) for _, pid, _ in served}
+    # The replacements are new workers of the same group, and they serve.
+    now = server.wait_group("web", 2)
+    assert fetch(chosen["web"])[2] in now
+    assert server.group_status("web")["state"] == "running"
+    assert "crash-looping" not in server.log
+
+
+# ---------------------------------------------------------------- crash loops
+
+
+def crash_loop_config(chosen: dict[str, int], **task: object) -> str:
+    return render(groups={
+        "web": group(chosen["web"]),
+        "task": group(chosen["task"], app="apps_groups_crash:app", crash_limit=3, **task),
+    })
+
+
+def start_crash_loop(server, tmp_path) -> int:
+    """Make every new task worker die 0.2 s after boot, then kill the current one."""
+    (task,) = server.wait_group("task", 1)
+    (tmp_path / "crash-after-boot").write_text("")
+    os.kill(task, signal.SIGKILL)
+    return task
+
+
+def test_crash_loop_stops_the_group_and_the_others_keep_serving(clusters, tmp_path):
+    chosen = ports("web", "task")
+    server = clusters.start(crash_loop_config(chosen), workers=2, ports=chosen)
+    (web,) = server.wait_group("web", 1)
+    start_crash_loop(server, tmp_path)
+    wait_for(lambda: "Group task is crash-looping" in server.log,
+             what=f"the crash loop to be reported:\n{server.log}")
+    line = next(x for x in server.log.splitlines() if "crash-looping" in x)
+    assert "[ERROR]" in line and "stop-group" in line, line
+    wait_for(lambda: not server.group_status("task")["workers"], what="the task group to stop")
+    task = server.group_status("task")
+    assert task["state"] == "crash-loop"
+    assert len(server.booted("task")) >= 3
+    assert server.proc.poll() is None
+    wait_for(lambda: children(server.pid) == [web], what="only the web worker to be left")
+    for _ in range(5):
+        code, _, pid = fetch(chosen["web"])
+        assert code == 200 and pid == web
+    # Stopped means stopped: no new task worker appears.
+    booted = len(server.booted("task"))
+    assert fetch(chosen["web"])[0] == 200
+    assert len(server.booted("task")) == booted
+    assert server.stop() == 0
+
+
+def test_crash_loop_with_stop_server_stops_the_server(clusters, tmp_path):
+    chosen = ports("web", "task")
+    server = clusters.start(crash_loop_config(chosen, on_crash_loop="stop-server"),
+                            workers=2, ports=chosen)
+    (web,) = server.wait_group("web", 1)
+    start_crash_loop(server, tmp_path)
+    code = wait_exit(server, 20)
+    assert code != 0, server.log
+    assert "Group task is crash-looping" in server.log
+    assert not alive(web)
+    assert not children(server.pid)
+
+
+def test_crash_loop_from_the_first_boot_while_another_group_still_boots(clusters, tmp_path):
+    """The task workers boot (say READY) and die 0.2 s later, from the very
+    first one, while the web group is still importing its app: that is a
+    crash loop of the task group, not a boot failure of the server."""
+    (tmp_path / "crash-after-boot").write_text("")
+    chosen = ports("web", "task")
+    text = render(groups={
+        "web": group(chosen["web"], app="apps_groups_slowboot:app"),
+        "task": group(chosen["task"], app="apps_groups_crash:app", crash_limit=3),
+    })
+    server = clusters.start(text, workers=1, ports=chosen, wait=False)
+    wait_for(lambda: "crash-looping" in server.log or server.proc.poll() is not None,
+             what=f"the crash loop to be reported:\n{server.log}")
+    assert server.proc.poll() is None, f"the server stopped:\n{server.log}"
+    assert "Group task is crash-looping" in server.log, server.log
+    (web,) = server.wait_group("web", 1)
+    assert fetch(chosen["web"])[2] == web
+    assert server.group_status("task")["state"] == "crash-loop"
+
+
+def test_repeated_timeouts_are_not_a_crash_loop(clusters):
+    """Workers the master aborts for a slow request served their requests
+    until then: replacing them again and again must not stop the group."""
+    chosen = ports("slow")
+    text = render(groups={"slow": group(chosen["slow"], timeout=0.5, crash_limit=2)})
+    server = clusters.start(text, workers=1, ports=chosen)
+    aborted: set[int] = set()
+    for _ in range(3):
+        (worker,) = server.wait_group("slow", 1, exclude=aborted, timeout=10)
+        assert fetch(chosen["slow"])[2] == worker
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            fetch(chosen["slow"], "/sleep?s=30&tag=stuck", timeout=15)
+        aborted.add(worker)
+    (worker,) = server.wait_group("slow", 1, exclude=aborted, timeout=10)
+    assert fetch(chosen["slow"])[2] == worker
+    assert "crash-looping" not in server.log, server.log
+    assert server.group_status("slow")["restarts"] == 3
+
+
+# ---------------------------------------------------------------- custom processes
+
+
+def test_custom_process_is_respawned_with_backoff_and_stopped_by_term(clusters):
+    chosen = ports("web")
+    text = render(groups={"web": group(chosen["web"])},
+                  processes={"job": {"target": "apps_groups:brief_job"},
+                             "mailer": {"target": "apps_groups:consume"}})
+    server = clusters.start(text, workers=1, ports=chosen)
+
+    def starts() -> list[int]:
+        return [int(p) for p in re.findall(r"Starting process job 0 with pid: (\d+)",
+                                           server.log)]
+
+    wait_for(lambda: len(starts()) >= 2, what=f"a respawn of the job:\n{server.log}")
+    second = time.monotonic()
+    wait_for(lambda: len(starts()) >= 3, what=f"a second respawn:\n{server.log}")
+    gap = time.monotonic() - second
+    pids = starts()[:3]
+    assert len(set(pids)) == 3, pids
+    log = server.log
+    assert "Process job 0 will be restarted in 0.5 s" in log, log
+    assert "Process job 0 will be restarted in 1.0 s" in log, log
+    assert gap >= 0.9, f"the second respawn came {gap:.2f}s after the first (backoff 1 s)"
+    for pid in pids[:2]:
+        assert f"job stdout {pid}" in log and f"job stderr {pid}" in log, log
+    (mailer,) = server.status()["processes"][1]["pids"]
+    wait_for(lambda: f"mailer stdout {mailer}" in server.log and
+             f"mailer stderr {mailer}" in server.log, what="the mailer's output")
+    everyone = children(server.pid)
+    assert mailer in everyone
+    assert server.stop(signal.SIGTERM) == 0, server.log
+    wait_for(lambda: not any(map(alive, everyone + starts())), timeout=5,
+             what="every child to exit")
+
+
+# ---------------------------------------------------------------- graceful stop
+
+
+def test_term_lets_an_in_flight_request_finish_in_a_multi_group_server(clusters):
+    chosen = ports("web", "task")
+    text = render(groups={"web": group(chosen["web"], 2), "task": group(chosen["task"], 2)},
+                  processes={"mailer": {"target": "apps_groups:consume"}})
+    server = clusters.start(text, workers=4, ports=chosen)
+    server.wait_group("web", 2)
+    server.wait_group("task", 2)
+    everyone = wait_for(lambda: len(children(server.pid)) == 5 and children(server.pid),
+                        what="4 workers and a process")
+    with ThreadPoolExecutor(1) as pool:
+        future = start_sleeper(pool, server, chosen["task"], 1)
+        server.proc.send_signal(signal.SIGTERM)
+        code, body, _ = future.result(timeout=15)
+    assert code == 200 and body.startswith(b"slept "), body
+    assert wait_exit(server, 15) == 0, server.log
+    wait_for(lambda: not any(map(alive, everyone)), timeout=5, what="every child to exit")
+    assert "Shutting down: master" in server.log

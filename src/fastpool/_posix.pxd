@@ -68,6 +68,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SOCK_CLOEXEC
         MSG_NOSIGNAL
         MSG_DONTWAIT
+        MSG_PEEK
         SHUT_WR
         SOL_SOCKET
         IPPROTO_TCP

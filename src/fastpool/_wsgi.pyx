@@ -42,7 +42,8 @@ from fastpool._posix cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
     EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
     sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, socklen_t, accept4, recv,
-    shutdown, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, AF_INET, AF_INET6,
+    shutdown, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, AF_INET, AF_INET6, MSG_PEEK,
+    MSG_DONTWAIT,
     IPPROTO_TCP, TCP_NODELAY, inet_ntop, ntohs, INET6_ADDRSTRLEN, sendfile, poll, pollfd,
     POLLIN, POLLOUT, close, getppid, errno, EAGAIN, EINTR, ECONNABORTED,
     EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
@@ -1218,6 +1219,12 @@ cdef class WSGIWorker:
                     and not conn.want_write and not conn.pending and conn.at_message_boundary():
                 self.close_connection(conn)   # idle keep-alive during a shutdown
             elif now >= conn.deadline:
+                if conn.state == OPEN and not conn.want_write and input_waiting(conn.fd):
+                    # Bytes arrived while this worker was busy (the app ran longer
+                    # than the deadline): they are the client's next request, not
+                    # a timeout.  Give the loop a turn to read them.
+                    conn.deadline = now + 1.0
+                    continue
                 if conn.state == OPEN and not conn.want_write and (
                         conn.pending or not conn.at_message_boundary()):
                     # A request started but did not arrive in time.
@@ -1229,6 +1236,12 @@ cdef class WSGIWorker:
                         pass
                 self.close_connection(conn)
         return 0
+
+
+cdef bint input_waiting(int fd) noexcept:
+    """Whether unread bytes wait on ``fd`` (peeked, not consumed)."""
+    cdef char byte
+    return recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0
 
 
 cdef str peer_address(sockaddr_storage *address, dict environ):

@@ -126,6 +126,22 @@ def migrate_req_enabled() -> bool | None:
         return None
 
 
+def _check_not_in_use(address: Address, port: int) -> None:
+    """SO_REUSEPORT would let this server share a port with another program's
+    SO_REUSEPORT listener, silently splitting its traffic.  Binding once
+    without it first turns that into the usual "address already in use"."""
+    probe = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((address.host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+
+
 def _tcp_socket(address: Address, port: int, backlog: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
@@ -223,6 +239,8 @@ class Listeners:
                     if address.kind != "tcp":
                         continue
                     port = self._ports.get(address, address.port)
+                    if address not in self._ports and port:
+                        _check_not_in_use(address, port)
                     sock = _tcp_socket(address, port, self.backlog, True)
                     self._ports[address] = sock.getsockname()[1]
                     own.append(BoundSocket(sock, address, False))

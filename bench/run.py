@@ -22,6 +22,9 @@ Rules this harness keeps:
 * Standard library only; the exact server and wrk command lines are printed under the
   tables, and ``--json PATH`` saves every run's numbers and raw wrk output.
 
+Starting, waiting for and stopping servers, the HTTP checks' client and wrk's parser live in
+``common.py``, shared with ``isolation.py``.
+
 Usage (see bench/README.md)::
 
     python bench/run.py --peer-python /path/to/peers-venv/bin/python
@@ -31,30 +34,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
-import platform
-import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
+from common import (
+    BENCH,
+    HOST,
+    BenchError,
+    Response,
+    Server,
+    WrkRun,
+    exchange,
+    fmt_ms,
+    http_request,
+    machine,
+    median_known,
+    no_nan,
+    port_in_use,
+    python_version,
+    raise_exit,
+    run_wrk,
+    running,
+)
+
 WRK_SCRIPTS = BENCH / "wrk"
-HOST = "127.0.0.1"
 
 
 def _load_apps() -> ModuleType:
@@ -69,10 +84,6 @@ def _load_apps() -> ModuleType:
 APPS = _load_apps()
 HELLO: bytes = APPS.HELLO
 JSON_BODY: bytes = APPS.JSON_BODY
-
-
-class BenchError(Exception):
-    """A server could not be started, failed a check, or wrk failed."""
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -149,20 +160,12 @@ def probe(kind: ServerKind, python: str | None, nginx: str) -> Available | str:
         out = subprocess.run([path, "-v"], capture_output=True, text=True, check=False)
         version = out.stderr.strip().rpartition("/")[2] or "?"
         return Available(kind, path, version)
-    assert python is not None
-    if shutil.which(python) is None:
-        return f"interpreter {python} not found"
-    code = (
-        "import importlib, importlib.metadata as m\n"
-        f"for name in {[kind.module, *kind.extra_imports]!r}: importlib.import_module(name)\n"
-        f"print(m.version({kind.dist!r}))\n"
-    )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False,
-                         cwd=BENCH)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        return f"not importable by {python} ({last})"
-    return Available(kind, python, out.stdout.strip())
+    assert python is not None and kind.dist is not None
+    try:
+        version = python_version(python, [kind.module, *kind.extra_imports], kind.dist)
+    except BenchError as exc:
+        return str(exc)
+    return Available(kind, python, version)
 
 
 def nginx_conf(tmp: Path, port: int, workers: int) -> str:
@@ -230,232 +233,7 @@ def server_command(av: Available, args: argparse.Namespace, tmp: Path) -> list[s
     raise AssertionError(name)
 
 
-def server_env() -> dict[str, str]:
-    """The environment every server gets: bench/ importable, no stray server settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FASTPOOL_", "GRANIAN_", "UVICORN_"))
-           and k not in ("GUNICORN_CMD_ARGS", "WEB_CONCURRENCY")}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(BENCH)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL us if the harness dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is left in process group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-class Server:
-    """One running server: its own process group, output to a log file."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=server_env(), cwd=BENCH, start_new_session=True,
-                preexec_fn=_die_with_parent)
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join("    | " + line for line in text.splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, port: int, deadline_s: float) -> None:
-        deadline = time.monotonic() + deadline_s
-        last = "no attempt"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise BenchError(f"{self.name} exited during startup "
-                                 f"(status {self.proc.returncode if self.proc else '?'}):\n"
-                                 f"{self.log_tail()}")
-            try:
-                (resp,) = exchange(port, [http_request("GET", "/", port)], timeout=1.0)
-                if resp.status == 200:
-                    return
-                last = f"status {resp.status}"
-            except (OSError, BenchError) as exc:
-                last = str(exc) or type(exc).__name__
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready after {deadline_s:.0f}s ({last}):\n"
-                         f"{self.log_tail()}")
-
-    def stop(self, grace: float) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            self.proc.poll()
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.05)
-        else:
-            print(f"  {self.name} did not stop within {grace:.0f}s of SIGTERM; SIGKILL",
-                  file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        self.proc = None
-
-
-@contextlib.contextmanager
-def running(server: Server, grace: float) -> Iterator[Server]:
-    """Start ``server``; stop it however the block ends (a second Ctrl-C waits until then)."""
-    try:
-        server.start()
-        yield server
-    finally:
-        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
-            server.stop(grace)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((HOST, port)) == 0
-
-
 # --------------------------------------------------------------------------- HTTP checks
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-def http_request(method: str, path: str, port: int, body: bytes = b"",
-                 close: bool = False) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}"]
-    if method == "POST":
-        lines += ["Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-class _Reader:
-    def __init__(self, sock: socket.socket) -> None:
-        self.file = sock.makefile("rb")
-
-    def exact(self, n: int) -> bytes:
-        data = self.file.read(n)
-        if len(data) != n:
-            raise BenchError(f"connection closed after {len(data)} of {n} body bytes")
-        return data
-
-    def line(self) -> bytes:
-        line = self.file.readline(65537)
-        if not line:
-            raise BenchError("connection closed before a complete response")
-        return line
-
-    def response(self) -> Response:
-        status_line = self.line().decode("latin-1").split(" ", 2)
-        if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
-            raise BenchError(f"bad status line {status_line!r}")
-        headers: dict[str, str] = {}
-        while True:
-            raw = self.line()
-            if raw in (b"\r\n", b"\n"):
-                break
-            name, _, value = raw.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks = []
-            while True:
-                size = int(self.line().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.line() not in (b"\r\n", b"\n"):
-                        pass
-                    break
-                chunks.append(self.exact(size))
-                self.line()
-            body = b"".join(chunks)
-        elif "content-length" in headers:
-            body = self.exact(int(headers["content-length"]))
-        else:
-            body = self.file.read()
-        return Response(int(status_line[1]), headers, body)
-
-    def at_eof(self) -> bool:
-        return self.file.read(1) == b""
-
-
-def exchange(port: int, writes: list[bytes], count: int | None = None,
-             timeout: float = 5.0, expect_close: bool = False) -> list[Response]:
-    """Send each write in turn on one connection, reading its responses after each write.
-
-    With ``count`` all writes go out first (pipelining) and ``count`` responses are read.
-    """
-    out: list[Response] = []
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        reader = _Reader(sock)
-        try:
-            if count is not None:
-                sock.sendall(b"".join(writes))
-                for _ in range(count):
-                    out.append(reader.response())
-            else:
-                for data in writes:
-                    sock.sendall(data)
-                    out.append(reader.response())
-        except TimeoutError as exc:
-            raise BenchError(f"no complete response within {timeout:g}s (after "
-                             f"{len(out)} of {count or len(writes)})") from exc
-        if expect_close:
-            try:
-                closed = reader.at_eof()
-            except TimeoutError:
-                closed = False
-            if not closed:
-                raise BenchError(f"connection still open {timeout:.0f}s after a "
-                                 "Connection: close response")
-    return out
 
 
 def check_server(port: int, scenarios: list[Scenario], depth: int) -> dict[str, str]:
@@ -511,37 +289,6 @@ def check_server(port: int, scenarios: list[Scenario], depth: int) -> dict[str, 
 # --------------------------------------------------------------------------- wrk
 
 
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
-
-
-@dataclass
-class WrkRun:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    non_2xx: int
-    socket_errors: dict[str, int]
-    output: str = field(repr=False)
-
-
-def parse_wrk(text: str) -> WrkRun:
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
-    if rps is None:
-        raise BenchError(f"no Requests/sec in wrk output:\n{text}")
-    # wrk prints 0.00us for a percentile it could not compute (seen with pipelining): unknown
-    lat = {m[1]: float(m[2]) * _UNITS_MS[m[3]] or float("nan")
-           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)}
-    total = re.search(r"^\s*(\d+) requests in ", text, re.M)
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    sock = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    errors = dict(zip(("connect", "read", "write", "timeout"),
-                      (int(x) for x in sock.groups()) if sock else (0, 0, 0, 0), strict=True))
-    return WrkRun(float(rps[1]), lat.get("50", float("nan")), lat.get("99", float("nan")),
-                  int(total[1]) if total else 0, int(non2xx[1]) if non2xx else 0, errors, text)
-
-
 def wrk_command(args: argparse.Namespace, scenario: Scenario, duration: int) -> list[str]:
     cmd = [args.wrk, f"-t{args.wrk_threads}", f"-c{args.connections}",
            f"-d{duration}s", "--latency"]
@@ -553,17 +300,6 @@ def wrk_command(args: argparse.Namespace, scenario: Scenario, duration: int) -> 
     if scenario.script_args:
         cmd += ["--", *scenario.script_args]
     return pin(args.wrk_cpus, args) + cmd
-
-
-def run_wrk(cmd: list[str], duration: int) -> WrkRun:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                             timeout=duration + 60)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"wrk did not finish: {shlex.join(cmd)}") from exc
-    if out.returncode != 0:
-        raise BenchError(f"wrk exited {out.returncode}: {out.stderr.strip() or out.stdout}")
-    return parse_wrk(out.stdout)
 
 
 def pin(cpus: str, args: argparse.Namespace) -> list[str]:
@@ -586,11 +322,11 @@ class Result:
 
     @property
     def p50(self) -> float:
-        return _median_known([r.p50_ms for r in self.runs])
+        return median_known([r.p50_ms for r in self.runs])
 
     @property
     def p99(self) -> float:
-        return _median_known([r.p99_ms for r in self.runs])
+        return median_known([r.p99_ms for r in self.runs])
 
     def problems(self) -> str:
         non2xx = sum(r.non_2xx for r in self.runs)
@@ -600,22 +336,6 @@ class Result:
             if n:
                 parts.append(f"{n} {kind}")
         return ", ".join(parts)
-
-
-def _median_known(values: list[float]) -> float:
-    """The median of the values that are not NaN (NaN if none is known)."""
-    known = [v for v in values if v == v]
-    return statistics.median(known) if known else float("nan")
-
-
-def fmt_ms(ms: float) -> str:
-    if ms != ms:  # NaN
-        return "?"
-    if ms < 10:
-        return f"{ms:.2f} ms"
-    if ms < 100:
-        return f"{ms:.1f} ms"
-    return f"{ms:.0f} ms"
 
 
 def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
@@ -662,17 +382,6 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
         f"{machine()}.\n")
     out.append("Notes:\n" + "\n".join(notes) + "\n")
     return "\n".join(out)
-
-
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
-            + (f" ({model})" if model else "") + f", harness Python {platform.python_version()}")
 
 
 # --------------------------------------------------------------------------- main
@@ -803,25 +512,10 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
                 print(f"  {name}: {result.error}", file=sys.stderr)
 
 
-def _no_nan(value: Any) -> Any:
-    """``value`` with NaN floats (unknown percentiles) as None, so the file is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
-
-
-def _raise_exit(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
+    signal.signal(signal.SIGTERM, raise_exit)
+    signal.signal(signal.SIGHUP, raise_exit)
     scenarios = [s for s in make_scenarios(args.depth)
                  if not args.scenario or s.name in args.scenario]
     for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
@@ -891,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in results.values()],
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_no_nan(payload), indent=2) + "\n")
+        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
         print(f"\nraw results: {args.json}")
     return 0
 

@@ -1,0 +1,369 @@
+"""Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``).
+
+* Servers: each runs in its own process group with its output in a log file, is waited
+  for with a deadline (polled until ``GET /`` answers 200, never a fixed sleep) and is
+  stopped with SIGTERM to the whole group, then SIGKILL after a grace period; ``running``
+  does this in a ``finally`` block, so Ctrl-C, SIGTERM or an exception never leaves a
+  server running. A server is also SIGKILLed if the harness itself dies.
+* A minimal blocking HTTP/1.1 client for checks (``exchange``), wrk's output parser and
+  runner, and formatting helpers.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+
+
+class BenchError(Exception):
+    """A server could not be started, failed a check, or wrk failed."""
+
+
+def server_env() -> dict[str, str]:
+    """The environment every server gets: bench/ importable, no stray server settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FASTPOOL_", "GRANIAN_", "UVICORN_"))
+           and k not in ("GUNICORN_CMD_ARGS", "WEB_CONCURRENCY")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(BENCH)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL us if the harness dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+class Server:
+    """One running server: its own process group, output to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=server_env(), cwd=BENCH, start_new_session=True,
+                preexec_fn=die_with_parent)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join("    | " + line for line in text.splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, port: int, deadline_s: float) -> None:
+        deadline = time.monotonic() + deadline_s
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BenchError(f"{self.name} exited during startup "
+                                 f"(status {self.proc.returncode if self.proc else '?'}):\n"
+                                 f"{self.log_tail()}")
+            try:
+                (resp,) = exchange(port, [http_request("GET", "/", port)], timeout=1.0)
+                if resp.status == 200:
+                    return
+                last = f"status {resp.status}"
+            except (OSError, BenchError) as exc:
+                last = str(exc) or type(exc).__name__
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready after {deadline_s:.0f}s ({last}):\n"
+                         f"{self.log_tail()}")
+
+    def stop(self, grace: float) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            self.proc.poll()
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.05)
+        else:
+            print(f"  {self.name} did not stop within {grace:.0f}s of SIGTERM; SIGKILL",
+                  file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def running(server: Server, grace: float) -> Iterator[Server]:
+    """Start ``server``; stop it however the block ends (a second Ctrl-C waits until then)."""
+    try:
+        server.start()
+        yield server
+    finally:
+        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            server.stop(grace)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def http_request(method: str, path: str, port: int, body: bytes = b"",
+                 close: bool = False) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}"]
+    if method == "POST":
+        lines += ["Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def exact(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if len(data) != n:
+            raise BenchError(f"connection closed after {len(data)} of {n} body bytes")
+        return data
+
+    def line(self) -> bytes:
+        line = self.file.readline(65537)
+        if not line:
+            raise BenchError("connection closed before a complete response")
+        return line
+
+    def response(self) -> Response:
+        status_line = self.line().decode("latin-1").split(" ", 2)
+        if len(status_line) < 2 or not status_line[0].startswith("HTTP/1."):
+            raise BenchError(f"bad status line {status_line!r}")
+        headers: dict[str, str] = {}
+        while True:
+            raw = self.line()
+            if raw in (b"\r\n", b"\n"):
+                break
+            name, _, value = raw.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.line().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.line() not in (b"\r\n", b"\n"):
+                        pass
+                    break
+                chunks.append(self.exact(size))
+                self.line()
+            body = b"".join(chunks)
+        elif "content-length" in headers:
+            body = self.exact(int(headers["content-length"]))
+        else:
+            body = self.file.read()
+        return Response(int(status_line[1]), headers, body)
+
+    def at_eof(self) -> bool:
+        return self.file.read(1) == b""
+
+
+def exchange(port: int, writes: list[bytes], count: int | None = None,
+             timeout: float = 5.0, expect_close: bool = False) -> list[Response]:
+    """Send each write in turn on one connection, reading its responses after each write.
+
+    With ``count`` all writes go out first (pipelining) and ``count`` responses are read.
+    """
+    out: list[Response] = []
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        reader = _Reader(sock)
+        try:
+            if count is not None:
+                sock.sendall(b"".join(writes))
+                for _ in range(count):
+                    out.append(reader.response())
+            else:
+                for data in writes:
+                    sock.sendall(data)
+                    out.append(reader.response())
+        except TimeoutError as exc:
+            raise BenchError(f"no complete response within {timeout:g}s (after "
+                             f"{len(out)} of {count or len(writes)})") from exc
+        if expect_close:
+            try:
+                closed = reader.at_eof()
+            except TimeoutError:
+                closed = False
+            if not closed:
+                raise BenchError(f"connection still open {timeout:.0f}s after a "
+                                 "Connection: close response")
+    return out
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+@dataclass
+class WrkRun:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: dict[str, int]
+    output: str = field(repr=False)
+
+
+def parse_wrk(text: str) -> WrkRun:
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if rps is None:
+        raise BenchError(f"no Requests/sec in wrk output:\n{text}")
+    # wrk prints 0.00us for a percentile it could not compute (seen with pipelining): unknown
+    lat = {m[1]: float(m[2]) * _UNITS_MS[m[3]] or float("nan")
+           for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)}
+    total = re.search(r"^\s*(\d+) requests in ", text, re.M)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = dict(zip(("connect", "read", "write", "timeout"),
+                      (int(x) for x in sock.groups()) if sock else (0, 0, 0, 0), strict=True))
+    return WrkRun(float(rps[1]), lat.get("50", float("nan")), lat.get("99", float("nan")),
+                  int(total[1]) if total else 0, int(non2xx[1]) if non2xx else 0, errors, text)
+
+
+def run_wrk(cmd: list[str], duration: int) -> WrkRun:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                             timeout=duration + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"wrk did not finish: {shlex.join(cmd)}") from exc
+    if out.returncode != 0:
+        raise BenchError(f"wrk exited {out.returncode}: {out.stderr.strip() or out.stdout}")
+    return parse_wrk(out.stdout)
+
+
+def median_known(values: list[float]) -> float:
+    """The median of the values that are not NaN (NaN if none is known)."""
+    known = [v for v in values if v == v]
+    return statistics.median(known) if known else float("nan")
+
+
+def fmt_ms(ms: float) -> str:
+    if ms != ms:  # NaN
+        return "?"
+    if ms < 10:
+        return f"{ms:.2f} ms"
+    if ms < 100:
+        return f"{ms:.1f} ms"
+    return f"{ms:.0f} ms"
+
+
+def machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs"
+            + (f" ({model})" if model else "") + f", harness Python {platform.python_version()}")
+
+
+def no_nan(value: Any) -> Any:
+    """``value`` with NaN floats (unknown percentiles) as None, so the file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    return value
+
+
+def raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def python_version(python: str, modules: list[str], dist: str) -> str:
+    """``dist``'s version as ``python`` sees it, after importing ``modules``.
+
+    Raises ``BenchError`` (with the import error's last line) if it cannot.
+    """
+    if shutil.which(python) is None:
+        raise BenchError(f"interpreter {python} not found")
+    code = (
+        "import importlib, importlib.metadata as m\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"print(m.version({dist!r}))\n"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False,
+                         cwd=BENCH)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise BenchError(f"not importable by {python} ({last})")
+    return out.stdout.strip()

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,14 @@ def ports(*names: str) -> dict[str, int]:
         if port not in chosen.values():
             chosen[names[len(chosen)]] = port
     return chosen
+
+
+def start_sleeper(pool: ThreadPoolExecutor, server: Any, port: int, seconds: float,
+                  route: str = "/sleep"):
+    """A slow request on its own thread; returns once the app is inside it."""
+    tag = uuid.uuid4().hex
+    future = pool.submit(fetch, port, f"{route}?s={seconds}&tag={tag}", seconds + 15)
+    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
+             what=f"the app to start sleeping:\n{server.log}")
+    assert not future.done(), future.result()
+    return future

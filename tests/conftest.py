@@ -172,7 +172,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Read until the peer closes the connection."""
+    """Everything the server sends until it closes; fails if it does not close."""
     sock.settimeout(timeout)
     chunks = []
     while True:
@@ -180,10 +180,44 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
             data = sock.recv(65536)
         except ConnectionResetError:
             break
+        except TimeoutError:
+            raise AssertionError(
+                f"server did not close the connection; got {b''.join(chunks)[:300]!r}") from None
         if not data:
             break
         chunks.append(data)
     return b"".join(chunks)
+
+
+def start_server(app: str, directory: Path, *args: str,
+                 env: dict[str, str] | None = None) -> Server:
+    """One worker on a free port, for module-scoped fixtures (which cannot use ``serve``)."""
+    port = free_port()
+    server = Server([app, "--port", str(port), "--workers", "1", *args],
+                    port=port, workers=1, env=env, cwd=directory,
+                    log_path=directory / "server.log")
+    try:
+        return server.wait_ready()
+    except BaseException:
+        server.kill()
+        raise
+
+
+def stop_server(server: Server) -> None:
+    try:
+        server.stop(timeout=10)
+    except AssertionError:
+        server.kill()
+
+
+@pytest.fixture
+def clusters(tmp_path: Path) -> Iterator[object]:
+    """Config-file servers (see apps_groups_support.Clusters)."""
+    from apps_groups_support import Clusters
+
+    factory = Clusters(tmp_path)
+    yield factory
+    factory.close()
 
 
 def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:

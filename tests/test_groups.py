@@ -14,13 +14,11 @@ import signal
 import stat
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from apps_groups_support import (
-    Clusters,
     alive,
     children,
     cmdline,
@@ -29,28 +27,10 @@ from apps_groups_support import (
     group,
     ports,
     render,
+    start_sleeper,
     timed_fetch,
 )
 from conftest import wait_for
-
-
-@pytest.fixture
-def clusters(tmp_path):
-    factory = Clusters(tmp_path)
-    yield factory
-    factory.close()
-
-
-def start_sleeper(pool: ThreadPoolExecutor, server, port: int, seconds: float,
-                  route: str = "/sleep"):
-    """A slow request on its own thread; returns once the app is inside it."""
-    tag = uuid.uuid4().hex
-    future = pool.submit(fetch, port, f"{route}?s={seconds}&tag={tag}", seconds + 15)
-    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
-             what=f"the app to start sleeping:\n{server.log}")
-    assert not future.done(), future.result()
-    return future
-
 
 # ---------------------------------------------------------------- the example config
 

@@ -15,30 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import conftest
 import pytest
 from apps_http import pattern
-from conftest import Server, free_port
+from conftest import Server, stop_server
 
 # ---------------------------------------------------------------- servers
 
 
 def start_server(directory: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
-    server = Server(["apps_http:app", "--port", str(port), "--workers", "1", *args],
-                    port=port, workers=1, env=env, cwd=directory,
-                    log_path=directory / "server.log")
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-
-
-def stop_server(server: Server) -> None:
-    try:
-        server.stop(timeout=10)
-    except AssertionError:
-        server.kill()
+    return conftest.start_server("apps_http:app", directory, *args, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import Server, free_port
+from conftest import Server, stop_server
 
 DEFAULT_LINE = 4094
 DEFAULT_FIELDS = 100
@@ -33,22 +34,7 @@ CUSTOM = {
 
 
 def start_server(directory: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    port = free_port()
-    server = Server(["apps_http:app", "--port", str(port), "--workers", "1", *args],
-                    port=port, workers=1, env=env, cwd=directory,
-                    log_path=directory / "server.log")
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-
-
-def stop_server(server: Server) -> None:
-    try:
-        server.stop(timeout=10)
-    except AssertionError:
-        server.kill()
+    return conftest.start_server("apps_http:app", directory, *args, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +81,7 @@ def field_of_size(size: int) -> bytes:
     return name + b": " + b"v" * (size - len(name) - 2)
 
 
-def read_until_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes; fails if it does not close."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(
-                f"server did not close the connection; got {b''.join(chunks)[:300]!r}") from None
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
+read_until_close = conftest.read_response
 
 
 def read_one(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:

@@ -74,7 +74,7 @@ cdef class HttpConnection:
     cdef Request new_request(self)
     cdef int add_header(self, Request request, bytes name, bytes value) except -1
     cdef int finish_head(self, Request request) except -1
-    cdef int feed(self, bytes data) except -1
+    cdef int feed(self, const char *data, Py_ssize_t size) except -1
     cdef int fail(self, int status, str reason) noexcept
     cdef bint at_message_boundary(self)
     # Parser events, called from llhttp's callbacks: 0 goes on, 1 (STOP, after

@@ -571,9 +571,10 @@ cdef class HttpConnection:
 
     # ---- feeding
 
-    cdef int feed(self, bytes data) except -1:
-        cdef const char *start = PyBytes_AS_STRING(data)
-        cdef int code = llhttp.execute(self.box.state, start, PyBytes_GET_SIZE(data))
+    cdef int feed(self, const char *start, Py_ssize_t size) except -1:
+        """Parse ``size`` received bytes (read straight from the caller's
+        buffer: nothing is copied but what a request keeps)."""
+        cdef int code = llhttp.execute(self.box.state, start, size)
         cdef str name
         cdef Request request
         if self.callback_error is not None:
@@ -597,7 +598,8 @@ cdef class HttpConnection:
         if not self.error_status:
             self.error_reason = llhttp.get_error_reason(self.box.state).decode("latin-1")
             self.error_status = parser_error_status(
-                name, self.error_reason, data, llhttp.get_error_pos(self.box.state) - start)
+                name, self.error_reason, PyBytes_FromStringAndSize(start, size),
+                llhttp.get_error_pos(self.box.state) - start)
         self.stop_reading = True
         # The request being parsed has broken framing: never dispatch it.
         if (self.current is not None and self.pending

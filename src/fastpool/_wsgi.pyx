@@ -66,7 +66,8 @@ cdef object error_log = logging.getLogger("fastpool.error")
 
 
 cdef enum:
-    RECV_SIZE = 65536
+    # One read takes up to this much; a large body arrives in few reads.
+    RECV_SIZE = 262144
     MAX_EVENTS = 256
     ACCEPT_BATCH = 64
     # A body this large is handed to the app before it is complete; below it the
@@ -528,7 +529,6 @@ cdef class WSGIConnection(HttpConnection):
     cdef int fill_body(self, WSGIRequest request) except -1:
         """Read more of ``request``'s body from the socket (blocking)."""
         cdef ssize_t received
-        cdef bytes data
         if request.expect_continue and not self.continue_sent and not self.headers_sent:
             self.continue_sent = True
             self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -548,8 +548,7 @@ cdef class WSGIConnection(HttpConnection):
                 self.wait_socket(POLLIN)
             elif errno != EINTR:
                 raise ClientDisconnected(errno, "recv failed")
-        data = PyBytes_FromStringAndSize(self.worker.recv_buffer, received)
-        self.feed(data)
+        self.feed(self.worker.recv_buffer, received)
         if self.error_status and not request.body_complete:
             raise RequestBodyError(self.error_status, self.error_reason)
         return 0
@@ -1045,7 +1044,7 @@ cdef class WSGIWorker:
     cdef int read(self, WSGIConnection conn) except -1:
         cdef ssize_t received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
         if received > 0:
-            conn.feed(PyBytes_FromStringAndSize(self.recv_buffer, received))
+            conn.feed(self.recv_buffer, received)
         elif received == 0:
             conn.peer_closed = True
             conn.stop_reading = True

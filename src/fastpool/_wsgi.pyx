@@ -305,6 +305,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef bint peer_closed      # the client shut its side down
     cdef bint want_write       # registered for EPOLLOUT
     cdef bint busy             # owned by an app thread (threads > 1)
+    cdef bint trusted_proxy    # the peer may set X-Forwarded-For / -Proto
     cdef object start_response_method
     cdef object write_method
     # The response being produced (one at a time).
@@ -363,6 +364,53 @@ cdef class WSGIConnection(HttpConnection):
         environ["QUERY_STRING"] = parts[1]
         environ["RAW_URI"] = parts[2]
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_minor else "HTTP/1.0"
+        if self.trusted_proxy:
+            self.apply_forwarded(environ)
+        return 0
+
+    cdef int apply_forwarded(self, dict environ) except -1:
+        """A trusted proxy's X-Forwarded-For / X-Forwarded-Proto (gunicorn's and
+        uvicorn's forwarded_allow_ips): the client is the nearest address in
+        the chain that is not itself a trusted proxy."""
+        cdef WSGIWorker worker = self.worker
+        cdef str chain = environ.get("HTTP_X_FORWARDED_FOR")
+        cdef str proto = environ.get("HTTP_X_FORWARDED_PROTO")
+        cdef list hops
+        if chain:
+            hops = [hop.strip() for hop in chain.split(",") if hop.strip()]
+            if hops:
+                client = hops[0]
+                for hop in reversed(hops):
+                    if not worker.trusts(hop):
+                        client = hop
+                        break
+                environ["REMOTE_ADDR"] = client
+                environ["REMOTE_PORT"] = "0"
+        if proto:
+            proto = proto.split(",", 1)[0].strip().lower()
+            if proto == "http" or proto == "https":
+                environ["wsgi.url_scheme"] = proto
+        return 0
+
+    cdef int answer_health(self, WSGIRequest request) except -1:
+        """The group's health_path, answered without the app: 200 while the
+        worker serves, 503 once its graceful stop has begun."""
+        cdef bytes body
+        self.reset_response(request)
+        if self.worker.alive:
+            self.status, body = "200 OK", b"OK\n"
+        else:
+            self.status, body = "503 Service Unavailable", b"stopping\n"
+        self.headers = [("Content-Type", "text/plain")]
+        self.write_head(len(body))
+        self.write_body(body)
+        self.finish_body()
+        if self.worker.access_log is not None:
+            self.worker.access_log(request.environ, self.status_code, self.body_sent,
+                                   monotonic() - request.started)
+        if self.response_close:
+            self.closing = True
+        self.request = None
         return 0
 
     # ---- start_response and write (PEP 3333)
@@ -723,6 +771,9 @@ cdef class WSGIWorker:
     cdef double[::1] board
     cdef object board_owner
     cdef list running             # start times of the requests being served
+    cdef bytes health_target      # health_path as bytes, or None
+    cdef bint trust_all_proxies
+    cdef frozenset trusted_proxies
     # Thread pool (threads > 1)
     cdef readonly int threads
     cdef object tasks
@@ -750,13 +801,17 @@ cdef class WSGIWorker:
     def __init__(self, app, listeners, *, Limits limits not None, double keep_alive=5.0,
                  double header_timeout=30.0, double graceful_timeout=30.0,
                  str root_path="", access_log=None, int master_pid=0, int threads=1,
-                 long long max_requests=0, scoreboard=None):
+                 long long max_requests=0, scoreboard=None, str health_path=None,
+                 forwarded_allow_ips=()):
         """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
         owned by the caller's socket objects until ``stop`` closes them.
         ``scoreboard``: a writable buffer of BOARD_SIZE doubles, or None."""
         cdef epoll_event event
         self.app = app
         self.threads = threads
+        self.health_target = health_path.encode("latin-1") if health_path else None
+        self.trust_all_proxies = "*" in forwarded_allow_ips
+        self.trusted_proxies = frozenset(forwarded_allow_ips)
         self.max_requests = max_requests
         self.running = []
         self.board_owner = scoreboard if scoreboard is not None else bytearray(8 * BOARD_SIZE)
@@ -852,6 +907,18 @@ cdef class WSGIWorker:
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event)
             self.after_serving(conn)
         return 0
+
+    cdef bint trusts(self, str address):
+        return self.trust_all_proxies or address in self.trusted_proxies
+
+    cdef bint is_health_request(self, Request request):
+        cdef bytes target = request.target
+        cdef Py_ssize_t size
+        if self.health_target is None:
+            return False
+        size = len(self.health_target)
+        return target.startswith(self.health_target) and (
+            len(target) == size or target[size] == 63)   # exact, or followed by "?"
 
     # ---- the scoreboard
 
@@ -996,6 +1063,8 @@ cdef class WSGIWorker:
                 remote = ""
                 base["REMOTE_ADDR"] = ""
             conn = WSGIConnection(self, fd, base, remote)
+            conn.trusted_proxy = self.trust_all_proxies or (
+                listener.tcp and remote in self.trusted_proxies)
             conn.deadline = monotonic() + (self.header_timeout or 1e9)
             self.register(fd, conn)
             memset(&event, 0, sizeof(event))
@@ -1066,13 +1135,26 @@ cdef class WSGIWorker:
 
     cdef int process(self, WSGIConnection conn) except -1:
         """Answer every request of ``conn`` that is ready, in order, then send."""
-        if self.pool is not None and self.has_ready_request(conn):
-            # Hand the connection to an app thread; the loop forgets it until
-            # take_back.
-            conn.busy = True
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
-            self.tasks.put(conn)
-            return 0
+        cdef WSGIRequest request
+        if self.pool is not None:
+            # Health checks are answered here, never queued behind app threads.
+            while self.has_ready_request(conn) and self.is_health_request(
+                    <Request>conn.pending[0]):
+                request = <WSGIRequest>conn.pending[0]
+                conn.answer_health(request)
+                del conn.pending[0]
+            if self.has_ready_request(conn):
+                # Hand the connection to an app thread; the loop forgets it until
+                # take_back.  What is already answered goes out first.
+                try:
+                    conn.out.send_to(conn.fd)
+                except OSError:
+                    pass   # the thread's own writes will find the peer gone
+                conn.busy = True
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+                self.tasks.put(conn)
+                return 0
+            return self.after_serving(conn)
         self.serve_ready(conn)
         return self.after_serving(conn)
 
@@ -1087,7 +1169,10 @@ cdef class WSGIWorker:
                     conn.pending.clear()   # can never complete
                     conn.closing = True
                 break
-            conn.run_app(request)
+            if self.is_health_request(request):
+                conn.answer_health(request)
+            else:
+                conn.run_app(request)
             if conn.pending and conn.pending[0] is request:
                 del conn.pending[0]
             if not request.body_complete:
@@ -1216,7 +1301,10 @@ cdef class WSGIWorker:
                 continue
             if not self.alive and self.close_idle and conn.state == OPEN \
                     and not conn.want_write and not conn.pending and conn.at_message_boundary():
-                self.close_connection(conn)   # idle keep-alive during a shutdown
+                # Idle keep-alive during a shutdown -- unless its next request is
+                # already waiting: that one is answered (with Connection: close).
+                if not input_waiting(conn.fd):
+                    self.close_connection(conn)
             elif now >= conn.deadline:
                 if conn.state == OPEN and not conn.want_write and input_waiting(conn.fd):
                     # Bytes arrived while this worker was busy (the app ran longer

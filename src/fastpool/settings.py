@@ -62,6 +62,12 @@ def _port(value: int) -> int:
     return value
 
 
+def _url_path(value: str) -> str:
+    if not value.startswith("/") or "?" in value or " " in value:
+        raise ValueError(f"expected a path starting with /, got {value!r}")
+    return value
+
+
 def _nice(value: int) -> int:
     if not -20 <= value <= 19:
         raise ValueError(f"expected a niceness from -20 to 19, got {value!r}")
@@ -273,6 +279,15 @@ SETTINGS: tuple[Setting, ...] = (
             "What a crash-looping group does to the server: stop-group (the other groups "
             "keep serving) or stop-server.", flags=("--on-crash-loop",),
             metavar="ACTION", check=choice("stop-group", "stop-server")),
+    Setting("health_path", "str", None,
+            "A path (e.g. /healthz) the server answers itself, without calling the app: 200, "
+            "or 503 once a graceful stop has begun.", flags=("--health-path",), metavar="PATH",
+            check=_url_path),
+    Setting("forwarded_allow_ips", "list", ["127.0.0.1", "::1"],
+            "Peers whose X-Forwarded-For / X-Forwarded-Proto set REMOTE_ADDR and "
+            "wsgi.url_scheme ('*': any peer; unix-socket peers need '*').",
+            flags=("--forwarded-allow-ips",), metavar="IPS",
+            default_doc="`127.0.0.1,::1`"),
     Setting("access_log", "str", None,
             "Write an access log line per request to this file ('-' is stdout). Off by "
             "default.", flags=("--access-log",), metavar="PATH"),

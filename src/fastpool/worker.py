@@ -158,6 +158,8 @@ def run_worker(
             threads=group.threads,
             max_requests=max_requests,
             scoreboard=board,
+            health_path=group.health_path,
+            forwarded_allow_ips=tuple(group.forwarded_allow_ips),
         )
     except AppLoadError as exc:
         notify(notify_fd, "ERROR", f"App failed to load: {exc}")

@@ -91,7 +91,6 @@ cdef class HttpConnection:
 
 cdef struct HeadFlags:
     long long content_length
-    int status_code
     bint has_date
     bint has_server
     bint connection_close
@@ -176,7 +175,3 @@ cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) exce
     PyByteArray_Resize(target, old + size)
     memcpy(PyByteArray_AS_STRING(target) + old, data, size)
     return 0
-
-
-cdef inline int extend_bytes(bytearray target, bytes data) except -1:
-    return extend(target, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))

@@ -29,10 +29,10 @@ Rules of this module:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdio cimport snprintf
-from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memchr, memcpy, memcmp, memmove, memset
+from libc.stdlib cimport free, realloc
+from libc.string cimport memchr, memcpy, memmove, memset
 
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,

@@ -81,6 +81,7 @@ class Group:
     state: str = "running"            # running, crash-loop, stopped
     crash_streak: int = 0
     restarts: int = 0
+    ever_ready: bool = False          # a worker of this group has served
     reload_failed_generation: int = -1
 
 
@@ -118,7 +119,7 @@ class Master:
         self.exit_code = 0
         self.board = Scoreboard()
         self.control: socket.socket | None = None
-        self.booted = False      # every group has had a READY worker once
+        self.booted = False      # every group at start-up has had a READY worker
 
     # ---------------------------------------------------------------- start
 
@@ -458,6 +459,13 @@ class Master:
                     continue
                 if kind == "READY":
                     child.ready = True
+                    group = self.groups.get(child.name)
+                    if group is not None:
+                        group.ever_ready = True
+                        # Start-up ends once; a group added later by a reload
+                        # must not turn its boot failures into a server stop.
+                        if not self.booted:
+                            self.booted = all(g.ever_ready for g in self.groups.values())
                 elif kind == "ERROR":
                     self.boot_failure(child, message.rstrip("\n"))
 
@@ -682,10 +690,6 @@ class Master:
             for slot in list(group.listeners.per_slot):
                 if slot >= group.wanted and slot not in busy_slots:
                     group.listeners.close_slot(slot)
-        if not self.booted and all(
-                any(c.ready for c in self.children.values() if c.name == n and c.kind == "worker")
-                for n in self.groups):
-            self.booted = True
         now = time.monotonic()
         for name, process in list(self.processes.items()):
             instances = [c for c in self.children.values()

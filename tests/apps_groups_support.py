@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import DEADLINE, TESTS, Server, free_port, wait_for
+from conftest import DEADLINE, TESTS, Server, alive, free_port, wait_for
 
 from fastpool.control import request as control_request
 
@@ -79,15 +79,6 @@ def fastpool(*args: str, cwd: Path, timeout: float = 30.0,
 
 
 # ---------------------------------------------------------------- processes
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def children(pid: int) -> list[int]:

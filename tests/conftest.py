@@ -171,6 +171,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
                 server.kill()
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
     """Everything the server sends until it closes; fails if it does not close."""
     sock.settimeout(timeout)

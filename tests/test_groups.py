@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from apps_groups_support import (
-    alive,
     children,
     cmdline,
     fastpool,
@@ -30,7 +29,7 @@ from apps_groups_support import (
     start_sleeper,
     timed_fetch,
 )
-from conftest import wait_for
+from conftest import alive, wait_for
 
 # ---------------------------------------------------------------- the example config
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Server, free_port, wait_for
+from conftest import Server, alive, free_port, wait_for
 
 # ---------------------------------------------------------------- helpers
 
@@ -38,15 +38,6 @@ def served_pid(server: Server) -> int:
     status, body = fetch(server, "/pid")
     assert status == 200, body
     return int(body)
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def start_sleeper(pool: ThreadPoolExecutor, server: Server, seconds: float,

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from apps_groups_support import (
     Load,
-    alive,
     children,
     fetch,
     group,
@@ -29,7 +28,7 @@ from apps_groups_support import (
     render,
     start_sleeper,
 )
-from conftest import wait_for
+from conftest import alive, wait_for
 
 
 def wait_exit(server, timeout: float = 20) -> int:

@@ -475,8 +475,10 @@ cdef class HttpConnection:
         # One span per request unless the URL is split across reads.
         self.url = piece if self.url is None else self.url + piece
         # The request line is METHOD SP URL SP HTTP/1.x: the URL plus 10 bytes
-        # plus the method, without the CRLF.
-        if limit and PyBytes_GET_SIZE(self.url) + 10 + len(method_of(self.box.state)) > limit:
+        # plus the method, without the CRLF.  The method's length is looked up
+        # only when the line could be too long even with the shortest (3).
+        if limit and PyBytes_GET_SIZE(self.url) + 13 > limit and (
+                PyBytes_GET_SIZE(self.url) + 10 + len(method_of(self.box.state)) > limit):
             return self.fail(414, "request line too long")
         return 0
 

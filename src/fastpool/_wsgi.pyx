@@ -405,6 +405,10 @@ cdef class WSGIConnection(HttpConnection):
         self.write_head(len(body))
         self.write_body(body)
         self.finish_body()
+        return self.finish_response(request)
+
+    cdef int finish_response(self, WSGIRequest request) except -1:
+        """After a response is queued: its access-log line, and the close decision."""
         if self.worker.access_log is not None:
             self.worker.access_log(request.environ, self.status_code, self.body_sent,
                                    monotonic() - request.started)
@@ -680,13 +684,7 @@ cdef class WSGIConnection(HttpConnection):
             body.request = None
             body.conn = None
             worker.request_finished(started)
-        if worker.access_log is not None:
-            worker.access_log(request.environ, self.status_code, self.body_sent,
-                              monotonic() - request.started)
-        if self.response_close:
-            self.closing = True
-        self.request = None
-        return 0
+        return self.finish_response(request)
 
     cdef int fail_request(self, int status, str detail) except -1:
         """Answer ``status`` in place of a response the app could not give."""

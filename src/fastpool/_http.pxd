@@ -68,6 +68,9 @@ cdef class HttpConnection:
     cdef public int error_status
     cdef public str error_reason
     cdef public bint stop_reading
+    # After an upgrade request (Connection: upgrade): the bytes that followed
+    # its head, which belong to the new protocol.
+    cdef public bytes upgrade_data
     # An unexpected exception raised inside a parser callback, re-raised by feed.
     cdef object callback_error
 
@@ -97,6 +100,19 @@ cdef struct HeadFlags:
     bint has_transfer_encoding
 
 
+# How one response is delimited on the wire, decided when its head is built.
+# Every worker kind frames its responses with the functions below, so WSGI and
+# ASGI answer alike (Content-Length, chunked, close-delimited, keep-alive).
+cdef struct Framing:
+    int status_code
+    long long declared_length   # the body's announced length, -1 when unknown
+    long long body_sent
+    bint headers_sent
+    bint chunked
+    bint body_suppressed        # HEAD, 1xx, 204, 304: no body bytes on the wire
+    bint close                  # close the connection once this response is out
+
+
 cdef class OutBuffer:
     # Small writes land in ``buf`` (C memory reused for the connection's life),
     # so a response head plus a small body costs no allocation and one send.
@@ -115,6 +131,7 @@ cdef class OutBuffer:
     cdef int write(self, object data) except -1
     cdef int clear(self) except -1
     cdef Py_ssize_t send_to(self, int fd) except -2
+    cdef list take(self)
 
 
 # A response head being built: in a caller's stack buffer, moved to the heap
@@ -162,6 +179,13 @@ cdef bytes date_header()
 cdef int refresh_date() except -1
 cdef tuple status_line(str status)
 cdef int append_str_header(HeadBuf *head, object name, object value, HeadFlags *flags) except -1
+cdef int append_bytes_header(HeadBuf *head, object name, object value, HeadFlags *flags) except -1
+cdef void framing_reset(Framing *framing) noexcept
+cdef void flags_reset(HeadFlags *flags) noexcept
+cdef int end_head(HeadBuf *head, Framing *framing, HeadFlags *flags, Request request,
+                  int code, long long body_length, bint reusable) except -1
+cdef bint frame_body(OutBuffer out, Framing *framing, object data) except -1
+cdef int end_body(OutBuffer out, Framing *framing) except -1
 cdef int put_content_length(HeadBuf *head, long long length) except -1
 cdef void head_free(HeadBuf *head) noexcept
 cdef double monotonic() noexcept nogil

@@ -579,6 +579,7 @@ cdef class HttpConnection:
         cdef int code = llhttp.execute(self.box.state, start, size)
         cdef str name
         cdef Request request
+        cdef const char *pause
         if self.callback_error is not None:
             error = self.callback_error
             self.callback_error = None
@@ -588,9 +589,15 @@ cdef class HttpConnection:
         name = errno_name(code)
         if name == "HPE_PAUSED_UPGRADE":
             # The head (and, with no body, the message) is complete; what follows
-            # belongs to another protocol that this worker does not speak.
-            # Answer the request and close.
+            # belongs to another protocol.  The worker either switches to it
+            # (ASGI WebSocket), handing it ``upgrade_data``, or answers the
+            # request and closes.
             request = self.pending[len(self.pending) - 1]
+            pause = llhttp.get_error_pos(self.box.state)
+            if pause != NULL and start <= pause <= start + size:
+                self.upgrade_data = PyBytes_FromStringAndSize(pause, start + size - pause)
+            else:
+                self.upgrade_data = b""
             request.upgrade = True
             request.keep_alive = False
             request.body_complete = True
@@ -734,22 +741,22 @@ cdef enum HeaderKind:
 
 
 # name -> {value -> (line or None, kind, number)}: validated, encoded header
-# lines.  Apps send the same few headers on every response, so encoding and
+# lines, one table for WSGI's str headers and one for ASGI's bytes headers.
+# Apps send the same few headers on every response, so encoding and
 # validating them once is the common case.  Bounded so varying values
-# (cookies, ETags) cannot grow it without limit.
-cdef dict HEADER_LINES = {}
+# (cookies, ETags) cannot grow them without limit.
+cdef dict STR_HEADER_LINES = {}
+cdef dict BYTES_HEADER_LINES = {}
 
 
-cdef tuple encode_header(str name, str value):
-    cdef bytes raw_name = name.encode("latin-1")
-    cdef bytes raw_value = value.encode("latin-1")
+cdef tuple encode_header(bytes raw_name, bytes raw_value):
     cdef Py_ssize_t size = PyBytes_GET_SIZE(raw_name)
     cdef int kind = PLAIN
     cdef long long number = 0
     check_header(raw_name, raw_value)
     if size == 14 and name_is(raw_name, b"content-length", 14):
         if not raw_value.strip().isdigit():
-            raise ValueError(f"invalid Content-Length {value!r}")
+            raise ValueError(f"invalid Content-Length {raw_value.decode('latin-1')!r}")
         kind = CONTENT_LENGTH
         number = int(raw_value)
     elif size == 4 and name_is(raw_name, b"date", 4):
@@ -765,22 +772,23 @@ cdef tuple encode_header(str name, str value):
     return (raw_name + b": " + raw_value + b"\r\n", kind, number)
 
 
-cdef int append_str_header(HeadBuf *head, object name, object value,
-                           HeadFlags *flags) except -1:
-    """Validate one WSGI (str, str) header and append ``name: value\\r\\n``."""
+cdef int append_header(HeadBuf *head, dict cache, object name, object value,
+                       HeadFlags *flags) except -1:
+    """Validate one header (both str or both bytes) and append ``name: value\\r\\n``."""
     cdef dict by_value
     cdef tuple entry = None
     cdef object line
     cdef int kind
-    if type(name) is not str or type(value) is not str:
-        raise TypeError(f"header name and value must be str, got {name!r}: {value!r}")
-    by_value = HEADER_LINES.get(name)
+    by_value = cache.get(name)
     if by_value is not None:
         entry = by_value.get(value)
     if entry is None:
-        entry = encode_header(name, value)
-        if by_value is None and len(HEADER_LINES) < 256:
-            by_value = HEADER_LINES[name] = {}
+        if type(name) is str:
+            entry = encode_header(name.encode("latin-1"), value.encode("latin-1"))
+        else:
+            entry = encode_header(name, value)
+        if by_value is None and len(cache) < 256:
+            by_value = cache[name] = {}
         if by_value is not None and len(by_value) < 64:
             by_value[value] = entry
     line = entry[0]
@@ -800,6 +808,28 @@ cdef int append_str_header(HeadBuf *head, object name, object value,
         return 0
     head_put_bytes(head, <bytes>line)
     return 0
+
+
+cdef int append_str_header(HeadBuf *head, object name, object value,
+                           HeadFlags *flags) except -1:
+    """A WSGI header: a (str, str) pair."""
+    if type(name) is not str or type(value) is not str:
+        raise TypeError(f"header name and value must be str, got {name!r}: {value!r}")
+    return append_header(head, STR_HEADER_LINES, name, value, flags)
+
+
+cdef int append_bytes_header(HeadBuf *head, object name, object value,
+                             HeadFlags *flags) except -1:
+    """An ASGI header: a pair of byte strings."""
+    if type(name) is not bytes:
+        if not isinstance(name, (bytes, bytearray)):
+            raise TypeError(f"header name and value must be bytes, got {name!r}: {value!r}")
+        name = bytes(name)
+    if type(value) is not bytes:
+        if not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"header name and value must be bytes, got {name!r}: {value!r}")
+        value = bytes(value)
+    return append_header(head, BYTES_HEADER_LINES, name, value, flags)
 
 
 cdef int put_content_length(HeadBuf *head, long long length) except -1:
@@ -825,6 +855,106 @@ cdef void head_free(HeadBuf *head) noexcept:
     if head.on_heap:
         free(head.data)
         head.on_heap = False
+
+
+# ---------------------------------------------------------------- framing
+
+cdef void framing_reset(Framing *framing) noexcept:
+    framing.status_code = 0
+    framing.declared_length = -1
+    framing.body_sent = 0
+    framing.headers_sent = False
+    framing.chunked = False
+    framing.body_suppressed = False
+    framing.close = False
+
+
+cdef void flags_reset(HeadFlags *flags) noexcept:
+    flags.content_length = -1
+    flags.has_date = False
+    flags.has_server = False
+    flags.connection_close = False
+    flags.has_transfer_encoding = False
+
+
+cdef int end_head(HeadBuf *head, Framing *framing, HeadFlags *flags, Request request,
+                  int code, long long body_length, bint reusable) except -1:
+    """Finish a head whose status line and app headers are in ``head``: add
+    Server and Date unless the app set them, decide how the body is delimited,
+    and whether the connection survives.
+
+    ``body_length``: the whole body's size when the server knows it, else -1.
+    ``reusable``: the worker keeps connections (it is not stopping, and
+    keep-alive is on)."""
+    framing.status_code = code
+    if not flags.has_server:
+        head_put(head, b"Server: fastpool\r\n", 18)
+    if not flags.has_date:
+        head_put_bytes(head, _date_header)
+    if code < 200 or code == 204 or code == 304:
+        framing.body_suppressed = True
+        framing.declared_length = 0
+    elif flags.content_length >= 0:
+        framing.declared_length = flags.content_length
+    elif body_length >= 0:
+        put_content_length(head, body_length)
+        framing.declared_length = body_length
+    elif request.http_minor == 1:
+        head_put(head, b"Transfer-Encoding: chunked\r\n", 28)
+        framing.chunked = True
+    else:
+        framing.close = True   # HTTP/1.0 without a length: close-delimited
+    if request.method == "HEAD":
+        framing.body_suppressed = True
+        framing.chunked = False
+    # A body the app left unread cannot be skipped safely: close after it.
+    if (flags.connection_close or not request.keep_alive or not reusable
+            or not request.body_complete):
+        framing.close = True
+    if framing.close:
+        head_put(head, b"Connection: close\r\n", 19)
+    elif request.http_minor == 0:
+        head_put(head, b"Connection: keep-alive\r\n", 24)
+    head_put(head, b"\r\n", 2)
+    framing.headers_sent = True
+    return 0
+
+
+cdef bint frame_body(OutBuffer out, Framing *framing, object data) except -1:
+    """Queue one piece of body (bytes) as the framing says.  Returns True the
+    first time the app sends more than its Content-Length: the excess is
+    dropped and the connection will close, so it cannot pass for a next
+    response; the caller says so in the log."""
+    cdef long long size = PyBytes_GET_SIZE(data)
+    cdef long long allowed
+    cdef bint overrun = False
+    if size == 0 or framing.body_suppressed:
+        return False
+    if framing.declared_length >= 0:
+        allowed = framing.declared_length - framing.body_sent
+        if size > allowed:
+            overrun = not framing.close
+            framing.close = True
+            data = data[:allowed]
+            size = allowed
+            if size == 0:
+                return overrun
+    framing.body_sent += size
+    if framing.chunked:
+        append_chunk(out, data)
+    else:
+        out.write(data)
+    return overrun
+
+
+cdef int end_body(OutBuffer out, Framing *framing) except -1:
+    """The app's body is complete."""
+    if framing.chunked:
+        out.write_raw(b"0\r\n\r\n", 5)
+    elif framing.declared_length > framing.body_sent and not framing.body_suppressed:
+        # Shorter than announced: the client would wait for the rest.
+        framing.close = True
+    return 0
 
 
 # ---------------------------------------------------------------- output buffer
@@ -898,6 +1028,22 @@ cdef class OutBuffer:
             self.buf = NULL
             self.buf_capacity = 0
         return 0
+
+    cdef list take(self):
+        """Everything queued, as byte strings in order, and the buffer emptied
+        (for a writer that is not a file descriptor: an asyncio transport)."""
+        cdef list parts = []
+        cdef Py_ssize_t skip = self.first_offset   # already sent of the first chunk
+        if self.buf_end > self.buf_start:
+            parts.append(PyBytes_FromStringAndSize(self.buf + self.buf_start,
+                                                   self.buf_end - self.buf_start))
+        for chunk in self.chunks:
+            if skip:
+                chunk = chunk[skip:]
+                skip = 0
+            parts.append(chunk if type(chunk) is bytes else bytes(chunk))
+        self.clear()
+        return parts
 
     cdef Py_ssize_t send_to(self, int fd) except -2:
         """Send what the socket takes without blocking; return bytes sent, or -1

@@ -49,9 +49,9 @@ from fastpool._posix cimport (
     EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    Limits, Request, HttpConnection, HeadFlags, OutBuffer, date_header, refresh_date,
-    status_line, append_str_header, append_chunk, error_response, HeadBuf, head_init,
-    head_put_bytes, head_free, put_content_length, monotonic,
+    Limits, Request, HttpConnection, HeadFlags, OutBuffer, refresh_date, status_line,
+    append_str_header, error_response, HeadBuf, head_init, head_put_bytes, head_free,
+    monotonic, Framing, framing_reset, flags_reset, end_head, frame_body, end_body,
 )
 
 import logging
@@ -312,14 +312,8 @@ cdef class WSGIConnection(HttpConnection):
     cdef WSGIRequest request
     cdef object status
     cdef object headers
-    cdef bint headers_sent
-    cdef bint chunked
-    cdef bint body_suppressed
-    cdef bint response_close
+    cdef Framing framing
     cdef bint continue_sent
-    cdef long long declared_length
-    cdef long long body_sent
-    cdef int status_code
 
     def __init__(self, WSGIWorker worker, int fd, dict base_environ, str remote_addr):
         HttpConnection.__init__(self, worker.limits)
@@ -410,9 +404,10 @@ cdef class WSGIConnection(HttpConnection):
     cdef int finish_response(self, WSGIRequest request) except -1:
         """After a response is queued: its access-log line, and the close decision."""
         if self.worker.access_log is not None:
-            self.worker.access_log(request.environ, self.status_code, self.body_sent,
+            self.worker.access_log(request.environ, self.framing.status_code,
+                                   self.framing.body_sent,
                                    monotonic() - request.started)
-        if self.response_close:
+        if self.framing.close:
             self.closing = True
         self.request = None
         return 0
@@ -422,7 +417,7 @@ cdef class WSGIConnection(HttpConnection):
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
             try:
-                if self.headers_sent:
+                if self.framing.headers_sent:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
@@ -451,17 +446,12 @@ cdef class WSGIConnection(HttpConnection):
         """Serialise status and headers; ``body_length`` is the whole body's
         size when the worker knows it, else -1.  Nothing is queued unless every
         header is valid."""
-        cdef WSGIRequest request = self.request
+        cdef WSGIWorker worker = self.worker
         cdef tuple line = status_line(self.status)
         cdef HeadFlags flags
         cdef char stack[HEAD_STACK]
         cdef HeadBuf head
-        cdef int code = line[1]
-        flags.content_length = -1
-        flags.has_date = False
-        flags.has_server = False
-        flags.connection_close = False
-        flags.has_transfer_encoding = False
+        flags_reset(&flags)
         head_init(&head, stack, HEAD_STACK)
         try:
             head_put_bytes(&head, <bytes>line[0])
@@ -469,82 +459,29 @@ cdef class WSGIConnection(HttpConnection):
                 append_str_header(&head, name, value, &flags)
             if flags.has_transfer_encoding:
                 raise ValueError("an app must not set Transfer-Encoding (PEP 3333 hop-by-hop)")
-            self.status_code = code
-            if not flags.has_server:
-                head_put_bytes(&head, b"Server: fastpool\r\n")
-            if not flags.has_date:
-                head_put_bytes(&head, date_header())
-            if code < 200 or code == 204 or code == 304:
-                self.body_suppressed = True
-                self.declared_length = 0
-            elif flags.content_length >= 0:
-                self.declared_length = flags.content_length
-            elif body_length >= 0:
-                put_content_length(&head, body_length)
-                self.declared_length = body_length
-            elif request.http_minor == 1:
-                head_put_bytes(&head, b"Transfer-Encoding: chunked\r\n")
-                self.chunked = True
-            else:
-                self.response_close = True   # HTTP/1.0 without a length: close-delimited
-            if request.method == "HEAD":
-                self.body_suppressed = True
-                self.chunked = False
-            if (flags.connection_close or not request.keep_alive or not self.worker.alive
-                    or self.worker.keep_alive <= 0 or not request.body_complete):
-                self.response_close = True
-            if self.response_close:
-                head_put_bytes(&head, b"Connection: close\r\n")
-            elif request.http_minor == 0:
-                head_put_bytes(&head, b"Connection: keep-alive\r\n")
-            head_put_bytes(&head, b"\r\n")
+            end_head(&head, &self.framing, &flags, self.request, <int>line[1], body_length,
+                     worker.alive and worker.keep_alive > 0)
             self.out.write_raw(head.data, head.length)
         finally:
             head_free(&head)
-        self.headers_sent = True
         return 0
 
     cdef int write_body(self, bytes data) except -1:
-        cdef long long size = PyBytes_GET_SIZE(data)
-        cdef long long allowed
-        if size == 0:
+        if PyBytes_GET_SIZE(data) == 0:
             return 0   # PEP 3333: the head waits for the first non-empty chunk
-        if not self.headers_sent:
+        if not self.framing.headers_sent:
             self.write_head(-1)
-        if self.body_suppressed:
-            return 0
-        if self.declared_length >= 0:
-            allowed = self.declared_length - self.body_sent
-            if size > allowed:
-                # More than its Content-Length: send what was declared, then
-                # close, so the extra bytes cannot be read as a next response.
-                if not self.response_close:
-                    error_log.warning(
-                        "app sent more than its Content-Length (%d) for %s; closing",
-                        self.declared_length, self.request.environ.get("RAW_URI"))
-                self.response_close = True
-                data = data[:allowed]
-                size = allowed
-                if size == 0:
-                    return 0
-        self.body_sent += size
-        if self.chunked:
-            append_chunk(self.out, data)
-        else:
-            self.out.write(data)
+        if frame_body(self.out, &self.framing, data):
+            error_log.warning("app sent more than its Content-Length (%d) for %s; closing",
+                              self.framing.declared_length, self.request.environ.get("RAW_URI"))
         if self.out.size > HIGH_WATER:
             self.flush_blocking()
         return 0
 
     cdef int finish_body(self) except -1:
-        if not self.headers_sent:
+        if not self.framing.headers_sent:
             self.write_head(0)
-        if self.chunked:
-            self.out.write(b"0\r\n\r\n")
-        elif self.declared_length > self.body_sent and not self.body_suppressed:
-            # Shorter than announced: the client would wait for the rest.
-            self.response_close = True
-        return 0
+        return end_body(self.out, &self.framing)
 
     # ---- blocking helpers, used only while the app runs
 
@@ -581,7 +518,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef int fill_body(self, WSGIRequest request) except -1:
         """Read more of ``request``'s body from the socket (blocking)."""
         cdef ssize_t received
-        if request.expect_continue and not self.continue_sent and not self.headers_sent:
+        if request.expect_continue and not self.continue_sent and not self.framing.headers_sent:
             self.continue_sent = True
             self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.flush_blocking()
@@ -611,14 +548,8 @@ cdef class WSGIConnection(HttpConnection):
         self.request = request
         self.status = None
         self.headers = None
-        self.headers_sent = False
-        self.chunked = False
-        self.body_suppressed = False
-        self.response_close = False
+        framing_reset(&self.framing)
         self.continue_sent = False
-        self.declared_length = -1
-        self.body_sent = 0
-        self.status_code = 0
         return 0
 
     cdef int run_app(self, WSGIRequest request) except -1:
@@ -646,7 +577,7 @@ cdef class WSGIConnection(HttpConnection):
                         total += PyBytes_GET_SIZE(<bytes>item)
                     if self.status is None:
                         raise AssertionError("the app returned without calling start_response()")
-                    if not self.headers_sent:
+                    if not self.framing.headers_sent:
                         self.write_head(total)
                     for item in result:
                         self.write_body(item)
@@ -688,12 +619,12 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int fail_request(self, int status, str detail) except -1:
         """Answer ``status`` in place of a response the app could not give."""
-        if self.headers_sent:
+        if self.framing.headers_sent:
             # Part of the response is out: the only honest signal left is to close.
             self.closing = True
             return 0
         self.out.write(error_response(status, detail))
-        self.status_code = status
+        self.framing.status_code = status
         self.closing = True
         return 0
 
@@ -708,7 +639,7 @@ cdef class WSGIConnection(HttpConnection):
             info = os.fstat(in_fd)
         except (AttributeError, OSError, ValueError):
             return False
-        if not stat.S_ISREG(info.st_mode) or self.status is None or self.chunked:
+        if not stat.S_ISREG(info.st_mode) or self.status is None or self.framing.chunked:
             return False
         try:
             offset = wrapper.filelike.tell()
@@ -717,18 +648,18 @@ cdef class WSGIConnection(HttpConnection):
         remaining = info.st_size - offset
         if remaining < 0:
             remaining = 0
-        if not self.headers_sent:
+        if not self.framing.headers_sent:
             self.write_head(remaining)
-        if self.declared_length >= 0 and remaining > self.declared_length:
-            remaining = self.declared_length
-        if self.body_suppressed:
+        if self.framing.declared_length >= 0 and remaining > self.framing.declared_length:
+            remaining = self.framing.declared_length
+        if self.framing.body_suppressed:
             return True
         self.flush_blocking()
         while remaining > 0:
             sent = sendfile(self.fd, in_fd, &offset, remaining)
             if sent > 0:
                 remaining -= sent
-                self.body_sent += sent
+                self.framing.body_sent += sent
             elif sent == 0:
                 break   # the file shrank: finish_body sees the short length and closes
             elif errno == EAGAIN:

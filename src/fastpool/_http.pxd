@@ -199,3 +199,18 @@ cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) exce
     PyByteArray_Resize(target, old + size)
     memcpy(PyByteArray_AS_STRING(target) + old, data, size)
     return 0
+
+
+# The scoreboard record of a worker: four doubles in memory shared with the
+# master (fastpool.scoreboard reads them).
+cdef enum:
+    BOARD_REQUESTS = 0     # requests served
+    BOARD_BUSY_SINCE = 1   # monotonic time the worker was last seen busy; 0 = idle
+    BOARD_STATE = 2        # 0 booting, 1 serving, 2 draining
+    BOARD_SIZE = 4
+
+
+cdef tuple split_request_target(bytes target)
+cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
+cdef str forwarded_scheme(str proto)
+cdef bint is_health_target(bytes health, bytes target)

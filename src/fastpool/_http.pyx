@@ -43,6 +43,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
+from urllib.parse import unquote_to_bytes
 
 cdef double monotonic() noexcept nogil:
     """The clock every deadline of the worker is measured on."""
@@ -1144,3 +1145,60 @@ cpdef bytes error_response(int status, str detail=""):
         + b"Content-Length: " + str(len(body)).encode("ascii")
         + b"\r\nConnection: close\r\n\r\n" + body
     )
+
+
+# ---------------------------------------------------------------- request targets
+
+cdef tuple split_request_target(bytes target):
+    """``(path, raw_path, query)`` of a request-target: the path percent-decoded,
+    the raw path as received (both without the query), and the query.  An
+    absolute-form target (``GET http://host/p``) yields its path part."""
+    cdef bytes path = target
+    cdef bytes query = b""
+    cdef Py_ssize_t mark
+    mark = path.find(b"#")
+    if mark >= 0:
+        path = path[:mark]
+    mark = path.find(b"?")
+    if mark >= 0:
+        query = path[mark + 1:]
+        path = path[:mark]
+    if path[:1] != b"/" and path != b"*":
+        mark = path.find(b"://")
+        if mark >= 0:
+            mark = path.find(b"/", mark + 3)
+            path = path[mark:] if mark >= 0 else b"/"
+    return (unquote_to_bytes(path) if b"%" in path else path, path, query)
+
+
+cdef bint is_health_target(bytes health, bytes target):
+    """The target is the health path, exactly or followed by a query."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(health)
+    return target.startswith(health) and (
+        PyBytes_GET_SIZE(target) == size or PyBytes_AS_STRING(target)[size] == 63)   # "?"
+
+
+# ---------------------------------------------------------------- proxies
+
+cdef str forwarded_client(str chain, frozenset trusted, bint trust_all):
+    """The client behind a trusted proxy's X-Forwarded-For (gunicorn's and
+    uvicorn's forwarded_allow_ips): the nearest address in the chain that is not
+    itself a trusted proxy.  None without a usable header."""
+    cdef list hops
+    if not chain:
+        return None
+    hops = [hop.strip() for hop in chain.split(",") if hop.strip()]
+    if not hops:
+        return None
+    for hop in reversed(hops):
+        if not (trust_all or hop in trusted):
+            return hop
+    return hops[0]
+
+
+cdef str forwarded_scheme(str proto):
+    """``http`` or ``https`` from X-Forwarded-Proto, else None."""
+    if not proto:
+        return None
+    proto = proto.split(",", 1)[0].strip().lower()
+    return proto if proto == "http" or proto == "https" else None

@@ -52,6 +52,8 @@ from fastpool._http cimport (
     Limits, Request, HttpConnection, HeadFlags, OutBuffer, refresh_date, status_line,
     append_str_header, error_response, HeadBuf, head_init, head_put_bytes, head_free,
     monotonic, Framing, framing_reset, flags_reset, end_head, frame_body, end_body,
+    split_request_target, forwarded_client, forwarded_scheme, is_health_target,
+    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE,
 )
 
 import logging
@@ -60,7 +62,6 @@ import queue
 import stat
 import sys
 import threading
-from urllib.parse import unquote_to_bytes
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -126,28 +127,12 @@ cdef dict TARGETS = {}
 
 cdef tuple split_target(bytes target):
     cdef tuple cached = TARGETS.get(target)
-    cdef bytes path, query
-    cdef Py_ssize_t mark
+    cdef tuple parts
     if cached is not None:
         return cached
-    path = target
-    query = b""
-    mark = path.find(b"#")
-    if mark >= 0:
-        path = path[:mark]
-    mark = path.find(b"?")
-    if mark >= 0:
-        query = path[mark + 1:]
-        path = path[:mark]
-    if path[:1] != b"/" and path != b"*":
-        # absolute-form (GET http://host/path): keep the path part.
-        mark = path.find(b"://")
-        if mark >= 0:
-            mark = path.find(b"/", mark + 3)
-            path = path[mark:] if mark >= 0 else b"/"
-    if b"%" in path:
-        path = unquote_to_bytes(path)
-    cached = (path.decode("latin-1"), query.decode("latin-1"), target.decode("latin-1"))
+    parts = split_request_target(target)
+    cached = ((<bytes>parts[0]).decode("latin-1"), (<bytes>parts[2]).decode("latin-1"),
+              target.decode("latin-1"))
     if len(TARGETS) >= 1024:
         TARGETS.clear()
     TARGETS[target] = cached
@@ -273,15 +258,6 @@ cdef class Listener:
 
 # ---------------------------------------------------------------- connection
 
-# The scoreboard record of a worker: four doubles in memory shared with the
-# master (fastpool.scoreboard reads them).
-cdef enum:
-    BOARD_REQUESTS = 0     # requests served
-    BOARD_BUSY_SINCE = 1   # monotonic start of the oldest running request; 0 = idle
-    BOARD_STATE = 2        # 0 booting, 1 serving, 2 draining
-    BOARD_SIZE = 4
-
-
 cdef class WakePipe:
     """The table entry of the pipe app threads use to wake the loop."""
 
@@ -367,23 +343,14 @@ cdef class WSGIConnection(HttpConnection):
         uvicorn's forwarded_allow_ips): the client is the nearest address in
         the chain that is not itself a trusted proxy."""
         cdef WSGIWorker worker = self.worker
-        cdef str chain = environ.get("HTTP_X_FORWARDED_FOR")
-        cdef str proto = environ.get("HTTP_X_FORWARDED_PROTO")
-        cdef list hops
-        if chain:
-            hops = [hop.strip() for hop in chain.split(",") if hop.strip()]
-            if hops:
-                client = hops[0]
-                for hop in reversed(hops):
-                    if not worker.trusts(hop):
-                        client = hop
-                        break
-                environ["REMOTE_ADDR"] = client
-                environ["REMOTE_PORT"] = "0"
-        if proto:
-            proto = proto.split(",", 1)[0].strip().lower()
-            if proto == "http" or proto == "https":
-                environ["wsgi.url_scheme"] = proto
+        cdef str client = forwarded_client(environ.get("HTTP_X_FORWARDED_FOR"),
+                                           worker.trusted_proxies, worker.trust_all_proxies)
+        cdef str scheme = forwarded_scheme(environ.get("HTTP_X_FORWARDED_PROTO"))
+        if client is not None:
+            environ["REMOTE_ADDR"] = client
+            environ["REMOTE_PORT"] = "0"
+        if scheme is not None:
+            environ["wsgi.url_scheme"] = scheme
         return 0
 
     cdef int answer_health(self, WSGIRequest request) except -1:
@@ -837,17 +804,9 @@ cdef class WSGIWorker:
             self.after_serving(conn)
         return 0
 
-    cdef bint trusts(self, str address):
-        return self.trust_all_proxies or address in self.trusted_proxies
-
     cdef bint is_health_request(self, Request request):
-        cdef bytes target = request.target
-        cdef Py_ssize_t size
-        if self.health_target is None:
-            return False
-        size = len(self.health_target)
-        return target.startswith(self.health_target) and (
-            len(target) == size or target[size] == 63)   # exact, or followed by "?"
+        return self.health_target is not None and is_health_target(self.health_target,
+                                                                   request.target)
 
     # ---- the scoreboard
 

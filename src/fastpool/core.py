@@ -17,7 +17,7 @@ class CompiledCoreMissing(RuntimeError):
 def load() -> ModuleType:
     """Return the compiled WSGI worker module."""
     try:
-        from fastpool import _http, _wsgi  # noqa: F401
+        from fastpool import _asgi, _http, _wsgi  # noqa: F401
     except ImportError as exc:
         raise CompiledCoreMissing(
             f"the compiled core of fastpool cannot be imported ({exc}); "

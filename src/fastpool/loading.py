@@ -9,7 +9,9 @@ operator needs to see where it came from.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
+import inspect
 import os
 import sys
 import traceback
@@ -95,7 +97,53 @@ def import_app(spec: str, *, add_cwd: bool = True,
                 f"app factory {expression!r} raised:\n{traceback.format_exc().rstrip()}"
             ) from None
     if not callable(obj):
-        hint = ("a WSGI app is a callable taking (environ, start_response)"
+        hint = ("an app is a WSGI callable taking (environ, start_response) or an ASGI "
+                "callable taking (scope, receive, send)"
                 if callable_kind == "a WSGI app" else f"{callable_kind} must be callable")
         raise AppLoadError(f"{spec!r} is not callable (it is a {type(obj).__name__}); {hint}")
     return obj
+
+
+def _is_async_callable(obj: Any) -> bool:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.iscoroutinefunction(obj):
+        return True
+    call = getattr(obj, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class ASGI2Adapter:
+    """Calls an ASGI 2 app (``App(scope)`` returns ``await instance(receive, send)``)
+    with the ASGI 3 signature."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        instance = self.app(scope)
+        await instance(receive, send)
+
+
+def resolve_interface(app: Callable[..., Any], interface: str,
+                      spec: str) -> tuple[str, Callable[..., Any]]:
+    """``("wsgi" | "asgi", app to call)`` for the ``interface`` setting.
+
+    ``auto``: an ASGI 3 app is a coroutine function, or an object whose
+    ``__call__`` is one; a class whose instances have an async ``__call__`` is
+    an ASGI 2 app and is wrapped; anything else is WSGI.
+    """
+    asgi2 = inspect.isclass(app) and inspect.iscoroutinefunction(
+        getattr(app, "__call__", None))  # noqa: B004
+    asgi3 = not inspect.isclass(app) and _is_async_callable(app)
+    if interface == "wsgi":
+        if asgi3 or asgi2:
+            raise AppLoadError(f"{spec!r} is an ASGI app (async); serve it with "
+                               "--interface asgi (or auto)")
+        return "wsgi", app
+    if asgi2:
+        return "asgi", ASGI2Adapter(app)
+    if interface == "asgi" and not asgi3:
+        raise AppLoadError(f"{spec!r} is not an ASGI app: expected an async callable taking "
+                           "(scope, receive, send)")
+    return ("asgi" if asgi3 else "wsgi"), app

@@ -201,8 +201,31 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     # ---- a group: what it serves and where
     Setting("app", "str", None,
-            "The WSGI app as MODULE:ATTRIBUTE or MODULE:FACTORY(...). On the command line it "
-            "is the positional APP.", env_var=False),
+            "The WSGI or ASGI app as MODULE:ATTRIBUTE or MODULE:FACTORY(...). On the command "
+            "line it is the positional APP.", env_var=False),
+    Setting("interface", "str", "auto",
+            "How the app is called: wsgi, asgi, or auto (an ASGI 3 app is a coroutine "
+            "function or has an async __call__; an ASGI 2 class is wrapped; anything else "
+            "is WSGI).", flags=("--interface",), metavar="KIND",
+            check=choice("auto", "wsgi", "asgi")),
+    Setting("loop", "str", "auto",
+            "ASGI event loop: asyncio, uvloop (pip install 'fastpool[uvloop]'), or auto "
+            "(uvloop when installed).", flags=("--loop",), metavar="LOOP",
+            check=choice("auto", "asyncio", "uvloop")),
+    Setting("lifespan", "str", "auto",
+            "ASGI lifespan events: on (a failing startup stops the server), off, or auto "
+            "(used when the app supports them).", flags=("--lifespan",), metavar="MODE",
+            check=choice("auto", "on", "off")),
+    Setting("ws_max_size", "int", 16 * 1024 * 1024,
+            "Largest WebSocket message in bytes (larger: closed with 1009).",
+            flags=("--ws-max-size",), metavar="BYTES", check=at_least(1),
+            default_doc="16 MiB"),
+    Setting("ws_ping_interval", "float", 20.0,
+            "Seconds of WebSocket silence after which the server pings the client (0: "
+            "never).", flags=("--ws-ping-interval",), metavar="SECONDS", check=at_least(0)),
+    Setting("ws_ping_timeout", "float", 20.0,
+            "Seconds to wait for the pong before closing the WebSocket with 1011.",
+            flags=("--ws-ping-timeout",), metavar="SECONDS", check=at_least(0)),
     Setting("listen", "list", None,
             "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
             "command line: --bind (repeatable) or --host/--port.",
@@ -232,7 +255,8 @@ SETTINGS: tuple[Setting, ...] = (
     # ---- a group: time
     Setting("timeout", "float", 30.0,
             "Seconds one request may run before its worker is aborted (SIGABRT, which dumps "
-            "its Python stack, then SIGKILL) and replaced. 0 disables it.",
+            "its Python stack, then SIGKILL) and replaced; for ASGI, seconds the event loop "
+            "may stay blocked while requests run. 0 disables it.",
             flags=("-t", "--timeout"), metavar="SECONDS", check=at_least(0)),
     Setting("graceful_timeout", "float", 30.0,
             "Seconds in-flight requests get to finish on shutdown or reload before workers "

@@ -36,7 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fastpool import core
-from fastpool.loading import AppLoadError, import_app
+from fastpool.lifespan import LifespanFailure
+from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.log import AccessLog
 from fastpool.settings import GroupConfig, ProcessConfig
 from fastpool.sockets import BoundSocket
@@ -48,6 +49,10 @@ PR_SET_PDEATHSIG = 1
 MASTERS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 log = logging.getLogger("fastpool.error")
+
+
+class BootError(Exception):
+    """A worker cannot start for a reason its message states in one line."""
 
 
 def set_title(title: str) -> None:
@@ -133,37 +138,27 @@ def run_worker(
         # No core files from the master's SIGABRT; the Python stack goes to stderr.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         faulthandler.enable(all_threads=True)
-        wsgi = core.load()
+        core.load()
         from fastpool._http import Limits
 
         if app is None:
             app = import_app(group.app)
-        listeners = []
-        for bound in sockets:
-            base = base_environ(bound, group, sys.stderr)
-            base["wsgi.file_wrapper"] = wsgi.FileWrapper
-            listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+        interface, app = resolve_interface(app, group.interface, group.app)
+        limits = Limits(group.limit_request_line, group.limit_request_fields,
+                        group.limit_request_field_size, group.limit_request_body)
         access_log = AccessLog(group.access_log) if group.access_log else None
-        loop = wsgi.WSGIWorker(
-            app,
-            listeners,
-            limits=Limits(group.limit_request_line, group.limit_request_fields,
-                          group.limit_request_field_size, group.limit_request_body),
-            keep_alive=group.keep_alive,
-            header_timeout=group.header_timeout,
-            graceful_timeout=group.graceful_timeout,
-            root_path=group.root_path,
-            access_log=access_log,
-            master_pid=master_pid,
-            threads=group.threads,
-            max_requests=max_requests,
-            scoreboard=board,
-            health_path=group.health_path,
-            forwarded_allow_ips=tuple(group.forwarded_allow_ips),
-        )
+        if interface == "asgi":
+            loop = _asgi_worker(group, sockets, app, limits, access_log, master_pid, board,
+                                max_requests)
+        else:
+            loop = _wsgi_worker(group, sockets, app, limits, access_log, master_pid, board,
+                                max_requests)
     except AppLoadError as exc:
         notify(notify_fd, "ERROR", f"App failed to load: {exc}")
         return APP_LOAD_ERROR
+    except BootError as exc:
+        notify(notify_fd, "ERROR", str(exc))
+        return WORKER_BOOT_ERROR
     except Exception:
         notify(notify_fd, "ERROR", f"Worker failed to boot:\n{traceback.format_exc()}")
         return WORKER_BOOT_ERROR
@@ -193,10 +188,110 @@ def run_worker(
     # Requests free their objects by reference counting; a young-generation
     # collection every 700 allocations costs more than it finds.
     gc.set_threshold(7000, 10, 10)
-    log.info("Booting worker %d with pid: %d (group %s)", slot, os.getpid(), group.name)
-    notify(notify_fd, "READY")
-    loop.run()
+    log.info("Booting worker %d with pid: %d (group %s) [%s]", slot, os.getpid(), group.name,
+             interface.upper())
+    if interface == "wsgi":
+        notify(notify_fd, "READY")
+        loop.run()
+        return 0
+    # ASGI: ready once the lifespan startup is done and the listeners accept.
+    try:
+        loop.run(on_ready=lambda: notify(notify_fd, "READY"))
+    except LifespanFailure as exc:
+        notify(notify_fd, "ERROR", str(exc))
+        return WORKER_BOOT_ERROR
     return 0
+
+
+def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
+                 limits: Any, access_log: AccessLog | None, master_pid: int,
+                 board: memoryview, max_requests: int) -> Any:
+    from fastpool import _wsgi
+
+    listeners = []
+    for bound in sockets:
+        base = base_environ(bound, group, sys.stderr)
+        base["wsgi.file_wrapper"] = _wsgi.FileWrapper
+        listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+    return _wsgi.WSGIWorker(
+        app,
+        listeners,
+        limits=limits,
+        keep_alive=group.keep_alive,
+        header_timeout=group.header_timeout,
+        graceful_timeout=group.graceful_timeout,
+        root_path=group.root_path,
+        access_log=access_log,
+        master_pid=master_pid,
+        threads=group.threads,
+        max_requests=max_requests,
+        scoreboard=board,
+        health_path=group.health_path,
+        forwarded_allow_ips=tuple(group.forwarded_allow_ips),
+    )
+
+
+def base_scope(bound: BoundSocket, group: GroupConfig) -> dict[str, Any]:
+    """The ASGI scope keys that are the same for every request on one socket."""
+    if bound.is_tcp:
+        host, port = bound.sock.getsockname()[:2]
+        server: tuple[str, int | None] | None = (str(host), int(port))
+    else:
+        name = bound.sock.getsockname()
+        server = (str(name), None) if name else None
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": server,
+        "client": None,
+        "root_path": group.root_path.rstrip("/"),
+    }
+
+
+def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
+                 limits: Any, access_log: AccessLog | None, master_pid: int,
+                 board: memoryview, max_requests: int) -> Any:
+    from fastpool import _asgi
+    from fastpool.lifespan import Lifespan
+
+    if group.loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise BootError("--loop uvloop: uvloop is not installed "
+                            "(pip install 'fastpool[uvloop]')") from None
+    if group.threads > 1:
+        log.warning("group %s: threads = %d does not apply to an ASGI app; ignored",
+                    group.name, group.threads)
+    try:
+        from fastpool.websocket import Options
+    except ImportError:
+        options = None   # without the websockets package, upgrades are plain HTTP
+        log.info("group %s: WebSocket support needs the websockets package "
+                 "(pip install 'fastpool[websockets]')", group.name)
+    else:
+        options = Options(group.ws_max_size, group.ws_ping_interval, group.ws_ping_timeout)
+    listeners = [(b.sock.fileno(), b.is_tcp, base_scope(b, group), b.shared) for b in sockets]
+    return _asgi.ASGIWorker(
+        app,
+        listeners,
+        limits=limits,
+        loop=group.loop,
+        keep_alive=group.keep_alive,
+        header_timeout=group.header_timeout,
+        graceful_timeout=group.graceful_timeout,
+        root_path=group.root_path,
+        access_log=access_log,
+        master_pid=master_pid,
+        max_requests=max_requests,
+        scoreboard=board,
+        health_path=group.health_path,
+        forwarded_allow_ips=tuple(group.forwarded_allow_ips),
+        lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
+        websocket_options=options,
+    )
 
 
 def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:

@@ -1,0 +1,903 @@
+# cython: language_level=3
+"""The compiled ASGI worker: an asyncio protocol over the shared connection core.
+
+Rules of this module:
+
+* One worker process runs one asyncio event loop (uvloop when installed and
+  chosen) and serves many connections and many requests at once.  The
+  connection, ``ASGIConnection``, is an asyncio protocol written in Cython: it
+  feeds received bytes to the shared ``HttpConnection`` core (parser glue,
+  limits, error statuses) and frames responses with the functions the WSGI
+  worker uses (``end_head``, ``frame_body``, ``end_body``).  There is no second
+  copy of the HTTP logic here, only the asyncio side of it.
+* The requests of one connection are served one at a time, in order: a
+  ``Cycle`` is one request's ASGI call.  The next pipelined request starts as
+  soon as the response before it is complete, even if that app call goes on
+  (a background task after the response).
+* On Python 3.12+ an app's coroutine starts eagerly, inside data_received
+  (asyncio's eager tasks): a handler that never waits on I/O finishes without
+  a trip through the loop's ready queue.  Responses finished during one
+  data_received go out in one write.
+* Flow control both ways: while the transport says the client is not reading
+  (pause_writing), the app's ``send`` waits; a body the app does not
+  ``receive`` stops reading from the socket past ``BODY_HIGH_WATER`` bytes, and
+  so do more than ``MAX_PIPELINED`` waiting requests.
+* Errors: an exception before the response head is written is a 500; after
+  it, the connection is closed.  Nothing an app or a client does ends the loop.
+* Deadlines (idle keep-alive, slow request heads and bodies, a client that
+  stops reading) are enforced by one ``tick`` a second over every connection,
+  never by a timer per connection.  The tick also writes the scoreboard: for
+  an ASGI worker, ``timeout`` means that the event loop itself has been
+  blocked that long while requests were running.
+* WebSocket and lifespan, which are not on the per-request hot path, live in
+  plain Python (``fastpool.websocket``, ``fastpool.lifespan``).
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from fastpool._http cimport (
+    Limits, Request, HttpConnection, HeadFlags, OutBuffer, refresh_date, error_response,
+    HeadBuf, head_init, head_put_bytes, head_free, monotonic, Framing, framing_reset,
+    flags_reset, end_head, frame_body, end_body, append_bytes_header, split_request_target,
+    forwarded_client, forwarded_scheme, is_health_target,
+    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE,
+)
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from http import HTTPStatus
+
+cdef object error_log = logging.getLogger("fastpool.error")
+
+cdef enum:
+    # Buffered request body the app has not received yet, past which the
+    # connection stops reading from the socket.
+    BODY_HIGH_WATER = 262144
+    # Complete request heads waiting behind the running one.
+    MAX_PIPELINED = 32
+    HEAD_STACK = 4096
+
+# Python 3.12+: a task can run its first step at once (asyncio eager tasks).
+cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
+cdef object Task = asyncio.Task
+cdef object CancelledError = asyncio.CancelledError
+
+cdef dict ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+cdef dict DISCONNECT = {"type": "http.disconnect"}
+
+
+class ClientDisconnected(OSError):
+    """``send`` after the client went away (ASGI spec 2.4: an OSError subclass)."""
+
+
+# ---------------------------------------------------------------- status lines
+
+cdef dict STATUS_LINES = {}
+
+
+cdef bytes status_line_for(object status):
+    """``b"HTTP/1.1 200 OK\\r\\n"`` for an ASGI status (an int); cached."""
+    cdef bytes line = STATUS_LINES.get(status)
+    cdef str phrase
+    if line is not None:
+        return line
+    if type(status) is not int or not 100 <= status <= 999:
+        raise ValueError(f"invalid ASGI response status {status!r}: expected an int 100-999")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    line = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+    STATUS_LINES[status] = line
+    return line
+
+
+# ---------------------------------------------------------------- scope
+
+# Request header names as received -> lower-cased (ASGI wants lower case).
+cdef dict LOWER_NAMES = {}
+
+
+cdef bytes lower_name(bytes name):
+    cdef bytes lowered = LOWER_NAMES.get(name)
+    if lowered is None:
+        lowered = name.lower()
+        if len(LOWER_NAMES) < 2048:
+            LOWER_NAMES[name] = lowered
+    return lowered
+
+
+# request-target -> (path, raw_path, query_string) in ASGI's types
+cdef dict TARGETS = {}
+
+
+cdef tuple split_target(bytes target):
+    cdef tuple cached = TARGETS.get(target)
+    cdef tuple parts
+    if cached is not None:
+        return cached
+    parts = split_request_target(target)
+    cached = ((<bytes>parts[0]).decode("utf-8", "replace"), parts[1], parts[2])
+    if len(TARGETS) >= 1024:
+        TARGETS.clear()
+    TARGETS[target] = cached
+    return cached
+
+
+@cython.final
+@cython.freelist(64)
+cdef class ASGIRequest(Request):
+    cdef dict scope
+    cdef list headers
+
+
+# ---------------------------------------------------------------- one request
+
+@cython.final
+@cython.freelist(64)
+cdef class Cycle:
+    """One request's ASGI call: the scope, ``receive`` and ``send``."""
+    cdef ASGIConnection conn
+    cdef ASGIRequest request
+    cdef Framing framing
+    cdef object status             # from http.response.start; the head waits for the body
+    cdef object headers
+    cdef bint started              # http.response.start received
+    cdef bint complete             # the last body message is queued
+    cdef bint disconnected         # the client is gone: receive says so, send raises
+    cdef bint continue_sent        # "100 Continue" written for Expect: 100-continue
+    cdef bint body_done            # the last http.request message was received
+    cdef object waiter             # the future receive() waits on
+    cdef object task               # the app's task while it is pending
+
+    async def receive(self):
+        cdef ASGIRequest request = self.request
+        cdef bytes chunk
+        cdef bint more
+        while True:
+            if self.disconnected or self.complete:
+                return DISCONNECT
+            if not self.body_done:
+                if request.body_complete or request.body_buffered():
+                    chunk = request.take_body(-1)
+                    more = not request.body_complete
+                    self.body_done = not more
+                    self.conn.check_reading()
+                    return {"type": "http.request", "body": chunk, "more_body": more}
+                if (request.expect_continue and not self.continue_sent
+                        and not self.framing.headers_sent):
+                    self.continue_sent = True
+                    self.conn.write_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # Wait for more body, or (the body delivered) for the disconnect.
+            self.waiter = self.conn.loop.create_future()
+            self.conn.check_reading()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    cdef int wake(self) except -1:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        return 0
+
+    async def send(self, message):
+        cdef ASGIConnection conn = self.conn
+        cdef object kind = message["type"]
+        cdef object body
+        if kind == "http.response.body":
+            if not self.started:
+                raise RuntimeError("ASGI: http.response.body sent before http.response.start")
+            if self.complete:
+                raise RuntimeError("ASGI: http.response.body sent after the response completed")
+            if self.disconnected:
+                raise ClientDisconnected("the client closed the connection")
+            body = message.get("body", b"")
+            self.write_body(body, message.get("more_body", False))
+            if conn.write_paused and not self.complete:
+                await conn.drained()
+        elif kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("ASGI: http.response.start sent twice")
+            if self.disconnected:
+                raise ClientDisconnected("the client closed the connection")
+            status_line_for(message["status"])   # a bad status fails here, in the app's send
+            self.status = message["status"]
+            self.headers = message.get("headers", ())
+            self.started = True
+        else:
+            raise RuntimeError(f"ASGI: unexpected message type {kind!r} on an http connection")
+
+    cdef int write_head(self, long long body_length) except -1:
+        """Serialise the head held since http.response.start; ``body_length``
+        is the whole body's size when the first body message is the last."""
+        cdef ASGIConnection conn = self.conn
+        cdef ASGIWorker worker = conn.worker
+        cdef HeadFlags flags
+        cdef char stack[HEAD_STACK]
+        cdef HeadBuf head
+        flags_reset(&flags)
+        head_init(&head, stack, HEAD_STACK)
+        try:
+            head_put_bytes(&head, status_line_for(self.status))
+            for name, value in self.headers:
+                append_bytes_header(&head, name, value, &flags)
+            end_head(&head, &self.framing, &flags, self.request, <int>self.status, body_length,
+                     worker.alive and worker.keep_alive > 0)
+            conn.out.write_raw(head.data, head.length)
+        finally:
+            head_free(&head)
+        return 0
+
+    cdef int write_body(self, object body, bint more) except -1:
+        cdef ASGIConnection conn = self.conn
+        if type(body) is not bytes:
+            if not isinstance(body, (bytes, bytearray, memoryview)):
+                raise TypeError(f"ASGI: body must be bytes, got {type(body).__name__}")
+            body = bytes(body)
+        if not self.framing.headers_sent:
+            self.write_head(-1 if more else PyBytes_GET_SIZE(body))
+        if frame_body(conn.out, &self.framing, body):
+            error_log.warning("app sent more than its Content-Length (%d) for %s; closing",
+                              self.framing.declared_length,
+                              self.request.target.decode("latin-1"))
+        if not more:
+            end_body(conn.out, &self.framing)
+            self.complete = True
+            conn.flush()
+            conn.response_done(self)
+            self.wake()
+        else:
+            conn.flush()
+        return 0
+
+    cdef int fail(self, int status) except -1:
+        """The app cannot give a response: answer ``status`` if nothing is out
+        yet, else close (the only honest signal left)."""
+        cdef ASGIConnection conn = self.conn
+        if self.complete:
+            return 0
+        self.complete = True
+        self.framing.close = True
+        if not self.framing.headers_sent and not self.disconnected:
+            conn.out.write(error_response(status))
+            self.framing.status_code = status
+        conn.flush()
+        conn.response_done(self)
+        return 0
+
+    async def run(self, app):
+        """The app call, as a task; its exceptions become statuses here."""
+        cdef ASGIConnection conn = self.conn
+        cdef ASGIWorker worker = conn.worker
+        worker.app_started()
+        try:
+            await app(self.request.scope, self.receive, self.send)
+            if not self.complete:
+                if not self.started:
+                    error_log.error("ASGI app returned without starting a response (%s %s)",
+                                    self.request.method, self.request.target.decode("latin-1"))
+                self.fail(500)
+        except ClientDisconnected:
+            self.fail(500)
+        except (Exception, CancelledError):
+            if not self.disconnected:
+                error_log.error("Exception in ASGI app (%s %s)", self.request.method,
+                                self.request.target.decode("latin-1"), exc_info=True)
+            self.fail(500)
+        finally:
+            if self.task is not None:
+                worker.tasks.discard(self.task)
+                self.task = None    # no cycle -> task -> coroutine -> cycle loop
+            worker.app_finished()
+
+
+# ---------------------------------------------------------------- connection
+
+@cython.final
+cdef class ASGIConnection(HttpConnection):
+    """An asyncio protocol: one client connection."""
+    cdef readonly ASGIWorker worker
+    cdef readonly object loop
+    cdef readonly object transport
+    cdef dict base_scope           # per connection: listener's keys plus client
+    cdef OutBuffer out
+    cdef Cycle cycle               # the request being answered, or None
+    cdef readonly bint closed
+    cdef bint reading_paused
+    cdef readonly bint write_paused
+    cdef double write_paused_since
+    cdef object drain_waiter
+    cdef bint dispatching          # inside dispatch(): output waits for its end
+    cdef bint peer_closed          # EOF from the client
+    cdef bint trusted_proxy
+    cdef double last_activity      # monotonic time of the last read or response
+    cdef readonly object websocket  # a fastpool.websocket.WebSocketSession after an upgrade
+    cdef bint tcp
+    cdef bint closing              # close once the queued output is out
+
+    def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
+        HttpConnection.__init__(self, worker.limits)
+        self.worker = worker
+        self.loop = worker.loop
+        self.base_scope = listener_scope
+        self.out = OutBuffer()
+        self.trusted_proxy = worker.trust_all_proxies
+        self.tcp = tcp
+
+    # ---- asyncio protocol
+
+    def connection_made(self, transport):
+        cdef ASGIWorker worker = self.worker
+        self.transport = transport
+        self.last_activity = monotonic()
+        peer = transport.get_extra_info("peername")
+        scope = self.base_scope.copy()
+        if self.tcp and type(peer) is tuple:
+            scope["client"] = (peer[0], peer[1])
+            self.trusted_proxy = worker.trust_all_proxies or peer[0] in worker.trusted_proxies
+        else:
+            scope["client"] = None
+        self.base_scope = scope
+        worker.connections.add(self)
+
+    def data_received(self, bytes data):
+        if self.websocket is not None:
+            self.websocket.data_received(data)
+            return
+        if self.closing:
+            return
+        self.last_activity = monotonic()
+        try:
+            self.feed(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        except Exception:
+            error_log.exception("error while parsing a request")
+            self.fail(500, "internal error")
+        if self.cycle is not None:
+            if self.error_status and not self.cycle.request.body_complete:
+                # The running request's body broke a limit or its framing.
+                self.cycle.fail(self.error_status)
+            else:
+                self.cycle.wake()
+        self.dispatch()
+        self.check_reading()
+
+    def eof_received(self):
+        self.peer_closed = True
+        if self.websocket is not None:
+            return self.websocket.eof_received()
+        if self.cycle is None and not self.pending:
+            return False   # nothing to answer: let the transport close
+        self.stop_reading = True
+        return True         # half-closed: the answers can still go out
+
+    def connection_lost(self, exc):
+        cdef ASGIWorker worker = self.worker
+        self.closed = True
+        worker.connections.discard(self)
+        if self.cycle is not None:
+            self.cycle.disconnected = True
+            self.cycle.wake()
+            self.cycle = None
+        del self.pending[:]
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+        if self.websocket is not None:
+            self.websocket.connection_lost()
+        worker.connection_closed()
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.write_paused_since = monotonic()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    async def drained(self):
+        """Wait until the client reads what is queued (or goes away)."""
+        while self.write_paused and not self.closed:
+            self.drain_waiter = self.loop.create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
+        if self.closed:
+            raise ClientDisconnected("the client closed the connection")
+
+    # ---- the scope (hooks of HttpConnection)
+
+    cdef Request new_request(self):
+        cdef ASGIRequest request = ASGIRequest.__new__(ASGIRequest)
+        request.headers = []
+        return request
+
+    cdef int add_header(self, Request request, bytes name, bytes value) except -1:
+        (<ASGIRequest>request).headers.append((lower_name(name), value))
+        return 0
+
+    cdef int finish_head(self, Request request) except -1:
+        cdef ASGIRequest asgi_request = <ASGIRequest>request
+        cdef dict scope = self.base_scope.copy()
+        cdef tuple parts = split_target(request.target)
+        cdef ASGIWorker worker = self.worker
+        scope["http_version"] = "1.1" if request.http_minor else "1.0"
+        scope["method"] = request.method
+        if worker.root_path and not (<str>parts[0]).startswith(worker.root_path):
+            # A proxy stripped the prefix; ASGI's path includes root_path.
+            scope["path"] = worker.root_path + parts[0]
+            scope["raw_path"] = worker.root_path.encode("utf-8") + parts[1]
+        else:
+            scope["path"] = parts[0]
+            scope["raw_path"] = parts[1]
+        scope["query_string"] = parts[2]
+        scope["headers"] = asgi_request.headers
+        if worker.state is not None:
+            scope["state"] = worker.state.copy()
+        if self.trusted_proxy:
+            self.apply_forwarded(scope, asgi_request.headers)
+        asgi_request.scope = scope
+        return 0
+
+    cdef int apply_forwarded(self, dict scope, list headers) except -1:
+        cdef ASGIWorker worker = self.worker
+        cdef str chain = None, proto = None, client, scheme
+        for name, value in headers:
+            if name == b"x-forwarded-for":
+                chain = value.decode("latin-1")
+            elif name == b"x-forwarded-proto":
+                proto = value.decode("latin-1")
+        client = forwarded_client(chain, worker.trusted_proxies, worker.trust_all_proxies)
+        scheme = forwarded_scheme(proto)
+        if client is not None:
+            scope["client"] = (client, 0)
+        if scheme is not None:
+            scope["scheme"] = scheme
+        return 0
+
+    # ---- serving
+
+    cdef int dispatch(self) except -1:
+        """Start the next request if none is running; answer what the core
+        refused; close when nothing more can come."""
+        cdef ASGIRequest request
+        cdef ASGIRequest upgrade = None
+        cdef ASGIWorker worker = self.worker
+        if self.dispatching:
+            return 0
+        self.dispatching = True
+        try:
+            while self.cycle is None and not self.closing:
+                if self.pending:
+                    request = <ASGIRequest>self.pending.pop(0)
+                    if worker.health_target is not None and is_health_target(
+                            worker.health_target, request.target):
+                        self.answer_health(request)
+                    elif request.upgrade and worker.websockets and is_websocket(request):
+                        upgrade = request
+                        break
+                    else:
+                        self.start_cycle(request)
+                    continue
+                if self.error_status:
+                    self.out.write(error_response(self.error_status, self.error_reason or ""))
+                    self.closing = True
+                elif self.peer_closed or (not worker.alive and worker.close_idle
+                                          and self.at_message_boundary()):
+                    self.closing = True
+                break
+        finally:
+            self.dispatching = False
+        self.flush()
+        if self.closing:
+            self.close_after_output()
+        elif upgrade is not None:
+            self.start_websocket(upgrade)
+        return 0
+
+    cdef int start_cycle(self, ASGIRequest request) except -1:
+        cdef Cycle cycle = Cycle.__new__(Cycle)
+        cdef ASGIWorker worker = self.worker
+        cycle.conn = self
+        cycle.request = request
+        framing_reset(&cycle.framing)
+        self.cycle = cycle
+        if EAGER_TASKS:
+            task = Task(cycle.run(worker.app), loop=self.loop, eager_start=True)
+        else:
+            task = Task(cycle.run(worker.app), loop=self.loop)
+        if not task.done():
+            # asyncio keeps only weak references to tasks.
+            cycle.task = task
+            worker.tasks.add(task)
+        return 0
+
+    cdef int answer_health(self, ASGIRequest request) except -1:
+        """The group's health_path, answered without the app: 200 while the
+        worker serves, 503 once its stop has begun."""
+        cdef Cycle cycle = Cycle.__new__(Cycle)
+        cycle.conn = self
+        cycle.request = request
+        framing_reset(&cycle.framing)
+        self.cycle = cycle
+        cycle.started = True
+        cycle.headers = ((b"content-type", b"text/plain"),)
+        if self.worker.alive:
+            cycle.status = 200
+            cycle.write_body(b"OK\n", False)
+        else:
+            cycle.status = 503
+            cycle.write_body(b"stopping\n", False)
+        return 0
+
+    cdef int start_websocket(self, ASGIRequest request) except -1:
+        from fastpool.websocket import WebSocketSession
+        cdef ASGIWorker worker = self.worker
+        scope = request.scope
+        scope["type"] = "websocket"
+        scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
+        del scope["method"]
+        self.websocket = WebSocketSession(self, self.transport, scope, request.target,
+                                          self.upgrade_data or b"", worker.websocket_options)
+        self.upgrade_data = None
+        if self.reading_paused:
+            # The core stopped reading at the upgrade; the bytes now are frames.
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.websocket.start(worker.app)
+        return 0
+
+    cdef int response_done(self, Cycle cycle) except -1:
+        """The response of ``cycle`` is queued; move on to the next request."""
+        cdef ASGIWorker worker = self.worker
+        if self.cycle is not cycle:
+            return 0
+        self.cycle = None
+        worker.request_served()
+        if worker.access_log is not None:
+            worker.log_access(cycle.request, self.base_scope.get("client"),
+                              cycle.framing.status_code, cycle.framing.body_sent)
+        if cycle.framing.close or self.closed:
+            self.close_after_output()
+            return 0
+        self.last_activity = monotonic()
+        self.dispatch()
+        self.check_reading()
+        return 0
+
+    cdef int check_reading(self) except -1:
+        """Pause reading while the app has enough unread input; resume after."""
+        cdef bint full = len(self.pending) > MAX_PIPELINED or self.stop_reading or (
+            self.cycle is not None and self.cycle.request.body_buffered() > BODY_HIGH_WATER)
+        if self.closed or self.transport is None or self.websocket is not None:
+            return 0        # (a WebSocket session does its own flow control)
+        if full and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not full and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return 0
+
+    # ---- output
+
+    cdef int flush(self) except -1:
+        """Hand queued output to the transport (once per dispatch round)."""
+        if self.dispatching or self.out.size == 0 or self.closed:
+            return 0
+        for part in self.out.take():
+            self.transport.write(part)
+        return 0
+
+    cdef int write_now(self, bytes data) except -1:
+        if not self.closed:
+            self.flush()
+            self.transport.write(data)
+        return 0
+
+    cdef int close_after_output(self) except -1:
+        self.closing = True
+        if self.dispatching:
+            return 0        # dispatch closes once its output is queued
+        self.flush()
+        if not self.closed and self.transport is not None:
+            self.transport.close()   # sends what is queued, then closes
+        return 0
+
+    cdef int abort(self) except -1:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        return 0
+
+    # ---- deadlines (called by the worker's tick)
+
+    cdef int check_deadlines(self, double now) except -1:
+        cdef ASGIWorker worker = self.worker
+        if self.websocket is not None:
+            self.websocket.tick(now)
+            return 0
+        if self.write_paused and now - self.write_paused_since > worker.header_timeout > 0:
+            self.abort()          # the client stopped reading our response
+        elif self.cycle is not None:
+            if (self.cycle.waiter is not None and worker.header_timeout > 0
+                    and now - self.last_activity > worker.header_timeout):
+                self.abort()      # the app waits for a body that does not come
+        elif self.current is not None or self.pending:
+            if worker.header_timeout > 0 and now - self.last_activity > worker.header_timeout:
+                self.abort()      # a request head (or buffered body) that never ends
+        elif now - self.last_activity > worker.keep_alive or not worker.alive and (
+                worker.close_idle):
+            self.close_after_output()
+        return 0
+
+
+cdef bint is_websocket(ASGIRequest request):
+    for name, value in request.headers:
+        if name == b"upgrade":
+            return value.strip().lower() == b"websocket"
+    return False
+
+
+# ---------------------------------------------------------------- worker
+
+@cython.final
+cdef class ASGIWorker:
+    """The event loop of one ASGI worker process."""
+
+    cdef readonly object app
+    cdef Limits limits
+    cdef readonly object loop
+    cdef str loop_kind
+    cdef list listeners           # (fd, is_tcp, base_scope, shared)
+    cdef list servers
+    cdef readonly set connections
+    cdef readonly bint alive
+    cdef bint close_idle
+    cdef readonly long long requests
+    cdef readonly double keep_alive
+    cdef readonly double header_timeout
+    cdef double graceful_timeout
+    cdef double graceful_deadline
+    cdef object access_log
+    cdef int master_pid
+    cdef readonly long long max_requests
+    cdef double[::1] board
+    cdef object board_owner
+    cdef int running              # app calls in progress
+    cdef bytes health_target
+    cdef bint trust_all_proxies
+    cdef frozenset trusted_proxies
+    cdef readonly dict state      # the lifespan state, copied into every scope
+    cdef readonly str root_path
+    cdef object lifespan
+    cdef readonly bint websockets
+    cdef readonly object websocket_options
+    cdef readonly set tasks       # app tasks still pending (asyncio holds them weakly)
+    cdef object stopped           # future: the worker is done serving
+    cdef object tick_handle
+    cdef object on_ready
+
+    def __init__(self, app, listeners, *, Limits limits not None, str loop="auto",
+                 double keep_alive=5.0, double header_timeout=30.0,
+                 double graceful_timeout=30.0, str root_path="", access_log=None,
+                 int master_pid=0,
+                 long long max_requests=0, scoreboard=None, str health_path=None,
+                 forwarded_allow_ips=(), lifespan=None, websocket_options=None):
+        """``listeners``: (fd, is_tcp, base_scope, shared) tuples; the fds stay
+        owned by the caller (the worker serves duplicates of them).
+        ``lifespan``: a fastpool.lifespan.Lifespan, or None for ``off``.
+        ``websocket_options``: a fastpool.websocket.Options, or None to answer
+        upgrade requests as plain HTTP."""
+        self.app = app
+        self.limits = limits
+        self.loop_kind = loop
+        self.listeners = list(listeners)
+        self.servers = []
+        self.connections = set()
+        self.tasks = set()
+        self.alive = True
+        self.keep_alive = keep_alive
+        self.header_timeout = header_timeout
+        self.graceful_timeout = graceful_timeout
+        self.root_path = root_path.rstrip("/")
+        self.access_log = access_log
+        self.master_pid = master_pid
+        self.max_requests = max_requests
+        self.board_owner = scoreboard if scoreboard is not None else bytearray(8 * BOARD_SIZE)
+        self.board = memoryview(self.board_owner).cast("B").cast("d")
+        self.health_target = health_path.encode("latin-1") if health_path else None
+        self.trust_all_proxies = "*" in forwarded_allow_ips
+        self.trusted_proxies = frozenset(forwarded_allow_ips)
+        self.lifespan = lifespan
+        self.state = None
+        self.websockets = websocket_options is not None
+        self.websocket_options = websocket_options
+
+    # ---- bookkeeping called by connections
+
+    cdef int app_started(self) except -1:
+        self.running += 1
+        if self.running == 1:
+            self.board[BOARD_BUSY_SINCE] = monotonic()
+        return 0
+
+    cdef int app_finished(self) except -1:
+        self.running -= 1
+        if self.running == 0:
+            self.board[BOARD_BUSY_SINCE] = 0.0
+            if not self.alive:
+                self.check_drained()
+        return 0
+
+    def app_started_py(self):
+        self.app_started()
+
+    def app_finished_py(self):
+        self.app_finished()
+
+    cdef int request_served(self) except -1:
+        self.requests += 1
+        self.board[BOARD_REQUESTS] = self.requests
+        if self.max_requests and self.requests >= self.max_requests and self.alive:
+            error_log.info("worker %d: served %d requests (max_requests): retiring",
+                           os.getpid(), self.requests)
+            self.begin_stop(False)
+        return 0
+
+    cdef int connection_closed(self) except -1:
+        if not self.alive:
+            self.check_drained()
+        return 0
+
+    def log_access(self, ASGIRequest request, client, int status, long long size):
+        environ = {
+            "REMOTE_ADDR": client[0] if client else "-",
+            "REQUEST_METHOD": request.method,
+            "RAW_URI": request.target.decode("latin-1"),
+            "SERVER_PROTOCOL": "HTTP/1.1" if request.http_minor else "HTTP/1.0",
+        }
+        for name, value in request.headers:
+            if name == b"referer":
+                environ["HTTP_REFERER"] = value.decode("latin-1")
+            elif name == b"user-agent":
+                environ["HTTP_USER_AGENT"] = value.decode("latin-1")
+        self.access_log(environ, status, size, monotonic() - request.started)
+
+    # ---- life
+
+    def run(self, on_ready=None):
+        """Serve until stopped.  ``on_ready`` is called once the lifespan
+        startup succeeded and the listeners accept; a startup failure raises
+        fastpool.lifespan.LifespanFailure."""
+        self.on_ready = on_ready
+        loop = new_event_loop(self.loop_kind)
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        try:
+            loop.run_until_complete(self.main())
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    async def main(self):
+        loop = self.loop
+        self.install_signal_handlers()
+        if self.lifespan is not None:
+            self.state = await self.lifespan.startup()
+        self.stopped = loop.create_future()
+        for fd, tcp, base_scope, shared in self.listeners:
+            sock = socket.socket(fileno=os.dup(fd))
+            sock.setblocking(False)
+            server = await loop.create_server(
+                lambda scope=base_scope, tcp=tcp: ASGIConnection(self, scope, tcp),
+                sock=sock, backlog=2048)
+            self.servers.append(server)
+        refresh_date()
+        self.board[BOARD_STATE] = 1
+        self.tick_handle = loop.call_later(1.0, self.tick)
+        if self.on_ready is not None:
+            self.on_ready()
+        await self.stopped
+        self.tick_handle.cancel()
+        if self.lifespan is not None:
+            await self.lifespan.shutdown()
+
+    def install_signal_handlers(self):
+        """The worker's signal handlers (set by fastpool.worker) run as loop
+        callbacks, so that they may touch the loop's objects."""
+        for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT, signal.SIGUSR1):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                self.loop.add_signal_handler(signum, handler, signum, None)
+
+    def tick(self):
+        """Once a second: the Date header, deadlines, the heartbeat."""
+        cdef double now = monotonic()
+        cdef ASGIConnection conn
+        refresh_date()
+        if self.running:
+            self.board[BOARD_BUSY_SINCE] = now
+        for conn in list(self.connections):
+            conn.check_deadlines(now)
+        if self.master_pid and os.getppid() != self.master_pid:
+            error_log.warning("worker %d: the master is gone; exiting", os.getpid())
+            self.finish()
+            return
+        if not self.alive:
+            if now > self.graceful_deadline:
+                error_log.warning("worker %d: graceful timeout; closing %d connections",
+                                  os.getpid(), len(self.connections))
+                self.finish()
+                return
+            self.check_drained()
+        self.tick_handle = self.loop.call_later(1.0, self.tick)
+
+    # ---- stopping (signal handlers in worker.py call stop)
+
+    def stop(self, bint graceful=True, bint close_idle=True):
+        """Graceful: stop accepting, let in-flight requests finish, close
+        WebSockets with 1012, then return from ``run``.  Otherwise return at
+        once.  ``close_idle``: close idle keep-alive connections now (shutdown)
+        rather than answering their next request with Connection: close
+        (a retiring worker)."""
+        if self.loop is None or self.stopped is None:
+            raise SystemExit(0)   # not serving yet: nothing to drain
+        if not graceful:
+            self.finish()
+            return
+        self.begin_stop(close_idle)
+
+    cdef int begin_stop(self, bint close_idle) except -1:
+        cdef ASGIConnection conn
+        self.close_idle = self.close_idle or close_idle
+        if not self.alive:
+            return 0
+        self.alive = False
+        self.board[BOARD_STATE] = 2
+        self.graceful_deadline = monotonic() + self.graceful_timeout
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.websocket is not None:
+                conn.websocket.shutdown()
+            elif self.close_idle and conn.cycle is None and not conn.pending and (
+                    conn.at_message_boundary()):
+                conn.close_after_output()
+        self.check_drained()
+        return 0
+
+    cdef int check_drained(self) except -1:
+        if not self.connections and not self.running:
+            self.finish()
+        return 0
+
+    cdef int finish(self) except -1:
+        cdef ASGIConnection conn
+        for conn in list(self.connections):
+            conn.abort()
+        if self.stopped is not None and not self.stopped.done():
+            self.stopped.set_result(None)
+        return 0
+
+
+def new_event_loop(str kind):
+    """asyncio's loop, or uvloop's (``auto``: uvloop when it is installed)."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise RuntimeError("--loop uvloop: uvloop is not installed "
+                                   "(pip install 'fastpool[uvloop]')") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

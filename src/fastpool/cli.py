@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from fastpool import __version__, core, settings
 from fastpool.control import ControlError, format_status, request
-from fastpool.loading import AppLoadError, import_app
+from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.sockets import check_addresses
 
 
@@ -45,13 +45,13 @@ def _add_control_target(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastpool",
-        description="A compiled prefork HTTP/1.1 server for Python WSGI apps, with worker "
-                    "groups that keep slow endpoints from starving fast ones.",
+        description="A compiled prefork HTTP/1.1 server for Python WSGI and ASGI apps, with "
+                    "worker groups that keep slow endpoints from starving fast ones.",
     )
     parser.add_argument("--version", action="store_true",
                         help="print the version and whether the compiled core is loaded")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name, text in (("serve", "serve a WSGI app, or the groups of a config file"),
+    for name, text in (("serve", "serve a WSGI or ASGI app, or the groups of a config file"),
                        ("check", "validate the config, import every app and target, print "
                                  "the plan")):
         command = commands.add_parser(
@@ -105,7 +105,7 @@ def _plan(config: settings.ServerConfig) -> str:
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
         lines.append(
-            f"group {name}: app {group.app}, listen {', '.join(group.listen)}, "
+            f"group {name}: app {group.app} ({group.interface}), listen {', '.join(group.listen)}, "
             f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}")
@@ -121,7 +121,7 @@ def _check(config: settings.ServerConfig) -> None:
         os.chdir(config.chdir)
     for name, group in config.groups.items():
         try:
-            import_app(group.app)
+            resolve_interface(import_app(group.app), group.interface, group.app)
         except AppLoadError as exc:
             raise settings.ConfigError(f"group {name}: {exc}") from None
     for name, process in config.processes.items():

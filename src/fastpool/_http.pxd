@@ -52,6 +52,18 @@ cdef struct ParserBox:
     void *owner
 
 
+# Which group serves a request: the server's routes (longest path prefix on
+# whole segments of the decoded, normalised path), else the connection's home
+# group (the group whose listener accepted it).
+cdef class Router:
+    cdef readonly int local_group      # the group of this worker
+    cdef list prefixes                 # [(prefix bytes, group)], longest first
+    cdef dict cache                    # request-target -> group
+    cdef bytes health                  # the local health_path: always answered here
+
+    cdef int route(self, bytes target, int home) except -2
+
+
 cdef class HttpConnection:
     cdef ParserBox *box
     cdef Limits limits
@@ -73,6 +85,17 @@ cdef class HttpConnection:
     cdef public bytes upgrade_data
     # An unexpected exception raised inside a parser callback, re-raised by feed.
     cdef object callback_error
+    # Routing (None when the server has no routes).  A request for another
+    # group stops the parser at the end of its head: ``handoff_group`` is then
+    # that group and ``handoff_data`` every byte read from the request's first
+    # byte on (its head, and whatever followed), for the worker to hand over.
+    cdef public Router router
+    cdef public int home_group
+    cdef public int handoff_group
+    cdef public bytes handoff_data
+    cdef public double handoff_started
+    cdef bytes carry                   # the current head's bytes from earlier reads
+    cdef Py_ssize_t message_offset     # where the current message began in this read
 
     cdef Request new_request(self)
     cdef int add_header(self, Request request, bytes name, bytes value) except -1
@@ -82,6 +105,8 @@ cdef class HttpConnection:
     cdef bint at_message_boundary(self)
     # Parser events, called from llhttp's callbacks: 0 goes on, 1 (STOP, after
     # fail) stops the parser; an exception also stops it and feed re-raises it.
+    cdef int route(self, Request request) except -1
+    cdef int keep_head(self, const char *start, Py_ssize_t size) except -1
     cdef int message_begin(self) except -1
     cdef int url_span(self, const char *at, size_t size) except -1
     cdef int field_span(self, const char *at, size_t size) except -1

@@ -205,13 +205,16 @@ cdef struct LLHttp:
     unsigned char (*get_http_minor)(void *parser) noexcept nogil
     unsigned char (*get_method)(void *parser) noexcept nogil
     const char *(*method_name)(int method) noexcept nogil
+    void (*resume)(void *parser) noexcept nogil
 
 cdef enum:
     HTTP_REQUEST = 1      # llhttp_type_t
     STOP = 1              # an event method's "stop parsing" (0: go on; -1: exception)
+    PAUSE = 2             # an event method's "pause here" (routing: see feed)
     SETTINGS_SLOTS = 64   # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
 
 cdef LLHttp llhttp
+cdef int HPE_PAUSED = -1     # llhttp's code for a pause, looked up by name at import
 cdef void *SETTINGS[64]
 cdef dict ERRNO_NAMES = {}
 cdef list METHOD_NAMES = [None] * 256
@@ -293,10 +296,16 @@ cdef dict discover_layout():
     return layout
 
 
+cdef inline int callback_result(int result) noexcept:
+    if result == 0:
+        return 0
+    return HPE_PAUSED if result == PAUSE else -1
+
+
 cdef int cb_message_begin(void *parser) noexcept:
     cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
     try:
-        return -1 if conn.message_begin() else 0
+        return callback_result(conn.message_begin())
     except BaseException as exc:
         conn.callback_error = exc
         return -1
@@ -332,7 +341,7 @@ cdef int cb_header_value(void *parser, const char *at, size_t size) noexcept:
 cdef int cb_headers_complete(void *parser) noexcept:
     cdef HttpConnection conn = <HttpConnection>(<ParserBox *>parser).owner
     try:
-        return -1 if conn.headers_complete() else 0
+        return callback_result(conn.headers_complete())
     except BaseException as exc:
         conn.callback_error = exc
         return -1
@@ -384,6 +393,14 @@ cdef int bind_llhttp() except -1:
         handle, b"llhttp_get_method")
     llhttp.method_name = <const char *(*)(int) noexcept nogil>symbol(
         handle, b"llhttp_method_name")
+    llhttp.resume = <void (*)(void *) noexcept nogil>symbol(handle, b"llhttp_resume")
+    global HPE_PAUSED
+    for code in range(64):
+        if llhttp.errno_name(code) == b"HPE_PAUSED":
+            HPE_PAUSED = code
+            break
+    else:
+        raise ImportError("the llhttp inside httptools has no HPE_PAUSED code")
     layout = discover_layout()
     missing = [name for name in ("message_begin", "url", "header_field", "header_value",
                                  "headers_complete", "body", "message_complete")
@@ -417,6 +434,66 @@ cdef str method_of(void *parser):
     return <str>name
 
 
+cdef bytes normalise_path(bytes path):
+    """A decoded path with ``.`` and ``..`` segments resolved and repeated
+    slashes merged (as nginx does), so that no spelling of a path escapes
+    its route."""
+    cdef list segments = []
+    if b"/." not in path and b"//" not in path:
+        return path
+    for segment in path.split(b"/"):
+        if segment == b"" or segment == b".":
+            continue
+        if segment == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return b"/" + b"/".join(segments) + (b"/" if path.endswith(b"/") and segments else b"")
+
+
+@cython.final
+cdef class Router:
+    """The server's routes, as seen from one worker (see _http.pxd)."""
+
+    def __init__(self, routes, int local_group, health_path=None):
+        """``routes``: (prefix str, group index) pairs."""
+        self.local_group = local_group
+        self.prefixes = sorted(
+            ((normalise_path(prefix.encode("utf-8")).rstrip(b"/"), group)
+             for prefix, group in routes), key=lambda entry: -len(entry[0]))
+        self.cache = {}
+        self.health = health_path.encode("latin-1") if health_path else None
+
+    def group_for(self, bytes target, int home=-1):
+        """The group index for a request-target (for tests and tools)."""
+        return self.route(target, home)
+
+    cdef int route(self, bytes target, int home) except -2:
+        cdef object cached = self.cache.get(target)
+        cdef bytes path, prefix
+        cdef int group = -1
+        if cached is not None:
+            group = <int>cached
+        else:
+            if self.health is not None and is_health_target(self.health, target):
+                return self.local_group
+            path = normalise_path(<bytes>split_request_target(target)[0])
+            for prefix, routed in self.prefixes:
+                # Whole segments: /tast matches /tast and /tast/x, not /tasty.
+                if path.startswith(prefix) and (
+                        PyBytes_GET_SIZE(path) == PyBytes_GET_SIZE(prefix)
+                        or PyBytes_AS_STRING(path)[PyBytes_GET_SIZE(prefix)] == 47):   # "/"
+                    group = routed
+                    break
+            if len(self.cache) >= 4096:
+                self.cache.clear()
+            self.cache[target] = group
+        if group < 0:
+            return home if home >= 0 else self.local_group
+        return group
+
+
 cdef class HttpConnection:
     def __cinit__(self):
         self.box = <ParserBox *>PyMem_Malloc(sizeof(ParserBox))
@@ -431,6 +508,12 @@ cdef class HttpConnection:
     def __init__(self, Limits limits not None):
         self.limits = limits
         self.pending = []
+        self.handoff_group = -1
+        self.message_offset = -1
+
+    def parse(self, bytes data):
+        """Feed bytes from Python (tests and tools; workers call feed)."""
+        self.feed(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
 
     # ---- hooks for the worker kind (WSGI, ASGI)
 
@@ -468,6 +551,10 @@ cdef class HttpConnection:
         self.field_name = None
         self.field_value = None
         self.header_count = 0
+        if self.router is not None:
+            # Pause so that feed learns where this message's first byte is.
+            self.carry = None
+            return PAUSE
         return 0
 
     cdef int url_span(self, const char *at, size_t size) except -1:
@@ -552,6 +639,8 @@ cdef class HttpConnection:
         request.keep_alive = llhttp.should_keep_alive(state)
         request.target = self.url if self.url is not None else b""
         request.head_complete = True
+        if self.router is not None and self.route(request):
+            return PAUSE
         # A request without a body is complete now; message_complete also says so.
         if request.content_length <= 0 and not request.chunked:
             request.body_complete = True
@@ -572,19 +661,63 @@ cdef class HttpConnection:
         self.current = None
         return 0
 
+    cdef int route(self, Request request) except -1:
+        """True (and the handoff recorded) when ``request`` belongs to another group."""
+        cdef int group = self.router.route(request.target, self.home_group)
+        if group == self.router.local_group:
+            return False
+        self.handoff_group = group
+        self.handoff_started = request.started
+        self.stop_reading = True
+        self.current = None
+        return True
+
+    cdef int keep_head(self, const char *start, Py_ssize_t size) except -1:
+        """Routing: keep the bytes of a head that is not complete yet, since
+        the whole request may have to be handed over once its path is known."""
+        if self.current is not None and not self.current.head_complete:
+            if self.message_offset >= 0:
+                self.carry = PyBytes_FromStringAndSize(start + self.message_offset,
+                                                       size - self.message_offset)
+            else:
+                self.carry = (self.carry or b"") + PyBytes_FromStringAndSize(start, size)
+        else:
+            self.carry = None
+        self.message_offset = -1
+        return 0
+
     # ---- feeding
 
     cdef int feed(self, const char *start, Py_ssize_t size) except -1:
         """Parse ``size`` received bytes (read straight from the caller's
         buffer: nothing is copied but what a request keeps)."""
-        cdef int code = llhttp.execute(self.box.state, start, size)
+        cdef const char *position = start
+        cdef int code
         cdef str name
         cdef Request request
         cdef const char *pause
-        if self.callback_error is not None:
-            error = self.callback_error
-            self.callback_error = None
-            raise error
+        while True:
+            code = llhttp.execute(self.box.state, position, size - (position - start))
+            if self.callback_error is not None:
+                error = self.callback_error
+                self.callback_error = None
+                raise error
+            if code != HPE_PAUSED:
+                break
+            # Routing only: paused at a message's first byte, or at the end of
+            # the head of a request for another group.
+            pause = llhttp.get_error_pos(self.box.state)
+            llhttp.resume(self.box.state)
+            if self.handoff_group >= 0:
+                position = start + self.message_offset if self.message_offset >= 0 else start
+                self.handoff_data = (self.carry or b"") + PyBytes_FromStringAndSize(
+                    position, size - (position - start))
+                self.carry = None
+                return 0
+            self.message_offset = pause - start
+            position = pause
+        if self.router is not None:
+            self.keep_head(start, size)
         if code == 0:
             return 0
         name = errno_name(code)

@@ -41,7 +41,8 @@ from fastpool._http cimport (
     HeadBuf, head_init, head_put_bytes, head_free, monotonic, Framing, framing_reset,
     flags_reset, end_head, frame_body, end_body, append_bytes_header, split_request_target,
     forwarded_client, forwarded_scheme, is_health_target,
-    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE,
+    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
+    BOARD_HANDED_OUT, BOARD_SHED, Router,
 )
 
 import asyncio
@@ -51,6 +52,8 @@ import signal
 import socket
 import sys
 from http import HTTPStatus
+
+from fastpool.handoff import addresses as handoff_addresses
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -320,6 +323,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef readonly object websocket  # a fastpool.websocket.WebSocketSession after an upgrade
     cdef bint tcp
     cdef bint closing              # close once the queued output is out
+    cdef bytes initial_data        # bytes another group's worker read (a handoff)
 
     def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
         HttpConnection.__init__(self, worker.limits)
@@ -345,6 +349,12 @@ cdef class ASGIConnection(HttpConnection):
             scope["client"] = None
         self.base_scope = scope
         worker.connections.add(self)
+        if worker.router is not None and self.router is None:
+            self.router = worker.router
+            self.home_group = worker.local_group
+        if self.initial_data is not None:
+            data, self.initial_data = self.initial_data, None
+            self.loop.call_soon(self.data_received, data)
 
     def data_received(self, bytes data):
         if self.websocket is not None:
@@ -499,7 +509,32 @@ cdef class ASGIConnection(HttpConnection):
             self.close_after_output()
         elif upgrade is not None:
             self.start_websocket(upgrade)
+        elif self.handoff_group >= 0 and self.cycle is None and not self.pending:
+            self.hand_off()
         return 0
+
+    def hand_off(self):
+        """Give the connection to the group its next request belongs to, once
+        everything before that request is sent."""
+        cdef ASGIWorker worker = self.worker
+        if self.closed or self.closing or self.handoff_group < 0:
+            return
+        if self.transport.get_write_buffer_size():
+            self.loop.call_later(0.001, self.hand_off)
+            return
+        refusal = worker.handoff.send(
+            self.handoff_group, self.transport.get_extra_info("socket").fileno(),
+            self.home_group, self.handoff_started, self.handoff_data)
+        self.handoff_group = -1
+        self.handoff_data = None
+        if refusal is None:
+            worker.board[BOARD_HANDED_OUT] += 1
+            self.closing = True
+            self.transport.abort()   # our copy of the socket; the other worker has it
+        else:
+            worker.board[BOARD_SHED] += 1
+            self.out.write(refusal)
+            self.close_after_output()
 
     cdef int start_cycle(self, ASGIRequest request) except -1:
         cdef Cycle cycle = Cycle.__new__(Cycle)
@@ -679,6 +714,10 @@ cdef class ASGIWorker:
     cdef readonly bint websockets
     cdef readonly object websocket_options
     cdef readonly set tasks       # app tasks still pending (asyncio holds them weakly)
+    cdef readonly Router router   # routes (None without), this group's index, the queues
+    cdef readonly int local_group
+    cdef object handoff
+    cdef dict handoff_scope
     cdef object stopped           # future: the worker is done serving
     cdef object tick_handle
     cdef object on_ready
@@ -688,7 +727,8 @@ cdef class ASGIWorker:
                  double graceful_timeout=30.0, str root_path="", access_log=None,
                  int master_pid=0,
                  long long max_requests=0, scoreboard=None, str health_path=None,
-                 forwarded_allow_ips=(), lifespan=None, websocket_options=None):
+                 forwarded_allow_ips=(), lifespan=None, websocket_options=None,
+                 routing=None, dict handoff_scope=None):
         """``listeners``: (fd, is_tcp, base_scope, shared) tuples; the fds stay
         owned by the caller (the worker serves duplicates of them).
         ``lifespan``: a fastpool.lifespan.Lifespan, or None for ``off``.
@@ -718,6 +758,10 @@ cdef class ASGIWorker:
         self.state = None
         self.websockets = websocket_options is not None
         self.websocket_options = websocket_options
+        if routing is not None:
+            self.router, self.handoff = routing
+            self.local_group = self.router.local_group
+            self.handoff_scope = handoff_scope
 
     # ---- bookkeeping called by connections
 
@@ -801,6 +845,8 @@ cdef class ASGIWorker:
                 lambda scope=base_scope, tcp=tcp: ASGIConnection(self, scope, tcp),
                 sock=sock, backlog=2048)
             self.servers.append(server)
+        if self.handoff is not None:
+            loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
         refresh_date()
         self.board[BOARD_STATE] = 1
         self.tick_handle = loop.call_later(1.0, self.tick)
@@ -841,6 +887,43 @@ cdef class ASGIWorker:
             self.check_drained()
         self.tick_handle = self.loop.call_later(1.0, self.tick)
 
+    def take_handoffs(self):
+        """Connections other groups handed to this one (routes)."""
+        cdef ASGIConnection conn
+        cdef dict scope
+        for _ in range(64):
+            entry = self.handoff.receive()
+            if entry is None:
+                return
+            fd, home, started, data, refusal = entry
+            self.board[BOARD_HANDED_IN] += 1
+            if refusal is not None:
+                # It waited longer than max_queue_wait.
+                self.board[BOARD_SHED] += 1
+                try:
+                    os.set_blocking(fd, False)
+                    os.write(fd, refusal)
+                except OSError:
+                    pass
+                os.close(fd)
+                continue
+            tcp, server, peer = handoff_addresses(fd)
+            scope = self.handoff_scope.copy()
+            scope["server"] = server
+            conn = ASGIConnection(self, scope, tcp)
+            conn.router = self.router
+            conn.home_group = home
+            conn.initial_data = data
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.loop.create_task(self.adopt(conn, sock))
+
+    async def adopt(self, ASGIConnection conn, sock):
+        try:
+            await self.loop.connect_accepted_socket(lambda: conn, sock)
+        except OSError:
+            sock.close()
+
     # ---- stopping (signal handlers in worker.py call stop)
 
     def stop(self, bint graceful=True, bint close_idle=True):
@@ -866,6 +949,9 @@ cdef class ASGIWorker:
         self.graceful_deadline = monotonic() + self.graceful_timeout
         for server in self.servers:
             server.close()
+        if self.handoff is not None:
+            # Queued handoffs are for the workers that stay.
+            self.loop.remove_reader(self.handoff.receiver_fd())
         for conn in list(self.connections):
             if conn.websocket is not None:
                 conn.websocket.shutdown()

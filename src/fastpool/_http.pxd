@@ -215,7 +215,7 @@ cdef int put_content_length(HeadBuf *head, long long length) except -1
 cdef void head_free(HeadBuf *head) noexcept
 cdef double monotonic() noexcept nogil
 cdef int append_chunk(OutBuffer out, object data) except -1
-cpdef bytes error_response(int status, str detail=*)
+cpdef bytes error_response(int status, str detail=*, bytes headers=*)
 
 
 cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) except -1:
@@ -226,13 +226,16 @@ cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) exce
     return 0
 
 
-# The scoreboard record of a worker: four doubles in memory shared with the
+# The scoreboard record of a worker: eight doubles in memory shared with the
 # master (fastpool.scoreboard reads them).
 cdef enum:
     BOARD_REQUESTS = 0     # requests served
     BOARD_BUSY_SINCE = 1   # monotonic time the worker was last seen busy; 0 = idle
     BOARD_STATE = 2        # 0 booting, 1 serving, 2 draining
-    BOARD_SIZE = 4
+    BOARD_HANDED_IN = 4    # connections taken from the group's handoff queue
+    BOARD_HANDED_OUT = 5   # connections handed to another group
+    BOARD_SHED = 6         # requests answered 503 by admission control
+    BOARD_SIZE = 8
 
 
 cdef tuple split_request_target(bytes target)

@@ -1260,8 +1260,9 @@ cdef int append_chunk(OutBuffer out, object data) except -1:
     return 0
 
 
-cpdef bytes error_response(int status, str detail=""):
-    """A complete response the server sends on its own (the connection closes)."""
+cpdef bytes error_response(int status, str detail="", bytes headers=b""):
+    """A complete response the server sends on its own (the connection closes).
+    ``headers``: extra header lines, each ending in CRLF."""
     cdef str phrase
     try:
         phrase = HTTPStatus(status).phrase
@@ -1274,7 +1275,7 @@ cpdef bytes error_response(int status, str detail=""):
     return (
         f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
         + _date_header
-        + b"Server: fastpool\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        + b"Server: fastpool\r\nContent-Type: text/plain; charset=utf-8\r\n" + headers
         + b"Content-Length: " + str(len(body)).encode("ascii")
         + b"\r\nConnection: close\r\n\r\n" + body
     )
@@ -1335,3 +1336,24 @@ cdef str forwarded_scheme(str proto):
         return None
     proto = proto.split(",", 1)[0].strip().lower()
     return proto if proto == "http" or proto == "https" else None
+
+
+# ---------------------------------------------------------------- shared counters
+
+cdef extern from *:
+    """
+    static long long fastpool_atomic_add(long long *target, long long delta) {
+        return __atomic_add_fetch(target, delta, __ATOMIC_SEQ_CST);
+    }
+    """
+    long long fastpool_atomic_add(long long *target, long long delta) nogil
+
+
+def atomic_add(memory, Py_ssize_t index, long long delta):
+    """Add ``delta`` to the index-th 64-bit counter of a shared mapping (one
+    that several processes write, like the handoff queues' pending counts),
+    atomically; return the new value."""
+    cdef long long[::1] counters = memoryview(memory).cast("B").cast("q")
+    if not 0 <= index < counters.shape[0]:
+        raise IndexError(f"counter {index} out of range")
+    return fastpool_atomic_add(&counters[index], delta)

@@ -53,7 +53,8 @@ from fastpool._http cimport (
     append_str_header, error_response, HeadBuf, head_init, head_put_bytes, head_free,
     monotonic, Framing, framing_reset, flags_reset, end_head, frame_body, end_body,
     split_request_target, forwarded_client, forwarded_scheme, is_health_target,
-    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE,
+    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
+    BOARD_HANDED_OUT, BOARD_SHED, Router,
 )
 
 import logging
@@ -62,6 +63,8 @@ import queue
 import stat
 import sys
 import threading
+
+from fastpool.handoff import addresses as handoff_addresses
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -260,6 +263,10 @@ cdef class Listener:
 
 cdef class WakePipe:
     """The table entry of the pipe app threads use to wake the loop."""
+
+
+cdef class HandoffQueue:
+    """The table entry of the group's handoff queue (routes)."""
 
 
 cdef enum ConnState:
@@ -670,9 +677,17 @@ cdef class WSGIWorker:
     cdef bytes health_target      # health_path as bytes, or None
     cdef bint trust_all_proxies
     cdef frozenset trusted_proxies
+    # Routes (None without): the router, this group's index, the queues.
+    cdef Router router
+    cdef int local_group
+    cdef object handoff
+    cdef int handoff_fd
+    cdef bint handoff_registered
+    cdef dict handoff_environ
     # Thread pool (threads > 1)
     cdef readonly int threads
     cdef object tasks
+    cdef int busy_threads
     cdef list finished
     cdef object finished_lock
     cdef int wake_read
@@ -698,10 +713,13 @@ cdef class WSGIWorker:
                  double header_timeout=30.0, double graceful_timeout=30.0,
                  str root_path="", access_log=None, int master_pid=0, int threads=1,
                  long long max_requests=0, scoreboard=None, str health_path=None,
-                 forwarded_allow_ips=()):
+                 forwarded_allow_ips=(), routing=None, dict handoff_environ=None):
         """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
         owned by the caller's socket objects until ``stop`` closes them.
-        ``scoreboard``: a writable buffer of BOARD_SIZE doubles, or None."""
+        ``scoreboard``: a writable buffer of BOARD_SIZE doubles, or None.
+        ``routing``: (Router, fastpool.handoff.Handoff) when the server has
+        routes; ``handoff_environ`` is then the base environ of connections
+        handed over by other groups."""
         cdef epoll_event event
         self.app = app
         self.threads = threads
@@ -736,6 +754,14 @@ cdef class WSGIWorker:
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
                 raise OSError(errno, "epoll_ctl(listener) failed")
         self.wake_read = self.wake_write = -1
+        self.handoff_fd = -1
+        if routing is not None:
+            self.router, self.handoff = routing
+            self.local_group = self.router.local_group
+            self.handoff_environ = handoff_environ
+            self.handoff_fd = self.handoff.receiver_fd()
+            self.register(self.handoff_fd, HandoffQueue())
+            self.watch_handoffs(True)
         if threads > 1:
             self.start_pool(threads)
 
@@ -793,6 +819,9 @@ cdef class WSGIWorker:
         with self.finished_lock:
             done = self.finished
             self.finished = []
+        self.busy_threads -= len(done)
+        if self.alive and self.busy_threads < self.threads:
+            self.watch_handoffs(True)
         for conn in done:
             conn.busy = False
             if conn.state == CLOSED:
@@ -807,6 +836,86 @@ cdef class WSGIWorker:
     cdef bint is_health_request(self, Request request):
         return self.health_target is not None and is_health_target(self.health_target,
                                                                    request.target)
+
+    # ---- routes: handing connections over and taking them
+
+    cdef int watch_handoffs(self, bint on) except -1:
+        """Take handoffs only while this worker can serve them at once."""
+        cdef epoll_event event
+        if on == self.handoff_registered or self.handoff_fd < 0:
+            return 0
+        self.handoff_registered = on
+        if on:
+            memset(&event, 0, sizeof(event))
+            # Wakes one waiting worker of the group per handoff, not all.
+            event.events = EPOLLIN | EPOLLEXCLUSIVE
+            event.data.fd = self.handoff_fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.handoff_fd, &event)
+        else:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.handoff_fd, NULL)
+        return 0
+
+    cdef int take_handoff(self) except -1:
+        """One connection from this group's queue: its bytes are parsed as if
+        this worker had read them."""
+        cdef WSGIConnection conn
+        cdef epoll_event event
+        cdef bytes data
+        cdef dict base
+        entry = self.handoff.receive()
+        if entry is None:
+            return 0
+        fd, home, started, data, refusal = entry
+        self.board[BOARD_HANDED_IN] += 1
+        os.set_blocking(fd, False)
+        if refusal is not None:
+            # It waited longer than max_queue_wait.
+            self.board[BOARD_SHED] += 1
+            try:
+                os.write(fd, refusal)
+            except OSError:
+                pass
+            close(fd)
+            return 0
+        tcp, server, peer = handoff_addresses(fd)
+        base = self.handoff_environ.copy()
+        if server is not None:
+            base["SERVER_NAME"], base["SERVER_PORT"] = server[0], str(server[1])
+        remote = ""
+        if peer is not None:
+            remote = peer[0]
+            base["REMOTE_ADDR"], base["REMOTE_PORT"] = remote, str(peer[1])
+        conn = WSGIConnection(self, fd, base, remote)
+        conn.router = self.router
+        conn.home_group = home
+        conn.trusted_proxy = self.trust_all_proxies or (tcp and remote in self.trusted_proxies)
+        conn.deadline = monotonic() + (self.header_timeout or 1e9)
+        self.register(fd, conn)
+        memset(&event, 0, sizeof(event))
+        event.events = EPOLLIN
+        event.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+            self.table[fd] = None
+            close(fd)
+            return 0
+        self.connections += 1
+        conn.feed(data, PyBytes_GET_SIZE(data))
+        return self.process(conn)
+
+    cdef int hand_off(self, WSGIConnection conn) except -1:
+        """Give ``conn`` to the group its next request belongs to (everything
+        before that request has been answered and sent)."""
+        refusal = self.handoff.send(conn.handoff_group, conn.fd, conn.home_group,
+                                    conn.handoff_started, conn.handoff_data)
+        conn.handoff_group = -1
+        conn.handoff_data = None
+        if refusal is None:
+            self.board[BOARD_HANDED_OUT] += 1
+            return self.close_connection(conn)   # our copy: the other worker has it
+        self.board[BOARD_SHED] += 1
+        conn.out.write(refusal)
+        conn.closing = True
+        return self.flush(conn)
 
     # ---- the scoreboard
 
@@ -857,6 +966,7 @@ cdef class WSGIWorker:
         self.board[BOARD_STATE] = 2
         self.graceful_deadline = monotonic() + self.graceful_timeout
         self.close_listeners()
+        self.watch_handoffs(False)   # queued handoffs are for the workers that stay
         self.next_sweep = 0   # close idle keep-alive connections on the next wakeup
 
     cdef int close_listeners(self) except -1:
@@ -899,6 +1009,8 @@ cdef class WSGIWorker:
                     self.accept(<Listener>entry)
                 elif type(entry) is WakePipe:
                     self.take_back()
+                elif type(entry) is HandoffQueue:
+                    self.take_handoff()
                 else:
                     self.on_event(<WSGIConnection>entry, flags)
             PyErr_CheckSignals()
@@ -953,6 +1065,9 @@ cdef class WSGIWorker:
             conn = WSGIConnection(self, fd, base, remote)
             conn.trusted_proxy = self.trust_all_proxies or (
                 listener.tcp and remote in self.trusted_proxies)
+            if self.router is not None:
+                conn.router = self.router
+                conn.home_group = self.local_group
             conn.deadline = monotonic() + (self.header_timeout or 1e9)
             self.register(fd, conn)
             memset(&event, 0, sizeof(event))
@@ -1041,6 +1156,9 @@ cdef class WSGIWorker:
                 conn.busy = True
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
                 self.tasks.put(conn)
+                self.busy_threads += 1
+                if self.busy_threads >= self.threads:
+                    self.watch_handoffs(False)   # no free thread: let other workers take them
                 return 0
             return self.after_serving(conn)
         self.serve_ready(conn)
@@ -1104,6 +1222,8 @@ cdef class WSGIWorker:
                     event.data.fd = conn.fd
                     epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
                 return 0
+        if conn.handoff_group >= 0 and not conn.closing and not conn.pending:
+            return self.hand_off(conn)
         if conn.want_write:
             conn.want_write = False
             memset(&event, 0, sizeof(event))

@@ -105,10 +105,12 @@ def _plan(config: settings.ServerConfig) -> str:
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
         lines.append(
-            f"group {name}: app {group.app} ({group.interface}), listen {', '.join(group.listen)}, "
+            f"group {name}: app {group.app}, listen {', '.join(group.listen)}, "
             f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
-            f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}")
+            f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "
+            f"interface {group.interface}"
+            + (f", routes {', '.join(group.routes)}" if group.routes else ""))
     for name, process in config.processes.items():
         lines.append(f"process {name}: target {process.target} x {process.count}")
     lines.append(f"control socket: {config.control_path}")

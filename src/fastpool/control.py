@@ -59,6 +59,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"{len(group['workers'])}/{group['workers_wanted']} worker(s) x "
             f"{group['threads']} thread(s), {group['restarts']} restart(s)")
         lines.append(f"  listen: {', '.join(group['listen']) or '-'}")
+        if group.get("routes") or group.get("handed_in") or group.get("handed_out"):
+            lines.append(
+                f"  routes: {', '.join(group.get('routes') or []) or '-'}; handed in "
+                f"{group.get('handed_in', 0)}, handed out {group.get('handed_out', 0)}, "
+                f"shed (503) {group.get('shed', 0)}, pending now {group.get('pending', 0)}")
         lines.append("  slot  pid      requests  current request  rss        age       state")
         for w in group["workers"]:
             current = f"{w['current_request_s']:.1f}s" if w["current_request_s"] is not None \

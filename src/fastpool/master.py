@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpool import __version__, core, worker
+from fastpool.handoff import Admission, Queues
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
 from fastpool.scoreboard import Scoreboard
@@ -83,6 +84,11 @@ class Group:
     restarts: int = 0
     ever_ready: bool = False          # a worker of this group has served
     reload_failed_generation: int = -1
+    # Routing counts of the group's workers that have exited (status adds the
+    # live workers' records to these).
+    handed_in: int = 0
+    handed_out: int = 0
+    shed: int = 0
 
 
 @dataclass
@@ -118,6 +124,7 @@ class Master:
         self.killed = False
         self.exit_code = 0
         self.board = Scoreboard()
+        self.queues: Queues | None = None      # handoff queues, when any group has routes
         self.control: socket.socket | None = None
         self.booted = False      # every group at start-up has had a READY worker
 
@@ -133,6 +140,8 @@ class Master:
         finally:
             for group in self.groups.values():
                 group.listeners.close()
+            if self.queues is not None:
+                self.queues.close()
             self.close_control()
 
     def _run(self) -> int:
@@ -154,6 +163,7 @@ class Master:
                     return worker.APP_LOAD_ERROR
         for name, process_config in config.processes.items():
             self.processes[name] = ProcessGroup(process_config)
+        self.setup_routing()
 
         log.info("Starting fastpool %s (master pid %d)", __version__, self.pid)
         for group in self.groups.values():
@@ -183,6 +193,37 @@ class Master:
             listeners.close()
             raise
         return group
+
+    # ---------------------------------------------------------------- routes
+
+    def setup_routing(self) -> None:
+        """Handoff queues for every group, once any group has routes (a
+        connection may then move to any group, and back to its home)."""
+        if self.queues is None and not any(g.config.routes for g in self.groups.values()):
+            return
+        if self.queues is None:
+            self.queues = Queues()
+        for name in self.groups:
+            self.queues.add(name)
+        for name, group in self.groups.items():
+            for prefix in group.config.routes:
+                log.info("Route: %s -> group %s", prefix, name)
+
+    def routing_for(self, group: Group) -> dict[str, Any] | None:
+        """What a worker of ``group`` needs to route and hand over."""
+        if self.queues is None:
+            return None
+        index = self.queues.index
+        running = [g for g in self.groups.values() if g.state == "running"]
+        return {
+            "queues": self.queues,
+            "local": group.config.name,
+            "routes": [(prefix, index[g.config.name]) for g in running
+                       for prefix in g.config.routes],
+            "admission": {index[g.config.name]: Admission(g.config.max_pending,
+                                                          g.config.retry_after)
+                          for g in self.groups.values()},
+        }
 
     # ---------------------------------------------------------------- control socket
 
@@ -281,10 +322,14 @@ class Master:
         groups = []
         for name, group in self.groups.items():
             workers = []
+            handed_in, handed_out, shed = group.handed_in, group.handed_out, group.shed
             for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
                 if child.kind != "worker" or child.name != name:
                     continue
                 record = self.board.read(child.board)
+                handed_in += record.handed_in
+                handed_out += record.handed_out
+                shed += record.shed
                 workers.append({
                     "pid": child.pid, "slot": child.slot, "requests": record.requests,
                     "current_request_s": round(now - record.busy_since, 3)
@@ -297,6 +342,9 @@ class Master:
                 "name": name, "app": group.config.app, "state": group.state,
                 "listen": group.listeners.describe(), "workers_wanted": group.wanted,
                 "threads": group.config.threads, "restarts": group.restarts,
+                "interface": group.config.interface, "routes": group.config.routes,
+                "handed_in": handed_in, "handed_out": handed_out, "shed": shed,
+                "pending": self.queues.pending(name) if self.queues is not None else 0,
                 "workers": workers,
             })
         processes = []
@@ -391,9 +439,10 @@ class Master:
         if max_requests and config.max_requests_jitter:
             max_requests += random.randint(0, config.max_requests_jitter)
         view = self.board.view(board)
+        routing = self.routing_for(group)
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
-            notify_fd=self.notify_w, board=view, max_requests=max_requests,
+            notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
         ), [b.sock for b in sockets])
         self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
                                    group.generation)
@@ -504,8 +553,14 @@ class Master:
                 continue
             served = 0
             if child.board >= 0:
-                served = self.board.read(child.board).requests
+                record = self.board.read(child.board)
+                served = record.requests
                 self.board.release(child.board)
+                gone_from = self.groups.get(child.name) if child.kind == "worker" else None
+                if gone_from is not None:
+                    gone_from.handed_in += record.handed_in
+                    gone_from.handed_out += record.handed_out
+                    gone_from.shed += record.shed
             self.read_notices()
             describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"
                         if child.kind == "worker"
@@ -655,6 +710,7 @@ class Master:
             for name in [n for n in self.processes if n not in new_config.processes]:
                 self.processes[name].state = "stopped"
             self.config.values.update(new_config.values)
+        self.setup_routing()
         return None
 
     # ---------------------------------------------------------------- maintain

@@ -68,6 +68,13 @@ def _url_path(value: str) -> str:
     return value
 
 
+def _routes(value: list[str]) -> list[str]:
+    for prefix in value:
+        if not prefix.startswith("/") or "?" in prefix or " " in prefix:
+            raise ValueError(f"expected path prefixes starting with /, got {prefix!r}")
+    return value
+
+
 def _nice(value: int) -> int:
     if not -20 <= value <= 19:
         raise ValueError(f"expected a niceness from -20 to 19, got {value!r}")
@@ -303,6 +310,22 @@ SETTINGS: tuple[Setting, ...] = (
             "What a crash-looping group does to the server: stop-group (the other groups "
             "keep serving) or stop-server.", flags=("--on-crash-loop",),
             metavar="ACTION", check=choice("stop-group", "stop-server")),
+    Setting("routes", "list", [],
+            "Path prefixes this group serves on every listener of the server: a worker of "
+            "any group that reads such a request hands the connection to this group "
+            "(longest prefix wins, whole path segments, on the decoded and normalised path). "
+            "A group with routes needs no listener.", check=_routes, env_var=False),
+    Setting("max_pending", "int", 0,
+            "Handed-over connections that may wait for this group's workers; when that many "
+            "wait, its requests get 503 with Retry-After at once (0: no limit).",
+            flags=("--max-pending",), metavar="N", check=at_least(0)),
+    Setting("retry_after", "int", 5,
+            "Seconds in the Retry-After header of a 503 from admission control (0: no "
+            "header).", flags=("--retry-after",), metavar="SECONDS", check=at_least(0)),
+    Setting("max_queue_wait", "float", 0.0,
+            "Seconds a handed-over connection may wait for this group's workers before its "
+            "request gets 503 instead (0: no limit).", flags=("--max-queue-wait",),
+            metavar="SECONDS", check=at_least(0)),
     Setting("health_path", "str", None,
             "A path (e.g. /healthz) the server answers itself, without calling the app: 200, "
             "or 503 once a graceful stop has begun.", flags=("--health-path",), metavar="PATH",
@@ -535,12 +558,15 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             resolved[setting.name] = setting.resolve_default() if given is None else given
         if not resolved["app"]:
             raise ConfigError(f"{where}: no app (set app here or in [server])")
-        if not resolved["listen"]:
+        if not resolved["listen"] and resolved["routes"]:
+            resolved["listen"] = []     # served through the other groups' listeners
+        elif not resolved["listen"]:
             if path is not None:
                 raise ConfigError(f"{where}: no listen address (set listen here or in "
                                   "[server])")
             resolved["listen"] = [host_port(values["host"], values["port"])]
         result.groups[name] = GroupConfig(name, resolved)
+    _check_routes(result, label)
 
     processes = _table(data.get("process", {}), f"{label} [process]")
     for name, table in processes.items():
@@ -555,6 +581,21 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                 resolved[setting.name] = setting.resolve_default()
         result.processes[name] = ProcessConfig(name, resolved)
     return result
+
+
+def _check_routes(config: ServerConfig, label: str) -> None:
+    """Each prefix belongs to one group, and someone listens."""
+    owners: dict[str, str] = {}
+    for name, group in config.groups.items():
+        for prefix in group.routes:
+            key = "/" + "/".join(part for part in prefix.split("/") if part)
+            if key in owners and owners[key] != name:
+                raise ConfigError(f"{label}: route {prefix!r} is claimed by both "
+                                  f"[group.{owners[key]}] and [group.{name}]".lstrip(": "))
+            owners[key] = name
+    if owners and not any(group.listen for group in config.groups.values()):
+        raise ConfigError(f"{label}: no group has a listen address; routes need at least "
+                          "one group that accepts connections".lstrip(": "))
 
 
 def host_port(host: str, port: int) -> str:

@@ -91,9 +91,10 @@ def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def base_environ(bound: BoundSocket, group: GroupConfig, errors: Any) -> dict[str, Any]:
+def base_environ(bound: BoundSocket | None, group: GroupConfig,
+                 errors: Any) -> dict[str, Any]:
     """The environ keys that are the same for every request on one socket."""
-    name, port = bound.server_name_port
+    name, port = bound.server_name_port if bound is not None else ("localhost", "0")
     return {
         # Set for every request or connection; present here so that copying
         # this dict gives a table large enough that they are updates, not
@@ -129,6 +130,7 @@ def run_worker(
     notify_fd: int,
     board: memoryview,
     max_requests: int,
+    routing: dict[str, Any] | None = None,
 ) -> int:
     """Boot and serve until told to stop; return the process exit code."""
     listening = ", ".join(str(b.address) for b in sockets)
@@ -147,12 +149,13 @@ def run_worker(
         limits = Limits(group.limit_request_line, group.limit_request_fields,
                         group.limit_request_field_size, group.limit_request_body)
         access_log = AccessLog(group.access_log) if group.access_log else None
+        router = _router(group, routing)
         if interface == "asgi":
             loop = _asgi_worker(group, sockets, app, limits, access_log, master_pid, board,
-                                max_requests)
+                                max_requests, router)
         else:
             loop = _wsgi_worker(group, sockets, app, limits, access_log, master_pid, board,
-                                max_requests)
+                                max_requests, router)
     except AppLoadError as exc:
         notify(notify_fd, "ERROR", f"App failed to load: {exc}")
         return APP_LOAD_ERROR
@@ -203,9 +206,22 @@ def run_worker(
     return 0
 
 
+def _router(group: GroupConfig, routing: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    """(Router, Handoff) for a worker of a server with routes, else None."""
+    if routing is None:
+        return None
+    from fastpool._http import Router
+    from fastpool.handoff import Handoff
+
+    queues = routing["queues"]
+    # Only this group's queue is read here; the master keeps the other ends.
+    handoff = Handoff(queues, routing["local"], routing["admission"], group.max_queue_wait)
+    return Router(routing["routes"], handoff.local, group.health_path), handoff
+
+
 def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
                  limits: Any, access_log: AccessLog | None, master_pid: int,
-                 board: memoryview, max_requests: int) -> Any:
+                 board: memoryview, max_requests: int, router: tuple[Any, Any] | None) -> Any:
     from fastpool import _wsgi
 
     listeners = []
@@ -228,14 +244,34 @@ def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         scoreboard=board,
         health_path=group.health_path,
         forwarded_allow_ips=tuple(group.forwarded_allow_ips),
+        routing=router,
+        handoff_environ=_handoff_environ(group) if router is not None else None,
     )
 
 
-def base_scope(bound: BoundSocket, group: GroupConfig) -> dict[str, Any]:
+def _handoff_environ(group: GroupConfig) -> dict[str, Any]:
+    """The base environ of connections other groups hand over (no listener of
+    this group accepted them; the worker fills in the addresses)."""
+    from fastpool import _wsgi
+
+    base = base_environ(None, group, sys.stderr)
+    base["wsgi.file_wrapper"] = _wsgi.FileWrapper
+    return base
+
+
+def _handoff_scope(group: GroupConfig) -> dict[str, Any]:
+    """The base scope of connections other groups hand over."""
+    return base_scope(None, group)
+
+
+def base_scope(bound: BoundSocket | None, group: GroupConfig) -> dict[str, Any]:
     """The ASGI scope keys that are the same for every request on one socket."""
-    if bound.is_tcp:
+    server: tuple[str, int | None] | None = None
+    if bound is None:
+        pass
+    elif bound.is_tcp:
         host, port = bound.sock.getsockname()[:2]
-        server: tuple[str, int | None] | None = (str(host), int(port))
+        server = (str(host), int(port))
     else:
         name = bound.sock.getsockname()
         server = (str(name), None) if name else None
@@ -252,7 +288,7 @@ def base_scope(bound: BoundSocket, group: GroupConfig) -> dict[str, Any]:
 
 def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
                  limits: Any, access_log: AccessLog | None, master_pid: int,
-                 board: memoryview, max_requests: int) -> Any:
+                 board: memoryview, max_requests: int, router: tuple[Any, Any] | None) -> Any:
     from fastpool import _asgi
     from fastpool.lifespan import Lifespan
 
@@ -291,6 +327,8 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         forwarded_allow_ips=tuple(group.forwarded_allow_ips),
         lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
         websocket_options=options,
+        routing=router,
+        handoff_scope=_handoff_scope(group) if router is not None else None,
     )
 
 

@@ -1,0 +1,175 @@
+"""Handing a client connection to another group's worker (routes).
+
+Rules of this module:
+
+* Only a server whose config has ``routes`` uses it; without routes no
+  worker parses with routing on and nothing here is created.
+* The master creates one queue per group: a ``SOCK_SEQPACKET`` socket pair
+  whose ends it keeps for its whole life, so that respawns and reloads never
+  lose a queued handoff.  Every worker inherits the send end of every queue
+  and the receive end of its own group's queue; the free workers of a group
+  take the handoffs from it (a busy WSGI worker is not waiting on it).
+* A handoff is one message: a fixed header (home group, when the request
+  began, when it was queued, payload size, where the payload is) followed by
+  the payload — every byte already read from the client from the routed
+  request's first byte on — with the client's socket attached (SCM_RIGHTS).
+  A payload larger than ``INLINE_LIMIT`` travels in a memfd, attached as a
+  second descriptor, so no read size can overflow a message.
+* ``pending[g]`` (shared memory, atomic) counts handoffs queued for group
+  ``g``.  The sender checks it against the group's ``max_pending`` and, when
+  the group is full, answers ``503`` with ``Retry-After`` itself; the receiver
+  counts the handoff out as it takes it, and answers 503 to one that waited
+  longer than its group's ``max_queue_wait``.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from fastpool._http import atomic_add, error_response
+
+HEADER = struct.Struct("=HHddQB")    # version, home group, started, queued, size, in memfd
+VERSION = 1
+INLINE_LIMIT = 32 * 1024
+MAX_GROUPS = 256
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A group's admission settings, as every sender needs them."""
+
+    max_pending: int
+    retry_after: int
+
+
+class Queues:
+    """The master's side: one queue per group and the pending counts."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.counters = mmap.mmap(-1, 8 * MAX_GROUPS)
+
+    def add(self, name: str) -> int:
+        if name not in self.index:
+            if len(self.pairs) >= MAX_GROUPS:
+                raise RuntimeError(f"more than {MAX_GROUPS} groups with routing")
+            send, receive = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for sock in (send, receive):
+                sock.setblocking(False)
+            # Room for many queued handoffs (the kernel caps it at wmem_max).
+            send.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            self.index[name] = len(self.pairs)
+            self.pairs.append((send, receive))
+        return self.index[name]
+
+    def pending(self, name: str) -> int:
+        return atomic_add(self.counters, self.index[name], 0)
+
+    def close(self) -> None:
+        for send, receive in self.pairs:
+            send.close()
+            receive.close()
+
+
+class Handoff:
+    """A worker's side: send to any group, receive for its own."""
+
+    def __init__(self, queues: Queues, local: str, admission: dict[int, Admission],
+                 max_queue_wait: float) -> None:
+        self.local = queues.index[local]
+        self.senders = [send for send, _ in queues.pairs]
+        self.receiver = queues.pairs[self.local][1]
+        self.counters = queues.counters
+        self.admission = admission
+        self.max_queue_wait = max_queue_wait
+
+    def receiver_fd(self) -> int:
+        return self.receiver.fileno()
+
+    def send(self, group: int, fd: int, home: int, started: float, data: bytes) -> bytes | None:
+        """Queue the connection ``fd`` for ``group``.  None when it is on its
+        way (the caller closes its own copy of ``fd``); otherwise the 503 to
+        answer, because the group is full."""
+        admission = self.admission.get(group)
+        if admission is not None and admission.max_pending and (
+                atomic_add(self.counters, group, 0) >= admission.max_pending):
+            return self.shed_response(admission.retry_after)
+        fds = [fd]
+        memfd = -1
+        if len(data) > INLINE_LIMIT:
+            memfd = os.memfd_create("fastpool-handoff", os.MFD_CLOEXEC)
+            os.write(memfd, data)
+            fds.append(memfd)
+        header = HEADER.pack(VERSION, home, started, time.monotonic(), len(data), memfd >= 0)
+        atomic_add(self.counters, group, 1)
+        try:
+            self.senders[group].sendmsg(
+                [header, data if memfd < 0 else b""],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        except OSError:
+            # The queue itself is full (or gone): the same answer as max_pending.
+            atomic_add(self.counters, group, -1)
+            return self.shed_response(admission.retry_after if admission else 1)
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+        return None
+
+    def receive(self) -> tuple[int, int, float, bytes, bytes | None] | None:
+        """Take one handoff: ``(fd, home, started, data, refusal)``, where
+        ``refusal`` is the 503 to answer when it waited longer than
+        max_queue_wait (else None); None when the queue is empty."""
+        fds = array.array("i")
+        try:
+            message, ancillary, flags, _ = self.receiver.recvmsg(
+                HEADER.size + INLINE_LIMIT, socket.CMSG_SPACE(2 * fds.itemsize))
+        except (BlockingIOError, InterruptedError):
+            return None
+        atomic_add(self.counters, self.local, -1)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not fds or len(message) < HEADER.size:
+            for stray in fds:
+                os.close(stray)
+            return None
+        version, home, started, queued, size, in_memfd = HEADER.unpack_from(message)
+        if in_memfd and len(fds) > 1:
+            data = os.pread(fds[1], size, 0)
+            os.close(fds[1])
+        else:
+            data = message[HEADER.size:]
+        refusal = None
+        if self.max_queue_wait and time.monotonic() - queued > self.max_queue_wait:
+            refusal = self.shed_response(self.admission[self.local].retry_after
+                                         if self.local in self.admission else 1)
+        return fds[0], home, started, data, refusal
+
+    @staticmethod
+    def shed_response(retry_after: int) -> bytes:
+        headers = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
+        return error_response(503, "the server is busy; retry later", headers)
+
+
+def addresses(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None]:
+    """``(is_tcp, server address, peer address)`` of a handed-over socket."""
+    sock = socket.socket(fileno=fd)
+    try:
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if not tcp:
+            return False, None, None
+        try:
+            server = sock.getsockname()[:2]
+            peer = sock.getpeername()[:2]
+        except OSError:
+            return True, None, None
+        return True, (str(server[0]), int(server[1])), (str(peer[0]), int(peer[1]))
+    finally:
+        sock.detach()

@@ -1,19 +1,32 @@
 """Throughput benchmark: fastpool against other Python servers, with nginx as a reference.
 
+Two suites, one per run (``--interface``):
+
+* ``wsgi`` (the default): fastpool's WSGI worker against gunicorn, uvicorn, granian (WSGI),
+  bjoern and nginx, on every scenario.
+* ``asgi``: fastpool's ASGI worker (``fastpool-asgi``) against uvicorn (``uvicorn-asgi``,
+  httptools) and granian (``granian-asgi``, ``--interface asgi``), all on the same event
+  loop (``--loop``, default uvloop), on hello keep-alive, pipelined and 4 KiB JSON unless
+  ``--scenario`` picks others; a summary gives fastpool-asgi's req/s divided by each
+  peer's and checks the targets of ``ASGI_TARGETS``.
+
 Rules this harness keeps:
 
-* Every server serves the same app behaviour from ``bench/apps.py`` (WSGI ``apps:app``;
-  uvicorn, being ASGI-only, serves ``apps:asgi_app``, which sends the same bytes; nginx
-  answers the fixed routes with ``return 200 '...'`` and cannot echo, so it is left out of
-  the echo scenarios). Every server gets the same worker count (``--workers``, default 1).
+* In the WSGI suite every server serves the same app behaviour from ``bench/apps.py`` (WSGI
+  ``apps:app``; uvicorn, being ASGI-only, serves ``apps:asgi_app``, which sends the same
+  bytes; nginx answers the fixed routes with ``return 200 '...'`` and cannot echo, so it is
+  left out of the echo scenarios). In the ASGI suite every server serves the same
+  single-purpose app of ``bench/apps_asgi.py`` per scenario (``Scenario.app``), started
+  once per app. Every server gets the same worker count (``--workers``, default 1).
 * The server and all its processes are pinned to one set of CPUs (``taskset -c``, default
   core 0) and wrk to another (default core 1), so client and server never share a core.
 * A peer that its interpreter cannot import (or, for nginx, that is not on disk) is
-  skipped with a line saying so; only fastpool's absence is an error.
+  skipped with a line saying so; only the absence of the suite's fastpool (``fastpool`` or
+  ``fastpool-asgi``) is an error, unless ``--server`` leaves it out.
 * Every server is waited for with a deadline (polled until a request succeeds, never a
   fixed sleep) and then checked for correctness once -- exact bodies, echo, pipelining,
-  ``Connection: close`` -- before anything is measured; a server failing a check is not
-  measured.
+  ``Connection: close`` -- before anything is measured, and again after each scenario's
+  load; a server failing a check is not measured.
 * Each scenario gets a short warm-up run (discarded) and then ``--runs`` measured runs of
   ``--duration`` seconds; req/s, p50 and p99 are each the median over those runs.
 * Every server runs in its own process group and is stopped with SIGTERM to the whole
@@ -28,6 +41,7 @@ Starting, waiting for and stopping servers, the HTTP checks' client and wrk's pa
 Usage (see bench/README.md)::
 
     python bench/run.py --peer-python /path/to/peers-venv/bin/python
+    python bench/run.py --interface asgi --peer-python /path/to/peers-venv/bin/python
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -98,9 +112,26 @@ class Scenario:
     script_args: tuple[str, ...] = ()
     headers: tuple[str, ...] = ()
     echo: bool = False  # needs POST /echo (nginx cannot)
+    app: str | None = None  # ASGI suite: the apps_asgi attribute served (None: WSGI suite)
 
 
-def make_scenarios(depth: int) -> list[Scenario]:
+# The ASGI suite: which apps_asgi app serves each scenario, and what runs by default.
+ASGI_APPS = {"hello": "hello", "pipeline": "hello", "json": "json", "post-1k": "echo",
+             "post-64k": "echo", "close": "hello"}
+ASGI_DEFAULT_SCENARIOS = ("hello", "pipeline", "json")
+# (scenario, peer): the least fastpool-asgi req/s / peer req/s the issue asks for, with
+# 1 worker pinned to one core.
+ASGI_TARGETS = {("hello", "uvicorn-asgi"): 1.5, ("hello", "granian-asgi"): 1.1}
+
+
+def make_scenarios(depth: int, interface: str = "wsgi") -> list[Scenario]:
+    scenarios = _scenarios(depth)
+    if interface == "asgi":
+        scenarios = [replace(s, app=ASGI_APPS[s.name]) for s in scenarios]
+    return scenarios
+
+
+def _scenarios(depth: int) -> list[Scenario]:
     return [
         Scenario("hello", "Hello world, keep-alive (GET /)", "/"),
         Scenario("pipeline", f"Pipelined, depth {depth} (GET /)", "/",
@@ -129,6 +160,7 @@ class ServerKind:
     extra_imports: tuple[str, ...] = ()
     echo: bool = True
     note: str = ""
+    interface: str = "wsgi"  # the suite it belongs to
 
 
 SERVER_KINDS = [
@@ -140,8 +172,16 @@ SERVER_KINDS = [
     ServerKind("bjoern", "bjoern", "bjoern", note="via bench/bjoern_serve.py"),
     ServerKind("nginx", None, None, echo=False,
                note="reference, not Python: `return 200 '...'`; no echo"),
+    ServerKind("fastpool-asgi", "fastpool", "fastpool", ("fastpool._asgi",),
+               note="`--interface asgi`", interface="asgi"),
+    ServerKind("uvicorn-asgi", "uvicorn", "uvicorn", ("httptools",),
+               note="httptools", interface="asgi"),
+    ServerKind("granian-asgi", "granian", "granian",
+               note="`--interface asgi --http 1 --no-ws`", interface="asgi"),
 ]
 SERVER_NAMES = [k.name for k in SERVER_KINDS]
+INTERFACES = ("wsgi", "asgi")
+BASE = {"wsgi": "fastpool", "asgi": "fastpool-asgi"}  # each suite's ratios are against this
 
 
 @dataclass
@@ -151,8 +191,9 @@ class Available:
     version: str
 
 
-def probe(kind: ServerKind, python: str | None, nginx: str) -> Available | str:
-    """An ``Available`` if ``kind`` can be run, else the reason it cannot."""
+def probe(kind: ServerKind, python: str | None, nginx: str,
+          extra: tuple[str, ...] = ()) -> Available | str:
+    """An ``Available`` if ``kind`` can be run (importing ``extra`` too), else the reason."""
     if kind.module is None:
         path = shutil.which(nginx) or (nginx if os.access(nginx, os.X_OK) else None)
         if path is None:
@@ -162,7 +203,8 @@ def probe(kind: ServerKind, python: str | None, nginx: str) -> Available | str:
         return Available(kind, path, version)
     assert python is not None and kind.dist is not None
     try:
-        version = python_version(python, [kind.module, *kind.extra_imports], kind.dist)
+        version = python_version(python, [kind.module, *kind.extra_imports, *extra],
+                                 kind.dist)
     except BenchError as exc:
         return str(exc)
     return Available(kind, python, version)
@@ -206,9 +248,25 @@ http {{
 """
 
 
-def server_command(av: Available, args: argparse.Namespace, tmp: Path) -> list[str]:
-    """The command line (without taskset) that starts ``av`` on ``args.port``."""
+def server_command(av: Available, args: argparse.Namespace, tmp: Path,
+                   app: str | None = None) -> list[str]:
+    """The command line (without taskset) that starts ``av`` on ``args.port``.
+
+    ``app``: the ``apps_asgi`` attribute an ASGI-suite server serves.
+    """
     name, py, port, workers = av.kind.name, av.python or "", str(args.port), str(args.workers)
+    target = f"apps_asgi:{app}"
+    if name == "fastpool-asgi":
+        return [py, "-m", "fastpool", "serve", target, "--host", HOST, "--port", port,
+                "--workers", workers, "--interface", "asgi", "--loop", args.loop]
+    if name == "uvicorn-asgi":
+        return [py, "-m", "uvicorn", target, "--host", HOST, "--port", port,
+                "--workers", workers, "--http", "httptools", "--loop", args.loop,
+                "--no-access-log", "--log-level", "warning"]
+    if name == "granian-asgi":
+        return [py, "-m", "granian", "--interface", "asgi", "--host", HOST, "--port", port,
+                "--workers", workers, "--loop", args.loop, "--http", "1", "--no-ws",
+                "--log-level", "warning", target]
     if name == "fastpool":
         return [py, "-m", "fastpool", "serve", "apps:app", "--host", HOST, "--port", port,
                 "--workers", workers]
@@ -346,11 +404,13 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
                 if (scenario.name, av.kind.name) in results]
         if not rows:
             continue
-        base = results.get((scenario.name, "fastpool"))
+        base_name = BASE[args.interface]
+        base = results.get((scenario.name, base_name))
         base_rps = base.rps if base is not None and base.runs else None
         show_errors = any(r.problems() or r.error for r in rows)
-        out.append(f"### {scenario.name}: {scenario.title}\n")
-        head = ["server", "req/s", "p50", "p99", "vs fastpool"]
+        title = scenario.title + (f", `apps_asgi:{scenario.app}`" if scenario.app else "")
+        out.append(f"### {scenario.name}: {title}\n")
+        head = ["server", "req/s", "p50", "p99", f"vs {base_name}"]
         if show_errors:
             head.append("non-2xx / socket errors")
         out.append("| " + " | ".join(head) + " |")
@@ -369,8 +429,11 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
                        "here are per batch; `?` is a percentile wrk printed as 0.\n")
         else:
             out.append("")
+    if args.interface == "asgi":
+        out.append(render_asgi_summary(scenarios, results, servers, args))
     notes = [f"- {av.kind.name} {av.version}" + (f": {av.kind.note}" if av.kind.note else "")
              + (f", `--threads {args.gunicorn_threads}`" if av.kind.name == "gunicorn" else "")
+             + (f", `--loop {args.loop}`" if av.kind.interface == "asgi" else "")
              for av in servers]
     pinning = ("not pinned" if args.no_pin else
                f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
@@ -384,17 +447,105 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
     return "\n".join(out)
 
 
+def asgi_ratios(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
+                servers: list[Available]) -> dict[str, dict[str, float | None]]:
+    """{scenario: {peer: fastpool-asgi req/s / peer req/s, None if either is missing}}."""
+    base = BASE["asgi"]
+    out: dict[str, dict[str, float | None]] = {}
+    for s in scenarios:
+        mine = results.get((s.name, base))
+        row: dict[str, float | None] = {}
+        for av in servers:
+            if av.kind.name == base:
+                continue
+            peer = results.get((s.name, av.kind.name))
+            row[av.kind.name] = (mine.rps / peer.rps if mine is not None and mine.runs
+                                 and peer is not None and peer.runs and peer.rps > 0 else None)
+        out[s.name] = row
+    return out
+
+
+def asgi_targets(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
+                 servers: list[Available]) -> list[dict[str, Any]]:
+    """Each target of ASGI_TARGETS whose scenario and peer were in this run, met or not."""
+    ratios = asgi_ratios(scenarios, results, servers)
+    out = []
+    for (scenario, peer), least in ASGI_TARGETS.items():
+        if peer not in ratios.get(scenario, {}):
+            continue
+        ratio = ratios[scenario][peer]
+        out.append({"scenario": scenario, "peer": peer, "target": least, "ratio": ratio,
+                    "met": None if ratio is None else ratio >= least})
+    return out
+
+
+def render_asgi_summary(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
+                        servers: list[Available], args: argparse.Namespace) -> str:
+    """One table: each server's req/s and p99 per scenario, fastpool-asgi / each peer."""
+    base = BASE["asgi"]
+    ratios = asgi_ratios(scenarios, results, servers)
+    peers = [av.kind.name for av in servers if av.kind.name != base]
+    head = ["scenario"]
+    for av in servers:
+        head += [f"{av.kind.name} req/s", "p99"]
+    head += [f"{base} / {peer}" for peer in peers]
+    out = [f"### Summary: {base} against its peers\n",
+           "| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for s in scenarios:
+        cells = [s.name]
+        for av in servers:
+            r = results.get((s.name, av.kind.name))
+            cells += ([f"{r.rps:,.0f}", fmt_ms(r.p99)] if r is not None and r.runs
+                      else ["—", "—"])
+        for peer in peers:
+            ratio = ratios[s.name].get(peer)
+            cells.append("—" if ratio is None else f"{ratio:.2f}")
+        out.append("| " + " | ".join(cells) + " |")
+    if any(s.name == "pipeline" for s in scenarios):
+        out.append("\np99 of `pipeline` is per batch of requests (see its table).")
+    lines = []
+    for t in asgi_targets(scenarios, results, servers):
+        verdict = ("not measured" if t["ratio"] is None else
+                   f"{t['ratio']:.2f}: {'met' if t['met'] else 'NOT met'}")
+        flawed = [n for n in (base, t["peer"]) if (r := results.get((t["scenario"], n)))
+                  and (r.problems() or r.error)]
+        if flawed and t["ratio"] is not None:
+            verdict += f" (errors from {' and '.join(flawed)}: see the {t['scenario']} table)"
+        lines.append(f"- {t['scenario']}: {base} / {t['peer']} >= {t['target']}: {verdict}")
+    if lines:
+        caveat = []
+        if args.workers != 1:
+            caveat.append(f"this run used {args.workers} workers")
+        if args.no_pin:
+            caveat.append("this run was not pinned")
+        out.append("\nTargets (1 worker pinned to one core, wrk on another"
+                   + (f"; {' and '.join(caveat)}" if caveat else "") + "):\n")
+        out += lines
+    out.append("")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Benchmark fastpool against gunicorn, uvicorn, granian, bjoern and nginx.",
+        description="Benchmark fastpool against gunicorn, uvicorn, granian, bjoern and nginx "
+                    "(WSGI suite), or fastpool's ASGI worker against uvicorn and granian "
+                    "(--interface asgi).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--interface", choices=INTERFACES, default="wsgi",
+                   help="the suite: wsgi (fastpool, gunicorn, uvicorn, granian, bjoern, nginx) "
+                        "or asgi (fastpool-asgi, uvicorn-asgi, granian-asgi)")
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES,
-                   help="scenario to run (repeatable; default: all)")
+                   help="scenario to run (repeatable; default: all for wsgi, "
+                        f"{', '.join(ASGI_DEFAULT_SCENARIOS)} for asgi)")
     p.add_argument("--server", action="append", choices=SERVER_NAMES,
-                   help="server to run (repeatable; default: all that are installed)")
+                   help="server of the suite to run (repeatable; default: all that are "
+                        "installed)")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                   help="event loop of every server in the asgi suite (their --loop)")
     p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
     p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
     p.add_argument("--warmup", type=int, default=1,
@@ -410,9 +561,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
     p.add_argument("--port", type=int, default=18080, help="port every server listens on")
     p.add_argument("--fastpool-python", default=sys.executable,
-                   help="interpreter that runs fastpool")
+                   help="interpreter that runs fastpool and fastpool-asgi")
     p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter that runs gunicorn, uvicorn, granian and bjoern")
+                   help="interpreter that runs gunicorn, uvicorn, granian and bjoern (and "
+                        "their -asgi entries)")
     p.add_argument("--python", action="append", default=[], metavar="SERVER=PATH",
                    help="interpreter for one server, overriding the two above (repeatable)")
     p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
@@ -433,6 +585,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name, sep, _ = item.partition("=")
         if not sep or name not in SERVER_NAMES:
             p.error(f"--python wants SERVER=PATH with SERVER one of {SERVER_NAMES}: {item!r}")
+    suite = [k.name for k in SERVER_KINDS if k.interface == args.interface]
+    for name in args.server or ():
+        if name not in suite:
+            p.error(f"--server {name} is not in the {args.interface} suite ({', '.join(suite)});"
+                    " see --interface")
+    if args.interface == "asgi" and not args.scenario:
+        args.scenario = list(ASGI_DEFAULT_SCENARIOS)
     return args
 
 
@@ -442,24 +601,40 @@ def interpreter(name: str, args: argparse.Namespace) -> str | None:
         return overrides[name]
     if name == "nginx":
         return None
-    return args.fastpool_python if name == "fastpool" else args.peer_python
+    return args.fastpool_python if name.startswith("fastpool") else args.peer_python
+
+
+Commands = dict[tuple[str, str | None], str]  # (server, app) -> its command line
 
 
 def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namespace,
                  tmp: Path, results: dict[tuple[str, str], Result],
-                 commands: dict[str, str]) -> None:
+                 commands: Commands) -> None:
+    """Measure ``av`` on ``scenarios``: one start for the WSGI suite, one per app for ASGI."""
     name = av.kind.name
     mine = [s for s in scenarios if av.kind.echo or not s.echo]
     for s in scenarios:
         if s not in mine:
             print(f"  {name}: skipping {s.name} (no echo endpoint)")
-    if not mine:
-        return
+    by_app: dict[str | None, list[Scenario]] = {}
+    for s in mine:
+        by_app.setdefault(s.app, []).append(s)
+    for app, group in by_app.items():
+        bench_app(av, app, group, args, tmp, results, commands)
+
+
+def bench_app(av: Available, app: str | None, mine: list[Scenario],
+              args: argparse.Namespace, tmp: Path, results: dict[tuple[str, str], Result],
+              commands: Commands) -> None:
+    """Start ``av`` serving ``app``, check it, measure ``mine``, stop it."""
+    name = av.kind.name
+    label = name if app is None else f"{name} (apps_asgi:{app})"
     if port_in_use(args.port):
         raise BenchError(f"port {args.port} is already in use; pass --port")
-    cmd = pin(args.server_cpus, args) + server_command(av, args, tmp)
-    commands[name] = f"PYTHONPATH={BENCH} " * (av.kind.module is not None) + shlex.join(cmd)
-    server = Server(name, cmd, tmp / f"{name}.log")
+    cmd = pin(args.server_cpus, args) + server_command(av, args, tmp, app)
+    commands[(name, app)] = (f"PYTHONPATH={BENCH} " * (av.kind.module is not None)
+                             + shlex.join(cmd))
+    server = Server(label, cmd, tmp / (f"{name}.log" if app is None else f"{name}-{app}.log"))
 
     def fail_all(reason: str) -> None:
         for s in mine:
@@ -470,16 +645,16 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
         try:
             server.wait_ready(args.port, args.start_timeout)
         except BenchError as exc:
-            print(f"  {name}: NOT MEASURED: {exc}", file=sys.stderr)
+            print(f"  {label}: NOT MEASURED: {exc}", file=sys.stderr)
             fail_all(f"not measured: {str(exc).splitlines()[0].rstrip(':')}")
             return
         failures = check_server(args.port, mine, args.depth)
         for scenario_name, why in failures.items():
-            print(f"  {name}: {scenario_name} NOT MEASURED, check failed: {why}",
+            print(f"  {label}: {scenario_name} NOT MEASURED, check failed: {why}",
                   file=sys.stderr)
             results.setdefault((scenario_name, name), Result(scenario_name, name)).error = (
                 f"check failed: {why}")
-        print(f"  {name}: ready; checks passed for "
+        print(f"  {label}: ready; checks passed for "
               f"{', '.join(s.name for s in mine if s.name not in failures) or 'nothing'}")
         for s in mine:
             if s.name in failures:
@@ -499,24 +674,33 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
                 result.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
                 print(f"  {name} {s.name}: {exc}", file=sys.stderr)
             if not server.alive():
-                print(f"  {name} exited during {s.name}:\n{server.log_tail()}", file=sys.stderr)
+                print(f"  {label} exited during {s.name}:\n{server.log_tail()}",
+                      file=sys.stderr)
                 fail_all(f"server exited during {s.name}")
                 return
-            try:  # still answering after the load?
-                (resp,) = exchange(args.port, [http_request("GET", "/", args.port)],
-                                   timeout=5.0)
-                if resp.status != 200 or resp.body != HELLO:
-                    raise BenchError(f"status {resp.status}, {len(resp.body)}-byte body")
-            except (BenchError, OSError) as exc:
-                result.error = f"GET / failed after this scenario: {exc or type(exc).__name__}"
-                print(f"  {name}: {result.error}", file=sys.stderr)
+            # still answering, and correctly, after the load? (the scenario's own check again)
+            after = check_server(args.port, [s], args.depth)
+            if after:
+                result.error = f"check failed after this scenario: {after[s.name]}"
+                print(f"  {label}: {result.error}", file=sys.stderr)
+
+
+def server_json(av: Available, commands: Commands) -> dict[str, Any]:
+    """A server's entry in the JSON file: ``command`` (WSGI), or ``commands`` per app (ASGI)."""
+    out: dict[str, Any] = {"version": av.version, "note": av.kind.note}
+    if av.kind.interface == "asgi":
+        out["commands"] = {f"apps_asgi:{app}": cmd for (name, app), cmd in commands.items()
+                           if name == av.kind.name}
+    else:
+        out["command"] = commands.get((av.kind.name, None))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
-    scenarios = [s for s in make_scenarios(args.depth)
+    scenarios = [s for s in make_scenarios(args.depth, args.interface)
                  if not args.scenario or s.name in args.scenario]
     for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
         if shutil.which(tool) is None:
@@ -526,23 +710,27 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
 
     servers: list[Available] = []
+    base = BASE[args.interface]
     for kind in SERVER_KINDS:
-        if args.server and kind.name not in args.server:
+        if kind.interface != args.interface or (args.server and kind.name not in args.server):
             continue
         nginx = args.nginx
         if shutil.which(nginx) is None and nginx == "nginx":
             nginx = "/usr/sbin/nginx"
-        found = probe(kind, interpreter(kind.name, args), nginx)
+        loop = ("uvloop",) if kind.interface == "asgi" and args.loop == "uvloop" else ()
+        found = probe(kind, interpreter(kind.name, args), nginx, loop)
         if isinstance(found, str):
-            if kind.name == "fastpool":
-                print(f"error: fastpool: {found}; pass --fastpool-python", file=sys.stderr)
+            if kind.name == base:
+                print(f"error: {base}: {found}; pass --fastpool-python"
+                      + (", or --server to run the peers alone" if base != "fastpool" else ""),
+                      file=sys.stderr)
                 return 2
             print(f"skipping {kind.name}: {found}")
             continue
         servers.append(found)
 
     results: dict[tuple[str, str], Result] = {}
-    commands: dict[str, str] = {}
+    commands: Commands = {}
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastpool-bench-")))
@@ -561,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render(scenarios, results, servers, args))
     print("Commands (servers run with bench/ as working directory; then wrk per scenario):\n")
     print("```")
-    for name, cmd in commands.items():
-        print(f"# {name}\n{cmd}")
+    for (name, app), cmd in commands.items():
+        served = ", ".join(s.name for s in scenarios if s.app == app)
+        print(f"# {name}" + (f" (apps_asgi:{app}: {served})" if app else "") + f"\n{cmd}")
     for s in scenarios:
         print(f"# wrk: {s.name}\n{shlex.join(wrk_command(args, s, args.duration))}")
     print("```")
@@ -571,9 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: (str(v) if isinstance(v, Path) else v)
                          for k, v in vars(args).items()},
             "machine": machine(),
-            "servers": {av.kind.name: {"version": av.version, "note": av.kind.note,
-                                       "command": commands.get(av.kind.name)}
-                        for av in servers},
+            "servers": {av.kind.name: server_json(av, commands) for av in servers},
             "nginx_conf": nginx_text,
             "wrk_commands": {s.name: shlex.join(wrk_command(args, s, args.duration))
                              for s in scenarios},
@@ -584,6 +771,9 @@ def main(argv: list[str] | None = None) -> int:
                  "runs": [asdict(run) for run in r.runs]}
                 for r in results.values()],
         }
+        if args.interface == "asgi":
+            payload["asgi_ratios"] = asgi_ratios(scenarios, results, servers)
+            payload["asgi_targets"] = asgi_targets(scenarios, results, servers)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
         print(f"\nraw results: {args.json}")

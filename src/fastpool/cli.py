@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(e.g. fastpool.examples.hello:app); omit with --config")
         _add_config_source(command)
         settings.add_arguments(command)
+    nginx = commands.add_parser(
+        "nginx-config", help="print an nginx config for the same layout",
+        description="Print an nginx config fragment (include it inside http { }) with an "
+        "upstream per group and a location per route, for running several fastpool hosts "
+        "behind nginx.")
+    _add_config_source(nginx)
+    nginx.add_argument("--upstream-hosts", metavar="H1,H2",
+                       help="hosts that run this config (default: the listen addresses)")
+    nginx.add_argument("--listen", metavar="PORT", default="80",
+                       help="what nginx listens on (default 80)")
     status = commands.add_parser("status", help="show groups, workers and processes",
                                  description="Ask the running master for its state.")
     status.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -156,6 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastpool import master
 
         return master.run(config, cli, args.config, args.app)
+    if args.command == "nginx-config":
+        from fastpool import nginx
+
+        try:
+            config = settings.load({}, os.environ, args.config, None)
+            hosts = [h.strip() for h in (args.upstream_hosts or "").split(",") if h.strip()]
+            print(nginx.render(config, hosts or None, args.listen), end="")
+        except (settings.ConfigError, ValueError) as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command in ("status", "reload", "scale"):
         try:
             path = control_path(args)

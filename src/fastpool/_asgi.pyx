@@ -353,8 +353,9 @@ cdef class ASGIConnection(HttpConnection):
             self.router = worker.router
             self.home_group = worker.local_group
         if self.initial_data is not None:
+            # Now, before the loop reads the socket: these bytes came first.
             data, self.initial_data = self.initial_data, None
-            self.loop.call_soon(self.data_received, data)
+            self.data_received(data)
 
     def data_received(self, bytes data):
         if self.websocket is not None:

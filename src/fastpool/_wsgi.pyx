@@ -999,8 +999,19 @@ cdef class WSGIWorker:
                 PyErr_CheckSignals()
                 ready = 0
             refresh_date()
+            if self.handoff_registered:
+                # Handoffs first: a connection waiting in the group's queue
+                # must not wait behind every request of the connections this
+                # worker already holds.
+                for i in range(ready):
+                    if events[i].data.fd == self.handoff_fd:
+                        self.take_handoff()
+                        events[i].data.fd = -1
+                        break
             for i in range(ready):
                 fd = events[i].data.fd
+                if fd < 0:
+                    continue
                 flags = events[i].events
                 entry = self.table[fd]
                 if entry is None:
@@ -1196,8 +1207,9 @@ cdef class WSGIWorker:
                 conn.closing = True
             elif conn.peer_closed:
                 conn.closing = True
-        if not conn.closing and not self.alive and conn.at_message_boundary() and not conn.pending:
-            conn.closing = True
+        if (not conn.closing and not self.alive and conn.at_message_boundary()
+                and not conn.pending and conn.handoff_group < 0):
+            conn.closing = True     # (a request for another group is still handed over)
         self.flush(conn)
         return 0
 

@@ -16,10 +16,11 @@ Rules of this module:
   A payload larger than ``INLINE_LIMIT`` travels in a memfd, attached as a
   second descriptor, so no read size can overflow a message.
 * ``pending[g]`` (shared memory, atomic) counts handoffs queued for group
-  ``g``.  The sender checks it against the group's ``max_pending`` and, when
-  the group is full, answers ``503`` with ``Retry-After`` itself; the receiver
-  counts the handoff out as it takes it, and answers 503 to one that waited
-  longer than its group's ``max_queue_wait``.
+  ``g``, and ``shed[g]`` the requests for ``g`` answered with 503.  The sender
+  checks ``pending`` against the group's ``max_pending`` and, when the group
+  is full, answers ``503`` with ``Retry-After`` itself; the receiver counts the
+  handoff out as it takes it, and answers 503 to one that waited longer than
+  its group's ``max_queue_wait``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Queues:
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.counters = mmap.mmap(-1, 8 * MAX_GROUPS)
+        # pending[g] at g, then shed[g] (503s answered for group g) at MAX_GROUPS + g.
+        self.counters = mmap.mmap(-1, 8 * 2 * MAX_GROUPS)
 
     def add(self, name: str) -> int:
         if name not in self.index:
@@ -71,6 +73,9 @@ class Queues:
 
     def pending(self, name: str) -> int:
         return atomic_add(self.counters, self.index[name], 0)
+
+    def shed(self, name: str) -> int:
+        return atomic_add(self.counters, MAX_GROUPS + self.index[name], 0)
 
     def close(self) -> None:
         for send, receive in self.pairs:
@@ -100,7 +105,7 @@ class Handoff:
         admission = self.admission.get(group)
         if admission is not None and admission.max_pending and (
                 atomic_add(self.counters, group, 0) >= admission.max_pending):
-            return self.shed_response(admission.retry_after)
+            return self.shed(group, admission.retry_after)
         fds = [fd]
         memfd = -1
         if len(data) > INLINE_LIMIT:
@@ -116,7 +121,7 @@ class Handoff:
         except OSError:
             # The queue itself is full (or gone): the same answer as max_pending.
             atomic_add(self.counters, group, -1)
-            return self.shed_response(admission.retry_after if admission else 1)
+            return self.shed(group, admission.retry_after if admission else 1)
         finally:
             if memfd >= 0:
                 os.close(memfd)
@@ -148,12 +153,13 @@ class Handoff:
             data = message[HEADER.size:]
         refusal = None
         if self.max_queue_wait and time.monotonic() - queued > self.max_queue_wait:
-            refusal = self.shed_response(self.admission[self.local].retry_after
-                                         if self.local in self.admission else 1)
+            refusal = self.shed(self.local, self.admission[self.local].retry_after
+                                if self.local in self.admission else 1)
         return fds[0], home, started, data, refusal
 
-    @staticmethod
-    def shed_response(retry_after: int) -> bytes:
+    def shed(self, group: int, retry_after: int) -> bytes:
+        """Count a request refused for ``group`` and return its 503."""
+        atomic_add(self.counters, MAX_GROUPS + group, 1)
         headers = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
         return error_response(503, "the server is busy; retry later", headers)
 

@@ -88,7 +88,6 @@ class Group:
     # live workers' records to these).
     handed_in: int = 0
     handed_out: int = 0
-    shed: int = 0
 
 
 @dataclass
@@ -322,29 +321,29 @@ class Master:
         groups = []
         for name, group in self.groups.items():
             workers = []
-            handed_in, handed_out, shed = group.handed_in, group.handed_out, group.shed
+            handed_in, handed_out = group.handed_in, group.handed_out
             for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
                 if child.kind != "worker" or child.name != name:
                     continue
                 record = self.board.read(child.board)
                 handed_in += record.handed_in
                 handed_out += record.handed_out
-                shed += record.shed
                 workers.append({
                     "pid": child.pid, "slot": child.slot, "requests": record.requests,
                     "current_request_s": round(now - record.busy_since, 3)
                     if record.busy_since else None,
                     "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
                     "state": "retiring" if child.retiring else record.state,
-                    "generation": child.generation,
+                    "generation": child.generation, "shed": record.shed,
                 })
             groups.append({
                 "name": name, "app": group.config.app, "state": group.state,
                 "listen": group.listeners.describe(), "workers_wanted": group.wanted,
                 "threads": group.config.threads, "restarts": group.restarts,
                 "interface": group.config.interface, "routes": group.config.routes,
-                "handed_in": handed_in, "handed_out": handed_out, "shed": shed,
+                "handed_in": handed_in, "handed_out": handed_out,
                 "pending": self.queues.pending(name) if self.queues is not None else 0,
+                "shed": self.queues.shed(name) if self.queues is not None else 0,
                 "workers": workers,
             })
         processes = []
@@ -560,7 +559,6 @@ class Master:
                 if gone_from is not None:
                     gone_from.handed_in += record.handed_in
                     gone_from.handed_out += record.handed_out
-                    gone_from.shed += record.shed
             self.read_notices()
             describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"
                         if child.kind == "worker"

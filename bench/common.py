@@ -1,4 +1,4 @@
-"""Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``).
+"""Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``, ``routes.py``).
 
 * Servers: each runs in its own process group with its output in a log file, is waited
   for with a deadline (polled until ``GET /`` answers 200, never a fixed sleep) and is
@@ -7,6 +7,8 @@
   server running. A server is also SIGKILLed if the harness itself dies.
 * A minimal blocking HTTP/1.1 client for checks (``exchange``), wrk's output parser and
   runner, and formatting helpers.
+* fastpool's control socket (``control_status``: the routing counts of a running server),
+  TOML values for the generated config files, and finding nginx.
 
 Standard library only.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import platform
 import re
@@ -277,6 +280,9 @@ class WrkRun:
     non_2xx: int
     socket_errors: dict[str, int]
     output: str = field(repr=False)
+    # Only with wrk/statuses.lua: responses per status, and the 503s with Retry-After.
+    statuses: dict[int, int] = field(default_factory=dict)
+    retry_after: int = 0
 
 
 def parse_wrk(text: str) -> WrkRun:
@@ -292,8 +298,12 @@ def parse_wrk(text: str) -> WrkRun:
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     errors = dict(zip(("connect", "read", "write", "timeout"),
                       (int(x) for x in sock.groups()) if sock else (0, 0, 0, 0), strict=True))
+    statuses = {int(m[1]): int(m[2]) for line in re.findall(r"^statuses:(.*)$", text, re.M)
+                for m in re.finditer(r"(\d+)=(\d+)", line)}
+    retry_after = re.search(r"^503 with Retry-After: (\d+)", text, re.M)
     return WrkRun(float(rps[1]), lat.get("50", float("nan")), lat.get("99", float("nan")),
-                  int(total[1]) if total else 0, int(non2xx[1]) if non2xx else 0, errors, text)
+                  int(total[1]) if total else 0, int(non2xx[1]) if non2xx else 0, errors, text,
+                  statuses, int(retry_after[1]) if retry_after else 0)
 
 
 def run_wrk(cmd: list[str], duration: int) -> WrkRun:
@@ -367,3 +377,67 @@ def python_version(python: str, modules: list[str], dist: str) -> str:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
         raise BenchError(f"not importable by {python} ({last})")
     return out.stdout.strip()
+
+
+def toml_list(items: list[str]) -> str:
+    """A TOML array of strings (JSON string escapes are valid TOML basic strings)."""
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def control_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """The ``status`` reply of the fastpool master listening on control socket ``path``.
+
+    The protocol (one JSON line each way) is spoken here directly, so the harness does
+    not need to import fastpool.
+    """
+    data = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(b'{"command": "status"}\n')
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise BenchError(f"control socket {path}: {exc}") from exc
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        raise BenchError(f"control socket {path}: unreadable reply {data[:80]!r}") from exc
+    if not reply.get("ok"):
+        raise BenchError(f"control socket {path}: {reply.get('error') or 'refused'}")
+    return reply
+
+
+ROUTING_COUNTS = ("handed_in", "handed_out", "shed")
+
+
+def routing_counts(path: Path) -> dict[str, dict[str, int]]:
+    """Per group of the fastpool on control socket ``path``: its handed_in, handed_out and
+    shed (503 from admission control) counts so far."""
+    return {g["name"]: {k: int(g.get(k, 0)) for k in ROUTING_COUNTS}
+            for g in control_status(path).get("groups", [])}
+
+
+def counts_delta(before: dict[str, dict[str, int]],
+                 after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``after - before``, per group and count."""
+    return {group: {k: v - before.get(group, {}).get(k, 0) for k, v in counts.items()}
+            for group, counts in after.items()}
+
+
+def find_nginx(nginx: str) -> str | None:
+    """The nginx binary: ``nginx`` itself if on PATH or a path to an executable, and for the
+    default name also /usr/sbin/nginx (not on a normal user's PATH)."""
+    found = shutil.which(nginx)
+    if found is None and nginx == "nginx":
+        found = shutil.which("/usr/sbin/nginx")
+    return found
+
+
+def nginx_version(nginx: str) -> str:
+    out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+    return out.stderr.strip().rpartition("/")[2] or "?"

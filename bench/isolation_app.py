@@ -7,6 +7,10 @@ Routes:
   waits on I/O and holds its worker (or thread) without using the CPU
 * ``GET /slow/cpu?ms=N``     -- spins until the request's thread has used N ms of CPU
   time: work that needs the CPU, so under contention it takes longer than N ms
+* ``GET /tast/sleep?ms=N``, ``GET /tast/cpu?ms=N`` -- the same under ``/tast``, the prefix
+  that the one-port layouts (``isolation.py --one-port``) route to a separate pool
+* ``GET /tast/hello``        -- ``Hello, World!\n`` at once, like ``/``: the routed hello
+  of ``bench/routes.py`` (the app's work is the same for both paths)
 * anything else              -- 404
 
 Every response carries a Content-Length. Only the standard library is used, so every
@@ -23,6 +27,8 @@ from urllib.parse import parse_qs
 HELLO = b"Hello, World!\n"
 DEFAULT_MS = 200
 SLOW_KINDS = ("sleep", "cpu")
+SLOW_PREFIXES = ("/slow/", "/tast/")  # the two-port layouts use /slow, the one-port /tast
+ROUTED_HELLO = "/tast/hello"
 
 
 def block_sleep(seconds: float) -> None:
@@ -49,9 +55,13 @@ def _respond(start_response: Callable[..., Any], status: str, body: bytes) -> li
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = environ.get("PATH_INFO", "")
-    if path == "/":
+    if path == "/" or path == ROUTED_HELLO:
         return _respond(start_response, "200 OK", HELLO)
-    kind = path[len("/slow/"):] if path.startswith("/slow/") else None
+    kind = None
+    for prefix in SLOW_PREFIXES:
+        if path.startswith(prefix):
+            kind = path[len(prefix):]
+            break
     if kind in _BLOCK:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         try:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,133 @@ def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
         except OSError:
             pass
         return read_response(sock, timeout)
+
+
+# ---------------------------------------------------------------- both interfaces
+
+# The apps of the HTTP protocol and limit tests, one per interface, with the same
+# routes and the same bytes (tests/apps_http.py, tests/apps_http_asgi.py).
+HTTP_APPS = {"wsgi": "apps_http:app", "asgi": "apps_http_asgi:app"}
+
+
+def start_http_server(interface: str, directory: Path, *args: str,
+                      env: dict[str, str] | None = None) -> Server:
+    """``start_server`` of the HTTP test app of ``interface``, with ``--interface`` set."""
+    return start_server(HTTP_APPS[interface], directory, "--interface", interface, *args,
+                        env=env)
+
+
+# ---------------------------------------------------------------- a small HTTP client
+
+
+@dataclass
+class Response:
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    chunks: list[int] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return ", ".join(values) if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+
+class Stream:
+    """Reads responses one by one from a socket that may stay open."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.buf = bytearray()
+        self.eof = False
+
+    def _more(self) -> None:
+        data = self.sock.recv(262144)
+        if not data:
+            self.eof = True
+            raise EOFError(f"server closed the connection; unparsed: {bytes(self.buf)[:200]!r}")
+        self.buf += data
+
+    def line(self) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            self._more()
+        out = bytes(self.buf[:end])
+        del self.buf[:end + 2]
+        return out
+
+    def exact(self, size: int) -> bytes:
+        while len(self.buf) < size:
+            self._more()
+        out = bytes(self.buf[:size])
+        del self.buf[:size]
+        return out
+
+    def until_eof(self) -> bytes:
+        try:
+            while True:
+                self._more()
+        except (EOFError, ConnectionResetError):
+            pass
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+    def head(self) -> Response:
+        version, status, reason = (self.line().split(b" ", 2) + [b""])[:3]
+        assert version.startswith(b"HTTP/1."), f"not a status line: {version!r}"
+        headers = []
+        while line := self.line():
+            name, _, value = line.partition(b":")
+            headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
+        return Response(version, int(status), reason, headers)
+
+    def response(self, method: str = "GET") -> Response:
+        response = self.head()
+        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
+            return response
+        if (response.header("transfer-encoding") or "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.line().split(b";")[0], 16)
+                if size == 0:
+                    while self.line():   # trailers
+                        pass
+                    break
+                parts.append(self.exact(size))
+                response.chunks.append(size)
+                assert self.exact(2) == b"\r\n", "chunk not followed by CRLF"
+            response.body = b"".join(parts)
+        elif response.header("content-length") is not None:
+            response.body = self.exact(int(response.header("content-length")))
+        else:
+            response.body = self.until_eof()
+        return response
+
+    def assert_closed(self, timeout: float = 5.0) -> None:
+        """The server closes the connection within ``timeout`` and sends nothing more."""
+        assert not self.buf, f"unexpected bytes after the response: {bytes(self.buf)[:200]!r}"
+        if self.eof:
+            return
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            return
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {timeout}s") from None
+        assert data == b"", f"unexpected bytes after the response: {data[:200]!r}"
+
+    def assert_open(self, quiet: float) -> None:
+        """Nothing arrives and the connection stays open for ``quiet`` seconds."""
+        assert not self.buf
+        self.sock.settimeout(quiet)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected an idle open connection, got {data[:200]!r}")

@@ -3,7 +3,12 @@
 Keep-alive and its idle timeout, HTTP/1.0, pipelining, chunked request bodies,
 ``Expect: 100-continue``, ``Connection: close`` both ways, response framing
 (chunked, close-delimited, HEAD, 204/304, wrong Content-Length), slowloris,
-large bodies both ways, bad input and app errors.  Apps: ``tests/apps_http.py``.
+large bodies both ways, bad input and app errors.
+
+Every test runs against both interfaces: ``--interface wsgi`` serving
+``tests/apps_http.py`` and ``--interface asgi`` serving ``tests/apps_http_asgi.py``
+(the same routes, the same bytes).  The few that are about WSGI only are
+marked ``WSGI_ONLY``.
 """
 
 from __future__ import annotations
@@ -12,152 +17,51 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import conftest
 import pytest
 from apps_http import pattern
-from conftest import Server, stop_server
+from conftest import Server, Stream, stop_server
 
 # ---------------------------------------------------------------- servers
 
 
-def start_server(directory: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    return conftest.start_server("apps_http:app", directory, *args, env=env)
+@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
+def interface(request: pytest.FixtureRequest) -> str:
+    """Every test runs against ``--interface wsgi`` (apps_http.py) and ``--interface
+    asgi`` (apps_http_asgi.py), unless it is parametrised to one of them."""
+    return request.param
+
+
+def start_server(directory: Path, interface: str, *args: str,
+                 env: dict[str, str] | None = None) -> Server:
+    return conftest.start_http_server(interface, directory, *args, env=env)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
     """One worker, default settings; shared by the tests that need no flags."""
-    srv = start_server(tmp_path_factory.mktemp("http"))
+    srv = start_server(tmp_path_factory.mktemp(f"http-{interface}"), interface)
     yield srv
     stop_server(srv)
 
 
 @pytest.fixture(scope="module")
-def timeouts_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def timeouts_server(tmp_path_factory: pytest.TempPathFactory,
+                    interface: str) -> Iterator[Server]:
     """One worker with short keep-alive and header timeouts."""
-    srv = start_server(tmp_path_factory.mktemp("http-timeouts"),
+    srv = start_server(tmp_path_factory.mktemp(f"http-timeouts-{interface}"), interface,
                        "--keep-alive", "1", "--header-timeout", "2")
     yield srv
     stop_server(srv)
 
 
+WSGI_ONLY = pytest.mark.parametrize("interface", ["wsgi"], indirect=True)
+
+
 # ---------------------------------------------------------------- a small HTTP client
-
-
-@dataclass
-class Response:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    chunks: list[int] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return ", ".join(values) if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-class Stream:
-    """Reads responses one by one from a socket that may stay open."""
-
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
-        self.sock = sock
-        self.sock.settimeout(timeout)
-        self.buf = bytearray()
-        self.eof = False
-
-    def _more(self) -> None:
-        data = self.sock.recv(262144)
-        if not data:
-            self.eof = True
-            raise EOFError(f"server closed the connection; unparsed: {bytes(self.buf)[:200]!r}")
-        self.buf += data
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            self._more()
-        out = bytes(self.buf[:end])
-        del self.buf[:end + 2]
-        return out
-
-    def exact(self, size: int) -> bytes:
-        while len(self.buf) < size:
-            self._more()
-        out = bytes(self.buf[:size])
-        del self.buf[:size]
-        return out
-
-    def until_eof(self) -> bytes:
-        try:
-            while True:
-                self._more()
-        except (EOFError, ConnectionResetError):
-            pass
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
-
-    def head(self) -> Response:
-        version, status, reason = (self.line().split(b" ", 2) + [b""])[:3]
-        assert version.startswith(b"HTTP/1."), f"not a status line: {version!r}"
-        headers = []
-        while line := self.line():
-            name, _, value = line.partition(b":")
-            headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
-        return Response(version, int(status), reason, headers)
-
-    def response(self, method: str = "GET") -> Response:
-        response = self.head()
-        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
-            return response
-        if (response.header("transfer-encoding") or "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.line().split(b";")[0], 16)
-                if size == 0:
-                    while self.line():   # trailers
-                        pass
-                    break
-                parts.append(self.exact(size))
-                response.chunks.append(size)
-                assert self.exact(2) == b"\r\n", "chunk not followed by CRLF"
-            response.body = b"".join(parts)
-        elif response.header("content-length") is not None:
-            response.body = self.exact(int(response.header("content-length")))
-        else:
-            response.body = self.until_eof()
-        return response
-
-    def assert_closed(self, timeout: float = 5.0) -> None:
-        """The server closes the connection within ``timeout`` and sends nothing more."""
-        assert not self.buf, f"unexpected bytes after the response: {bytes(self.buf)[:200]!r}"
-        if self.eof:
-            return
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s") from None
-        assert data == b"", f"unexpected bytes after the response: {data[:200]!r}"
-
-    def assert_open(self, quiet: float) -> None:
-        """Nothing arrives and the connection stays open for ``quiet`` seconds."""
-        assert not self.buf
-        self.sock.settimeout(quiet)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected an idle open connection, got {data[:200]!r}")
+# (Response and Stream are in conftest.py)
 
 
 def connect(server: Server, timeout: float = 10.0) -> tuple[socket.socket, Stream]:
@@ -665,9 +569,10 @@ def test_requests_before_bad_input_are_answered_first(server, garbage, status):
         stream.assert_closed()
 
 
+@WSGI_ONLY   # an ASGI worker upgrades to WebSocket (test_asgi_websocket.py)
 @pytest.mark.parametrize("before", [b"", get("/first")], ids=["alone", "pipelined"])
 def test_upgrade_request_is_answered_then_closed(server, before):
-    """The worker speaks no other protocol: it answers the request as plain HTTP
+    """The WSGI worker speaks no other protocol: it answers the request as plain HTTP
     and closes (the bytes after the head belong to the other protocol)."""
     pid = worker_pid(server)
     sock, stream = connect(server)

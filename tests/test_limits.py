@@ -2,7 +2,9 @@
 header field size and body size, set by flag or by environment variable.
 
 Each rejected request gets its status (414, 431, 413), the connection is
-closed, and the same worker goes on serving.  Apps: ``tests/apps_http.py``.
+closed, and the same worker goes on serving.  Every test runs against both
+interfaces: ``--interface wsgi`` serving ``tests/apps_http.py`` and
+``--interface asgi`` serving ``tests/apps_http_asgi.py`` (the same routes).
 """
 
 from __future__ import annotations
@@ -33,28 +35,34 @@ CUSTOM = {
 }
 
 
-def start_server(directory: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    return conftest.start_server("apps_http:app", directory, *args, env=env)
+@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
+def interface(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def start_server(directory: Path, interface: str, *args: str,
+                 env: dict[str, str] | None = None) -> Server:
+    return conftest.start_http_server(interface, directory, *args, env=env)
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("limits-default"))
+def default_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp(f"limits-default-{interface}"), interface)
     yield srv
     stop_server(srv)
 
 
 @pytest.fixture(scope="module", params=["flags", "env"])
-def custom_server(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    directory = tmp_path_factory.mktemp(f"limits-{request.param}")
+def custom_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                  interface: str) -> Iterator[Server]:
+    directory = tmp_path_factory.mktemp(f"limits-{request.param}-{interface}")
     if request.param == "flags":
         args = [item for name, value in CUSTOM.items() for item in (f"--{name}", str(value))]
-        srv = start_server(directory, *args)
+        srv = start_server(directory, interface, *args)
     else:
         env = {"FASTPOOL_" + name.upper().replace("-", "_"): str(value)
                for name, value in CUSTOM.items()}
-        srv = start_server(directory, env=env)
+        srv = start_server(directory, interface, env=env)
     yield srv
     stop_server(srv)
 
@@ -203,8 +211,8 @@ def test_request_line_that_never_ends_is_414(default_server):
     assert trickle(default_server, b"GET /", b"a" * 500, DEFAULT_LINE) == 414
 
 
-def test_request_line_limit_zero_means_unlimited(tmp_path):
-    server = start_server(tmp_path, "--limit-request-line", "0")
+def test_request_line_limit_zero_means_unlimited(tmp_path, interface):
+    server = start_server(tmp_path, interface, "--limit-request-line", "0")
     try:
         line = request_line(20000)
         # Sent in pieces, so that no single read holds the whole line.
@@ -330,11 +338,12 @@ def test_custom_body_limit_chunked(custom_server):
     assert worker_pid(custom_server) == pid
 
 
-def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path):
+def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path, interface):
     """Past the 256 KiB buffering threshold the app is already reading the body
-    (blocking path) when the limit is crossed: still a 413."""
+    (WSGI: the blocking path; ASGI: awaiting receive()) when the limit is crossed:
+    still a 413."""
     limit = 300000
-    server = start_server(tmp_path, "--limit-request-body", str(limit))
+    server = start_server(tmp_path, interface, "--limit-request-body", str(limit))
     try:
         body = bytes(range(256)) * (limit // 256)
         pieces = [body[i:i + 50000] for i in range(0, len(body), 50000)]
@@ -364,8 +373,8 @@ def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path):
         stop_server(server)
 
 
-def test_env_variable_is_overridden_by_flag(tmp_path):
-    server = start_server(tmp_path, "--limit-request-line", "4094",
+def test_env_variable_is_overridden_by_flag(tmp_path, interface):
+    server = start_server(tmp_path, interface, "--limit-request-line", "4094",
                           env={"FASTPOOL_LIMIT_REQUEST_LINE": "100"})
     try:
         ok(server, request_line(1000) + b"\r\nHost: test\r\n\r\n")

@@ -155,6 +155,7 @@ cdef class Cycle:
     cdef bint disconnected         # the client is gone: receive says so, send raises
     cdef bint continue_sent        # "100 Continue" written for Expect: 100-continue
     cdef bint body_done            # the last http.request message was received
+    cdef bint client_eof           # the client will send nothing more (it may still read)
     cdef object waiter             # the future receive() waits on
     cdef object task               # the app's task while it is pending
 
@@ -176,6 +177,10 @@ cdef class Cycle:
                         and not self.framing.headers_sent):
                     self.continue_sent = True
                     self.conn.write_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.client_eof:
+                # The client shut its side: no more body will come (a body cut
+                # short can never complete).  Its side may still read: send works.
+                return DISCONNECT
             # Wait for more body, or (the body delivered) for the disconnect.
             self.waiter = self.conn.loop.create_future()
             self.conn.check_reading()
@@ -267,6 +272,7 @@ cdef class Cycle:
             return 0
         self.complete = True
         self.framing.close = True
+        self.wake()                    # a receive() waiting for the body ends now
         if not self.framing.headers_sent and not self.disconnected:
             conn.out.write(error_response(status))
             self.framing.status_code = status
@@ -385,6 +391,9 @@ cdef class ASGIConnection(HttpConnection):
         if self.cycle is None and not self.pending:
             return False   # nothing to answer: let the transport close
         self.stop_reading = True
+        if self.cycle is not None:
+            self.cycle.client_eof = True
+            self.cycle.wake()
         return True         # half-closed: the answers can still go out
 
     def connection_lost(self, exc):
@@ -663,10 +672,13 @@ cdef class ASGIConnection(HttpConnection):
         elif self.cycle is not None:
             if (self.cycle.waiter is not None and worker.header_timeout > 0
                     and now - self.last_activity > worker.header_timeout):
-                self.abort()      # the app waits for a body that does not come
-        elif self.current is not None or self.pending:
-            if worker.header_timeout > 0 and now - self.last_activity > worker.header_timeout:
-                self.abort()      # a request head (or buffered body) that never ends
+                self.abort()      # the app waits for a body that makes no progress
+        elif self.current is not None:
+            # A request head that has not arrived within header_timeout of its
+            # first byte (a slowloris trickle as much as a stall): 408.
+            if worker.header_timeout > 0 and now - self.current.started > worker.header_timeout:
+                self.out.write(error_response(408, "request not received in time"))
+                self.close_after_output()
         elif now - self.last_activity > worker.keep_alive or not worker.alive and (
                 worker.close_idle):
             self.close_after_output()

@@ -1,0 +1,388 @@
+"""WebSocket in the ASGI worker, against the real ``fastpool serve``.
+
+Two single-worker servers are shared by the module: ``apps_asgi:app`` (plain
+ASGI 3) with a small ``--ws-max-size`` and quick server pings, and the
+Starlette app with every WebSocket setting at its default.  The client is the
+``websockets`` package's sync client (permessage-deflate off, its own keepalive
+off, no proxy), or a raw socket where a test must see or withhold control
+frames.  What the app received (its ``websocket.disconnect``) is a file it
+writes in the server's working directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from conftest import Server, Stream, start_server, stop_server, wait_for
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+MAX_SIZE = 65536            # --ws-max-size of the plain app's server
+PING_INTERVAL = 0.5         # its --ws-ping-interval
+PING_TIMEOUT = 1.0          # its --ws-ping-timeout
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# ---------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="module")
+def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server("apps_asgi:app", tmp_path_factory.mktemp("ws"),
+                       "--ws-max-size", str(MAX_SIZE), "--ws-ping-interval", str(PING_INTERVAL),
+                       "--ws-ping-timeout", str(PING_TIMEOUT))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("ws-starlette"))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(params=["plain", "starlette"])
+def echo(request: pytest.FixtureRequest) -> tuple[Server, str]:
+    """(server, path) of an echo endpoint: the plain ASGI app's or Starlette's."""
+    if request.param == "plain":
+        return request.getfixturevalue("ws_server"), "/ws/echo"
+    return request.getfixturevalue("starlette_server"), "/ws"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ws_connect(server: Server, path: str, **options) -> ClientConnection:
+    settings = {"compression": None, "proxy": None, "ping_interval": None,
+                "open_timeout": 10, "close_timeout": 5}
+    settings.update(options)
+    return connect(f"ws://{server.host}:{server.port}{path}", **settings)
+
+
+def close_frame(ws: ClientConnection, timeout: float = 10.0):
+    """Receive until the connection closes; the Close frame the server sent."""
+    deadline = time.monotonic() + timeout
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+    assert info.value.rcvd is not None, f"closed without a Close frame: {info.value!r}"
+    return info.value.rcvd
+
+
+def send_then_close_frame(ws: ClientConnection, message) -> object:
+    """Send ``message``, which the server refuses; the Close frame it sent.  The
+    refusal may come while the client is still sending (a fragmented message)."""
+    try:
+        ws.send(message)
+    except ConnectionClosed as exc:
+        assert exc.rcvd is not None, f"closed without a Close frame: {exc!r}"
+        return exc.rcvd
+    return close_frame(ws)
+
+
+def record(server: Server, name: str, timeout: float = 10.0):
+    path = server.log_path.parent / name
+    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
+    return json.loads(path.read_text())
+
+
+class RawWebSocket:
+    """A WebSocket client on a plain socket: it sends and sees every frame as it is."""
+
+    def __init__(self, server: Server, path: str, timeout: float = 10.0) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock = server.connect(timeout)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        self.stream = Stream(self.sock, timeout)
+        head = self.stream.head()
+        assert head.status == 101, head
+        expected = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+        assert head.header("sec-websocket-accept") == expected
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # also ends a sendall blocked in a thread
+        except OSError:
+            pass
+        self.sock.close()
+
+    def frame(self, timeout: float) -> tuple[int, bytes]:
+        """(opcode, payload) of the next frame; EOFError when the server has closed."""
+        self.sock.settimeout(timeout)
+        first, second = self.stream.exact(2)
+        assert not second & 0x80, "a server frame must not be masked"
+        length = second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self.stream.exact(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self.stream.exact(8))
+        return first & 0x0F, self.stream.exact(length)
+
+    @staticmethod
+    def encode(opcode: int, payload: bytes, length: int | None = None) -> bytes:
+        """A masked client frame; ``length`` may claim more than ``payload`` holds."""
+        length = len(payload) if length is None else length
+        if length < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        mask = os.urandom(4)
+        size = len(payload)
+        key = (mask * (size // 4 + 1))[:size]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+        return head + mask + masked
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        self.sock.sendall(self.encode(opcode, payload))
+
+
+PING, PONG, TEXT, CLOSE = 0x9, 0xA, 0x1, 0x8
+
+
+# ---------------------------------------------------------------- echo and scope
+
+
+def test_echo_text_and_binary(echo):
+    server, path = echo
+    with ws_connect(server, path) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        ws.send("héllo ✓ wörld")
+        assert ws.recv(timeout=5) == "héllo ✓ wörld"
+        ws.send(b"\x00\x01\xffbinary")
+        assert ws.recv(timeout=5) == b"\x00\x01\xffbinary"
+        big = os.urandom(60000)
+        ws.send(big)
+        assert ws.recv(timeout=5) == big
+        # Several messages in flight at once come back in order, each with its type.
+        messages = [f"text {i}" if i % 2 else f"bytes {i}".encode() for i in range(20)]
+        for message in messages:
+            ws.send(message)
+        assert [ws.recv(timeout=5) for _ in messages] == messages
+
+
+def test_websocket_scope(ws_server):
+    sock = ws_server.connect()
+    client_port = sock.getsockname()[1]   # before the app's close can close the socket
+    with ws_connect(ws_server, "/ws/scope?x=1", sock=sock) as ws:
+        scope = json.loads(ws.recv(timeout=5))
+        assert close_frame(ws).code == 1000
+    assert scope["type"] == "websocket"
+    assert scope["asgi"]["version"] == "3.0"
+    assert scope["http_version"] == "1.1"
+    assert scope["scheme"] == "ws"
+    assert scope["path"] == "/ws/scope"
+    assert scope["raw_path"] == {"bytes": "/ws/scope"}
+    assert scope["query_string"] == {"bytes": "x=1"}
+    assert scope["root_path"] == ""
+    assert scope["subprotocols"] == []
+    assert scope["client"] == ["127.0.0.1", client_port]
+    assert scope["server"] == ["127.0.0.1", ws_server.port]
+    names = [name["bytes"] for name, _ in scope["headers"]]
+    assert "host" in names and "sec-websocket-key" in names, names
+
+
+@pytest.mark.parametrize(("offered", "chosen"), [
+    (["chat.v1", "chat.v2"], "chat.v2"),
+    (["chat.v1"], "chat.v1"),
+    ([], None),
+])
+def test_subprotocol_negotiation(ws_server, offered, chosen):
+    with ws_connect(ws_server, "/ws/subprotocol", subprotocols=offered or None) as ws:
+        assert ws.subprotocol == chosen
+        assert json.loads(ws.recv(timeout=5)) == offered
+
+
+# ---------------------------------------------------------------- closing
+
+
+def test_app_closes_with_a_code_and_reason(ws_server):
+    with ws_connect(ws_server, "/ws/close?code=4001&reason=bye+now") as ws:
+        frame = close_frame(ws)
+    assert (frame.code, frame.reason) == (4001, "bye now")
+
+
+def test_app_closing_before_accept_is_a_403(ws_server):
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(ws_server, "/ws/reject")
+    assert info.value.response.status_code == 403
+
+
+@pytest.mark.parametrize("code", [1000, 4321])
+def test_client_close_reaches_the_app_with_its_code(ws_server, code):
+    tag = uuid.uuid4().hex
+    with ws_connect(ws_server, f"/ws/echo?tag={tag}") as ws:
+        ws.send("one")
+        assert ws.recv(timeout=5) == "one"
+        ws.close(code=code, reason="client done")
+    assert record(ws_server, f"ws-disconnect-{tag}")["code"] == code
+
+
+def test_sigterm_closes_an_open_websocket_with_1012(serve):
+    server = serve("apps_asgi:app")
+    with ws_connect(server, "/ws/echo") as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        server.proc.send_signal(signal.SIGTERM)
+        frame = close_frame(ws, timeout=10)
+    assert frame.code == 1012
+    code = server.proc.wait(15)
+    assert code == 0, server.log
+
+
+# ---------------------------------------------------------------- size limit
+
+
+def test_message_at_the_size_limit_is_echoed(ws_server):
+    with ws_connect(ws_server, "/ws/echo") as ws:
+        data = os.urandom(MAX_SIZE)
+        ws.send(data)
+        assert ws.recv(timeout=5) == data
+
+
+@pytest.mark.parametrize("kind", ["bytes", "text"])
+def test_message_over_the_size_limit_closes_with_1009(ws_server, kind):
+    with ws_connect(ws_server, "/ws/echo") as ws:
+        ws.send("small")
+        assert ws.recv(timeout=5) == "small"
+        big = b"b" * (MAX_SIZE + 1) if kind == "bytes" else "t" * (MAX_SIZE + 1)
+        assert send_then_close_frame(ws, big).code == 1009
+
+
+def test_fragmented_message_over_the_size_limit_closes_with_1009(ws_server):
+    """The limit is on the message, not on each frame of it."""
+    with ws_connect(ws_server, "/ws/echo") as ws:
+        third = MAX_SIZE // 3 + 1
+        fragments = [b"x" * third, b"y" * third, b"z" * third]   # one message
+        assert send_then_close_frame(ws, fragments).code == 1009
+
+
+def test_default_size_limit_is_16_mib(starlette_server):
+    with ws_connect(starlette_server, "/ws", max_size=None) as ws:
+        data = os.urandom(2 * 1024 * 1024)
+        ws.send(data)
+        assert ws.recv(timeout=10) == data
+    # One frame that claims 16 MiB + 1: sent from a thread (the server may stop
+    # reading it) while this one waits for the Close frame.
+    raw = RawWebSocket(starlette_server, "/ws")
+    payload = b"p" * (DEFAULT_MAX_SIZE + 1)
+
+    def send_all() -> None:
+        try:
+            raw.sock.sendall(RawWebSocket.encode(0x2, payload))
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            opcode, body = raw.frame(timeout=max(0.01, deadline - time.monotonic()))
+            if opcode == CLOSE:
+                break
+        assert struct.unpack("!H", body[:2])[0] == 1009
+    finally:
+        raw.close()
+        sender.join(10)
+
+
+# ---------------------------------------------------------------- ping and pong
+
+
+def test_client_ping_gets_a_pong(echo):
+    server, path = echo
+    with ws_connect(server, path) as ws:
+        assert ws.ping(b"are you there").wait(5), "no pong within 5s"
+        ws.send("after the ping")
+        assert ws.recv(timeout=5) == "after the ping"
+
+
+def test_server_pings_an_idle_client(ws_server):
+    raw = RawWebSocket(ws_server, "/ws/echo")
+    try:
+        started = time.monotonic()
+        opcode, payload = raw.frame(timeout=5)
+        first_at = time.monotonic() - started
+        assert opcode == PING, (opcode, payload)
+        assert first_at < 3 * PING_INTERVAL + 1, f"first ping after {first_at:.2f}s"
+        raw.send(PONG, payload)
+        raw.send(TEXT, b"still here")
+        frames = []
+        while True:
+            opcode, data = raw.frame(timeout=5)
+            frames.append(opcode)
+            if opcode == TEXT:
+                assert data == b"still here"
+                break
+            assert opcode == PING, frames
+        # Answered pings keep coming and keep the connection open.
+        while (frame := raw.frame(timeout=5))[0] != PING:
+            assert frame[0] == TEXT, frame
+        raw.send(PONG, frame[1])
+    finally:
+        raw.close()
+
+
+def test_client_that_never_answers_pings_is_disconnected(ws_server):
+    raw = RawWebSocket(ws_server, "/ws/echo")
+    try:
+        started = time.monotonic()
+        opcodes = []
+        while True:
+            try:
+                opcode, _ = raw.frame(timeout=10)
+            except (EOFError, ConnectionResetError):
+                break
+            opcodes.append(opcode)
+            if opcode == CLOSE:
+                break
+        gone_after = time.monotonic() - started
+    finally:
+        raw.close()
+    assert PING in opcodes
+    assert 0.8 * PING_TIMEOUT < gone_after < PING_INTERVAL + PING_TIMEOUT + 4, (
+        f"an unanswered client was dropped after {gone_after:.2f}s "
+        f"(--ws-ping-interval {PING_INTERVAL}, --ws-ping-timeout {PING_TIMEOUT})")
+
+
+def test_idle_client_that_answers_pings_stays_connected(ws_server):
+    # The client sends no pings of its own; it answers the server's.
+    with ws_connect(ws_server, "/ws/echo") as ws:
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=2.0)
+        ws.send("still open")
+        assert ws.recv(timeout=5) == "still open"
+
+
+def test_plain_socket_upgrade_and_frames(ws_server):
+    """The handshake and one echo, byte by byte on the wire (no client library)."""
+    raw = RawWebSocket(ws_server, "/ws/echo")
+    try:
+        raw.send(TEXT, b"raw hello")
+        while (frame := raw.frame(timeout=5))[0] == PING:
+            raw.send(PONG, frame[1])
+        assert frame == (TEXT, b"raw hello")
+        raw.send(CLOSE, struct.pack("!H", 1000))
+        while (frame := raw.frame(timeout=5))[0] == PING:
+            pass
+        assert frame[0] == CLOSE and struct.unpack("!H", frame[1][:2])[0] == 1000
+    finally:
+        raw.close()

@@ -847,26 +847,27 @@ cdef class ASGIWorker:
 
     async def main(self):
         loop = self.loop
+        self.stopped = loop.create_future()
         self.install_signal_handlers()
         if self.lifespan is not None:
             self.state = await self.lifespan.startup()
-        self.stopped = loop.create_future()
-        for fd, tcp, base_scope, shared in self.listeners:
-            sock = socket.socket(fileno=os.dup(fd))
-            sock.setblocking(False)
-            server = await loop.create_server(
-                lambda scope=base_scope, tcp=tcp: ASGIConnection(self, scope, tcp),
-                sock=sock, backlog=2048)
-            self.servers.append(server)
-        if self.handoff is not None:
-            loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
-        refresh_date()
-        self.board[BOARD_STATE] = 1
-        self.tick_handle = loop.call_later(1.0, self.tick)
-        if self.on_ready is not None:
-            self.on_ready()
-        await self.stopped
-        self.tick_handle.cancel()
+        if self.alive:       # (a stop during the startup skips serving, not the shutdown)
+            for fd, tcp, base_scope, shared in self.listeners:
+                sock = socket.socket(fileno=os.dup(fd))
+                sock.setblocking(False)
+                server = await loop.create_server(
+                    lambda scope=base_scope, tcp=tcp: ASGIConnection(self, scope, tcp),
+                    sock=sock, backlog=2048)
+                self.servers.append(server)
+            if self.handoff is not None:
+                loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
+            refresh_date()
+            self.board[BOARD_STATE] = 1
+            self.tick_handle = loop.call_later(1.0, self.tick)
+            if self.on_ready is not None:
+                self.on_ready()
+            await self.stopped
+            self.tick_handle.cancel()
         if self.lifespan is not None:
             await self.lifespan.shutdown()
 
@@ -945,8 +946,8 @@ cdef class ASGIWorker:
         once.  ``close_idle``: close idle keep-alive connections now (shutdown)
         rather than answering their next request with Connection: close
         (a retiring worker)."""
-        if self.loop is None or self.stopped is None:
-            raise SystemExit(0)   # not serving yet: nothing to drain
+        if self.stopped is None:
+            raise SystemExit(0)   # the loop is not running yet: nothing to drain
         if not graceful:
             self.finish()
             return
@@ -962,7 +963,7 @@ cdef class ASGIWorker:
         self.graceful_deadline = monotonic() + self.graceful_timeout
         for server in self.servers:
             server.close()
-        if self.handoff is not None:
+        if self.handoff is not None and self.servers:
             # Queued handoffs are for the workers that stay.
             self.loop.remove_reader(self.handoff.receiver_fd())
         for conn in list(self.connections):

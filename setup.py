@@ -26,6 +26,10 @@ extensions = [
     )
     for pyx in sorted(SRC.glob("_*.pyx"))
 ]
+if not extensions:
+    # An sdist or checkout without the .pyx sources would otherwise build a
+    # pure-Python wheel that installs fine and cannot serve.
+    sys.exit(f"no {SRC}/_*.pyx found: the compiled core's sources are missing")
 
 setup(
     ext_modules=cythonize(

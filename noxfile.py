@@ -90,6 +90,12 @@ if MISSING:
           f"under pyenv's versions/); their sessions cannot run here", file=sys.stderr)
 
 
+def _build_env() -> dict[str, str]:
+    """Build like the shipped wheels (CFLAGS in [tool.cibuildwheel]): without
+    debug information, which also makes the build a quarter quicker."""
+    return {"CFLAGS": f"{os.environ.get('CFLAGS', '')} -g0".strip()}
+
+
 def _extra(name: str) -> list[str]:
     """The requirements of one [project.optional-dependencies] extra."""
     try:
@@ -109,14 +115,14 @@ nox.options.sessions = ["release", *(f"quick-{v}" for v in FOUND if v != RUNNING
 @nox.session(python=list(SUPPORTED))
 def tests(session: nox.Session) -> None:
     """The whole suite against fastpool built and installed for this Python."""
-    session.install(".[test]")
+    session.install(".[test]", env=_build_env())
     session.run("python", "-m", "pytest", *session.posargs)
 
 
 @nox.session(python=list(SUPPORTED))
 def quick(session: nox.Session) -> None:
     """Install fastpool for this Python, check the installed wheel, run the fast subset."""
-    session.install(".[test]")
+    session.install(".[test]", env=_build_env())
     session.run("python", "tools/check_installed.py", "--project", str(ROOT),
                 "--suite", "fast", *(["--", *session.posargs] if session.posargs else []))
 

@@ -5,6 +5,7 @@ Cython or without a C compiler fails: fastpool has no pure-Python fallback, so a
 wheel without its compiled core would be a broken wheel, not a slow one.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ if not extensions:
     sys.exit(f"no {SRC}/_*.pyx found: the compiled core's sources are missing")
 
 setup(
+    # One compiler per CPU for the extension modules (they are independent).
+    options={"build_ext": {"parallel": os.cpu_count() or 1}},
     ext_modules=cythonize(
         extensions,
         compiler_directives={

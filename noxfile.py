@@ -4,8 +4,9 @@
     nox -s quick-3.12      # build and install a wheel, check it, run the fast subset
     nox -s lint            # ruff
     nox -s release         # tools/check_release.py: sdist, wheel, auditwheel, twine, schemas
+    nox -s others          # quick on every supported CPython found but nox's own
     nox                    # what .ci/run adds after the full suite on its own Python:
-                           # release, and quick on every other supported CPython found
+                           # release and others
 
 Interpreters are looked up as ``python3.X`` on PATH and, failing that, under
 pyenv's ``versions/`` folder ($PYENV_ROOT, default ~/.pyenv), which is where
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,10 +109,10 @@ def _extra(name: str) -> list[str]:
         return tomllib.load(file)["project"]["optional-dependencies"][name]
 
 
-# Plain `nox` (.ci/run): the release checks, and the fast subset on every
-# supported CPython found other than the one running nox (.ci/run has just run
-# the whole suite on that one).
-nox.options.sessions = ["release", *(f"quick-{v}" for v in FOUND if v != RUNNING)]
+# Plain `nox` (.ci/run): the release checks, and `quick` on every supported
+# CPython found other than the one running nox (.ci/run has just run the whole
+# suite on that one).
+nox.options.sessions = ["release", "others"]
 
 
 @nox.session(python=list(SUPPORTED))
@@ -125,6 +128,55 @@ def quick(session: nox.Session) -> None:
     session.install(".[test]", env=_build_env())
     session.run("python", "tools/check_installed.py", "--project", str(ROOT),
                 "--suite", "fast", *(["--", *session.posargs] if session.posargs else []))
+
+
+@nox.session(python=False)
+def others(session: nox.Session) -> None:
+    """`quick` on every supported CPython found except the one running nox.
+
+    The same checks and subset as the quick-3.X sessions, in venvs of its own,
+    pipelined: the next Python's build (compiler-bound) runs while this one's
+    tests (which leave most of the CPU idle) run.  Builds never overlap each
+    other, as they share the tree's build/ folder and generated C.
+    """
+    versions = [v for v in FOUND if v != RUNNING]
+    if MISSING:
+        session.warn(f"CPython {', '.join(MISSING)} not found: not tested here")
+    if not versions:
+        session.skip(f"no supported CPython other than {RUNNING} found")
+    logs = ROOT / ".nox" / "others-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def start_build(version: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+        venv = ROOT / ".nox" / f"others-{version}"
+        if venv.exists():
+            shutil.rmtree(venv)
+        log = logs / f"build-{version}.log"
+        python = venv / "bin" / "python"
+        script = (f"{shlex.quote(sys.executable)} -m virtualenv -q -p python{version} "
+                  f"{shlex.quote(str(venv))} && {shlex.quote(str(python))} -m pip install "
+                  "-q '.[test]'")
+        with open(log, "wb") as out:
+            build = subprocess.Popen(["sh", "-c", script], cwd=ROOT, stdout=out,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **_build_env()})
+        return build, python, log
+
+    pending = start_build(versions[0])
+    try:
+        for index, version in enumerate(versions):
+            build, python, log = pending
+            session.log(f"CPython {version}: waiting for its build (log: {log})")
+            if build.wait() != 0:
+                session.error(f"building fastpool for CPython {version} failed:\n"
+                              f"{log.read_text(errors='replace')}")
+            pending = start_build(versions[index + 1]) if index + 1 < len(versions) else None
+            session.run(str(python), "tools/check_installed.py", "--project", str(ROOT),
+                        "--suite", "fast", *(["--", *session.posargs] if session.posargs else []),
+                        external=True)
+    finally:
+        if pending is not None and pending[0].poll() is None:
+            pending[0].kill()
+            pending[0].wait()
 
 
 @nox.session

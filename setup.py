@@ -5,6 +5,7 @@ Cython or without a C compiler fails: fastpool has no pure-Python fallback, so a
 wheel without its compiled core would be a broken wheel, not a slow one.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +27,17 @@ extensions = [
     )
     for pyx in sorted(SRC.glob("_*.pyx"))
 ]
+if not extensions:
+    # An sdist or checkout without the .pyx sources would otherwise build a
+    # pure-Python wheel that installs fine and cannot serve.
+    sys.exit(f"no {SRC}/_*.pyx found: the compiled core's sources are missing")
 
 setup(
+    # One compiler per CPU for the extension modules (they are independent).
+    options={"build_ext": {"parallel": os.cpu_count() or 1}},
     ext_modules=cythonize(
         extensions,
+        nthreads=os.cpu_count() or 1,
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -21,7 +21,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     if not ci.exists():
         pytest.skip("not a checkout (an unpacked sdist has no .ci/run)")
     command = ci.read_text(encoding="utf-8").strip().splitlines()[-1]
-    assert command.startswith("python3 -m venv .venv"), command
+    assert "python3 -m venv .venv" in command and "-m pytest" in command, command
     assert f"\n    {command}\n" in readme.read_text(encoding="utf-8"), (
         "README.md's test command and the last line of .ci/run must be the same line")
 

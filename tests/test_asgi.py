@@ -40,6 +40,7 @@ from conftest import (
     stop_server,
     wait_for,
 )
+from test_http import connect, get, post
 
 # ---------------------------------------------------------------- servers
 
@@ -72,20 +73,6 @@ def record(server: Server, name: str, timeout: float = 10.0):
     path = workdir(server) / name
     wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
     return json.loads(path.read_text())
-
-
-def connect(server: Server, timeout: float = 10.0) -> tuple[socket.socket, Stream]:
-    sock = server.connect(timeout)
-    return sock, Stream(sock, timeout)
-
-
-def get(path: str, version: str = "1.1", method: str = "GET", extra: str = "") -> bytes:
-    return f"{method} {path} HTTP/{version}\r\nHost: test\r\n{extra}\r\n".encode("latin-1")
-
-
-def post(path: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
-            .encode("latin-1") + body)
 
 
 def chunked_post(path: str, *parts: bytes) -> bytes:

@@ -889,16 +889,8 @@ cdef class WSGIWorker:
         conn.router = self.router
         conn.home_group = home
         conn.trusted_proxy = self.trust_all_proxies or (tcp and remote in self.trusted_proxies)
-        conn.deadline = monotonic() + (self.header_timeout or 1e9)
-        self.register(fd, conn)
-        memset(&event, 0, sizeof(event))
-        event.events = EPOLLIN
-        event.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
-            self.table[fd] = None
-            close(fd)
+        if not self.add_connection(conn):
             return 0
-        self.connections += 1
         conn.feed(data, PyBytes_GET_SIZE(data))
         return self.process(conn)
 
@@ -1079,17 +1071,24 @@ cdef class WSGIWorker:
             if self.router is not None:
                 conn.router = self.router
                 conn.home_group = self.local_group
-            conn.deadline = monotonic() + (self.header_timeout or 1e9)
-            self.register(fd, conn)
-            memset(&event, 0, sizeof(event))
-            event.events = EPOLLIN
-            event.data.fd = fd
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
-                self.table[fd] = None
-                close(fd)
-                continue
-            self.connections += 1
+            self.add_connection(conn)
         return 0
+
+    cdef bint add_connection(self, WSGIConnection conn) except -1:
+        """Watch a new connection (accepted, or handed over); False if epoll
+        refused it (it is closed)."""
+        cdef epoll_event event
+        conn.deadline = monotonic() + (self.header_timeout or 1e9)
+        self.register(conn.fd, conn)
+        memset(&event, 0, sizeof(event))
+        event.events = EPOLLIN
+        event.data.fd = conn.fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event) < 0:
+            self.table[conn.fd] = None
+            close(conn.fd)
+            return False
+        self.connections += 1
+        return True
 
     cdef int pause_accepting(self) except -1:
         cdef Listener listener

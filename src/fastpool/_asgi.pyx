@@ -37,9 +37,8 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from fastpool._http cimport (
-    Limits, Request, HttpConnection, HeadFlags, OutBuffer, refresh_date, error_response,
-    HeadBuf, head_init, head_put_bytes, head_free, monotonic, Framing, framing_reset,
-    flags_reset, end_head, frame_body, end_body, append_bytes_header, split_request_target,
+    Limits, Request, HttpConnection, OutBuffer, refresh_date, error_response,
+    monotonic, Framing, framing_reset, queue_head, frame_body, end_body, split_request_target,
     forwarded_client, forwarded_scheme, is_health_target,
     BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
     BOARD_HANDED_OUT, BOARD_SHED, Router,
@@ -63,7 +62,6 @@ cdef enum:
     BODY_HIGH_WATER = 262144
     # Complete request heads waiting behind the running one.
     MAX_PIPELINED = 32
-    HEAD_STACK = 4096
 
 # Python 3.12+: a task can run its first step at once (asyncio eager tasks).
 cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
@@ -224,23 +222,10 @@ cdef class Cycle:
     cdef int write_head(self, long long body_length) except -1:
         """Serialise the head held since http.response.start; ``body_length``
         is the whole body's size when the first body message is the last."""
-        cdef ASGIConnection conn = self.conn
-        cdef ASGIWorker worker = conn.worker
-        cdef HeadFlags flags
-        cdef char stack[HEAD_STACK]
-        cdef HeadBuf head
-        flags_reset(&flags)
-        head_init(&head, stack, HEAD_STACK)
-        try:
-            head_put_bytes(&head, status_line_for(self.status))
-            for name, value in self.headers:
-                append_bytes_header(&head, name, value, &flags)
-            end_head(&head, &self.framing, &flags, self.request, <int>self.status, body_length,
-                     worker.alive and worker.keep_alive > 0)
-            conn.out.write_raw(head.data, head.length)
-        finally:
-            head_free(&head)
-        return 0
+        cdef ASGIWorker worker = self.conn.worker
+        return queue_head(self.conn.out, &self.framing, self.request,
+                          status_line_for(self.status), <int>self.status, self.headers, True,
+                          body_length, worker.alive and worker.keep_alive > 0)
 
     cdef int write_body(self, object body, bint more) except -1:
         cdef ASGIConnection conn = self.conn

@@ -209,6 +209,9 @@ cdef void framing_reset(Framing *framing) noexcept
 cdef void flags_reset(HeadFlags *flags) noexcept
 cdef int end_head(HeadBuf *head, Framing *framing, HeadFlags *flags, Request request,
                   int code, long long body_length, bint reusable) except -1
+cdef int queue_head(OutBuffer out, Framing *framing, Request request, bytes line, int code,
+                    object headers, bint asgi, long long body_length,
+                    bint reusable) except -1
 cdef bint frame_body(OutBuffer out, Framing *framing, object data) except -1
 cdef int end_body(OutBuffer out, Framing *framing) except -1
 cdef int put_content_length(HeadBuf *head, long long length) except -1

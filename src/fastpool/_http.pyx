@@ -1054,6 +1054,33 @@ cdef int end_head(HeadBuf *head, Framing *framing, HeadFlags *flags, Request req
     return 0
 
 
+cdef int queue_head(OutBuffer out, Framing *framing, Request request, bytes line, int code,
+                    object headers, bint asgi, long long body_length,
+                    bint reusable) except -1:
+    """Serialise a response head (status ``line``, the app's ``headers``: str
+    pairs for WSGI, byte pairs for ASGI) into ``out``, framed by end_head.
+    Nothing is queued unless every header is valid."""
+    cdef HeadFlags flags
+    cdef char stack[4096]
+    cdef HeadBuf head
+    flags_reset(&flags)
+    head_init(&head, stack, 4096)
+    try:
+        head_put_bytes(&head, line)
+        for name, value in headers:
+            if asgi:
+                append_bytes_header(&head, name, value, &flags)
+            else:
+                append_str_header(&head, name, value, &flags)
+        if flags.has_transfer_encoding and not asgi:
+            raise ValueError("an app must not set Transfer-Encoding (PEP 3333 hop-by-hop)")
+        end_head(&head, framing, &flags, request, code, body_length, reusable)
+        out.write_raw(head.data, head.length)
+    finally:
+        head_free(&head)
+    return 0
+
+
 cdef bint frame_body(OutBuffer out, Framing *framing, object data) except -1:
     """Queue one piece of body (bytes) as the framing says.  Returns True the
     first time the app sends more than its Content-Length: the excess is

@@ -49,9 +49,8 @@ from fastpool._posix cimport (
     EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    Limits, Request, HttpConnection, HeadFlags, OutBuffer, refresh_date, status_line,
-    append_str_header, error_response, HeadBuf, head_init, head_put_bytes, head_free,
-    monotonic, Framing, framing_reset, flags_reset, end_head, frame_body, end_body,
+    Limits, Request, HttpConnection, OutBuffer, refresh_date, status_line, error_response,
+    monotonic, Framing, framing_reset, queue_head, frame_body, end_body,
     split_request_target, forwarded_client, forwarded_scheme, is_health_target,
     BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
     BOARD_HANDED_OUT, BOARD_SHED, Router,
@@ -79,8 +78,6 @@ cdef enum:
     BODY_BUFFER = 262144
     # While an app streams a response, wait for the client once this much is queued.
     HIGH_WATER = 262144
-    # Response heads are built on the stack up to this size.
-    HEAD_STACK = 4096
 
 
 class ClientDisconnected(OSError):
@@ -418,27 +415,12 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int write_head(self, long long body_length) except -1:
         """Serialise status and headers; ``body_length`` is the whole body's
-        size when the worker knows it, else -1.  Nothing is queued unless every
-        header is valid."""
+        size when the worker knows it, else -1."""
         cdef WSGIWorker worker = self.worker
         cdef tuple line = status_line(self.status)
-        cdef HeadFlags flags
-        cdef char stack[HEAD_STACK]
-        cdef HeadBuf head
-        flags_reset(&flags)
-        head_init(&head, stack, HEAD_STACK)
-        try:
-            head_put_bytes(&head, <bytes>line[0])
-            for name, value in self.headers:
-                append_str_header(&head, name, value, &flags)
-            if flags.has_transfer_encoding:
-                raise ValueError("an app must not set Transfer-Encoding (PEP 3333 hop-by-hop)")
-            end_head(&head, &self.framing, &flags, self.request, <int>line[1], body_length,
-                     worker.alive and worker.keep_alive > 0)
-            self.out.write_raw(head.data, head.length)
-        finally:
-            head_free(&head)
-        return 0
+        return queue_head(self.out, &self.framing, self.request, <bytes>line[0], <int>line[1],
+                          self.headers, False, body_length,
+                          worker.alive and worker.keep_alive > 0)
 
     cdef int write_body(self, bytes data) except -1:
         if PyBytes_GET_SIZE(data) == 0:

@@ -259,11 +259,6 @@ def _handoff_environ(group: GroupConfig) -> dict[str, Any]:
     return base
 
 
-def _handoff_scope(group: GroupConfig) -> dict[str, Any]:
-    """The base scope of connections other groups hand over."""
-    return base_scope(None, group)
-
-
 def base_scope(bound: BoundSocket | None, group: GroupConfig) -> dict[str, Any]:
     """The ASGI scope keys that are the same for every request on one socket."""
     server: tuple[str, int | None] | None = None
@@ -328,7 +323,8 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
         websocket_options=options,
         routing=router,
-        handoff_scope=_handoff_scope(group) if router is not None else None,
+        # Connections other groups hand over: no listener of this group took them.
+        handoff_scope=base_scope(None, group) if router is not None else None,
     )
 
 

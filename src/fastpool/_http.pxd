@@ -21,9 +21,12 @@ cdef class Limits:
 cdef class Request:
     cdef public str method
     cdef public bytes target          # the request-target exactly as received
+    # An absolute-form target's authority (``host[:port]``), which replaces
+    # the Host field for the app (RFC 9112 3.2.2); None for other forms.
+    cdef public bytes authority
     cdef public int http_minor        # 0 or 1 (HTTP/1.x only)
     cdef public bint keep_alive
-    cdef public bint expect_continue
+    cdef public bint expect_continue  # HTTP/1.1 with Expect: 100-continue
     cdef public bint upgrade
     cdef public bint head_complete
     cdef public bint body_complete
@@ -31,14 +34,19 @@ cdef class Request:
     cdef public bint chunked
     cdef public double started        # monotonic time the first byte arrived
     # Body bytes received and not yet read by the app: bytes chunks, the
-    # first one read up to body_pos.
+    # first one read up to body_pos.  Past ``spool_above`` bytes (when it is
+    # non-zero) the body goes to ``spool``, an anonymous temporary file, and
+    # the chunks stay empty: a reader then reads the file (see spooled).
     cdef list body
     cdef Py_ssize_t body_pos
     cdef Py_ssize_t body_size
-    cdef long long body_received
+    cdef public long long body_received
     cdef bint discard_body
+    cdef public Py_ssize_t spool_above
+    cdef public object spool
 
     cdef int append_body(self, bytes chunk) except -1
+    cdef list take_body_parts(self)
     cdef Py_ssize_t body_buffered(self)
     cdef bytes take_body(self, Py_ssize_t size)
     cdef Py_ssize_t find_in_body(self, char byte, Py_ssize_t limit)
@@ -64,17 +72,43 @@ cdef class Router:
     cdef int route(self, bytes target, int home) except -2
 
 
+# What the connection is parsing (see HttpConnection.feed).
+cdef enum ParseMode:
+    MODE_HEAD = 0       # llhttp: request lines, header fields, Content-Length bodies
+    MODE_CHUNKED = 1    # the core's own decoder: a chunked body and its trailers
+    MODE_METHOD = 2     # collecting a method token llhttp does not know
+
+
+# Why llhttp was paused (an event method returned PAUSE).
+cdef enum PauseReason:
+    PAUSE_NONE = 0
+    PAUSE_BEGIN = 1     # a message's first byte: feed learns its offset
+    PAUSE_HANDOFF = 2   # the end of the head of a request for another group
+    PAUSE_BODY = 3      # the end of a chunked request's head: the core decodes the body
+
+
 cdef class HttpConnection:
     cdef ParserBox *box
     cdef Limits limits
     # Requests whose head is complete, oldest first (pipelining keeps order).
     cdef public list pending
     cdef Request current
+    # The request whose message completed last (an upgrade refers to it even
+    # after the worker took it from ``pending``).
+    cdef Request completed
     cdef bytes url
     # The header being received: name, then value (each may arrive in pieces).
     cdef bytes field_name
     cdef bytes field_value
     cdef Py_ssize_t header_count
+    # Per message: Host fields seen; Transfer-Encoding list members seen, how
+    # many were "chunked", whether the last one was; an Upgrade field.
+    cdef int host_count
+    cdef bint te_present
+    cdef int te_members
+    cdef int te_chunked
+    cdef bint te_last_chunked
+    cdef bint upgrade_field
     # When non-zero, the stream can no longer be trusted: answer this status
     # after the requests before it, then close.
     cdef public int error_status
@@ -94,8 +128,22 @@ cdef class HttpConnection:
     cdef public int handoff_group
     cdef public bytes handoff_data
     cdef public double handoff_started
-    cdef bytes carry                   # the current head's bytes from earlier reads
+    # Parsing state of feed (see there).
+    cdef ParseMode mode
+    cdef PauseReason pause_reason
+    cdef const char *feed_start        # the read being parsed (valid inside feed only)
+    cdef const char *feed_end
+    cdef const char *boundary          # where the next message starts in this read, or NULL
     cdef Py_ssize_t message_offset     # where the current message began in this read
+    cdef bytearray carry               # the current head's bytes from earlier reads
+    cdef str method_override           # a method token llhttp does not know
+    cdef bint substituting             # feeding llhttp the stand-in method
+    # The chunked decoder (MODE_CHUNKED).
+    cdef int chunk_state
+    cdef long long chunk_remaining
+    cdef Py_ssize_t chunk_line         # bytes of the current size or trailer line
+    cdef bint chunk_space              # whitespace seen that only a ";" may follow
+    cdef int trailer_count
 
     cdef Request new_request(self)
     cdef int add_header(self, Request request, bytes name, bytes value) except -1
@@ -113,8 +161,19 @@ cdef class HttpConnection:
     cdef int value_span(self, const char *at, size_t size) except -1
     cdef int header_complete(self) except -1
     cdef int headers_complete(self) except -1
+    cdef int read_transfer_codings(self, bytes value) except -1
+    cdef int check_head(self, Request request) except -1
+    cdef int check_target(self, Request request) except -1
     cdef int body_span(self, const char *at, size_t size) except -1
     cdef int message_complete(self) except -1
+    # feed's helpers
+    cdef int reset_parser(self) except -1
+    cdef int parse_failed(self) except -1
+    cdef bytes message_bytes(self, const char *start, const char *end)
+    cdef const char *feed_chunked(self, const char *position, const char *end) except? NULL
+    cdef const char *custom_method(self, const char *start, const char *position,
+                                   const char *end) except? NULL
+    cdef int set_upgrade(self, Request request, bytes data) except -1
 
 
 cdef struct HeadFlags:

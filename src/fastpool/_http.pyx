@@ -43,6 +43,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
+from tempfile import TemporaryFile
 from urllib.parse import unquote_to_bytes
 
 cdef double monotonic() noexcept nogil:
@@ -71,16 +72,30 @@ cdef class Limits:
 # ---------------------------------------------------------------- request
 
 @cython.freelist(64)
-@cython.no_gc   # holds only str/bytes/bytearray: it can never be part of a cycle
+@cython.no_gc   # holds only str/bytes/bytearray and a file: it can never be part of a cycle
 cdef class Request:
     def __cinit__(self):
         self.content_length = -1
 
-    # The body is kept as the bytes objects httptools hands over, so that
+    # The body is kept as the bytes objects the parser hands over, so that
     # reading a body that arrived in one piece returns that very object.
 
     cdef int append_body(self, bytes chunk) except -1:
         if self.discard_body or PyBytes_GET_SIZE(chunk) == 0:
+            return 0
+        if self.spool is None and self.spool_above and (
+                self.body_size + PyBytes_GET_SIZE(chunk) > self.spool_above):
+            # Too large to hold in memory: what is buffered and all that
+            # follows go to an anonymous temporary file.
+            self.spool = TemporaryFile()
+            if self.body is not None:
+                for part in self.take_body_parts():
+                    self.spool.write(part)
+                self.body = None
+                self.body_pos = 0
+        if self.spool is not None:
+            self.spool.write(chunk)
+            self.body_size += PyBytes_GET_SIZE(chunk)
             return 0
         if self.body is None:
             self.body = [chunk]
@@ -92,8 +107,17 @@ cdef class Request:
     cdef Py_ssize_t body_buffered(self):
         return self.body_size
 
+    cdef list take_body_parts(self):
+        """Every buffered chunk, in order (the first one from body_pos)."""
+        cdef list parts = [chunk for chunk in self.body]
+        if parts and self.body_pos:
+            parts[0] = (<bytes>parts[0])[self.body_pos:]
+        return parts
+
     cdef bytes take_body(self, Py_ssize_t size):
-        """Up to ``size`` buffered body bytes (all of them when size < 0)."""
+        """Up to ``size`` buffered body bytes (all of them when size < 0).
+        A spooled body is read from its file, from where the last read ended
+        (the caller rewinds it once the body is complete)."""
         cdef bytes first
         cdef Py_ssize_t first_size, taken
         cdef list parts
@@ -101,6 +125,10 @@ cdef class Request:
             size = self.body_size
         if size == 0:
             return b""
+        if self.spool is not None:
+            out = self.spool.read(size)
+            self.body_size -= len(out)
+            return out
         first = <bytes>self.body[0]
         first_size = PyBytes_GET_SIZE(first) - self.body_pos
         if size <= first_size:
@@ -139,7 +167,7 @@ cdef class Request:
         cdef const char *hit
         cdef bytes chunk
         if self.body is None:
-            return -1
+            return -1     # (nothing in memory, or a spooled body: its reader reads the file)
         start = self.body_pos
         for chunk in self.body:
             base = PyBytes_AS_STRING(chunk) + start
@@ -206,6 +234,7 @@ cdef struct LLHttp:
     unsigned char (*get_method)(void *parser) noexcept nogil
     const char *(*method_name)(int method) noexcept nogil
     void (*resume)(void *parser) noexcept nogil
+    void (*set_lenient_transfer_encoding)(void *parser, int enabled) noexcept nogil
 
 cdef enum:
     HTTP_REQUEST = 1      # llhttp_type_t
@@ -394,6 +423,8 @@ cdef int bind_llhttp() except -1:
     llhttp.method_name = <const char *(*)(int) noexcept nogil>symbol(
         handle, b"llhttp_method_name")
     llhttp.resume = <void (*)(void *) noexcept nogil>symbol(handle, b"llhttp_resume")
+    llhttp.set_lenient_transfer_encoding = <void (*)(void *, int) noexcept nogil>symbol(
+        handle, b"llhttp_set_lenient_transfer_encoding")
     global HPE_PAUSED
     for code in range(64):
         if llhttp.errno_name(code) == b"HPE_PAUSED":
@@ -452,6 +483,167 @@ cdef bytes normalise_path(bytes path):
     return b"/" + b"/".join(segments) + (b"/" if path.endswith(b"/") and segments else b"")
 
 
+# ---------------------------------------------------------------- character classes
+
+# RFC 9110 tchar: method tokens, header names, transfer codings, chunk
+# extension names and values.
+cdef bint TOKEN_CHARS[256]
+# RFC 3986 reg-name characters (unreserved and sub-delims; "%" is handled
+# apart): a Host value or an absolute-form target's host.
+cdef bint HOST_CHARS[256]
+# A field value's characters (RFC 9110 5.5): HTAB, SP, VCHAR, obs-text.
+cdef bint FIELD_CHARS[256]
+# A quoted-string's qdtext (RFC 9110 5.6.4).
+cdef bint QDTEXT_CHARS[256]
+# Hex digit values, -1 for any other byte.
+cdef signed char HEX_VALUES[256]
+
+
+cdef _init_char_classes():
+    cdef int i
+    for i in range(256):
+        TOKEN_CHARS[i] = False
+        HOST_CHARS[i] = False
+        FIELD_CHARS[i] = i == 9 or 32 <= i <= 126 or i >= 128
+        QDTEXT_CHARS[i] = (i == 9 or i == 32 or i == 33 or 35 <= i <= 91 or 93 <= i <= 126
+                           or i >= 128)
+        HEX_VALUES[i] = -1
+    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        TOKEN_CHARS[c] = True
+    for c in b"-._~!$&'()*+,;=0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        HOST_CHARS[c] = True
+    for i in range(10):
+        HEX_VALUES[48 + i] = i          # 0-9
+    for i in range(6):
+        HEX_VALUES[97 + i] = 10 + i     # a-f
+        HEX_VALUES[65 + i] = 10 + i     # A-F
+
+
+_init_char_classes()
+
+
+cdef inline bint is_ows(unsigned char c) noexcept:
+    return c == 32 or c == 9
+
+
+cdef bytes trim_ows(bytes value):
+    """A field value without its leading and trailing SP/HTAB (RFC 9110 5.5:
+    they are not part of the value).  llhttp drops the leading ones; the
+    trailing ones reach the callbacks."""
+    cdef const unsigned char *raw = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(value)
+    cdef Py_ssize_t first = 0, last = size
+    if size == 0 or not (is_ows(raw[0]) or is_ows(raw[size - 1])):
+        return value
+    while first < last and is_ows(raw[first]):
+        first += 1
+    while last > first and is_ows(raw[last - 1]):
+        last -= 1
+    return PyBytes_FromStringAndSize(<const char *>raw + first, last - first)
+
+
+cdef bint valid_host(const unsigned char *raw, Py_ssize_t size, bint need_host) noexcept:
+    """``uri-host [ ":" port ]`` (RFC 9112 3.2, RFC 3986 3.2.2): a reg-name or
+    IPv4 address, or an IP literal in brackets, then digits after a colon.
+    ``need_host``: an empty host is invalid (an http(s) URI's authority)."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned char c
+    if size == 0:
+        return not need_host
+    if raw[0] == 91:                              # "[" IP-literal "]"
+        i = 1
+        while i < size and raw[i] != 93:
+            if not (HOST_CHARS[raw[i]] or raw[i] == 58):
+                return False
+            i += 1
+        if i == size or i == 1:
+            return False
+        i += 1
+    else:
+        while i < size and raw[i] != 58:          # up to ":"
+            c = raw[i]
+            if c == 37:                           # "%" HEXDIG HEXDIG
+                if i + 2 >= size or HEX_VALUES[raw[i + 1]] < 0 or HEX_VALUES[raw[i + 2]] < 0:
+                    return False
+                i += 3
+                continue
+            if not HOST_CHARS[c]:
+                return False
+            i += 1
+        if need_host and i == 0:
+            return False
+    if i < size:
+        if raw[i] != 58:
+            return False
+        i += 1
+        while i < size:
+            if not 48 <= raw[i] <= 57:
+                return False
+            i += 1
+    return True
+
+
+cdef bint valid_percent_path(const unsigned char *raw, Py_ssize_t start, Py_ssize_t size) noexcept:
+    """Every "%" of the path part (up to "?" or "#") is followed by two hex
+    digits (RFC 3986 2.1), as nginx requires of the path it decodes."""
+    cdef const unsigned char *hit
+    cdef Py_ssize_t i, end = size
+    hit = <const unsigned char *>memchr(raw + start, 37, size - start)
+    if hit == NULL:
+        return True
+    for i in range(start, size):
+        if raw[i] == 63 or raw[i] == 35:          # "?" or "#": the query is not checked
+            end = i
+            break
+    i = hit - raw
+    while i < end:
+        if raw[i] == 37 and (i + 2 >= end or HEX_VALUES[raw[i + 1]] < 0
+                             or HEX_VALUES[raw[i + 2]] < 0):
+            return False
+        i += 1
+    return True
+
+
+# ---------------------------------------------------------------- the chunked decoder
+
+# States of HttpConnection.feed_chunked (RFC 9112 7.1):
+#   chunked-body = *chunk last-chunk trailer-section CRLF
+#   chunk        = chunk-size [ chunk-ext ] CRLF chunk-data CRLF
+#   chunk-ext    = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+cdef enum ChunkState:
+    CH_SIZE_START = 0     # the first hex digit of a size
+    CH_SIZE               # more hex digits
+    CH_EXT                # after the size or an extension: BWS ";" or CR
+    CH_EXT_NAME_START     # after ";": BWS, then a token
+    CH_EXT_NAME
+    CH_EXT_AFTER_NAME     # BWS, then "=" or ";"
+    CH_EXT_VALUE_START    # after "=": BWS, then a token or a quoted string
+    CH_EXT_VALUE
+    CH_EXT_QUOTED
+    CH_EXT_QUOTED_PAIR
+    CH_SIZE_LF            # the LF that ends a size line
+    CH_DATA
+    CH_DATA_CR            # the CRLF after a chunk's data
+    CH_DATA_LF
+    CH_TRAILER_START      # a trailer field, or the CR of the final CRLF
+    CH_TRAILER_NAME
+    CH_TRAILER_VALUE
+    CH_TRAILER_LF
+    CH_END_LF             # the LF that ends the message
+
+cdef enum:
+    # The longest method name llhttp knows (GET_PARAMETER, SET_PARAMETER).
+    LLHTTP_METHOD_MAX = 13
+    # A size line longer than this (its extensions) is refused: nobody needs
+    # kilobytes of extensions, and an endless one must not be read forever.
+    CHUNK_LINE_LIMIT = 4096
+    # Chunk sizes from this on are refused as an overflow (2**60: no real
+    # body is that large, and the arithmetic stays far from the 64-bit edge).
+    CHUNK_SIZE_LIMIT = 1152921504606846976
+
+
+# ---------------------------------------------------------------- routing
+
 @cython.final
 cdef class Router:
     """The server's routes, as seen from one worker (see _http.pxd)."""
@@ -495,12 +687,42 @@ cdef class Router:
 
 
 cdef class HttpConnection:
+    """Parser glue: llhttp for request lines and header fields (and
+    Content-Length bodies), the core for the rules llhttp leaves open and for
+    chunked bodies.
+
+    How ``feed`` walks the bytes (every state change is here or in the event
+    methods it names):
+
+    * ``MODE_HEAD``: llhttp runs.  Its callbacks call the event methods.  At a
+      message's first byte ``message_begin`` records where the message starts
+      (from ``boundary`` when the message starts this read, else by pausing
+      llhttp), so that the message's bytes can be handed over (routes) or its
+      method re-read (below).  At the end of a head, ``headers_complete``
+      checks it (``check_head``) and either hands the connection over
+      (``PAUSE_HANDOFF``), or switches to ``MODE_CHUNKED`` (``PAUSE_BODY``), or
+      lets llhttp read a Content-Length body.
+    * ``MODE_CHUNKED``: ``feed_chunked`` decodes the body and its trailer
+      section (parsed and dropped: trailers never reach the app's headers,
+      RFC 9110 6.5.1), then llhttp, reset, goes on with the next message.
+      llhttp never frames a chunked body, so what it would refuse or read
+      differently (whitespace in the Transfer-Encoding list, chunk extensions
+      with whitespace) is decided here, by RFC 9112.
+    * ``MODE_METHOD``: llhttp knows a fixed set of methods; any other token
+      (``QUERY``, ``get``, ``X_Y.Z~1``) makes it fail at the method.  The token
+      is then read here (``custom_method``), llhttp is reset and fed a stand-in
+      method, and the request carries the real one.
+
+    A protocol error ends parsing for good: ``fail`` records the status, and
+    nothing after it is parsed.
+    """
+
     def __cinit__(self):
         self.box = <ParserBox *>PyMem_Malloc(sizeof(ParserBox))
         if self.box == NULL:
             raise MemoryError()
-        llhttp.init(self.box.state, HTTP_REQUEST, SETTINGS)
         self.box.owner = <void *>self
+        self.reset_parser()
 
     def __dealloc__(self):
         PyMem_Free(self.box)
@@ -528,6 +750,14 @@ cdef class HttpConnection:
 
     # ---- state
 
+    cdef int reset_parser(self) except -1:
+        """llhttp back to the start of a message.  Its Transfer-Encoding
+        leniency only lets a list llhttp would refuse reach ``check_head``,
+        which decides; llhttp never frames such a body itself."""
+        llhttp.init(self.box.state, HTTP_REQUEST, SETTINGS)
+        llhttp.set_lenient_transfer_encoding(self.box.state, 1)
+        return 0
+
     cdef int fail(self, int status, str reason) noexcept:
         """Record a protocol error; returns STOP, which an event method returns
         so that its callback stops llhttp."""
@@ -545,29 +775,58 @@ cdef class HttpConnection:
 
     cdef int message_begin(self) except -1:
         cdef Request request = self.new_request()
+        cdef const char *first
+        if self.substituting:
+            # The stand-in method of a custom one: the same message goes on.
+            request.started = self.current.started
+            self.current = request
+            return 0
         request.started = monotonic()
         self.current = request
+        self.completed = None
         self.url = None
         self.field_name = None
         self.field_value = None
         self.header_count = 0
-        if self.router is not None:
-            # Pause so that feed learns where this message's first byte is.
-            self.carry = None
-            return PAUSE
-        return 0
+        self.host_count = 0
+        self.te_present = False
+        self.te_members = 0
+        self.te_chunked = 0
+        self.te_last_chunked = False
+        self.upgrade_field = False
+        self.carry = None
+        if self.boundary != NULL:
+            # The first message of this read: it starts at its first byte
+            # that is not CR or LF (llhttp skips empty lines between messages).
+            first = self.boundary
+            while first < self.feed_end and (first[0] == 13 or first[0] == 10):
+                first += 1
+            self.message_offset = first - self.feed_start
+            self.boundary = NULL
+            return 0
+        # Another message in the same read: pause so that feed learns where.
+        self.pause_reason = PAUSE_BEGIN
+        return PAUSE
 
     cdef int url_span(self, const char *at, size_t size) except -1:
         cdef Py_ssize_t limit = self.limits.request_line
         cdef bytes piece = PyBytes_FromStringAndSize(at, size)
+        cdef Py_ssize_t method_size
         # One span per request unless the URL is split across reads.
         self.url = piece if self.url is None else self.url + piece
         # The request line is METHOD SP URL SP HTTP/1.x: the URL plus 10 bytes
-        # plus the method, without the CRLF.  The method's length is looked up
-        # only when the line could be too long even with the shortest (3).
-        if limit and PyBytes_GET_SIZE(self.url) + 13 > limit and (
-                PyBytes_GET_SIZE(self.url) + 10 + len(method_of(self.box.state)) > limit):
-            return self.fail(414, "request line too long")
+        # plus the method, without the CRLF.  llhttp's methods are at most
+        # LLHTTP_METHOD_MAX long, so theirs is looked up only when even that
+        # length could make the line too long.
+        if limit:
+            if self.method_override is not None:
+                method_size = len(self.method_override)
+            elif PyBytes_GET_SIZE(self.url) + 10 + LLHTTP_METHOD_MAX > limit:
+                method_size = len(method_of(self.box.state))
+            else:
+                return 0
+            if PyBytes_GET_SIZE(self.url) + 10 + method_size > limit:
+                return self.fail(414, "request line too long")
         return 0
 
     cdef int field_span(self, const char *at, size_t size) except -1:
@@ -599,31 +858,56 @@ cdef class HttpConnection:
         return 0
 
     cdef int header_complete(self) except -1:
+        """One header field is in: the fields the core must understand are
+        looked at here; every field goes to ``add_header``."""
         cdef Request request = self.current
         cdef Limits limits = self.limits
         cdef bytes name = self.field_name if self.field_name is not None else b""
-        cdef bytes value = self.field_value if self.field_value is not None else b""
+        cdef bytes value = trim_ows(self.field_value) if self.field_value is not None else b""
         self.field_name = None
         self.field_value = None
         self.header_count += 1
         if limits.request_fields and self.header_count > limits.request_fields:
             return self.fail(431, "too many header fields")
         if name_is(name, b"content-length", 14):
+            # llhttp has refused a second Content-Length, a list and any
+            # Content-Length beside Transfer-Encoding.
             request.content_length = parse_length(value)
             if request.content_length < 0:
                 return self.fail(400, "invalid Content-Length")
             if limits.request_body and request.content_length > limits.request_body:
                 return self.fail(413, "request body too large")
         elif name_is(name, b"transfer-encoding", 17):
-            # Only "chunked" is understood; gzip and friends are 501 (RFC 9112 6.1),
-            # checked here because llhttp reports them only after the head.
-            if value.strip().lower() != b"chunked":
-                return self.fail(501, "unsupported Transfer-Encoding")
-            request.chunked = True
+            self.read_transfer_codings(value)
+        elif name_is(name, b"host", 4):
+            self.host_count += 1
+            if self.host_count > 1:
+                return self.fail(400, "more than one Host field")
+            if not valid_host(<const unsigned char *>PyBytes_AS_STRING(value),
+                              PyBytes_GET_SIZE(value), False):
+                return self.fail(400, "invalid Host")
         elif name_is(name, b"expect", 6):
-            if value.strip().lower() == b"100-continue":
+            if value.lower() == b"100-continue":
                 request.expect_continue = True
+        elif name_is(name, b"upgrade", 7):
+            self.upgrade_field = True
         self.add_header(request, name, value)
+        return 0
+
+    cdef int read_transfer_codings(self, bytes value) except -1:
+        """Count the members of a Transfer-Encoding list (several fields make
+        one list): whitespace around members and empty members are allowed
+        (RFC 9110 5.6.1); check_head decides."""
+        cdef bytes member
+        self.te_present = True
+        for member in value.split(b","):
+            member = trim_ows(member)
+            if not member:
+                continue
+            self.te_members += 1
+            self.te_last_chunked = member.lower() == b"chunked"
+            if self.te_last_chunked:
+                self.te_chunked += 1
         return 0
 
     cdef int headers_complete(self) except -1:
@@ -635,17 +919,86 @@ cdef class HttpConnection:
         if llhttp.get_http_major(state) != 1 or llhttp.get_http_minor(state) > 1:
             return self.fail(505, "HTTP version not supported")
         request.http_minor = llhttp.get_http_minor(state)
-        request.method = method_of(state)
+        if self.method_override is not None:
+            request.method = self.method_override
+            self.method_override = None
+        else:
+            request.method = method_of(state)
         request.keep_alive = llhttp.should_keep_alive(state)
         request.target = self.url if self.url is not None else b""
         request.head_complete = True
+        if self.check_head(request):
+            return STOP
         if self.router is not None and self.route(request):
+            self.pause_reason = PAUSE_HANDOFF
             return PAUSE
         # A request without a body is complete now; message_complete also says so.
         if request.content_length <= 0 and not request.chunked:
             request.body_complete = True
         self.finish_head(request)
         self.pending.append(request)
+        if request.chunked:
+            self.pause_reason = PAUSE_BODY
+            return PAUSE
+        return 0
+
+    cdef int check_head(self, Request request) except -1:
+        """The head's rules llhttp does not enforce; True (after fail) when
+        the request is refused."""
+        if request.method == "CONNECT":
+            # No tunnels here; the app never sees one (RFC 9110 9.3.6).
+            return self.fail(501, "CONNECT is not supported")
+        if self.te_present:
+            if request.http_minor == 0:
+                # RFC 9112 6.1: faulty framing; refusing it closes the connection.
+                return self.fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if self.te_chunked != 1 or not self.te_last_chunked:
+                # RFC 9112 6.3: chunked must be the final coding, and once.
+                return self.fail(400, "invalid Transfer-Encoding")
+            if self.te_members > 1:
+                return self.fail(501, "unsupported Transfer-Encoding")
+            request.chunked = True
+        if self.host_count == 0 and request.http_minor == 1:
+            return self.fail(400, "missing Host")     # RFC 9112 3.2
+        if request.http_minor == 0:
+            request.expect_continue = False           # RFC 9110 10.1.1
+        return self.check_target(request)
+
+    cdef int check_target(self, Request request) except -1:
+        """The request-target's form (RFC 9112 3.2): origin-form, absolute-form
+        (http/https, a host, no userinfo), "*" for OPTIONS only; and a valid
+        percent-encoding in the path.  True (after fail) when refused."""
+        cdef bytes target = request.target
+        cdef const unsigned char *raw = <const unsigned char *>PyBytes_AS_STRING(target)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(target)
+        cdef Py_ssize_t i = 0, start
+        if size == 0:
+            return self.fail(400, "empty request target")
+        if raw[0] == 47:                                  # "/": origin-form
+            if not valid_percent_path(raw, 0, size):
+                return self.fail(400, "invalid percent-encoding in the path")
+            return 0
+        if raw[0] == 42:                                  # "*": asterisk-form
+            if size == 1 and request.method == "OPTIONS":
+                return 0
+            return self.fail(400, "the asterisk form is for OPTIONS only")
+        # absolute-form: scheme "://" authority path-abempty [ "?" query ]
+        while i < size and (TOKEN_CHARS[raw[i]] and raw[i] != 58):
+            i += 1
+        if (i + 3 > size or raw[i] != 58 or raw[i + 1] != 47 or raw[i + 2] != 47
+                or target[:i].lower() not in (b"http", b"https")):
+            return self.fail(400, "invalid request target")
+        start = i + 3
+        i = start
+        while i < size and raw[i] != 47 and raw[i] != 63 and raw[i] != 35:
+            if raw[i] == 64:                              # "@"
+                return self.fail(400, "userinfo in the request target")
+            i += 1
+        if not valid_host(raw + start, i - start, True):
+            return self.fail(400, "invalid host in the request target")
+        if not valid_percent_path(raw, i, size):
+            return self.fail(400, "invalid percent-encoding in the path")
+        request.authority = target[start:i]
         return 0
 
     cdef int body_span(self, const char *at, size_t size) except -1:
@@ -658,6 +1011,7 @@ cdef class HttpConnection:
 
     cdef int message_complete(self) except -1:
         self.current.body_complete = True
+        self.completed = self.current
         self.current = None
         return 0
 
@@ -672,19 +1026,44 @@ cdef class HttpConnection:
         self.current = None
         return True
 
+    cdef int set_upgrade(self, Request request, bytes data) except -1:
+        """The message of ``request`` asked for another protocol: what follows
+        (``data``) is not HTTP.  The worker either switches to it (ASGI
+        WebSocket), or answers the request and closes."""
+        self.upgrade_data = data
+        request.upgrade = True
+        request.keep_alive = False
+        request.body_complete = True
+        self.current = None
+        self.stop_reading = True
+        return 0
+
     cdef int keep_head(self, const char *start, Py_ssize_t size) except -1:
-        """Routing: keep the bytes of a head that is not complete yet, since
-        the whole request may have to be handed over once its path is known."""
-        if self.current is not None and not self.current.head_complete:
-            if self.message_offset >= 0:
-                self.carry = PyBytes_FromStringAndSize(start + self.message_offset,
-                                                       size - self.message_offset)
-            else:
-                self.carry = (self.carry or b"") + PyBytes_FromStringAndSize(start, size)
+        """At the end of a read: keep the bytes of a head that is not complete
+        yet when they may be needed again -- the whole head with routes (the
+        request may be handed over once its path is known), else while the
+        method is not known (custom_method re-reads it)."""
+        cdef Request current = self.current
+        cdef Py_ssize_t offset = self.message_offset if self.message_offset >= 0 else 0
+        if (self.mode == MODE_METHOD or current is not None and not current.head_complete
+                and (self.router is not None
+                     or self.url is None and self.method_override is None)):
+            if self.carry is None:
+                self.carry = bytearray()
+            extend(self.carry, start + offset, size - offset)
         else:
             self.carry = None
         self.message_offset = -1
         return 0
+
+    cdef bytes message_bytes(self, const char *start, const char *end):
+        """The current message's bytes: those carried from earlier reads, then
+        this read's from where the message (or what is not carried) starts."""
+        cdef const char *first = start + (self.message_offset if self.message_offset >= 0 else 0)
+        cdef bytes tail = PyBytes_FromStringAndSize(first, end - first)
+        if self.carry:
+            return bytes(self.carry) + tail
+        return tail
 
     # ---- feeding
 
@@ -692,64 +1071,339 @@ cdef class HttpConnection:
         """Parse ``size`` received bytes (read straight from the caller's
         buffer: nothing is copied but what a request keeps)."""
         cdef const char *position = start
+        cdef const char *end = start + size
+        cdef const char *pause
+        cdef const char *first
         cdef int code
         cdef str name
+        cdef PauseReason reason
         cdef Request request
-        cdef const char *pause
+        if self.error_status or self.handoff_group >= 0 or self.upgrade_data is not None:
+            return 0          # nothing after an error, a handoff or an upgrade is HTTP here
+        self.feed_start = start
+        self.feed_end = end
+        self.boundary = start if self.current is None and self.mode == MODE_HEAD else NULL
         while True:
-            code = llhttp.execute(self.box.state, position, size - (position - start))
+            if self.mode == MODE_CHUNKED:
+                if position == end:
+                    break
+                position = self.feed_chunked(position, end)
+                if position == NULL:
+                    return self.parse_failed()
+                if self.mode == MODE_CHUNKED or self.stop_reading:
+                    break
+                self.boundary = position          # the next message starts here
+                continue
+            if self.mode == MODE_METHOD:
+                if position == end:
+                    break
+                position = self.custom_method(start, position, end)
+                if position == NULL:
+                    return self.parse_failed()
+                if self.mode == MODE_METHOD:
+                    break
+                continue
+            code = llhttp.execute(self.box.state, position, end - position)
             if self.callback_error is not None:
                 error = self.callback_error
                 self.callback_error = None
                 raise error
-            if code != HPE_PAUSED:
+            if code == 0:
                 break
-            # Routing only: paused at a message's first byte, or at the end of
-            # the head of a request for another group.
-            pause = llhttp.get_error_pos(self.box.state)
-            llhttp.resume(self.box.state)
-            if self.handoff_group >= 0:
-                position = start + self.message_offset if self.message_offset >= 0 else start
-                self.handoff_data = (self.carry or b"") + PyBytes_FromStringAndSize(
-                    position, size - (position - start))
-                self.carry = None
+            if code == HPE_PAUSED:
+                pause = llhttp.get_error_pos(self.box.state)
+                reason = self.pause_reason
+                self.pause_reason = PAUSE_NONE
+                if reason == PAUSE_BEGIN:
+                    llhttp.resume(self.box.state)
+                    self.message_offset = pause - start
+                    position = pause
+                    continue
+                if reason == PAUSE_HANDOFF:
+                    self.handoff_data = self.message_bytes(start, end)
+                    self.carry = None
+                    return 0
+                # PAUSE_BODY: the core decodes the chunked body from here.
+                self.reset_parser()
+                self.mode = MODE_CHUNKED
+                self.chunk_state = CH_SIZE_START
+                self.chunk_remaining = 0
+                self.chunk_line = 0
+                self.chunk_space = False
+                self.trailer_count = 0
+                position = pause
+                continue
+            name = errno_name(code)
+            if name == "HPE_PAUSED_UPGRADE":
+                pause = llhttp.get_error_pos(self.box.state)
+                request = self.completed if self.completed is not None else self.current
+                if request is None or not request.head_complete:
+                    self.fail(400, "invalid upgrade request")
+                    return self.parse_failed()
+                self.set_upgrade(request, PyBytes_FromStringAndSize(pause, end - pause)
+                                 if pause != NULL and start <= pause <= end else b"")
                 return 0
-            self.message_offset = pause - start
-            position = pause
-        if self.router is not None:
-            self.keep_head(start, size)
-        if code == 0:
-            return 0
-        name = errno_name(code)
-        if name == "HPE_PAUSED_UPGRADE":
-            # The head (and, with no body, the message) is complete; what follows
-            # belongs to another protocol.  The worker either switches to it
-            # (ASGI WebSocket), handing it ``upgrade_data``, or answers the
-            # request and closes.
-            request = self.pending[len(self.pending) - 1]
-            pause = llhttp.get_error_pos(self.box.state)
-            if pause != NULL and start <= pause <= start + size:
-                self.upgrade_data = PyBytes_FromStringAndSize(pause, start + size - pause)
-            else:
-                self.upgrade_data = b""
-            request.upgrade = True
-            request.keep_alive = False
-            request.body_complete = True
-            self.current = None
-            self.stop_reading = True
-            return 0
-        if not self.error_status:
-            self.error_reason = llhttp.get_error_reason(self.box.state).decode("latin-1")
-            self.error_status = parser_error_status(
-                name, self.error_reason, PyBytes_FromStringAndSize(start, size),
-                llhttp.get_error_pos(self.box.state) - start)
+            if (name == "HPE_INVALID_METHOD" and self.current is not None and self.url is None
+                    and not self.error_status):
+                # A method llhttp does not know: maybe a token all the same.
+                pause = llhttp.get_error_pos(self.box.state)
+                if pause == NULL or not start <= pause <= end:
+                    pause = position
+                if self.carry is None:
+                    self.carry = bytearray()
+                first = start + (self.message_offset if self.message_offset >= 0 else 0)
+                extend(self.carry, first, pause - first)
+                self.message_offset = pause - start
+                self.mode = MODE_METHOD
+                position = pause
+                continue
+            if not self.error_status:
+                self.error_reason = llhttp.get_error_reason(self.box.state).decode("latin-1")
+                self.error_status = parser_error_status(name, self.error_reason)
+            return self.parse_failed()
+        self.keep_head(start, size)
+        return 0
+
+    cdef int parse_failed(self) except -1:
+        """The stream can no longer be trusted: nothing more is parsed, and
+        the request being received is never dispatched."""
         self.stop_reading = True
-        # The request being parsed has broken framing: never dispatch it.
         if (self.current is not None and self.pending
                 and self.pending[len(self.pending) - 1] is self.current):
             self.pending.pop()
         self.current = None
+        self.carry = None
         return 0
+
+    cdef const char *custom_method(self, const char *start, const char *position,
+                                   const char *end) except? NULL:
+        """MODE_METHOD: collect the method token into ``carry`` up to its SP,
+        then let llhttp parse the rest of the request behind a stand-in
+        method.  Returns where parsing goes on, or NULL after fail."""
+        cdef const char *cursor = position
+        cdef Py_ssize_t limit = self.limits.request_line
+        cdef int code
+        while cursor < end and TOKEN_CHARS[<unsigned char>cursor[0]]:
+            cursor += 1
+        extend(self.carry, position, cursor - position)
+        self.message_offset = cursor - start
+        if limit and PyByteArray_GET_SIZE(self.carry) > limit:
+            self.fail(414, "request line too long")
+            return NULL
+        if cursor == end:
+            return end                                    # the token goes on in the next read
+        if cursor[0] != 32 or PyByteArray_GET_SIZE(self.carry) == 0:
+            self.fail(400, "invalid method")
+            return NULL
+        self.method_override = self.carry.decode("latin-1")
+        self.mode = MODE_HEAD
+        self.reset_parser()
+        self.substituting = True
+        try:
+            code = llhttp.execute(self.box.state, "GET", 3)
+        finally:
+            self.substituting = False
+        if self.callback_error is not None:
+            error = self.callback_error
+            self.callback_error = None
+            raise error
+        if code != 0:
+            self.fail(400, "invalid method")
+            return NULL
+        return cursor
+
+    cdef const char *feed_chunked(self, const char *position,
+                                  const char *end) except? NULL:
+        """MODE_CHUNKED: decode a chunked body and its trailer section (see
+        ChunkState).  Returns where the next message starts, or ``end`` when
+        the body goes on in the next read, or NULL after fail."""
+        cdef const char *p = position
+        cdef unsigned char c
+        cdef int digit
+        cdef long long size
+        cdef Limits limits = self.limits
+        cdef Request request = self.current
+        cdef int state
+        while p < end:
+            state = self.chunk_state
+            if state == CH_DATA:
+                size = min(self.chunk_remaining, end - p)
+                if self.body_span(p, size):
+                    return NULL
+                p += size
+                self.chunk_remaining -= size
+                if self.chunk_remaining == 0:
+                    self.chunk_state = CH_DATA_CR
+                continue
+            c = <unsigned char>p[0]
+            p += 1
+            if state <= CH_SIZE_LF:
+                self.chunk_line += 1
+                if self.chunk_line > CHUNK_LINE_LIMIT:
+                    self.fail(400, "chunk size line too long")
+                    return NULL
+            if state == CH_SIZE_START or state == CH_SIZE:
+                digit = HEX_VALUES[c]
+                if digit >= 0:
+                    if self.chunk_remaining >= CHUNK_SIZE_LIMIT >> 4:
+                        self.fail(400, "chunk size overflow")
+                        return NULL
+                    self.chunk_remaining = self.chunk_remaining * 16 + digit
+                    self.chunk_state = CH_SIZE
+                    continue
+                if state == CH_SIZE_START:
+                    self.fail(400, "invalid chunk size")
+                    return NULL
+                self.chunk_state = CH_EXT
+                p -= 1
+                self.chunk_line -= 1
+                continue
+            if state == CH_EXT:
+                if is_ows(c):
+                    self.chunk_space = True
+                elif c == 59:                             # ";"
+                    self.chunk_space = False
+                    self.chunk_state = CH_EXT_NAME_START
+                elif c == 13 and not self.chunk_space:
+                    self.chunk_state = CH_SIZE_LF
+                else:
+                    self.fail(400, "invalid chunk size line")
+                    return NULL
+            elif state == CH_EXT_NAME_START:
+                if TOKEN_CHARS[c]:
+                    self.chunk_state = CH_EXT_NAME
+                elif not is_ows(c):
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_NAME:
+                if TOKEN_CHARS[c]:
+                    pass
+                elif is_ows(c):
+                    self.chunk_state = CH_EXT_AFTER_NAME
+                elif c == 61:                             # "="
+                    self.chunk_state = CH_EXT_VALUE_START
+                elif c == 59:
+                    self.chunk_state = CH_EXT_NAME_START
+                elif c == 13:
+                    self.chunk_state = CH_SIZE_LF
+                else:
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_AFTER_NAME:
+                if c == 61:
+                    self.chunk_state = CH_EXT_VALUE_START
+                elif c == 59:
+                    self.chunk_state = CH_EXT_NAME_START
+                elif not is_ows(c):
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_VALUE_START:
+                if c == 34:                               # '"'
+                    self.chunk_state = CH_EXT_QUOTED
+                elif TOKEN_CHARS[c]:
+                    self.chunk_state = CH_EXT_VALUE
+                elif not is_ows(c):
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_VALUE:
+                if TOKEN_CHARS[c]:
+                    pass
+                elif is_ows(c):
+                    self.chunk_space = True
+                    self.chunk_state = CH_EXT
+                elif c == 59:
+                    self.chunk_state = CH_EXT_NAME_START
+                elif c == 13:
+                    self.chunk_state = CH_SIZE_LF
+                else:
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_QUOTED:
+                if c == 34:
+                    self.chunk_state = CH_EXT
+                elif c == 92:                             # "\\"
+                    self.chunk_state = CH_EXT_QUOTED_PAIR
+                elif not QDTEXT_CHARS[c]:
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+            elif state == CH_EXT_QUOTED_PAIR:
+                if not FIELD_CHARS[c]:
+                    self.fail(400, "invalid chunk extension")
+                    return NULL
+                self.chunk_state = CH_EXT_QUOTED
+            elif state == CH_SIZE_LF:
+                if c != 10:
+                    self.fail(400, "missing LF after the chunk size")
+                    return NULL
+                self.chunk_line = 0
+                if self.chunk_remaining == 0:
+                    self.chunk_state = CH_TRAILER_START
+                else:
+                    if limits.request_body and (
+                            request.body_received + self.chunk_remaining > limits.request_body):
+                        self.fail(413, "request body too large")
+                        return NULL
+                    self.chunk_state = CH_DATA
+            elif state == CH_DATA_CR:
+                if c != 13:
+                    self.fail(400, "missing CRLF after chunk data")
+                    return NULL
+                self.chunk_state = CH_DATA_LF
+            elif state == CH_DATA_LF:
+                if c != 10:
+                    self.fail(400, "missing CRLF after chunk data")
+                    return NULL
+                self.chunk_state = CH_SIZE_START
+                self.chunk_line = 0
+                self.chunk_space = False
+            elif state == CH_TRAILER_START:
+                if c == 13:
+                    self.chunk_state = CH_END_LF
+                elif TOKEN_CHARS[c]:
+                    self.trailer_count += 1
+                    if limits.request_fields and (
+                            self.header_count + self.trailer_count > limits.request_fields):
+                        self.fail(431, "too many header fields")
+                        return NULL
+                    self.chunk_line = 1
+                    self.chunk_state = CH_TRAILER_NAME
+                else:
+                    # Whitespace here would be obs-fold; anything else is garbage.
+                    self.fail(400, "invalid trailer field")
+                    return NULL
+            elif state == CH_TRAILER_NAME or state == CH_TRAILER_VALUE:
+                self.chunk_line += 1
+                if limits.request_field_size and self.chunk_line + 2 > limits.request_field_size:
+                    self.fail(431, "header field too large")
+                    return NULL
+                if state == CH_TRAILER_NAME:
+                    if c == 58:                           # ":"
+                        self.chunk_state = CH_TRAILER_VALUE
+                    elif not TOKEN_CHARS[c]:
+                        self.fail(400, "invalid trailer field")
+                        return NULL
+                elif c == 13:
+                    self.chunk_state = CH_TRAILER_LF
+                elif not FIELD_CHARS[c]:
+                    self.fail(400, "invalid trailer field")
+                    return NULL
+            elif state == CH_TRAILER_LF:
+                if c != 10:
+                    self.fail(400, "missing LF after a trailer field")
+                    return NULL
+                self.chunk_state = CH_TRAILER_START
+            elif state == CH_END_LF:
+                if c != 10:
+                    self.fail(400, "missing LF at the end of the chunked body")
+                    return NULL
+                # The message is complete; llhttp (reset) reads the next one.
+                self.mode = MODE_HEAD
+                self.message_complete()
+                if self.upgrade_field:
+                    # Nothing after an upgrade request is HTTP.
+                    self.set_upgrade(request, PyBytes_FromStringAndSize(p, end - p))
+                return p
+        return end
 
 
 cdef long long parse_length(bytes value):
@@ -766,25 +1420,12 @@ cdef long long parse_length(bytes value):
     return number
 
 
-cdef int parser_error_status(str name, str reason, bytes data, Py_ssize_t position):
+cdef int parser_error_status(str name, str reason):
     """The status for an llhttp error: its code, refined by its reason where
     llhttp uses one code for several faults."""
-    cdef Py_ssize_t line_start
-    cdef bytes line, method, space
     if name == "HPE_PAUSED_H2_UPGRADE" or (
             name == "HPE_INVALID_VERSION" and reason.startswith("Invalid")):
         return 505      # "Invalid HTTP version", "Invalid major version", ...
-    if name == "HPE_INVALID_TRANSFER_ENCODING" and "Content-Length" not in reason:
-        return 501      # (Content-Length with Transfer-Encoding is a malformed request)
-    if name == "HPE_INVALID_METHOD" and 0 <= position <= PyBytes_GET_SIZE(data):
-        # An unknown method that is a well-formed token is "not implemented";
-        # anything else is a malformed request.
-        # (Only a line shaped like "TOKEN SP target" has a method at all.)
-        line_start = data.rfind(b"\n", 0, position) + 1
-        line = data[line_start:line_start + 64].split(b"\r", 1)[0]
-        method, space, _ = line.partition(b" ")
-        if space and 0 < len(method) <= 32 and method.isalpha() and method.isupper():
-            return 501
     return 400
 
 
@@ -829,21 +1470,6 @@ cdef tuple status_line(str status):
     if len(STATUS_LINES) < 512:
         STATUS_LINES[status] = cached
     return cached
-
-
-# RFC 9110 token characters, for header names.
-cdef bint TOKEN_CHARS[256]
-
-
-cdef _init_token_chars():
-    cdef int i
-    for i in range(256):
-        TOKEN_CHARS[i] = False
-    for c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ":
-        TOKEN_CHARS[c] = True
-
-
-_init_token_chars()
 
 
 cdef int check_header(bytes name, bytes value) except -1:
@@ -1384,3 +2010,45 @@ def atomic_add(memory, Py_ssize_t index, long long delta):
     if not 0 <= index < counters.shape[0]:
         raise IndexError(f"counter {index} out of range")
     return fastpool_atomic_add(&counters[index], delta)
+
+
+# ---------------------------------------------------------------- the core alone (tests, tools)
+
+@cython.final
+cdef class RecordedRequest(Request):
+    """A request as the core alone sees it: its header fields as received."""
+
+    cdef public list headers
+
+    def read_body(self):
+        """The body received so far (and taken: a second call returns the rest)."""
+        if self.spool is not None:
+            self.spool.seek(0)
+        return self.take_body(-1)
+
+
+@cython.final
+cdef class RecordingConnection(HttpConnection):
+    """The connection core with no worker on top, for tests and tools (the
+    request corpus is replayed through it): every request whose head is
+    complete stays in ``pending``, a ``RecordedRequest`` with its header fields
+    (name and value as bytes, in order) and its body."""
+
+    def __init__(self, Limits limits not None, Router router=None, int home_group=-1):
+        HttpConnection.__init__(self, limits)
+        self.router = router
+        self.home_group = home_group
+
+    cdef Request new_request(self):
+        cdef RecordedRequest request = RecordedRequest.__new__(RecordedRequest)
+        request.headers = []
+        return request
+
+    cdef int add_header(self, Request request, bytes name, bytes value) except -1:
+        (<RecordedRequest>request).headers.append((name, value))
+        return 0
+
+    @property
+    def receiving(self):
+        """Whether a request is partly received (its head or its body)."""
+        return self.current is not None

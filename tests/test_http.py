@@ -266,6 +266,10 @@ def test_expect_100_continue_is_sent_when_the_app_reads(server):
         assert stream.response().body == b"GET /next"
 
 
+ASGI_ONLY = pytest.mark.parametrize("interface", ["asgi"], indirect=True)
+
+
+@ASGI_ONLY   # an ASGI app asks for the body with receive(); a WSGI app runs once it is in
 def test_expect_100_continue_without_reading_gets_the_final_response(server):
     sock, stream = connect(server)
     with sock:
@@ -280,6 +284,35 @@ def test_expect_100_continue_without_reading_gets_the_final_response(server):
             # Kept open: the unsent body must be read and discarded, not parsed.
             sock.sendall(b"12345" + get("/after"))
             assert stream.response().body == b"GET /after"
+
+
+@WSGI_ONLY
+def test_expect_100_continue_is_answered_before_a_wsgi_app_runs(server):
+    """The WSGI app runs only once the body is in (wsgi.input never waits on the
+    client), so the loop answers 100 Continue whatever the app will do."""
+    sock, stream = connect(server)
+    with sock:
+        sock.sendall(b"POST /noread HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert stream.response().status == 100
+        stream.assert_open(0.1)   # the app waits for the body
+        sock.sendall(b"12345")
+        response = stream.response()
+        assert (response.status, response.body) == (200, b"ok")
+        sock.sendall(get("/after"))
+        assert stream.response().body == b"GET /after"
+
+
+def test_no_100_continue_for_http_10(server):
+    """RFC 9110 10.1.1: an HTTP/1.0 client's 100-continue is ignored."""
+    sock, stream = connect(server)
+    with sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        stream.assert_open(0.2)
+        sock.sendall(b"hello")
+        response = stream.response()
+        assert (response.status, response.body) == (200, b"hello")
 
 
 def test_large_request_body_is_echoed_intact(server):

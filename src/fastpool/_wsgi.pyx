@@ -6,34 +6,47 @@ Rules of this module:
 * One worker process runs one ``WSGIWorker.run`` loop over epoll (level
   triggered) with non-blocking sockets and many keep-alive connections.  The
   app is called synchronously (the prefork model): one request at a time.
-* A request is dispatched once its head and its body are in (or its buffered
-  body reaches ``BODY_BUFFER`` bytes, or it asked ``Expect: 100-continue``), so
-  a slow uploader holds a connection, not the worker.  Past that point the app
-  reads the rest of a large body through blocking reads with a timeout.
+* No connection may hold the worker while it waits for its client:
+  - a request is dispatched only once its head and its whole body are in (a
+    body past ``BODY_MEMORY_LIMIT`` bytes is spooled to an anonymous temporary
+    file), so ``wsgi.input`` never waits on the socket; ``Expect:
+    100-continue`` is answered by the loop when the request's turn comes;
+  - a response body the app streams (any iterable but a list or tuple) or a
+    ``wsgi.file_wrapper`` file is sent as the client takes it: each block is
+    sent before the app is asked for the next (PEP 3333: no delay), and once
+    more than ``HIGH_WATER`` bytes wait for a client that does not read, the
+    response is suspended and the loop serves other connections until the
+    socket is writable again.  The iterator then runs in a ``contextvars``
+    context of its own, so suspended responses never see each other's
+    context variables.
+  Only the PEP 3333 ``write()`` callable can still wait on a client, past
+  ``HIGH_WATER`` bytes, bounded by the connection's deadline.
 * Responses are written into the connection's ``OutBuffer`` and sent once per
-  batch of pipelined requests; only while an app streams more than
-  ``HIGH_WATER`` bytes does the worker wait (poll, GIL released) for the
-  client to drain.  A response that cannot be sent at once waits for EPOLLOUT
-  and the connection reads nothing more until it is out.
+  batch of pipelined requests (and once per block of a streamed body).
 * The GIL is released only around epoll_wait and poll.
-* Every connection has one deadline (idle keep-alive, header/body read, write
-  progress, lingering close); ``sweep`` enforces them once a second.
+* Every connection has one deadline (see ``WSGIWorker.set_deadline``: the
+  idle keep-alive, the head absolute from its first byte, the body and the
+  response by progress, the lingering close); ``sweep`` enforces them once a
+  second.
 * Nothing a client sends and nothing an app does may end this loop: protocol
   errors become statuses (see _http.pyx), app errors become 500s, and a client
   that disappears is a closed connection.
 * With ``threads`` > 1 the app runs in a pool of threads (gthread model): a
   connection with a ready request is taken out of epoll and handed to a
   thread, which serves its ready requests exactly as the loop would (the same
-  methods) and hands it back through a wake-up pipe.  A connection belongs to
-  one thread at a time; the loop never touches a busy one.
+  methods, but waiting on the socket itself, since the thread is the
+  connection's alone) and hands it back through a wake-up pipe.  A connection
+  belongs to one thread at a time; the loop never touches a busy one.
 * The worker reports to the master through its scoreboard record (shared
-  memory): requests served, when the oldest running request started (for
-  ``timeout``), and its state.
+  memory): requests served, since when app code has been running (for
+  ``timeout``: the app call and each step of a streamed body, not the time a
+  client takes to read), and its state.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
@@ -56,11 +69,11 @@ from fastpool._http cimport (
     BOARD_HANDED_OUT, BOARD_SHED, Router,
 )
 
+import contextvars
 import logging
 import os
 import queue
 import stat
-import sys
 import threading
 
 from fastpool.handoff import addresses as handoff_addresses
@@ -73,23 +86,31 @@ cdef enum:
     RECV_SIZE = 262144
     MAX_EVENTS = 256
     ACCEPT_BATCH = 64
-    # A body this large is handed to the app before it is complete; below it the
-    # worker buffers the whole body first (a slow uploader costs no worker time).
-    BODY_BUFFER = 262144
-    # While an app streams a response, wait for the client once this much is queued.
+    # Request body bytes held in memory; past this the body is spooled to a file.
+    BODY_MEMORY_LIMIT = 1048576
+    # Response bytes queued for a client that does not read, past which a
+    # streamed response waits for the socket (and write() blocks).
     HIGH_WATER = 262144
+    # sendfile(2) takes at most this much per call, so one large file does
+    # not keep the loop from its other connections.
+    SENDFILE_CHUNK = 1048576
+    # The lingering close: drain the client's input for at most this many
+    # seconds and reads per wakeup before closing.
+    LINGER_SECONDS = 2
+    LINGER_READS = 16
+
+# An app's ``next()`` returns this at the end of the iterable (see pump).
+cdef object END = object()
+cdef object copy_context = contextvars.copy_context
+
+
+cdef inline double deadline_after(double start, double seconds) noexcept:
+    """``start + seconds``; a limit of 0 means none."""
+    return start + seconds if seconds > 0 else INFINITY
 
 
 class ClientDisconnected(OSError):
-    """The client went away, or stopped reading or sending for too long."""
-
-
-class RequestBodyError(OSError):
-    """The request body broke a limit or its framing while the app read it."""
-
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status = status
+    """The client went away, or stopped reading for too long."""
 
 
 # ---------------------------------------------------------------- environ
@@ -144,34 +165,29 @@ cdef tuple split_target(bytes target):
 @cython.no_gc   # environ -> wsgi.input -> request is a cycle only until run_app breaks it
 cdef class WSGIRequest(Request):
     cdef public dict environ
+    cdef bint continue_sent    # "100 Continue" written for Expect: 100-continue
 
 
 # ---------------------------------------------------------------- wsgi.input
 
 @cython.final
 @cython.freelist(64)
-@cython.no_gc   # its references are dropped by run_app when the response is done
+@cython.no_gc   # its reference is dropped when the response is done
 cdef class InputStream:
     """``wsgi.input``: the request body, de-chunked, never read past its end.
 
-    After the response is finished it is detached and reads as empty.
+    The whole body is in when the app runs (in memory, or spooled to a file
+    that this stream reads), so no read waits on the client.  After the
+    response is finished it is detached and reads as empty.
     """
 
-    cdef WSGIConnection conn
     cdef WSGIRequest request
 
     def read(self, size=-1):
         cdef Py_ssize_t wanted = -1 if size is None else size
-        cdef WSGIRequest request = self.request
-        if request is None:
+        if self.request is None:
             return b""
-        if wanted < 0:
-            while not request.body_complete:
-                self.conn.fill_body(request)
-        else:
-            while request.body_buffered() < wanted and not request.body_complete:
-                self.conn.fill_body(request)
-        return request.take_body(wanted)
+        return self.request.take_body(wanted)
 
     def readline(self, size=-1):
         cdef Py_ssize_t limit = -1 if size is None else size
@@ -179,15 +195,14 @@ cdef class InputStream:
         cdef Py_ssize_t end
         if request is None:
             return b""
-        while True:
-            end = request.find_in_body(b"\n", limit)
-            if end >= 0:
-                return request.take_body(end)
-            if limit >= 0 and request.body_buffered() >= limit:
-                return request.take_body(limit)
-            if request.body_complete:
-                return request.take_body(-1)
-            self.conn.fill_body(request)
+        if request.spool is not None:
+            line = request.spool.readline(limit)
+            request.body_size -= len(line)
+            return line
+        end = request.find_in_body(b"\n", limit)
+        if end >= 0:
+            return request.take_body(end)
+        return request.take_body(limit)
 
     def readlines(self, hint=-1):
         cdef list lines = []
@@ -281,6 +296,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef OutBuffer out
     cdef ConnState state
     cdef double deadline
+    cdef double last_read      # when bytes last arrived (a body's progress deadline)
     cdef bint closing          # close once the output is sent
     cdef bint peer_closed      # the client shut its side down
     cdef bint want_write       # registered for EPOLLOUT
@@ -293,7 +309,16 @@ cdef class WSGIConnection(HttpConnection):
     cdef object status
     cdef object headers
     cdef Framing framing
-    cdef bint continue_sent
+    # A response whose body goes out as the client takes it (``streaming``):
+    # the app's iterable (``result``, closed at the end) and its iterator,
+    # advanced in ``context``; or a wsgi.file_wrapper file sent with sendfile.
+    cdef bint streaming
+    cdef object result
+    cdef object body_iter
+    cdef object context
+    cdef int file_fd
+    cdef off_t file_offset
+    cdef long long file_remaining
 
     def __init__(self, WSGIWorker worker, int fd, dict base_environ, str remote_addr):
         HttpConnection.__init__(self, worker.limits)
@@ -303,6 +328,7 @@ cdef class WSGIConnection(HttpConnection):
         self.remote_addr = remote_addr
         self.out = OutBuffer()
         self.state = OPEN
+        self.file_fd = -1
         self.start_response_method = self.start_response
         self.write_method = self.write
 
@@ -311,6 +337,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef Request new_request(self):
         cdef WSGIRequest request = WSGIRequest.__new__(WSGIRequest)
         request.environ = self.base_environ.copy()
+        request.spool_above = BODY_MEMORY_LIMIT
         return request
 
     cdef int add_header(self, Request request, bytes name, bytes value) except -1:
@@ -338,6 +365,9 @@ cdef class WSGIConnection(HttpConnection):
         environ["QUERY_STRING"] = parts[1]
         environ["RAW_URI"] = parts[2]
         environ["SERVER_PROTOCOL"] = "HTTP/1.1" if request.http_minor else "HTTP/1.0"
+        if request.authority is not None:
+            # An absolute-form target's host wins over Host (RFC 9112 3.2.2).
+            environ["HTTP_HOST"] = request.authority.decode("latin-1")
         if self.trusted_proxy:
             self.apply_forwarded(environ)
         return 0
@@ -381,6 +411,9 @@ cdef class WSGIConnection(HttpConnection):
         if self.framing.close:
             self.closing = True
         self.request = None
+        if request.spool is not None:
+            request.spool.close()
+            request.spool = None
         return 0
 
     # ---- start_response and write (PEP 3333)
@@ -409,7 +442,11 @@ cdef class WSGIConnection(HttpConnection):
         if type(data) is not bytes:
             raise TypeError(f"write() takes bytes, got {type(data).__name__}")
         self.write_body(data)
-        self.flush_blocking()
+        # PEP 3333: sent, or buffered for sending, before write returns.  The
+        # app is running, so past HIGH_WATER there is nothing to do but wait.
+        self.send_some()
+        if self.out.size > HIGH_WATER:
+            self.flush_blocking()
 
     # ---- response serialisation
 
@@ -430,8 +467,6 @@ cdef class WSGIConnection(HttpConnection):
         if frame_body(self.out, &self.framing, data):
             error_log.warning("app sent more than its Content-Length (%d) for %s; closing",
                               self.framing.declared_length, self.request.environ.get("RAW_URI"))
-        if self.out.size > HIGH_WATER:
-            self.flush_blocking()
         return 0
 
     cdef int finish_body(self) except -1:
@@ -439,11 +474,23 @@ cdef class WSGIConnection(HttpConnection):
             self.write_head(0)
         return end_body(self.out, &self.framing)
 
-    # ---- blocking helpers, used only while the app runs
+    # ---- the socket
+
+    cdef int send_some(self) except -1:
+        """Send what the socket takes now; ClientDisconnected when it is gone."""
+        if self.out.size:
+            try:
+                self.out.send_to(self.fd)
+            except OSError as exc:
+                raise ClientDisconnected(*exc.args) from None
+        return 0
 
     cdef int wait_socket(self, short events) except -1:
+        """Wait (GIL released) until the socket is ready, at most the
+        connection's send timeout (an app thread, or write())."""
         cdef pollfd pfd
-        cdef int timeout_ms = <int>(self.worker.header_timeout * 1000) or -1
+        cdef double limit = self.worker.header_timeout
+        cdef int timeout_ms = <int>(limit * 1000) if limit > 0 else -1
         cdef int ready
         pfd.fd = self.fd
         pfd.events = events
@@ -457,45 +504,14 @@ cdef class WSGIConnection(HttpConnection):
                 raise ClientDisconnected(errno, "poll failed")
             PyErr_CheckSignals()
         if ready == 0:
-            raise ClientDisconnected("client timed out")
+            raise ClientDisconnected(f"the client took no response bytes for {limit:g} s")
         return 0
 
     cdef int flush_blocking(self) except -1:
-        cdef Py_ssize_t sent
         while self.out.size:
-            try:
-                sent = self.out.send_to(self.fd)
-            except OSError as exc:
-                raise ClientDisconnected(*exc.args) from None
-            if sent < 0:
+            self.send_some()
+            if self.out.size:
                 self.wait_socket(POLLOUT)
-        return 0
-
-    cdef int fill_body(self, WSGIRequest request) except -1:
-        """Read more of ``request``'s body from the socket (blocking)."""
-        cdef ssize_t received
-        if request.expect_continue and not self.continue_sent and not self.framing.headers_sent:
-            self.continue_sent = True
-            self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.flush_blocking()
-        if self.error_status:
-            raise RequestBodyError(self.error_status, self.error_reason)
-        if self.peer_closed:
-            raise ClientDisconnected("client closed the connection before sending the body")
-        while True:
-            received = recv(self.fd, self.worker.recv_buffer, RECV_SIZE, 0)
-            if received > 0:
-                break
-            if received == 0:
-                self.peer_closed = True
-                raise ClientDisconnected("client closed the connection before sending the body")
-            if errno == EAGAIN:
-                self.wait_socket(POLLIN)
-            elif errno != EINTR:
-                raise ClientDisconnected(errno, "recv failed")
-        self.feed(self.worker.recv_buffer, received)
-        if self.error_status and not request.body_complete:
-            raise RequestBodyError(self.error_status, self.error_reason)
         return 0
 
     # ---- one request
@@ -505,124 +521,239 @@ cdef class WSGIConnection(HttpConnection):
         self.status = None
         self.headers = None
         framing_reset(&self.framing)
-        self.continue_sent = False
+        return 0
+
+    cdef int send_continue(self) except -1:
+        """The loop's answer to ``Expect: 100-continue`` once the request's turn
+        has come and its body has not started: the client may send it now."""
+        cdef WSGIRequest request
+        if not self.pending or self.streaming or self.closing:
+            return 0
+        request = <WSGIRequest>self.pending[0]
+        if (request.expect_continue and not request.continue_sent and not request.body_complete
+                and request.body_received == 0 and not self.error_status):
+            request.continue_sent = True
+            self.out.write_raw(b"HTTP/1.1 100 Continue\r\n\r\n", 25)
         return 0
 
     cdef int run_app(self, WSGIRequest request) except -1:
-        """Call the app for ``request`` and queue its whole response."""
+        """Call the app for ``request``: a list or tuple is queued whole; any
+        other iterable (or a file wrapper) starts a streamed response, which
+        ``pump`` sends."""
         cdef InputStream body = InputStream.__new__(InputStream)
         cdef object result = None
         cdef object item
         cdef long long total
-        cdef object started
+        cdef object token
         cdef WSGIWorker worker = self.worker
         self.reset_response(request)
-        body.conn = self
         body.request = request
+        if request.spool is not None:
+            request.spool.seek(0)
         request.environ["wsgi.input"] = body
-        started = worker.request_started()
+        token = worker.app_started()
         try:
-            try:
-                result = worker.app(request.environ, self.start_response_method)
-                if type(result) is list or type(result) is tuple:
-                    total = 0
-                    for item in result:
-                        if type(item) is not bytes:
-                            raise TypeError(
-                                f"the app's iterable yielded {type(item).__name__}, not bytes")
-                        total += PyBytes_GET_SIZE(<bytes>item)
-                    if self.status is None:
-                        raise AssertionError("the app returned without calling start_response()")
-                    if not self.framing.headers_sent:
-                        self.write_head(total)
-                    for item in result:
-                        self.write_body(item)
-                elif type(result) is FileWrapper and self.send_file(<FileWrapper>result):
-                    pass
-                else:
-                    for item in result:
-                        if type(item) is not bytes:
-                            raise TypeError(
-                                f"the app's iterable yielded {type(item).__name__}, not bytes")
-                        if self.status is None:
-                            raise AssertionError("the app yielded a body before start_response()")
-                        self.write_body(item)
-                    if self.status is None:
-                        raise AssertionError("the app returned without calling start_response()")
+            result = worker.app(request.environ, self.start_response_method)
+            if type(result) is list or type(result) is tuple:
+                total = 0
+                for item in result:
+                    if type(item) is not bytes:
+                        raise TypeError(
+                            f"the app's iterable yielded {type(item).__name__}, not bytes")
+                    total += PyBytes_GET_SIZE(<bytes>item)
+                if self.status is None:
+                    raise AssertionError("the app returned without calling start_response()")
+                if not self.framing.headers_sent:
+                    self.write_head(total)
+                for item in result:
+                    self.write_body(item)
                 self.finish_body()
-            finally:
-                if (result is not None and type(result) is not list
-                        and type(result) is not tuple):
-                    close = getattr(result, "close", None)
-                    if close is not None:
-                        close()
+                result = None
+            else:
+                self.result = result
+                self.streaming = True
+                if type(result) is not FileWrapper or not self.open_file(<FileWrapper>result):
+                    self.body_iter = iter(result)
+                    # The iterator may be suspended while other requests run:
+                    # it gets a context of its own (a copy of the app call's).
+                    self.context = copy_context()
         except ClientDisconnected:
-            self.closing = True
-            self.out.clear()
-        except RequestBodyError as exc:
-            self.fail_request(exc.status, str(exc))
-        except Exception as exc:
-            error_log.error("Error handling request %s %s",
-                            request.method, request.environ.get("RAW_URI"), exc_info=True)
-            self.fail_request(500, "")
+            self.abort_response()
+            return 0
+        except Exception:
+            self.app_failed()
+            self.end_response(result, False)
+            return 0
         finally:
+            worker.app_finished(token)
             # Break environ -> wsgi.input -> request -> environ, so that the
             # request is freed by reference counting, not by the cyclic GC.
             body.request = None
-            body.conn = None
-            worker.request_finished(started)
-        return self.finish_response(request)
-
-    cdef int fail_request(self, int status, str detail) except -1:
-        """Answer ``status`` in place of a response the app could not give."""
-        if self.framing.headers_sent:
-            # Part of the response is out: the only honest signal left is to close.
-            self.closing = True
-            return 0
-        self.out.write(error_response(status, detail))
-        self.framing.status_code = status
-        self.closing = True
+        if not self.streaming:
+            self.end_response(None, True)
         return 0
 
-    cdef bint send_file(self, FileWrapper wrapper) except -1:
-        """Serve a wsgi.file_wrapper with sendfile; False if it is not a regular file."""
+    cdef int pump(self, bint blocking) except -1:
+        """Send a streamed response as the client takes it: each block is sent
+        before the app is asked for the next.  Returns 1 when the loop should
+        come back on EPOLLOUT: the client must read first, or this response
+        has had its turn (HIGH_WATER bytes per call, so that one fast client
+        does not keep the loop from the others).  ``blocking`` (an app thread)
+        waits on the socket instead.  Returns 0 when the response is over."""
+        cdef WSGIWorker worker = self.worker
+        cdef object token
+        cdef object item
+        cdef long long turn_end = self.framing.body_sent + HIGH_WATER
+        try:
+            while self.streaming:
+                self.send_some()
+                if self.out.size > (HIGH_WATER if self.file_fd < 0 else 0):
+                    if not blocking:
+                        return 1
+                    self.wait_socket(POLLOUT)
+                    continue
+                if not blocking and self.framing.body_sent >= turn_end:
+                    return 1
+                if self.file_fd >= 0:
+                    if self.send_file_part():
+                        if not blocking:
+                            return 1
+                        self.wait_socket(POLLOUT)
+                    continue
+                token = worker.app_started()
+                try:
+                    item = self.context.run(next, self.body_iter, END)
+                finally:
+                    worker.app_finished(token)
+                if item is END:
+                    if self.status is None:
+                        raise AssertionError("the app returned without calling start_response()")
+                    self.end_response(self.result, True)
+                    return 0
+                if type(item) is not bytes:
+                    raise TypeError(f"the app's iterable yielded {type(item).__name__}, not bytes")
+                if self.status is None:
+                    raise AssertionError("the app yielded a body before start_response()")
+                self.write_body(item)
+        except ClientDisconnected:
+            self.abort_response()
+        except Exception:
+            self.app_failed()
+            self.end_response(self.result, False)
+        return 0
+
+    cdef bint open_file(self, FileWrapper wrapper) except -1:
+        """Set up a wsgi.file_wrapper response for sendfile; False if its file
+        is not a regular file (then it is iterated like any iterable)."""
         cdef off_t offset
         cdef long long remaining
-        cdef ssize_t sent
-        cdef int in_fd
         try:
-            in_fd = wrapper.filelike.fileno()
-            info = os.fstat(in_fd)
+            fd = wrapper.filelike.fileno()
+            info = os.fstat(fd)
         except (AttributeError, OSError, ValueError):
             return False
-        if not stat.S_ISREG(info.st_mode) or self.status is None or self.framing.chunked:
+        if not stat.S_ISREG(info.st_mode) or self.status is None:
             return False
         try:
             offset = wrapper.filelike.tell()
         except (AttributeError, OSError):
             offset = 0
-        remaining = info.st_size - offset
-        if remaining < 0:
-            remaining = 0
+        remaining = max(info.st_size - offset, 0)
         if not self.framing.headers_sent:
             self.write_head(remaining)
+        if self.framing.chunked:
+            return False
         if self.framing.declared_length >= 0 and remaining > self.framing.declared_length:
             remaining = self.framing.declared_length
         if self.framing.body_suppressed:
-            return True
-        self.flush_blocking()
-        while remaining > 0:
-            sent = sendfile(self.fd, in_fd, &offset, remaining)
-            if sent > 0:
-                remaining -= sent
-                self.framing.body_sent += sent
-            elif sent == 0:
-                break   # the file shrank: finish_body sees the short length and closes
-            elif errno == EAGAIN:
-                self.wait_socket(POLLOUT)
-            elif errno != EINTR:
-                raise ClientDisconnected(errno, "sendfile failed")
+            remaining = 0
+        self.file_fd = fd
+        self.file_offset = offset
+        self.file_remaining = remaining
         return True
+
+    cdef bint send_file_part(self) except -1:
+        """sendfile the next part of a file response (the head is out); True
+        when the socket is full.  At the end, or when the file has shrunk
+        (finish_body then sees the short length and closes), the response ends."""
+        cdef ssize_t sent
+        while self.file_remaining > 0:
+            sent = sendfile(self.fd, self.file_fd, &self.file_offset,
+                            min(self.file_remaining, SENDFILE_CHUNK))
+            if sent > 0:
+                self.file_remaining -= sent
+                self.framing.body_sent += sent
+                return False      # back to the loop between parts
+            if sent == 0:
+                break
+            if errno == EAGAIN:
+                return True
+            if errno != EINTR:
+                raise ClientDisconnected(errno, "sendfile failed")
+        self.end_response(self.result, True)
+        return False
+
+    cdef int end_response(self, object result, bint complete) except -1:
+        """The app's body is over: end its framing (``complete``; an app that
+        failed half-way gets no end, the connection closes instead), close the
+        app's iterable, log, decide about the connection."""
+        cdef WSGIRequest request = self.request
+        if request is None:
+            return 0
+        if complete:
+            self.finish_body()
+        self.close_result(result)
+        self.worker.request_done()
+        return self.finish_response(request)
+
+    cdef int close_result(self, object result) except -1:
+        """PEP 3333: call the iterable's close(), in the context it ran in."""
+        cdef object context = self.context
+        self.streaming = False
+        self.result = None
+        self.body_iter = None
+        self.context = None
+        self.file_fd = -1
+        if result is None or type(result) is list or type(result) is tuple:
+            return 0
+        close = getattr(result, "close", None)
+        if close is None:
+            return 0
+        try:
+            if context is not None:
+                context.run(close)
+            else:
+                close()
+        except Exception:
+            error_log.error("Error closing the app's iterable for %s",
+                            self.request.environ.get("RAW_URI") if self.request else "?",
+                            exc_info=True)
+        return 0
+
+    cdef int app_failed(self) except -1:
+        """The app raised: a 500 in place of its response, or a close when part
+        of the response is already out."""
+        cdef WSGIRequest request = self.request
+        error_log.error("Error handling request %s %s", request.method,
+                        request.environ.get("RAW_URI"), exc_info=True)
+        if self.framing.headers_sent:
+            self.closing = True     # the only honest signal left
+            return 0
+        self.out.write(error_response(500))
+        self.framing.status_code = 500
+        self.framing.headers_sent = True
+        self.closing = True
+        return 0
+
+    cdef int abort_response(self) except -1:
+        """The client went away (or stopped reading) during the response."""
+        self.closing = True
+        self.out.clear()
+        if self.request is not None:
+            self.close_result(self.result)
+            self.worker.request_done()
+            self.finish_response(self.request)
+        return 0
 
 
 # ---------------------------------------------------------------- worker
@@ -648,6 +779,7 @@ cdef class WSGIWorker:
     cdef object access_log
     cdef int master_pid
     cdef char *recv_buffer
+    cdef double now               # monotonic time of this wakeup of the loop
     cdef double next_sweep
     cdef bint accept_paused
     cdef bint close_idle          # on a graceful stop: close idle keep-alive at once
@@ -777,7 +909,7 @@ cdef class WSGIWorker:
             if conn is None:
                 return
             try:
-                self.serve_ready(conn)
+                self.serve_in_thread(conn)
             except BaseException:
                 error_log.exception("app thread failed while serving a connection")
                 conn.closing = True
@@ -812,7 +944,7 @@ cdef class WSGIWorker:
             event.events = EPOLLIN
             event.data.fd = conn.fd
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event)
-            self.after_serving(conn)
+            self.advance(conn)
         return 0
 
     cdef bint is_health_request(self, Request request):
@@ -874,7 +1006,7 @@ cdef class WSGIWorker:
         if not self.add_connection(conn):
             return 0
         conn.feed(data, PyBytes_GET_SIZE(data))
-        return self.process(conn)
+        return self.advance(conn)
 
     cdef int hand_off(self, WSGIConnection conn) except -1:
         """Give ``conn`` to the group its next request belongs to (everything
@@ -889,21 +1021,20 @@ cdef class WSGIWorker:
         self.board[BOARD_SHED] += 1
         conn.out.write(refusal)
         conn.closing = True
-        return self.flush(conn)
+        return self.settle(conn)
 
     # ---- the scoreboard
 
-    cdef object request_started(self):
-        """Record an app call starting; returns the token request_finished takes."""
+    cdef object app_started(self):
+        """App code starts running (the app call, or a step of a streamed
+        body); returns the token app_finished takes."""
         cdef object now = monotonic()
         self.running.append(now)
         if len(self.running) == 1:
             self.board[BOARD_BUSY_SINCE] = now
         return now
 
-    cdef int request_finished(self, object started) except -1:
-        self.requests += 1
-        self.board[BOARD_REQUESTS] = self.requests
+    cdef int app_finished(self, object started) except -1:
         if len(self.running) == 1:
             del self.running[0]
             self.board[BOARD_BUSY_SINCE] = 0.0
@@ -911,6 +1042,12 @@ cdef class WSGIWorker:
             # Threads finish in any order: the oldest still running counts.
             self.running.remove(started)
             self.board[BOARD_BUSY_SINCE] = min(self.running)
+        return 0
+
+    cdef int request_done(self) except -1:
+        """A response the app gave is over (sent, or given up)."""
+        self.requests += 1
+        self.board[BOARD_REQUESTS] = self.requests
         return 0
 
     cdef int register(self, int fd, object obj) except -1:
@@ -972,6 +1109,7 @@ cdef class WSGIWorker:
                     raise OSError(errno, "epoll_wait failed")
                 PyErr_CheckSignals()
                 ready = 0
+            self.now = monotonic()
             refresh_date()
             if self.handoff_registered:
                 # Handoffs first: a connection waiting in the group's queue
@@ -1060,7 +1198,7 @@ cdef class WSGIWorker:
         """Watch a new connection (accepted, or handed over); False if epoll
         refused it (it is closed)."""
         cdef epoll_event event
-        conn.deadline = monotonic() + (self.header_timeout or 1e9)
+        conn.deadline = deadline_after(monotonic(), self.header_timeout)
         self.register(conn.fd, conn)
         memset(&event, 0, sizeof(event))
         event.events = EPOLLIN
@@ -1095,19 +1233,19 @@ cdef class WSGIWorker:
         return 0
 
     cdef int on_event(self, WSGIConnection conn, unsigned int flags) except -1:
-        if conn.want_write:
-            if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                self.flush(conn)
-            return 0
         if conn.state == LINGERING:
             self.linger_read(conn)
-            return 0
-        self.read(conn)
+        elif conn.want_write:
+            if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self.advance(conn)
+        else:
+            self.read(conn)
         return 0
 
     cdef int read(self, WSGIConnection conn) except -1:
         cdef ssize_t received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
         if received > 0:
+            conn.last_read = self.now
             conn.feed(self.recv_buffer, received)
         elif received == 0:
             conn.peer_closed = True
@@ -1117,123 +1255,150 @@ cdef class WSGIWorker:
         else:
             self.close_connection(conn)
             return 0
-        self.process(conn)
+        self.advance(conn)
         return 0
 
     cdef bint has_ready_request(self, WSGIConnection conn):
-        cdef WSGIRequest request
-        if not conn.pending or conn.closing:
-            return False
-        request = <WSGIRequest>conn.pending[0]
-        return (request.body_complete or request.expect_continue
-                or request.body_buffered() >= BODY_BUFFER)
+        """The next request of ``conn`` can be answered: its body is all in,
+        no response is still being sent, and the connection goes on."""
+        return (conn.pending and not conn.closing and not conn.streaming
+                and (<Request>conn.pending[0]).body_complete)
 
-    cdef int process(self, WSGIConnection conn) except -1:
-        """Answer every request of ``conn`` that is ready, in order, then send."""
+    cdef int advance(self, WSGIConnection conn) except -1:
+        """Take ``conn`` as far as it goes without waiting for its client: go
+        on with a streamed response, answer its ready requests in order (or
+        hand them to an app thread), then ``settle`` what it waits for.  Every
+        event of a connection in the loop comes through here."""
         cdef WSGIRequest request
+        if conn.state == CLOSED:
+            return 0
+        if conn.streaming and conn.pump(False):
+            return self.wait_writable(conn)
         if self.pool is not None:
             # Health checks are answered here, never queued behind app threads.
             while self.has_ready_request(conn) and self.is_health_request(
                     <Request>conn.pending[0]):
-                request = <WSGIRequest>conn.pending[0]
-                conn.answer_health(request)
-                del conn.pending[0]
+                conn.answer_health(<WSGIRequest>conn.pending.pop(0))
             if self.has_ready_request(conn):
-                # Hand the connection to an app thread; the loop forgets it until
-                # take_back.  What is already answered goes out first.
-                try:
-                    conn.out.send_to(conn.fd)
-                except OSError:
-                    pass   # the thread's own writes will find the peer gone
-                conn.busy = True
-                epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
-                self.tasks.put(conn)
-                self.busy_threads += 1
-                if self.busy_threads >= self.threads:
-                    self.watch_handoffs(False)   # no free thread: let other workers take them
-                return 0
-            return self.after_serving(conn)
-        self.serve_ready(conn)
-        return self.after_serving(conn)
-
-    cdef int serve_ready(self, WSGIConnection conn) except -1:
-        """Run the app for each ready request of ``conn``, in order (in the loop,
-        or in an app thread)."""
-        cdef WSGIRequest request
-        while conn.pending and not conn.closing:
-            request = <WSGIRequest>conn.pending[0]
-            if not self.has_ready_request(conn):
-                if conn.peer_closed or conn.error_status:
-                    conn.pending.clear()   # can never complete
-                    conn.closing = True
-                break
+                return self.give_to_thread(conn)
+            return self.settle(conn)
+        # Pipelined requests are answered into one buffer, sent at once --
+        # unless the client is not reading it.
+        while self.has_ready_request(conn) and conn.out.size <= HIGH_WATER:
+            request = <WSGIRequest>conn.pending.pop(0)
             if self.is_health_request(request):
                 conn.answer_health(request)
             else:
                 conn.run_app(request)
-            if conn.pending and conn.pending[0] is request:
-                del conn.pending[0]
-            if not request.body_complete:
-                request.discard_body = True
-                conn.closing = True
+                if conn.streaming and conn.pump(False):
+                    return self.wait_writable(conn)
+        return self.settle(conn)
+
+    cdef int serve_in_thread(self, WSGIConnection conn) except -1:
+        """An app thread's turn with ``conn``: its ready requests, in order,
+        waiting on the socket as the connection needs (it is this thread's)."""
+        cdef WSGIRequest request
+        while self.has_ready_request(conn):
+            request = <WSGIRequest>conn.pending.pop(0)
+            if self.is_health_request(request):
+                conn.answer_health(request)
+            else:
+                conn.run_app(request)
+                if conn.streaming:
+                    conn.pump(True)
         return 0
 
-    cdef int after_serving(self, WSGIConnection conn) except -1:
-        """Protocol errors, the close decision, and sending (always in the loop)."""
+    cdef int give_to_thread(self, WSGIConnection conn) except -1:
+        """Hand ``conn`` to an app thread; the loop forgets it until take_back.
+        What is already answered goes out first."""
+        try:
+            conn.out.send_to(conn.fd)
+        except OSError:
+            pass   # the thread's own writes will find the peer gone
+        conn.busy = True
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
+        conn.want_write = False
+        self.tasks.put(conn)
+        self.busy_threads += 1
+        if self.busy_threads >= self.threads:
+            self.watch_handoffs(False)   # no free thread: let other workers take them
+        return 0
+
+    cdef int settle(self, WSGIConnection conn) except -1:
+        """Nothing more can be answered now: answer a protocol error, decide
+        about closing, send, then wait for what comes next (EPOLLOUT while
+        output is queued; else the client's next bytes, by the deadline of
+        set_deadline), hand the connection over, or close it."""
+        cdef epoll_event event
         if conn.state == CLOSED:
             return 0
-        if not conn.closing and not conn.pending:
+        if conn.pending and not self.has_ready_request(conn) and not conn.streaming \
+                and not conn.closing and conn.peer_closed:
+            conn.pending.clear()     # a body the client will never finish
+        if not conn.closing and not conn.pending and not conn.streaming:
             if conn.error_status:
                 conn.out.write(error_response(conn.error_status, conn.error_reason or ""))
                 conn.closing = True
             elif conn.peer_closed:
                 conn.closing = True
-        if (not conn.closing and not self.alive and conn.at_message_boundary()
-                and not conn.pending and conn.handoff_group < 0):
-            conn.closing = True     # (a request for another group is still handed over)
-        self.flush(conn)
-        return 0
-
-    cdef int flush(self, WSGIConnection conn) except -1:
-        """Send queued output; then close, linger, or wait for more input."""
-        cdef Py_ssize_t sent
-        cdef epoll_event event
-        cdef double now = monotonic()
+            elif (not self.alive and conn.at_message_boundary()
+                  and conn.handoff_group < 0):
+                conn.closing = True  # (a request for another group is still handed over)
+        if not conn.closing:
+            conn.send_continue()
         if conn.out.size:
             try:
-                sent = conn.out.send_to(conn.fd)
+                conn.out.send_to(conn.fd)
             except OSError:
                 self.close_connection(conn)
                 return 0
             if conn.out.size:
-                # The client is slow to read: wait for EPOLLOUT, read nothing meanwhile.
-                conn.deadline = now + (self.header_timeout or 1e9)
-                if not conn.want_write:
-                    conn.want_write = True
-                    memset(&event, 0, sizeof(event))
-                    event.events = EPOLLOUT
-                    event.data.fd = conn.fd
-                    epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
-                return 0
-        if conn.handoff_group >= 0 and not conn.closing and not conn.pending:
-            return self.hand_off(conn)
+                return self.wait_writable(conn)
         if conn.want_write:
             conn.want_write = False
             memset(&event, 0, sizeof(event))
             event.events = EPOLLIN
             event.data.fd = conn.fd
             epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
-            if conn.pending and not conn.closing:
-                # Pipelined requests waited for this output to drain.
-                return self.process(conn)
+            if self.has_ready_request(conn):
+                return self.advance(conn)     # pipelined requests waited for the output
+        if conn.handoff_group >= 0 and not conn.closing and not conn.pending:
+            return self.hand_off(conn)
         if conn.closing:
-            self.start_close(conn)
+            return self.start_close(conn)
+        return self.set_deadline(conn)
+
+    cdef int wait_writable(self, WSGIConnection conn) except -1:
+        """The client must read before the connection goes on: wait for
+        EPOLLOUT (reading nothing meanwhile), within the send deadline."""
+        cdef epoll_event event
+        conn.deadline = deadline_after(monotonic(), self.header_timeout)
+        if not conn.want_write:
+            conn.want_write = True
+            memset(&event, 0, sizeof(event))
+            event.events = EPOLLOUT
+            event.data.fd = conn.fd
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
+        return 0
+
+    cdef int set_deadline(self, WSGIConnection conn) except -1:
+        """The deadline of a connection waiting for its client's bytes, the
+        same rule as the ASGI worker's: a request's head must be in within
+        header_timeout of its first byte; its body must keep arriving (each
+        read restarts header_timeout); between requests a connection is kept
+        keep_alive seconds.  (A new connection gets header_timeout for its
+        first byte, in add_connection; the send and linger deadlines are set
+        in wait_writable and start_close.)"""
+        cdef Request current = conn.current
+        if current is not None:
+            if current.head_complete:
+                conn.deadline = deadline_after(conn.last_read, self.header_timeout)
+            else:
+                conn.deadline = deadline_after(current.started, self.header_timeout)
         elif conn.pending:
-            conn.deadline = (<Request>conn.pending[0]).started + (self.header_timeout or 1e9)
-        elif not conn.at_message_boundary():
-            conn.deadline = conn.current.started + (self.header_timeout or 1e9)
-        else:
-            conn.deadline = now + self.keep_alive
+            conn.deadline = deadline_after(monotonic(), self.header_timeout)
+        elif conn.last_read:
+            conn.deadline = monotonic() + self.keep_alive
         return 0
 
     cdef int start_close(self, WSGIConnection conn) except -1:
@@ -1247,13 +1412,13 @@ cdef class WSGIWorker:
             return 0
         shutdown(conn.fd, SHUT_WR)
         conn.state = LINGERING
-        conn.deadline = monotonic() + 2.0
+        conn.deadline = monotonic() + LINGER_SECONDS
         return 0
 
     cdef int linger_read(self, WSGIConnection conn) except -1:
         cdef ssize_t received
         cdef int rounds
-        for rounds in range(16):
+        for rounds in range(LINGER_READS):
             received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
             if received > 0:
                 continue
@@ -1269,6 +1434,8 @@ cdef class WSGIWorker:
         if conn.state == CLOSED:
             return 0
         conn.state = CLOSED
+        if conn.request is not None and not conn.busy:
+            conn.abort_response()     # a response still being sent: close the app's iterable
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
         close(conn.fd)
         self.table[conn.fd] = None
@@ -1300,30 +1467,40 @@ cdef class WSGIWorker:
             conn = <WSGIConnection>entry
             if conn.busy:
                 continue
-            if not self.alive and self.close_idle and conn.state == OPEN \
-                    and not conn.want_write and not conn.pending and conn.at_message_boundary():
+            if (not self.alive and self.close_idle and conn.state == OPEN
+                    and not conn.want_write and not conn.streaming and not conn.pending
+                    and conn.at_message_boundary()):
                 # Idle keep-alive during a shutdown -- unless its next request is
                 # already waiting: that one is answered (with Connection: close).
                 if not input_waiting(conn.fd):
                     self.close_connection(conn)
             elif now >= conn.deadline:
-                if conn.state == OPEN and not conn.want_write and input_waiting(conn.fd):
-                    # Bytes arrived while this worker was busy (the app ran longer
-                    # than the deadline): they are the client's next request, not
-                    # a timeout.  Give the loop a turn to read them.
-                    conn.deadline = now + 1.0
-                    continue
-                if conn.state == OPEN and not conn.want_write and (
-                        conn.pending or not conn.at_message_boundary()):
-                    # A request started but did not arrive in time.
-                    conn.pending.clear()
-                    conn.out.write(error_response(408, "request not received in time"))
-                    try:
-                        conn.out.send_to(conn.fd)
-                    except OSError:
-                        pass
-                self.close_connection(conn)
+                self.expire(conn)
         return 0
+
+    cdef int expire(self, WSGIConnection conn) except -1:
+        """``conn`` missed its deadline (see set_deadline)."""
+        if conn.state == LINGERING:
+            return self.close_connection(conn)
+        if conn.want_write or conn.streaming:
+            error_log.info("closing the connection of %s: the client took no response bytes "
+                           "for %g s", conn.remote_addr or "a unix socket client",
+                           self.header_timeout)
+            return self.close_connection(conn)
+        if conn.pending or not conn.at_message_boundary():
+            # A request started but did not arrive in time: 408, then a
+            # lingering close (the client may still be sending).
+            conn.pending.clear()
+            conn.fail(408, "request not received in time")
+            conn.parse_failed()
+            return self.settle(conn)
+        if input_waiting(conn.fd):
+            # Bytes arrived while this worker was busy (the app ran longer
+            # than the deadline): they are the client's next request, not a
+            # timeout.  Give the loop a turn to read them.
+            conn.deadline = monotonic() + 1.0
+            return 0
+        return self.close_connection(conn)
 
 
 cdef bint input_waiting(int fd) noexcept:

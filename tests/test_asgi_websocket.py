@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from conftest import Server, Stream, start_server, stop_server, wait_for
+from conftest import Response, Server, Stream, start_server, stop_server, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -101,18 +101,28 @@ def record(server: Server, name: str, timeout: float = 10.0):
 class RawWebSocket:
     """A WebSocket client on a plain socket: it sends and sees every frame as it is."""
 
-    def __init__(self, server: Server, path: str, timeout: float = 10.0) -> None:
-        key = base64.b64encode(os.urandom(16)).decode()
+    def __init__(self, server: Server, path: str, timeout: float = 10.0, *,
+                 extra_headers: str = "", early: bytes = b"", wait: bool = True) -> None:
+        """``extra_headers``: header lines (each ending in CRLF) for the handshake;
+        ``early``: bytes sent in the same write as the handshake; ``wait=False``:
+        return without reading the 101 (call ``handshake`` later)."""
+        self.key = base64.b64encode(os.urandom(16)).decode()
         self.sock = server.connect(timeout)
         self.sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {self.key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra_headers}\r\n".encode() + early)
         self.stream = Stream(self.sock, timeout)
+        if wait:
+            self.handshake()
+
+    def handshake(self) -> Response:
         head = self.stream.head()
         assert head.status == 101, head
-        expected = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+        expected = base64.b64encode(hashlib.sha1((self.key + GUID).encode()).digest()).decode()
         assert head.header("sec-websocket-accept") == expected
+        self.head = head
+        return head
 
     def close(self) -> None:
         try:
@@ -123,6 +133,11 @@ class RawWebSocket:
 
     def frame(self, timeout: float) -> tuple[int, bytes]:
         """(opcode, payload) of the next frame; EOFError when the server has closed."""
+        first, payload = self.frame_with_flags(timeout)
+        return first & 0x0F, payload
+
+    def frame_with_flags(self, timeout: float) -> tuple[int, bytes]:
+        """(first byte: FIN, RSV1-3 and opcode; payload) of the next frame."""
         self.sock.settimeout(timeout)
         first, second = self.stream.exact(2)
         assert not second & 0x80, "a server frame must not be masked"
@@ -131,23 +146,55 @@ class RawWebSocket:
             (length,) = struct.unpack("!H", self.stream.exact(2))
         elif length == 127:
             (length,) = struct.unpack("!Q", self.stream.exact(8))
-        return first & 0x0F, self.stream.exact(length)
+        return first, self.stream.exact(length)
+
+    def next_frame(self, timeout: float = 10.0) -> tuple[int, bytes]:
+        """The next frame that is not one of the server's keepalive pings."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.frame_with_flags(max(0.01, deadline - time.monotonic()))
+            if frame[0] & 0x0F != PING:
+                return frame
+
+    def close_code(self, timeout: float = 10.0) -> int | None:
+        """The code of the server's Close frame (None for a close without one),
+        once the server has also closed the TCP connection."""
+        deadline = time.monotonic() + timeout
+        code = None
+        try:
+            while True:
+                first, payload = self.next_frame(max(0.01, deadline - time.monotonic()))
+                assert first & 0x0F == CLOSE, f"a frame other than Close: {first:#x} {payload!r}"
+                assert code is None, "a second Close frame"
+                code = struct.unpack("!H", payload[:2])[0]
+        except (EOFError, ConnectionResetError):
+            return code
 
     @staticmethod
     def encode(opcode: int, payload: bytes, length: int | None = None) -> bytes:
         """A masked client frame; ``length`` may claim more than ``payload`` holds."""
+        return RawWebSocket.build(0x80 | opcode, payload, length)
+
+    @staticmethod
+    def build(first: int, payload: bytes, length: int | None = None,
+              masked: bool = True) -> bytes:
+        """A client frame with ``first`` as its first byte (FIN, RSV1-3, opcode)."""
         length = len(payload) if length is None else length
+        mask_bit = 0x80 if masked else 0
         if length < 126:
-            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+            head = struct.pack("!BB", first, mask_bit | length)
         elif length < 65536:
-            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+            head = struct.pack("!BBH", first, mask_bit | 126, length)
         else:
-            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+            head = struct.pack("!BBQ", first, mask_bit | 127, length)
+        if not masked:
+            return head + payload
         mask = os.urandom(4)
         size = len(payload)
         key = (mask * (size // 4 + 1))[:size]
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
-        return head + mask + masked
+        masked_payload = (int.from_bytes(payload, "big")
+                          ^ int.from_bytes(key, "big")).to_bytes(size, "big")
+        return head + mask + masked_payload
 
     def send(self, opcode: int, payload: bytes) -> None:
         self.sock.sendall(self.encode(opcode, payload))

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -433,3 +434,45 @@ def test_plain_socket_upgrade_and_frames(ws_server):
         assert frame[0] == CLOSE and struct.unpack("!H", frame[1][:2])[0] == 1000
     finally:
         raw.close()
+
+
+# ---------------------------------------------------------------- access log
+
+ACCESS_LINE = re.compile(
+    r'^127\.0\.0\.1 - - \[[^\]]+\] "(?P<request>[^"]*)" (?P<status>\d{3}) (?P<size>\d+|-) '
+    r'"(?P<referer>[^"]*)" "(?P<agent>[^"]*)"$', re.M)
+
+
+def access_lines(server: Server) -> list[dict[str, str]]:
+    return [m.groupdict() for m in ACCESS_LINE.finditer(server.log)]
+
+
+def test_access_log_has_one_line_per_websocket_session(serve):
+    server = serve("apps_asgi:app", "--access-log", "-")
+    with ws_connect(server, "/ws/echo?room=1", user_agent_header="ws-agent/1.0",
+                    additional_headers={"Referer": "http://example.test/chat"}) as ws:
+        # The line is written when the handshake is answered, while the session is open.
+        line = wait_for(lambda: access_lines(server), what=f"an access log line:\n{server.log}")
+        assert line == [{"request": "GET /ws/echo?room=1 HTTP/1.1", "status": "101",
+                         "size": "-", "referer": "http://example.test/chat",
+                         "agent": "ws-agent/1.0"}]
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+    # Closed before the accept: the 403 and its body's size.
+    with pytest.raises(InvalidStatus) as info:
+        ws_connect(server, "/ws/reject", user_agent_header="rejected-agent")
+    body = info.value.response.body
+    # A handshake websockets refuses (no Sec-WebSocket-Key): the 400 it sends.
+    with server.connect() as sock:
+        sock.sendall(b"GET /ws/echo?bad HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        refused = Stream(sock).response()
+    assert refused.status == 400
+    lines = wait_for(lambda: len(access_lines(server)) >= 3 and access_lines(server),
+                     what=f"3 access log lines:\n{server.log}")
+    assert lines[1] == {"request": "GET /ws/reject HTTP/1.1", "status": "403",
+                        "size": str(len(body)), "referer": "-", "agent": "rejected-agent"}
+    assert lines[2]["request"] == "GET /ws/echo?bad HTTP/1.1"
+    assert (lines[2]["status"], lines[2]["size"]) == ("400", str(len(refused.body)))
+    assert server.stop() == 0
+    assert len(access_lines(server)) == 3, server.log   # nothing more when sessions end

@@ -11,6 +11,9 @@ Rules of this module:
   then answers ``websocket.connect`` with ``websocket.accept`` (the 101
   response goes out, with its subprotocol and headers) or ``websocket.close``
   (403, as uvicorn does).
+* The access log (when on) gets one line per session, when the handshake is
+  answered: 101 for an accepted session, else the HTTP status sent (403, 400,
+  500 ...), as uvicorn and hypercorn log WebSockets.
 * Flow control: the app's ``send`` waits while the client is not reading; more
   than ``INBOX_HIGH_WATER`` messages the app has not received stop reading from
   the socket.
@@ -48,6 +51,7 @@ class Options:
     max_size: int = 16 * 1024 * 1024
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    access_log: Any = None     # the worker's fastpool.log.AccessLog, or None
 
 
 class WebSocketClosed(OSError):
@@ -61,7 +65,10 @@ class WebSocketSession:
         self.worker = conn.worker
         self.transport = transport
         self.scope = scope
+        self.target = target
         self.options = options
+        self.started = time.monotonic()
+        self.logged = False               # the access-log line is written
         self.early_data = early_data      # frames that came with the handshake
         self.inbox: deque[dict[str, Any]] = deque()
         self.waiter: asyncio.Future[None] | None = None
@@ -95,6 +102,7 @@ class WebSocketSession:
         if self.handshake.status_code != 101:
             # websockets refused the handshake (missing key, bad version ...).
             self.transport.write(self.handshake.serialize())
+            self._log_access(self.handshake.status_code, len(self.handshake.body or b""))
             self._close_transport()
             return
         asyncio.get_running_loop().create_task(self._run(app))
@@ -180,14 +188,37 @@ class WebSocketSession:
             response.headers[bytes(name).decode("latin-1")] = bytes(value).decode("latin-1")
         self.transport.write(response.serialize())
         self.accepted = True
+        self._log_access(101, 0)
         if self.early_data:
             data, self.early_data = self.early_data, b""
             self.data_received(data)
 
     def _respond_http(self, status: int) -> None:
         if not self.transport_closed:
-            self.transport.write(error_response(status))
+            response = error_response(status)
+            self.transport.write(response)
+            self._log_access(status, len(response) - response.index(b"\r\n\r\n") - 4)
         self._close_transport()
+
+    def _log_access(self, status: int, size: int) -> None:
+        """The session's access-log line: its handshake request and the answer."""
+        access_log = self.options.access_log
+        if access_log is None or self.logged:
+            return
+        self.logged = True
+        client = self.scope.get("client")
+        environ = {
+            "REMOTE_ADDR": client[0] if client else "-",
+            "REQUEST_METHOD": "GET",
+            "RAW_URI": self.target.decode("latin-1"),
+            "SERVER_PROTOCOL": f"HTTP/{self.scope.get('http_version', '1.1')}",
+        }
+        for name, value in self.scope["headers"]:
+            if name == b"referer":
+                environ["HTTP_REFERER"] = value.decode("latin-1")
+            elif name == b"user-agent":
+                environ["HTTP_USER_AGENT"] = value.decode("latin-1")
+        access_log(environ, status, size, time.monotonic() - self.started)
 
     def _close(self, code: int, reason: str) -> None:
         if self.protocol.state is State.OPEN:

@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -97,6 +98,19 @@ def record(server: Server, name: str, timeout: float = 10.0):
     path = server.log_path.parent / name
     wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
     return json.loads(path.read_text())
+
+
+def assert_worker_still_serves(server: Server, log_from: int = 0) -> None:
+    """The worker is the one that booted, it answers a new session, and the log
+    (from ``log_from``) has no error."""
+    with ws_connect(server, "/ws/echo") as ws:
+        ws.send("still serving")
+        assert ws.recv(timeout=5) == "still serving"
+    assert len(server.booted_workers()) == 1, server.log
+    assert server.proc.poll() is None
+    log = server.log[log_from:]
+    for bad in ("Traceback", "[ERROR]", "Exception", "Fatal error"):
+        assert bad not in log, log
 
 
 class RawWebSocket:
@@ -476,3 +490,89 @@ def test_access_log_has_one_line_per_websocket_session(serve):
     assert (lines[2]["status"], lines[2]["size"]) == ("400", str(len(refused.body)))
     assert server.stop() == 0
     assert len(access_lines(server)) == 3, server.log   # nothing more when sessions end
+
+
+# ---------------------------------------------------------------- permessage-deflate
+
+DEFLATE_OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+
+
+def deflate(data: bytes) -> bytes:
+    """A message's payload compressed as RFC 7692 says (no trailing 00 00 ff ff)."""
+    compressor = zlib.compressobj(wbits=-15)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def inflate(payload: bytes) -> bytes:
+    return zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
+def test_permessage_deflate_is_negotiated_by_default(ws_server):
+    with ws_connect(ws_server, "/ws/echo", compression="deflate") as ws:
+        offered = ws.response.headers.get("Sec-WebSocket-Extensions") or ""
+        assert offered.startswith("permessage-deflate"), ws.response.headers
+        text = "fastpool compresses this line. " * 2000          # ~60 KB, repetitive
+        ws.send(text)
+        assert ws.recv(timeout=5) == text
+        # The limit applies to the decompressed size: at the limit still passes.
+        at_limit = b"z" * MAX_SIZE
+        ws.send(at_limit)
+        assert ws.recv(timeout=5) == at_limit
+        ws.send(b"\x00\x01 binary too")
+        assert ws.recv(timeout=5) == b"\x00\x01 binary too"
+
+
+def test_messages_are_compressed_on_the_wire(ws_server):
+    """Byte by byte: a compressed frame (RSV1) in, a compressed echo out."""
+    raw = RawWebSocket(ws_server, "/ws/echo", extra_headers=DEFLATE_OFFER)
+    try:
+        assert (raw.head.header("sec-websocket-extensions") or "").startswith(
+            "permessage-deflate"), raw.head
+        text = ("the same words again and again " * 1500).encode()
+        payload = deflate(text)
+        assert len(payload) < len(text) // 20
+        raw.sock.sendall(RawWebSocket.build(0x80 | 0x40 | TEXT, payload))
+        first, echoed = raw.next_frame()
+        assert first & 0x0F == TEXT and first & 0x80, hex(first)
+        assert first & 0x40, "the echo is not compressed (RSV1 clear)"
+        assert len(echoed) < len(text) // 20
+        assert inflate(echoed) == text
+        raw.send(CLOSE, struct.pack("!H", 1000))
+        assert raw.close_code() == 1000
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_permessage_deflate_can_be_turned_off(serve, how):
+    if how == "flag":
+        server = serve("apps_asgi:app", "--no-ws-per-message-deflate")
+    else:
+        server = serve("apps_asgi:app", env={"FASTPOOL_WS_PER_MESSAGE_DEFLATE": "false"})
+    with ws_connect(server, "/ws/echo", compression="deflate") as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers, ws.response.headers
+        text = "not compressed " * 1000
+        ws.send(text)
+        assert ws.recv(timeout=5) == text
+    # A frame with RSV1 set is then a protocol error.
+    raw = RawWebSocket(server, "/ws/echo", extra_headers=DEFLATE_OFFER)
+    try:
+        assert raw.head.header("sec-websocket-extensions") is None, raw.head
+        raw.sock.sendall(RawWebSocket.build(0x80 | 0x40 | TEXT, deflate(b"x" * 100)))
+        assert raw.close_code() == 1002
+    finally:
+        raw.close()
+
+
+def test_compressed_message_that_inflates_past_the_limit_closes_with_1009(ws_server):
+    raw = RawWebSocket(ws_server, "/ws/echo", extra_headers=DEFLATE_OFFER)
+    try:
+        bomb = deflate(b"\x00" * (8 * MAX_SIZE))
+        assert len(bomb) < MAX_SIZE // 100         # the frame itself is small
+        raw.sock.sendall(RawWebSocket.build(0x80 | 0x40 | 0x2, bomb))
+        assert raw.close_code() == 1009
+    finally:
+        raw.close()
+    assert_worker_still_serves(ws_server)

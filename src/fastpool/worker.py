@@ -304,7 +304,9 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
                  "(pip install 'fastpool[websockets]')", group.name)
     else:
         options = Options(max_size=group.ws_max_size, ping_interval=group.ws_ping_interval,
-                          ping_timeout=group.ws_ping_timeout, access_log=access_log)
+                          ping_timeout=group.ws_ping_timeout,
+                          per_message_deflate=group.ws_per_message_deflate,
+                          access_log=access_log)
     listeners = [(b.sock.fileno(), b.is_tcp, base_scope(b, group), b.shared) for b in sockets]
     return _asgi.ASGIWorker(
         app,

@@ -576,3 +576,123 @@ def test_compressed_message_that_inflates_past_the_limit_closes_with_1009(ws_ser
     finally:
         raw.close()
     assert_worker_still_serves(ws_server)
+
+
+# ---------------------------------------------------------------- malformed frames
+
+
+def frame(first: int, payload: bytes = b"", **options) -> bytes:
+    return RawWebSocket.build(first, payload, **options)
+
+
+FIN = 0x80
+MALFORMED = {
+    # name: (bytes after the handshake, the Close code the server sends)
+    "reserved opcode 0x3": (frame(FIN | 0x3, b"x"), 1002),
+    "reserved control opcode 0xB": (frame(FIN | 0xB, b"x"), 1002),
+    "unmasked client frame": (frame(FIN | TEXT, b"hello", masked=False), 1002),
+    "RSV1 without an extension": (frame(FIN | 0x40 | TEXT, b"hello"), 1002),
+    "RSV2 set": (frame(FIN | 0x20 | 0x2, b"hello"), 1002),
+    "control frame over 125 bytes": (frame(FIN | PING, b"p" * 126), 1002),
+    "fragmented control frame": (frame(PING, b"p"), 1002),
+    "continuation without a first frame": (frame(FIN | 0x0, b"x"), 1002),
+    "new message inside a fragmented one": (frame(TEXT, b"a") + frame(FIN | TEXT, b"b"), 1002),
+    "close frame with a 1-byte payload": (frame(FIN | CLOSE, b"\x03"), 1002),
+    "close frame with code 1005": (frame(FIN | CLOSE, struct.pack("!H", 1005)), 1002),
+    "close frame with code 999": (frame(FIN | CLOSE, struct.pack("!H", 999)), 1002),
+    "close reason not UTF-8": (frame(FIN | CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
+    "text not UTF-8": (frame(FIN | TEXT, b"ok \xff\xfe"), 1007),
+    "fragmented text not UTF-8": (frame(TEXT, b"\xe2\x82") + frame(FIN, b"\x28"), 1007),
+    # Only the head: the claimed length alone is refused.
+    "frame over ws_max_size": (frame(FIN | 0x2, b"", length=MAX_SIZE + 1), 1009),
+    "64-bit length with the top bit set": (
+        struct.pack("!BBQ", FIN | 0x2, 0x80 | 127, 1 << 63) + os.urandom(4), 1009),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_frame_fails_the_connection(ws_server, case):
+    data, code = MALFORMED[case]
+    log_from = len(ws_server.log)
+    tag = uuid.uuid4().hex
+    raw = RawWebSocket(ws_server, f"/ws/echo?tag={tag}")
+    try:
+        raw.sock.sendall(data)
+        assert raw.close_code() == code
+    finally:
+        raw.close()
+    assert record(ws_server, f"ws-disconnect-{tag}")["code"] == code
+    assert_worker_still_serves(ws_server, log_from)
+
+
+def test_malformed_frame_sent_with_the_handshake(ws_server):
+    """Frames that arrive with the handshake are checked once the app accepts."""
+    log_from = len(ws_server.log)
+    raw = RawWebSocket(ws_server, "/ws/echo", early=frame(FIN | 0x3, b"x"))
+    try:
+        assert raw.close_code() == 1002
+    finally:
+        raw.close()
+    assert_worker_still_serves(ws_server, log_from)
+
+
+def test_nothing_after_a_failing_frame_reaches_the_app(ws_server):
+    """A bad frame fails the connection: a message after it in the same packet
+    is not delivered (nor echoed)."""
+    log_from = len(ws_server.log)
+    tag = uuid.uuid4().hex
+    raw = RawWebSocket(ws_server, f"/ws/echo?tag={tag}")
+    try:
+        raw.sock.sendall(frame(FIN | TEXT, b"first") + frame(FIN | TEXT, b"\xff bad")
+                         + frame(FIN | TEXT, b"after the bad one"))
+        while (frame_ := raw.next_frame())[0] & 0x0F == TEXT:
+            assert frame_[1] == b"first"      # the echo may beat the Close frame, or not
+        assert frame_[0] & 0x0F == CLOSE and struct.unpack("!H", frame_[1][:2])[0] == 1007
+        assert raw.close_code() is None       # then the end of the stream
+    finally:
+        raw.close()
+    seen = record(ws_server, f"ws-disconnect-{tag}")
+    assert seen["code"] == 1007
+    assert seen["received"] == ["'first'"]
+    assert_worker_still_serves(ws_server, log_from)
+
+
+def test_truncated_frame_then_eof_is_a_plain_close(ws_server):
+    log_from = len(ws_server.log)
+    tag = uuid.uuid4().hex
+    raw = RawWebSocket(ws_server, f"/ws/echo?tag={tag}")
+    try:
+        # A head that claims 100 bytes, 10 of them, then the client's EOF.
+        raw.sock.sendall(frame(FIN | 0x2, b"0123456789", length=100)[:2 + 4 + 10])
+        raw.sock.shutdown(socket.SHUT_WR)
+        assert raw.close_code() is None     # no Close frame: the stream just ends
+    finally:
+        raw.close()
+    assert record(ws_server, f"ws-disconnect-{tag}")["code"] == 1006
+    assert_worker_still_serves(ws_server, log_from)
+
+
+@pytest.mark.parametrize("when", ["same packet", "after the echo"])
+def test_garbage_after_the_close_frame_is_ignored(ws_server, when):
+    log_from = len(ws_server.log)
+    tag = uuid.uuid4().hex
+    raw = RawWebSocket(ws_server, f"/ws/echo?tag={tag}")
+    garbage = b"\xff\x00 not a frame " * 50
+    try:
+        close = frame(FIN | CLOSE, struct.pack("!H", 1000) + b"bye")
+        if when == "same packet":
+            raw.sock.sendall(close + garbage)
+        else:
+            raw.sock.sendall(close)
+            first, payload = raw.next_frame()
+            assert first & 0x0F == CLOSE and payload == struct.pack("!H", 1000) + b"bye"
+            try:
+                raw.sock.sendall(garbage)
+            except OSError:
+                pass                         # the server may have closed already
+        code = raw.close_code()
+        assert code == (1000 if when == "same packet" else None)
+    finally:
+        raw.close()
+    assert record(ws_server, f"ws-disconnect-{tag}")["code"] == 1000
+    assert_worker_still_serves(ws_server, log_from)

@@ -6,7 +6,9 @@ Rules of this module:
   permessage-deflate and the message size limit are done by the sans-I/O
   protocol of the ``websockets`` package (``ServerProtocol``); this module
   only moves bytes between it, the asyncio transport and the app's
-  ``receive``/``send``.
+  ``receive``/``send``.  A malformed frame fails the connection there (1002,
+  1007, 1009 ...), never here: nothing a client sends raises out of
+  ``data_received``.
 * permessage-deflate is offered unless ``Options.per_message_deflate`` is
   false; the size limit applies to the decompressed message.
 * The handshake is checked before the app is called: an invalid one is
@@ -20,6 +22,9 @@ Rules of this module:
 * Flow control: the app's ``send`` waits while the client is not reading; more
   than ``INBOX_HIGH_WATER`` messages the app has not received stop reading from
   the socket.
+* Once the protocol fails the connection (a malformed frame, invalid UTF-8),
+  nothing more is delivered to the app, not even messages that came in the
+  same read.
 * ``tick`` (once a second) pings an idle client every ``ping_interval`` seconds
   and closes with 1011 when no pong comes within ``ping_timeout``.
 * On the worker's graceful stop, open sessions are closed with 1012 (service
@@ -91,6 +96,7 @@ class WebSocketSession:
         self.reading_paused = False
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
+        self.failed = False               # this module failed the connection (1007)
         self.last_seen = time.monotonic()
         self.ping_sent_at: float | None = None
         subprotocols = []
@@ -300,6 +306,8 @@ class WebSocketSession:
 
     def _handle_events(self) -> None:
         for frame in self.protocol.events_received():
+            if self.failed:
+                break   # frames after one that failed the connection are not processed
             self.last_seen = time.monotonic()
             opcode = frame.opcode
             if opcode is Opcode.PONG:
@@ -320,6 +328,7 @@ class WebSocketSession:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 self.protocol.fail(1007, "invalid UTF-8 in a text message")
+                self.failed = True
                 return
             self._deliver({"type": "websocket.receive", "text": text})
         else:

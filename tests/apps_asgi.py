@@ -40,6 +40,8 @@ WebSocket routes (the first message is always ``websocket.connect``):
 * ``/ws/close?code=C&reason=R``  accepts, then closes with that code and reason
 * ``/ws/reject``           closes before accepting (the handshake gets 403)
 * ``/ws/scope``            accepts, sends the scope as JSON, closes with 1000
+* ``/ws/accept-on-release?tag=T``  accepts only once the file ``release-T`` exists in
+                           its working directory, then echoes like ``/ws/echo``
 
 Other apps: ``instance_app`` (an object whose ``__call__`` is a coroutine
 function), ``ASGI2App`` (the ASGI 2 double callable), ``startup_fails`` and
@@ -279,6 +281,11 @@ async def websocket(scope, receive, send) -> None:
         await send({"type": "websocket.send", "text": json.dumps(jsonable(scope))})
         await send({"type": "websocket.close", "code": 1000})
         return
+    elif path == "/ws/accept-on-release":
+        release = Path.cwd() / f"release-{args['tag']}"
+        while not release.exists():
+            await asyncio.sleep(0.02)
+        await send({"type": "websocket.accept"})
     else:
         await send({"type": "websocket.accept"})
     received: list[str] = []

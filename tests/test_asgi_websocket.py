@@ -696,3 +696,57 @@ def test_garbage_after_the_close_frame_is_ignored(ws_server, when):
         raw.close()
     assert record(ws_server, f"ws-disconnect-{tag}")["code"] == 1000
     assert_worker_still_serves(ws_server, log_from)
+
+
+def test_bytes_sent_before_the_accept_are_bounded(ws_server):
+    """A client that sends frames before the 101 (the app has not accepted yet)
+    is not read without limit: the server stops reading until the accept."""
+    tag = uuid.uuid4().hex
+    release = ws_server.log_path.parent / f"release-{tag}"
+    raw = RawWebSocket(ws_server, f"/ws/accept-on-release?tag={tag}", wait=False)
+    total = 64 * 1024 * 1024
+    chunk = RawWebSocket.encode(0x2, b"e" * 65536)   # within MAX_SIZE, each echoed later
+    sent = [0]
+    stop = threading.Event()
+
+    def flood() -> None:
+        raw.sock.settimeout(0.2)
+        view, position = memoryview(chunk), 0
+        while sent[0] < total and not stop.is_set():
+            try:
+                count = raw.sock.send(view[position:])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sent[0] += count
+            position = (position + count) % len(chunk)
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        # Wait until the sender stalls: the server no longer reads.
+        last, still_since = -1, time.monotonic()
+        deadline = time.monotonic() + 20
+        while time.monotonic() - still_since < 1.0:
+            assert sent[0] < total, "the server read 64 MiB sent before its 101"
+            assert time.monotonic() < deadline, f"the sender never stalled ({sent[0]} bytes)"
+            if sent[0] != last:
+                last, still_since = sent[0], time.monotonic()
+            time.sleep(0.05)
+        assert sent[0] < 32 * 1024 * 1024, sent[0]
+        stop.set()
+        sender.join(10)
+        # Once the app accepts, the frames it held back are served in order.
+        release.write_text("")
+        raw.sock.settimeout(10)
+        raw.handshake()
+        for _ in range(3):
+            first, payload = raw.next_frame()
+            assert (first & 0x0F, payload) == (0x2, b"e" * 65536)
+    finally:
+        release.write_text("")     # (the app waits for it whatever happened)
+        stop.set()
+        raw.close()
+        sender.join(10)
+    assert_worker_still_serves(ws_server)

@@ -21,7 +21,8 @@ Rules of this module:
   500 ...), as uvicorn and hypercorn log WebSockets.
 * Flow control: the app's ``send`` waits while the client is not reading; more
   than ``INBOX_HIGH_WATER`` messages the app has not received stop reading from
-  the socket.
+  the socket, and so do more than ``EARLY_DATA_LIMIT`` bytes sent before the
+  app accepted (kept, unparsed, until it does).
 * Once the protocol fails the connection (a malformed frame, invalid UTF-8),
   nothing more is delivered to the app, not even messages that came in the
   same read.
@@ -53,6 +54,7 @@ from fastpool._http import error_response
 log = logging.getLogger("fastpool.error")
 
 INBOX_HIGH_WATER = 64
+EARLY_DATA_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class WebSocketSession:
         self.options = options
         self.started = time.monotonic()
         self.logged = False               # the access-log line is written
-        self.early_data = early_data      # frames that came with the handshake
+        self.early_data = bytearray(early_data)   # frames sent before the 101
+        self.early_paused = False         # reading stopped: too many of them
         self.inbox: deque[dict[str, Any]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.connect_delivered = False
@@ -210,8 +213,12 @@ class WebSocketSession:
         self.transport.write(response.serialize())
         self.accepted = True
         self._log_access(101, 0)
+        if self.early_paused:
+            self.early_paused = False
+            if not self.transport_closed:
+                self.transport.resume_reading()
         if self.early_data:
-            data, self.early_data = self.early_data, b""
+            data, self.early_data = bytes(self.early_data), bytearray()
             self.data_received(data)
 
     def _respond_http(self, status: int) -> None:
@@ -265,7 +272,12 @@ class WebSocketSession:
 
     def data_received(self, data: bytes) -> None:
         if not self.accepted:
-            self.early_data += data   # the client must wait for 101; keep it for then
+            # The client should wait for the 101; keep what it sent for then,
+            # and stop reading past EARLY_DATA_LIMIT.
+            self.early_data += data
+            if len(self.early_data) > EARLY_DATA_LIMIT and not self.early_paused:
+                self.early_paused = True
+                self.transport.pause_reading()
             return
         self.last_seen = time.monotonic()
         self.protocol.receive_data(data)

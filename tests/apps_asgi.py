@@ -34,11 +34,14 @@ WebSocket routes (the first message is always ``websocket.connect``):
 
 * ``/ws/echo?tag=T``       accepts and echoes text and bytes; with a tag, the
                            ``websocket.disconnect`` it gets goes to ``ws-disconnect-T``
+                           with the messages it received (``repr``, 100 characters)
 * ``/ws/subprotocol``      accepts with ``chat.v2`` if offered, else ``chat.v1`` if
                            offered, else none; sends the offered list as JSON
 * ``/ws/close?code=C&reason=R``  accepts, then closes with that code and reason
 * ``/ws/reject``           closes before accepting (the handshake gets 403)
 * ``/ws/scope``            accepts, sends the scope as JSON, closes with 1000
+* ``/ws/accept-on-release?tag=T``  accepts only once the file ``release-T`` exists in
+                           its working directory, then echoes like ``/ws/echo``
 
 Other apps: ``instance_app`` (an object whose ``__call__`` is a coroutine
 function), ``ASGI2App`` (the ASGI 2 double callable), ``startup_fails`` and
@@ -278,19 +281,32 @@ async def websocket(scope, receive, send) -> None:
         await send({"type": "websocket.send", "text": json.dumps(jsonable(scope))})
         await send({"type": "websocket.close", "code": 1000})
         return
+    elif path == "/ws/accept-on-release":
+        release = Path.cwd() / f"release-{args['tag']}"
+        while not release.exists():
+            await asyncio.sleep(0.02)
+        await send({"type": "websocket.accept"})
     else:
         await send({"type": "websocket.accept"})
+    received: list[str] = []
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             if "tag" in args:
                 write(f"ws-disconnect-{args['tag']}",
-                      {"code": message.get("code"), "reason": message.get("reason")})
+                      {"code": message.get("code"), "reason": message.get("reason"),
+                       "received": received})
             return
-        if message.get("bytes") is not None:
-            await send({"type": "websocket.send", "bytes": message["bytes"]})
-        else:
-            await send({"type": "websocket.send", "text": message["text"]})
+        data = message.get("bytes")
+        received.append(repr(data if data is not None else message["text"])[:100])
+        reply = {"type": "websocket.send"}
+        reply.update({"bytes": data} if data is not None else {"text": message["text"]})
+        try:
+            await send(reply)
+        except OSError:
+            if "tag" not in args:
+                raise
+            # (tagged: closed while echoing; the disconnect comes next, and is recorded)
 
 
 # ---------------------------------------------------------------- the apps

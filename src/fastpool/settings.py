@@ -233,6 +233,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ws_ping_timeout", "float", 20.0,
             "Seconds to wait for the pong before closing the WebSocket with 1011.",
             flags=("--ws-ping-timeout",), metavar="SECONDS", check=at_least(0)),
+    Setting("ws_per_message_deflate", "bool", True,
+            "Offer the permessage-deflate extension (compressed WebSocket messages) to "
+            "clients that ask for it; ws_max_size applies to the decompressed message.",
+            flags=("--ws-per-message-deflate",)),
     Setting("listen", "list", None,
             "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
             "command line: --bind (repeatable) or --host/--port.",

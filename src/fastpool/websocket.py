@@ -2,18 +2,30 @@
 
 Rules of this module:
 
-* Framing, masking, ping/pong replies, the close handshake, UTF-8 checks and
-  the message size limit are done by the sans-I/O protocol of the
-  ``websockets`` package (``ServerProtocol``); this module only moves bytes
-  between it, the asyncio transport and the app's ``receive``/``send``.
+* Framing, masking, ping/pong replies, the close handshake, UTF-8 checks,
+  permessage-deflate and the message size limit are done by the sans-I/O
+  protocol of the ``websockets`` package (``ServerProtocol``); this module
+  only moves bytes between it, the asyncio transport and the app's
+  ``receive``/``send``.  A malformed frame fails the connection there (1002,
+  1007, 1009 ...), never here: nothing a client sends raises out of
+  ``data_received``.
+* permessage-deflate is offered unless ``Options.per_message_deflate`` is
+  false; the size limit applies to the decompressed message.
 * The handshake is checked before the app is called: an invalid one is
   answered by ``websockets`` (400/426) and the app never sees it.  The app
   then answers ``websocket.connect`` with ``websocket.accept`` (the 101
   response goes out, with its subprotocol and headers) or ``websocket.close``
   (403, as uvicorn does).
+* The access log (when on) gets one line per session, when the handshake is
+  answered: 101 for an accepted session, else the HTTP status sent (403, 400,
+  500 ...), as uvicorn and hypercorn log WebSockets.
 * Flow control: the app's ``send`` waits while the client is not reading; more
   than ``INBOX_HIGH_WATER`` messages the app has not received stop reading from
-  the socket.
+  the socket, and so do more than ``EARLY_DATA_LIMIT`` bytes sent before the
+  app accepted (kept, unparsed, until it does).
+* Once the protocol fails the connection (a malformed frame, invalid UTF-8),
+  nothing more is delivered to the app, not even messages that came in the
+  same read.
 * ``tick`` (once a second) pings an idle client every ``ping_interval`` seconds
   and closes with 1011 when no pong comes within ``ping_timeout``.
 * On the worker's graceful stop, open sessions are closed with 1012 (service
@@ -31,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from websockets.datastructures import Headers
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
@@ -41,6 +54,7 @@ from fastpool._http import error_response
 log = logging.getLogger("fastpool.error")
 
 INBOX_HIGH_WATER = 64
+EARLY_DATA_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,15 @@ class Options:
     max_size: int = 16 * 1024 * 1024
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
+    per_message_deflate: bool = True
+    access_log: Any = None     # the worker's fastpool.log.AccessLog, or None
+
+
+# permessage-deflate with the settings the websockets package's own servers use
+# by default: 4 KiB windows and memLevel 5 keep zlib's state per connection
+# near 50 KiB instead of about 300 KiB.
+DEFLATE = (ServerPerMessageDeflateFactory(server_max_window_bits=12, client_max_window_bits=12,
+                                          compress_settings={"memLevel": 5}),)
 
 
 class WebSocketClosed(OSError):
@@ -61,8 +84,12 @@ class WebSocketSession:
         self.worker = conn.worker
         self.transport = transport
         self.scope = scope
+        self.target = target
         self.options = options
-        self.early_data = early_data      # frames that came with the handshake
+        self.started = time.monotonic()
+        self.logged = False               # the access-log line is written
+        self.early_data = bytearray(early_data)   # frames sent before the 101
+        self.early_paused = False         # reading stopped: too many of them
         self.inbox: deque[dict[str, Any]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.connect_delivered = False
@@ -72,6 +99,7 @@ class WebSocketSession:
         self.reading_paused = False
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
+        self.failed = False               # this module failed the connection (1007)
         self.last_seen = time.monotonic()
         self.ping_sent_at: float | None = None
         subprotocols = []
@@ -85,9 +113,12 @@ class WebSocketSession:
         # The handshake was parsed by the worker's HTTP parser: websockets
         # checks it and builds the 101 response; the frames are then spoken by
         # a protocol object that starts in the OPEN state.
-        handshaker = ServerProtocol(max_size=options.max_size or None)
+        handshaker = ServerProtocol(extensions=DEFLATE if options.per_message_deflate else None,
+                                    max_size=options.max_size or None)
         self.handshake = handshaker.accept(Request(target.decode("latin-1"), headers))
         self.protocol = ServerProtocol(state=State.OPEN, max_size=options.max_size or None)
+        # The extensions negotiated by accept() (permessage-deflate) code the frames.
+        self.protocol.extensions = list(handshaker.extensions)
 
     # ---- the app
 
@@ -95,6 +126,7 @@ class WebSocketSession:
         if self.handshake.status_code != 101:
             # websockets refused the handshake (missing key, bad version ...).
             self.transport.write(self.handshake.serialize())
+            self._log_access(self.handshake.status_code, len(self.handshake.body or b""))
             self._close_transport()
             return
         asyncio.get_running_loop().create_task(self._run(app))
@@ -180,14 +212,41 @@ class WebSocketSession:
             response.headers[bytes(name).decode("latin-1")] = bytes(value).decode("latin-1")
         self.transport.write(response.serialize())
         self.accepted = True
+        self._log_access(101, 0)
+        if self.early_paused:
+            self.early_paused = False
+            if not self.transport_closed:
+                self.transport.resume_reading()
         if self.early_data:
-            data, self.early_data = self.early_data, b""
+            data, self.early_data = bytes(self.early_data), bytearray()
             self.data_received(data)
 
     def _respond_http(self, status: int) -> None:
         if not self.transport_closed:
-            self.transport.write(error_response(status))
+            response = error_response(status)
+            self.transport.write(response)
+            self._log_access(status, len(response) - response.index(b"\r\n\r\n") - 4)
         self._close_transport()
+
+    def _log_access(self, status: int, size: int) -> None:
+        """The session's access-log line: its handshake request and the answer."""
+        access_log = self.options.access_log
+        if access_log is None or self.logged:
+            return
+        self.logged = True
+        client = self.scope.get("client")
+        environ = {
+            "REMOTE_ADDR": client[0] if client else "-",
+            "REQUEST_METHOD": "GET",
+            "RAW_URI": self.target.decode("latin-1"),
+            "SERVER_PROTOCOL": f"HTTP/{self.scope.get('http_version', '1.1')}",
+        }
+        for name, value in self.scope["headers"]:
+            if name == b"referer":
+                environ["HTTP_REFERER"] = value.decode("latin-1")
+            elif name == b"user-agent":
+                environ["HTTP_USER_AGENT"] = value.decode("latin-1")
+        access_log(environ, status, size, time.monotonic() - self.started)
 
     def _close(self, code: int, reason: str) -> None:
         if self.protocol.state is State.OPEN:
@@ -213,7 +272,12 @@ class WebSocketSession:
 
     def data_received(self, data: bytes) -> None:
         if not self.accepted:
-            self.early_data += data   # the client must wait for 101; keep it for then
+            # The client should wait for the 101; keep what it sent for then,
+            # and stop reading past EARLY_DATA_LIMIT.
+            self.early_data += data
+            if len(self.early_data) > EARLY_DATA_LIMIT and not self.early_paused:
+                self.early_paused = True
+                self.transport.pause_reading()
             return
         self.last_seen = time.monotonic()
         self.protocol.receive_data(data)
@@ -254,6 +318,8 @@ class WebSocketSession:
 
     def _handle_events(self) -> None:
         for frame in self.protocol.events_received():
+            if self.failed:
+                break   # frames after one that failed the connection are not processed
             self.last_seen = time.monotonic()
             opcode = frame.opcode
             if opcode is Opcode.PONG:
@@ -274,6 +340,7 @@ class WebSocketSession:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 self.protocol.fail(1007, "invalid UTF-8 in a text message")
+                self.failed = True
                 return
             self._deliver({"type": "websocket.receive", "text": text})
         else:

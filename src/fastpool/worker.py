@@ -303,7 +303,10 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         log.info("group %s: WebSocket support needs the websockets package "
                  "(pip install 'fastpool[websockets]')", group.name)
     else:
-        options = Options(group.ws_max_size, group.ws_ping_interval, group.ws_ping_timeout)
+        options = Options(max_size=group.ws_max_size, ping_interval=group.ws_ping_interval,
+                          ping_timeout=group.ws_ping_timeout,
+                          per_message_deflate=group.ws_per_message_deflate,
+                          access_log=access_log)
     listeners = [(b.sock.fileno(), b.is_tcp, base_scope(b, group), b.shared) for b in sockets]
     return _asgi.ASGIWorker(
         app,

@@ -36,8 +36,13 @@ Rules of this module:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from fastpool._posix cimport (
+    sockaddr, sockaddr_storage, socklen_t, accept4, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC,
+    IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO, EMFILE, ENFILE,
+    ENOBUFS, ENOMEM,
+)
 from fastpool._http cimport (
-    Limits, Request, HttpConnection, OutBuffer, refresh_date, error_response,
+    peer_of, Limits, Request, HttpConnection, OutBuffer, refresh_date, error_response,
     monotonic, Framing, framing_reset, queue_head, frame_body, end_body, split_request_target,
     forwarded_client, forwarded_scheme, is_health_target,
     BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
@@ -46,6 +51,7 @@ from fastpool._http cimport (
 
 import asyncio
 import logging
+from asyncio.selector_events import BaseSelectorEventLoop
 import os
 import signal
 import socket
@@ -62,6 +68,10 @@ cdef enum:
     BODY_HIGH_WATER = 262144
     # Complete request heads waiting behind the running one.
     MAX_PIPELINED = 32
+    # Connections accepted per readiness callback of a listener.
+    ACCEPT_BATCH = 64
+    # The lingering close: the client's input is drained at most this long.
+    LINGER_SECONDS = 2
 
 # Python 3.12+: a task can run its first step at once (asyncio eager tasks).
 cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
@@ -265,6 +275,11 @@ cdef class Cycle:
         conn.response_done(self)
         return 0
 
+    cdef bint abandoned(self):
+        """The client will never finish this request: it went away, or shut
+        its side before the body was complete (so no answer is owed)."""
+        return self.disconnected or (self.client_eof and not self.request.body_complete)
+
     async def run(self, app):
         """The app call, as a task; its exceptions become statuses here."""
         cdef ASGIConnection conn = self.conn
@@ -273,22 +288,41 @@ cdef class Cycle:
         try:
             await app(self.request.scope, self.receive, self.send)
             if not self.complete:
-                if not self.started:
-                    error_log.error("ASGI app returned without starting a response (%s %s)",
-                                    self.request.method, self.request.target.decode("latin-1"))
-                self.fail(500)
+                if self.abandoned():
+                    self.give_up()
+                else:
+                    if not self.started:
+                        error_log.error("ASGI app returned without starting a response (%s %s)",
+                                        self.request.method,
+                                        self.request.target.decode("latin-1"))
+                    self.fail(500)
         except ClientDisconnected:
-            self.fail(500)
+            self.give_up()
         except (Exception, CancelledError):
-            if not self.disconnected:
+            if self.abandoned():
+                # The app raised on the client's disconnect (frameworks do): routine.
+                self.give_up()
+            else:
                 error_log.error("Exception in ASGI app (%s %s)", self.request.method,
                                 self.request.target.decode("latin-1"), exc_info=True)
-            self.fail(500)
+                self.fail(500)
         finally:
             if self.task is not None:
                 worker.tasks.discard(self.task)
                 self.task = None    # no cycle -> task -> coroutine -> cycle loop
             worker.app_finished()
+
+    cdef int give_up(self) except -1:
+        """No answer for a request its client abandoned: the connection closes."""
+        cdef ASGIConnection conn = self.conn
+        if self.complete:
+            return 0
+        self.complete = True
+        self.framing.close = True
+        self.wake()
+        conn.flush()
+        conn.response_done(self)
+        return 0
 
 
 # ---------------------------------------------------------------- connection
@@ -314,7 +348,12 @@ cdef class ASGIConnection(HttpConnection):
     cdef readonly object websocket  # a fastpool.websocket.WebSocketSession after an upgrade
     cdef bint tcp
     cdef bint closing              # close once the queued output is out
+    cdef bint lingering            # our side is shut; the client's input is drained
+    cdef double linger_deadline
+    cdef bint answered             # a response went out: idle time is keep-alive time
+    cdef double opened             # monotonic time the connection was made
     cdef bytes initial_data        # bytes another group's worker read (a handoff)
+    cdef object peer               # the client's (host, port), known from accept
 
     def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
         HttpConnection.__init__(self, worker.limits)
@@ -327,11 +366,15 @@ cdef class ASGIConnection(HttpConnection):
 
     # ---- asyncio protocol
 
+    def protocol_factory(self):
+        """For loop.connect_accepted_socket: this connection is the protocol."""
+        return self
+
     def connection_made(self, transport):
         cdef ASGIWorker worker = self.worker
         self.transport = transport
-        self.last_activity = monotonic()
-        peer = transport.get_extra_info("peername")
+        self.opened = self.last_activity = monotonic()
+        peer = self.peer if self.peer is not None else transport.get_extra_info("peername")
         scope = self.base_scope.copy()
         if self.tcp and type(peer) is tuple:
             scope["client"] = (peer[0], peer[1])
@@ -353,7 +396,7 @@ cdef class ASGIConnection(HttpConnection):
             self.websocket.data_received(data)
             return
         if self.closing:
-            return
+            return      # (lingering: the client's input is drained and dropped)
         self.last_activity = monotonic()
         try:
             self.feed(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
@@ -373,6 +416,8 @@ cdef class ASGIConnection(HttpConnection):
         self.peer_closed = True
         if self.websocket is not None:
             return self.websocket.eof_received()
+        if self.lingering:
+            return False   # drained: the transport closes
         if self.cycle is None and not self.pending:
             return False   # nothing to answer: let the transport close
         self.stop_reading = True
@@ -442,6 +487,10 @@ cdef class ASGIConnection(HttpConnection):
             scope["path"] = parts[0]
             scope["raw_path"] = parts[1]
         scope["query_string"] = parts[2]
+        if request.authority is not None:
+            # An absolute-form target's host wins over Host (RFC 9112 3.2.2).
+            asgi_request.headers = [(name, request.authority if name == b"host" else value)
+                                    for name, value in asgi_request.headers]
         scope["headers"] = asgi_request.headers
         if worker.state is not None:
             scope["state"] = worker.state.copy()
@@ -597,6 +646,7 @@ cdef class ASGIConnection(HttpConnection):
             self.close_after_output()
             return 0
         self.last_activity = monotonic()
+        self.answered = True
         self.dispatch()
         self.check_reading()
         return 0
@@ -632,12 +682,30 @@ cdef class ASGIConnection(HttpConnection):
         return 0
 
     cdef int close_after_output(self) except -1:
+        """Close once the queued output is out.  If the client may still be
+        sending (an unread body, a refused request), shut our side and drain
+        theirs for a moment first, as the WSGI worker does: closing with
+        unread input would reset the connection and could destroy the answer
+        before the client reads it."""
         self.closing = True
         if self.dispatching:
             return 0        # dispatch closes once its output is queued
         self.flush()
-        if not self.closed and self.transport is not None:
+        if self.closed or self.transport is None or self.lingering:
+            return 0
+        if self.peer_closed or (self.at_message_boundary() and not self.error_status
+                                and not self.pending):
             self.transport.close()   # sends what is queued, then closes
+            return 0
+        self.lingering = True
+        self.linger_deadline = monotonic() + LINGER_SECONDS
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError):
+            self.transport.close()
         return 0
 
     cdef int abort(self) except -1:
@@ -648,26 +716,47 @@ cdef class ASGIConnection(HttpConnection):
     # ---- deadlines (called by the worker's tick)
 
     cdef int check_deadlines(self, double now) except -1:
+        """The same rules as the WSGI worker's (its set_deadline): a new
+        connection's first byte within header_timeout; a request's head within
+        header_timeout of its first byte; its body must keep arriving; the
+        client must keep taking the response; keep_alive between requests; a
+        lingering close at most LINGER_SECONDS."""
         cdef ASGIWorker worker = self.worker
+        cdef double limit = worker.header_timeout
         if self.websocket is not None:
             self.websocket.tick(now)
             return 0
-        if self.write_paused and now - self.write_paused_since > worker.header_timeout > 0:
-            self.abort()          # the client stopped reading our response
+        if self.lingering:
+            if now > self.linger_deadline:
+                self.abort()
+            return 0
+        if self.write_paused and limit > 0 and now - self.write_paused_since > limit:
+            error_log.info("closing the connection of %s: the client took no response bytes "
+                           "for %g s", self.client_text(), limit)
+            self.abort()
         elif self.cycle is not None:
-            if (self.cycle.waiter is not None and worker.header_timeout > 0
-                    and now - self.last_activity > worker.header_timeout):
-                self.abort()      # the app waits for a body that makes no progress
+            if (not self.cycle.request.body_complete and not self.reading_paused and limit > 0
+                    and now - self.last_activity > limit):
+                # The body stopped arriving: 408 if nothing is answered yet.
+                self.cycle.fail(408)
         elif self.current is not None:
-            # A request head that has not arrived within header_timeout of its
-            # first byte (a slowloris trickle as much as a stall): 408.
-            if worker.header_timeout > 0 and now - self.current.started > worker.header_timeout:
+            if limit > 0 and now - self.current.started > limit:
                 self.out.write(error_response(408, "request not received in time"))
+                self.fail(408, "request not received in time")
                 self.close_after_output()
-        elif now - self.last_activity > worker.keep_alive or not worker.alive and (
-                worker.close_idle):
-            self.close_after_output()
+        elif not self.pending:
+            if not worker.alive and worker.close_idle:
+                self.close_after_output()
+            elif self.answered:
+                if now - self.last_activity > worker.keep_alive:
+                    self.close_after_output()
+            elif limit > 0 and now - self.opened > limit:
+                self.close_after_output()      # connected, and never sent a byte
         return 0
+
+    cdef str client_text(self):
+        client = self.base_scope.get("client")
+        return client[0] if client else "a unix socket client"
 
 
 cdef bint is_websocket(ASGIRequest request):
@@ -675,6 +764,44 @@ cdef bint is_websocket(ASGIRequest request):
         if name == b"upgrade":
             return value.strip().lower() == b"websocket"
     return False
+
+
+# ---------------------------------------------------------------- accepting
+
+@cython.final
+cdef class Listening:
+    """One listening socket this worker accepts from (the master owns it)."""
+    cdef readonly int fd
+    cdef readonly bint tcp
+    cdef readonly dict base_scope
+
+    def __init__(self, int fd, bint tcp, dict base_scope):
+        self.fd = fd
+        self.tcp = tcp
+        self.base_scope = base_scope
+
+
+@cython.final
+cdef class Adoption:
+    """Drives ``loop.connect_accepted_socket`` (uvloop's way to make a
+    transport of an accepted socket) to its end without a Task: the transport
+    exists after the first step; the rest waits for connection_made."""
+    cdef object coroutine
+    cdef object sock
+
+    def __init__(self, coroutine, sock):
+        self.coroutine = coroutine
+        self.sock = sock
+
+    def step(self, _done=None):
+        try:
+            waiting = self.coroutine.send(None)
+        except StopIteration:
+            return
+        except OSError:
+            self.sock.close()     # the connection failed before it was made
+            return
+        waiting.add_done_callback(self.step)
 
 
 # ---------------------------------------------------------------- worker
@@ -688,7 +815,9 @@ cdef class ASGIWorker:
     cdef readonly object loop
     cdef str loop_kind
     cdef list listeners           # (fd, is_tcp, base_scope, shared)
-    cdef list servers
+    cdef list sockets             # Listening: the listeners this worker accepts from
+    cdef bint accept_paused
+    cdef object make_transport    # asyncio's selector loops make a transport at once
     cdef readonly set connections
     cdef readonly bint alive
     cdef bint close_idle
@@ -736,7 +865,7 @@ cdef class ASGIWorker:
         self.limits = limits
         self.loop_kind = loop
         self.listeners = list(listeners)
-        self.servers = []
+        self.sockets = []
         self.connections = set()
         self.tasks = set()
         self.alive = True
@@ -837,13 +966,15 @@ cdef class ASGIWorker:
         if self.lifespan is not None:
             self.state = await self.lifespan.startup()
         if self.alive:       # (a stop during the startup skips serving, not the shutdown)
+            if isinstance(loop, BaseSelectorEventLoop):
+                self.make_transport = loop._make_socket_transport
+            # The worker accepts itself (not loop.create_server): the master's
+            # sockets keep their backlog, and running out of descriptors
+            # pauses accepting instead of spinning (asyncio) or resetting
+            # clients (uvloop).
             for fd, tcp, base_scope, shared in self.listeners:
-                sock = socket.socket(fileno=os.dup(fd))
-                sock.setblocking(False)
-                server = await loop.create_server(
-                    lambda scope=base_scope, tcp=tcp: ASGIConnection(self, scope, tcp),
-                    sock=sock, backlog=2048)
-                self.servers.append(server)
+                self.sockets.append(Listening(fd, tcp, base_scope))
+            self.watch_listeners(True)
             if self.handoff is not None:
                 loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
             refresh_date()
@@ -873,6 +1004,9 @@ cdef class ASGIWorker:
             self.board[BOARD_BUSY_SINCE] = now
         for conn in list(self.connections):
             conn.check_deadlines(now)
+        if self.accept_paused and self.alive:
+            self.accept_paused = False
+            self.watch_listeners(True)
         if self.master_pid and os.getppid() != self.master_pid:
             error_log.warning("worker %d: the master is gone; exiting", os.getpid())
             self.finish()
@@ -885,6 +1019,65 @@ cdef class ASGIWorker:
                 return
             self.check_drained()
         self.tick_handle = self.loop.call_later(1.0, self.tick)
+
+    # ---- accepting
+
+    cdef int watch_listeners(self, bint on) except -1:
+        cdef Listening listening
+        for listening in self.sockets:
+            if on:
+                self.loop.add_reader(listening.fd, self.accept, listening)
+            else:
+                self.loop.remove_reader(listening.fd)
+        return 0
+
+    def accept(self, Listening listening):
+        """A listener is readable: accept what waits (a batch at most)."""
+        cdef sockaddr_storage address
+        cdef socklen_t length
+        cdef int fd, count, one = 1
+        cdef ASGIConnection conn
+        for count in range(ACCEPT_BATCH):
+            length = sizeof(address)
+            fd = accept4(listening.fd, <sockaddr *>&address, &length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EAGAIN:
+                    return
+                if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
+                    continue
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # Out of descriptors or memory: leave the connections queued
+                    # (the kernel keeps them) and try again after the next tick.
+                    error_log.error("accept failed: %s; pausing accepts for a second",
+                                    os.strerror(errno))
+                    self.pause_accepting()
+                    return
+                error_log.error("accept failed: %s", os.strerror(errno))
+                return
+            conn = ASGIConnection(self, listening.base_scope, listening.tcp)
+            if listening.tcp:
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+                conn.peer = peer_of(&address)
+            self.start_transport(conn, socket.socket(address.ss_family, socket.SOCK_STREAM, 0,
+                                                     fileno=fd))
+
+    cdef int pause_accepting(self) except -1:
+        if not self.accept_paused:
+            self.accept_paused = True
+            self.watch_listeners(False)
+        return 0
+
+    cdef int start_transport(self, ASGIConnection conn, object sock) except -1:
+        """Give an accepted (or handed-over) socket to the event loop, with
+        ``conn`` as its protocol."""
+        if self.make_transport is not None:
+            # asyncio: connection_made runs soon, before the first read.
+            self.make_transport(sock, conn, None, extra={"peername": conn.peer})
+        else:
+            # uvloop's public way is a coroutine: driven here, without a Task.
+            Adoption(self.loop.connect_accepted_socket(conn.protocol_factory, sock), sock).step()
+        return 0
 
     def take_handoffs(self):
         """Connections other groups handed to this one (routes)."""
@@ -913,15 +1106,11 @@ cdef class ASGIWorker:
             conn.router = self.router
             conn.home_group = home
             conn.initial_data = data
+            if peer is not None:
+                conn.peer = peer
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
-            self.loop.create_task(self.adopt(conn, sock))
-
-    async def adopt(self, ASGIConnection conn, sock):
-        try:
-            await self.loop.connect_accepted_socket(lambda: conn, sock)
-        except OSError:
-            sock.close()
+            self.start_transport(conn, sock)
 
     # ---- stopping (signal handlers in worker.py call stop)
 
@@ -946,9 +1135,8 @@ cdef class ASGIWorker:
         self.alive = False
         self.board[BOARD_STATE] = 2
         self.graceful_deadline = monotonic() + self.graceful_timeout
-        for server in self.servers:
-            server.close()
-        if self.handoff is not None and self.servers:
+        self.watch_listeners(False)
+        if self.handoff is not None and self.sockets:
             # Queued handoffs are for the workers that stay.
             self.loop.remove_reader(self.handoff.receiver_fd())
         for conn in list(self.connections):

@@ -3,6 +3,8 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyBy
 from libc.stdlib cimport malloc, realloc
 from libc.string cimport memcpy
 
+from fastpool._posix cimport sockaddr_storage
+
 # Declarations of the connection core shared by every worker kind (WSGI today,
 # ASGI next): request parsing glue over httptools, limits, and the response
 # serialiser.  See _http.pyx for the rules.
@@ -301,6 +303,7 @@ cdef enum:
 
 
 cdef tuple split_request_target(bytes target)
+cdef tuple peer_of(sockaddr_storage *address)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
 cdef str forwarded_scheme(str proto)
 cdef bint is_health_target(bytes health, bytes target)

@@ -37,6 +37,8 @@ from libc.string cimport memchr, memcpy, memmove, memset
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
     time, clock_gettime, timespec, CLOCK_MONOTONIC,
+    sockaddr_storage, sockaddr_in, sockaddr_in6, AF_INET, AF_INET6, inet_ntop, ntohs,
+    INET6_ADDRSTRLEN,
 )
 
 from email.utils import formatdate
@@ -1078,8 +1080,8 @@ cdef class HttpConnection:
         cdef str name
         cdef PauseReason reason
         cdef Request request
-        if self.error_status or self.handoff_group >= 0 or self.upgrade_data is not None:
-            return 0          # nothing after an error, a handoff or an upgrade is HTTP here
+        if self.stop_reading:
+            return 0          # nothing after an error, a handoff, an upgrade or a close is HTTP here
         self.feed_start = start
         self.feed_end = end
         self.boundary = start if self.current is None and self.mode == MODE_HEAD else NULL
@@ -1157,9 +1159,17 @@ cdef class HttpConnection:
                 self.mode = MODE_METHOD
                 position = pause
                 continue
+            if name == "HPE_CLOSED_CONNECTION":
+                # Bytes after a request that closes the connection (Connection:
+                # close, HTTP/1.0): never read as a request (RFC 9112 9.6).
+                self.stop_reading = True
+                return 0
             if not self.error_status:
                 self.error_reason = llhttp.get_error_reason(self.box.state).decode("latin-1")
                 self.error_status = parser_error_status(name, self.error_reason)
+                if self.error_status == 400 and self.error_reason == "Content-Length overflow" \
+                        and self.limits.request_body:
+                    self.error_status = 413    # larger than any limit, whatever its digits
             return self.parse_failed()
         self.keep_head(start, size)
         return 0
@@ -1965,7 +1975,22 @@ cdef bint is_health_target(bytes health, bytes target):
         PyBytes_GET_SIZE(target) == size or PyBytes_AS_STRING(target)[size] == 63)   # "?"
 
 
-# ---------------------------------------------------------------- proxies
+# ---------------------------------------------------------------- peers and proxies
+
+cdef tuple peer_of(sockaddr_storage *address):
+    """``(host, port)`` of an accepted IPv4 or IPv6 peer, else None."""
+    cdef char text[INET6_ADDRSTRLEN + 1]
+    cdef int port
+    if address.ss_family == AF_INET:
+        inet_ntop(AF_INET, &(<sockaddr_in *>address).sin_addr, text, sizeof(text))
+        port = ntohs((<sockaddr_in *>address).sin_port)
+    elif address.ss_family == AF_INET6:
+        inet_ntop(AF_INET6, &(<sockaddr_in6 *>address).sin6_addr, text, sizeof(text))
+        port = ntohs((<sockaddr_in6 *>address).sin6_port)
+    else:
+        return None
+    return (text.decode("ascii"), port)
+
 
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all):
     """The client behind a trusted proxy's X-Forwarded-For (gunicorn's and

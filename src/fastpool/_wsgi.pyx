@@ -62,7 +62,7 @@ from fastpool._posix cimport (
     EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    Limits, Request, HttpConnection, OutBuffer, refresh_date, status_line, error_response,
+    peer_of, Limits, Request, HttpConnection, OutBuffer, refresh_date, status_line, error_response,
     monotonic, Framing, framing_reset, queue_head, frame_body, end_body,
     split_request_target, forwarded_client, forwarded_scheme, is_health_target,
     BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
@@ -1511,19 +1511,10 @@ cdef bint input_waiting(int fd) noexcept:
 
 cdef str peer_address(sockaddr_storage *address, dict environ):
     """Fill REMOTE_ADDR and REMOTE_PORT from an accepted peer address."""
-    cdef char text[INET6_ADDRSTRLEN + 1]
-    cdef int port
-    cdef str host
-    if address.ss_family == AF_INET:
-        inet_ntop(AF_INET, &(<sockaddr_in *>address).sin_addr, text, sizeof(text))
-        port = ntohs((<sockaddr_in *>address).sin_port)
-    elif address.ss_family == AF_INET6:
-        inet_ntop(AF_INET6, &(<sockaddr_in6 *>address).sin6_addr, text, sizeof(text))
-        port = ntohs((<sockaddr_in6 *>address).sin6_port)
-    else:
+    cdef tuple peer = peer_of(address)
+    if peer is None:
         environ["REMOTE_ADDR"] = ""
         return ""
-    host = text.decode("ascii")
-    environ["REMOTE_ADDR"] = host
-    environ["REMOTE_PORT"] = str(port)
-    return host
+    environ["REMOTE_ADDR"] = peer[0]
+    environ["REMOTE_PORT"] = str(peer[1])
+    return <str>peer[0]

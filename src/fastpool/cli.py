@@ -3,7 +3,9 @@
 Rules: flags come from the settings table (``fastpool.settings``), never
 written here; every operator error is one line on stderr starting with
 ``Error:`` and a non-zero exit (2 for bad usage or configuration, 1 when the
-master cannot be reached).
+master cannot be reached).  A command whose stdout is closed early (``fastpool
+status | head -1``) stops quietly with exit 141, as a tool killed by SIGPIPE
+does in the shell.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,7 +146,25 @@ def _check(config: settings.ServerConfig) -> None:
             raise settings.ConfigError(f"process {name}: {exc}") from None
 
 
+# 128 + SIGPIPE: what the shell reports for a tool whose reader went away.
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()    # a reader that left shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # Nobody reads stdout any more: nothing to say, and nowhere to say it.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -114,6 +114,49 @@ def test_bad_setting_is_one_error_line_and_exit_2(case):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+ABBREVIATED = {
+    "serve-workers": (["serve", "apps_wsgi:hello", "--work", "2"], "serve", "--work 2"),
+    "serve-reuse-port": (["serve", "apps_wsgi:hello", "--no-reuse"], "serve", "--no-reuse"),
+    "check-workers": (["check", "apps_wsgi:hello", "--work=2"], "check", "--work=2"),
+    "status-json": (["status", "--js"], "status", "--js"),
+    "reload-group": (["reload", "--gr", "web"], "reload", "--gr web"),
+    "scale-socket": (["scale", "web", "+1", "--control-sock", "x"], "scale",
+                     "--control-sock x"),
+    "nginx-hosts": (["nginx-config", "--upstream", "a"], "nginx-config", "--upstream a"),
+    "version": (["--vers"], None, "--vers"),
+}
+
+
+@pytest.mark.parametrize("case", list(ABBREVIATED))
+def test_abbreviated_flags_are_refused(case):
+    args, command, unknown = ABBREVIATED[case]
+    if command == "serve":
+        args = [*args, "--port", str(free_port())]   # should it start anyway: not on 8000
+    result = run_cli(args)
+    assert result.returncode == 2, result.stderr
+    helper = f"fastpool {command}" if command else "fastpool"
+    assert result.stderr == (f"Error: unrecognized arguments: {unknown} "
+                             f"(see '{helper} --help')\n")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "nginx-config", "status", "reload",
+                                     "scale"])
+def test_unknown_flag_points_at_the_subcommands_help(command):
+    args = {"serve": ["apps_wsgi:hello"], "check": ["apps_wsgi:hello"],
+            "scale": ["web", "+1"]}.get(command, [])
+    result = run_cli([command, *args, "--bogus"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"Error: unrecognized arguments: --bogus "
+                             f"(see 'fastpool {command} --help')\n")
+
+
+def test_unknown_flag_before_the_command_points_at_the_main_help():
+    result = run_cli(["--bogus", "status"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "Error: unrecognized arguments: --bogus (see 'fastpool --help')\n"
+
+
 @pytest.mark.parametrize("how", ["port", "bind"])
 def test_port_in_use(how):
     with socket.socket() as taken:

@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fastpool import __version__, core, settings
 from fastpool.control import ControlError, format_status, request
@@ -27,7 +27,29 @@ from fastpool.sockets import check_addresses
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with operator errors as one ``Error:`` line (exit 2), not a usage dump."""
+    """argparse with operator errors as one ``Error:`` line (exit 2), not a usage dump;
+    no abbreviated flags (``--work`` is not ``--workers``); an unknown flag of a
+    subcommand points at that subcommand's help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.leftover: list[str] = []
+        self.commands: dict[str, _Parser] = {}
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = super().parse_known_args(args, namespace)
+        self.leftover = list(extras)   # a subcommand's, read back by the top parser
+        return namespace, extras
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(namespace, "command", None) or "")
+            if command is not None and command.leftover:
+                command.error(f"unrecognized arguments: {' '.join(command.leftover)}")
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"Error: {message} (see '{self.prog} --help')\n")
@@ -89,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("group", metavar="G")
     scale.add_argument("delta", metavar="+N|-N")
     _add_control_target(scale)
+    parser.commands = dict(commands.choices)
     return parser
 
 

@@ -299,6 +299,37 @@ def test_status_without_a_master_is_one_error_line(tmp_path):
     assert "nobody.sock" in lines[0]
 
 
+@pytest.mark.parametrize("how", ["environment", "flag", "server-table"])
+def test_status_finds_the_control_socket_where_serve_put_it(clusters, tmp_path, how):
+    """One rule places the control socket for serve and for status/reload/scale:
+    flag > FASTPOOL_CONTROL_SOCKET > [server] control_socket > default, a
+    relative path being relative to the config file's directory."""
+    chosen = ports("web")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server_table = {"control_socket": "ctl.sock"} if how == "server-table" else None
+    text = render(server=server_table, groups={"web": group(chosen["web"])})
+    env = {"FASTPOOL_CONTROL_SOCKET": "ctl.sock"} if how == "environment" else None
+    args = ("--control-socket", "ctl.sock") if how == "flag" else ()
+    server = clusters.start(text, workers=1, ports=chosen, cwd=elsewhere, env=env, args=args)
+    server.control = tmp_path / "ctl.sock"
+    assert server.status()["master"] == server.pid
+    assert not (elsewhere / "ctl.sock").exists()
+    config = ("--config", str(server.config))
+    result = fastpool("status", "--json", *config, *args, cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"] == server.pid
+    # The flag beats the environment, as for serve.
+    result = fastpool("status", "--json", *config, "--control-socket", "ctl.sock",
+                      cwd=elsewhere, env={"FASTPOOL_CONTROL_SOCKET": "wrong.sock"})
+    assert result.returncode == 0, result.stderr
+    result = fastpool("status", *config, cwd=elsewhere,
+                      env={"FASTPOOL_CONTROL_SOCKET": "wrong.sock"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: no control socket at ") and \
+        str(tmp_path / "wrong.sock") in result.stderr, result.stderr
+
+
 # ---------------------------------------------------------------- reload, scale, TTIN/TTOU
 
 

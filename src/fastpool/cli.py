@@ -121,20 +121,10 @@ def version_text() -> str:
 
 
 def control_path(args: argparse.Namespace) -> Path:
-    """Where the master listens: --control-socket, else the config's
-    control_socket (relative to the config file), else ./.fastpool.sock."""
-    if args.control_socket:
-        return Path(args.control_socket)
-    raw = os.environ.get("FASTPOOL_CONTROL_SOCKET")
-    if raw:
-        return Path(raw)
-    path, data = settings.find_config(args.config)
-    server = data.get("server", {}) if isinstance(data.get("server", {}), dict) else {}
-    configured = Path(server.get("control_socket",
-                                 settings.SETTINGS_BY_NAME["control_socket"].default))
-    if configured.is_absolute():
-        return configured
-    return (path.parent if path is not None else Path.cwd()) / configured
+    """Where the master listens: the ``control_socket`` setting, resolved as
+    ``fastpool serve`` resolves it (flag, environment, config file, default;
+    relative to the config file's directory, else the current one)."""
+    return settings.load_server(vars(args), os.environ, args.config).control_path
 
 
 def _plan(config: settings.ServerConfig) -> str:

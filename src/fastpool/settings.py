@@ -508,9 +508,7 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
     """
     environ = os.environ if environ is None else environ
     path, data = find_config(config)
-    label = path.name if path is not None else ""
-    if path is not None and path.name == "pyproject.toml":
-        label = "pyproject.toml: [tool.fastpool]"
+    label = _label(path)
 
     if path is None or (app is not None and config is None):
         # The command line alone (a pyproject table is ignored when APP is given).
@@ -529,16 +527,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                               "[group.NAME] or [process.NAME])")
         raise ConfigError(f"{label}: unknown key {key!r} at the top level (settings go in "
                           "[server] or a [group.NAME] table)")
-    server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
-                               SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
-
-    values: dict[str, Any] = {}
-    for setting in SERVER_SETTINGS:
-        given = _given(setting, cli, environ)
-        if given is None:
-            given = server_table.get(setting.name)
-        values[setting.name] = setting.resolve_default() if given is None else given
-    result = ServerConfig(values=values, path=path)
+    result, server_table = _server(cli, environ, path, data, label)
+    values = result.values
 
     groups = _table(data.get("group", {}), f"{label} [group]")
     if not groups:
@@ -581,6 +571,38 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                 resolved[setting.name] = setting.resolve_default()
         result.processes[name] = ProcessConfig(name, resolved)
     return result
+
+
+def load_server(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                config: str | None = None) -> ServerConfig:
+    """Only the server's own settings (no groups, no processes), with the same
+    precedence as ``load``: what ``fastpool status/reload/scale`` need to find
+    a running master's control socket."""
+    environ = os.environ if environ is None else environ
+    path, data = find_config(config)
+    return _server(cli, environ, path, data, _label(path))[0]
+
+
+def _label(path: Path | None) -> str:
+    """How messages name the config file."""
+    if path is None:
+        return ""
+    return "pyproject.toml: [tool.fastpool]" if path.name == "pyproject.toml" else path.name
+
+
+def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | None,
+            data: dict[str, Any], label: str) -> tuple[ServerConfig, dict[str, Any]]:
+    """The server-scope settings, and the checked ``[server]`` table (whose
+    group rows are the default of every group)."""
+    server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
+                               SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
+    values: dict[str, Any] = {}
+    for setting in SERVER_SETTINGS:
+        given = _given(setting, cli, environ)
+        if given is None:
+            given = server_table.get(setting.name)
+        values[setting.name] = setting.resolve_default() if given is None else given
+    return ServerConfig(values=values, path=path), server_table
 
 
 def _check_routes(config: ServerConfig, label: str) -> None:

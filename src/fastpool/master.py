@@ -433,15 +433,30 @@ class Master:
             socks.extend(group.listeners.all_sockets())
         return socks
 
-    def fork(self, child_main: Callable[[], int], keep: list[socket.socket]) -> int:
-        """Fork; in the child run ``child_main`` and exit with its code."""
-        pid = os.fork()
+    def fork(self, child_main: Callable[[], int], keep: list[socket.socket],
+             is_worker: bool = False) -> int:
+        """Fork; in the child run ``child_main`` and exit with its code.
+
+        The signals the master sends its children stay blocked across the fork
+        until the child has set its handlers: a worker stopped the moment it is
+        born stops cleanly (``worker.catch_boot_signals``), a process by the
+        default action."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, worker.BOOT_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return pid
         code = 1
         try:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            if is_worker:
+                worker.catch_boot_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self.wake_r, self.wake_w, self.notify_r):
                 os.close(fd)
             if self.control is not None:
@@ -475,7 +490,7 @@ class Master:
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
             notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
-        ), [b.sock for b in sockets])
+        ), [b.sock for b in sockets], is_worker=True)
         self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
                                    group.generation)
 
@@ -631,8 +646,11 @@ class Master:
             self.exit_code = worker.WORKER_BOOT_ERROR
             self.stop(graceful=False)
             return
-        if not child.retiring:
-            group.restarts += 1
+        if child.retiring:
+            # The master ended it (scale-down, reload, group stop): not a restart,
+            # and says nothing about a crash loop either way.
+            return
+        group.restarts += 1
         # A crash loop is workers dying right after boot, before doing any work:
         # not a worker that served requests, nor one aborted for its timeout.
         if (not crashed or served or child.abort_sent

@@ -131,7 +131,8 @@ def _plan(config: settings.ServerConfig) -> str:
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
         lines.append(
-            f"group {name}: app {group.app}, listen {', '.join(group.listen) or '-'}, "
+            f"group {name}: app {group.app}, listen {', '.join(group.listen) or '-'}"
+            f"{' (the default)' if group.listen_source == 'default' else ''}, "
             f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "

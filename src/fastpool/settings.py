@@ -381,10 +381,15 @@ class _Values:
 
 @dataclass
 class GroupConfig(_Values):
-    """The settings of one worker group (plain, picklable values)."""
+    """The settings of one worker group (plain, picklable values).
+
+    ``listen_source`` says where its listen addresses came from, for messages:
+    ``group`` (its table, a flag or the environment), ``server`` (``[server]
+    listen``) or ``default`` (none set: the server's host and port)."""
 
     name: str
     values: dict[str, Any]
+    listen_source: str = "group"
 
 
 @dataclass
@@ -548,14 +553,15 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             resolved[setting.name] = setting.resolve_default() if given is None else given
         if not resolved["app"]:
             raise ConfigError(f"{where}: no app (set app here or in [server])")
+        source = "server" if "listen" not in group_values and "listen" in server_table \
+            else "group"
         if not resolved["listen"] and resolved["routes"]:
             resolved["listen"] = []     # served through the other groups' listeners
         elif not resolved["listen"]:
-            if path is not None:
-                raise ConfigError(f"{where}: no listen address (set listen here or in "
-                                  "[server])")
+            # The documented default: the server's host and port (127.0.0.1:8000).
             resolved["listen"] = [host_port(values["host"], values["port"])]
-        result.groups[name] = GroupConfig(name, resolved)
+            source = "default"
+        result.groups[name] = GroupConfig(name, resolved, source)
     _check_routes(result, label)
 
     processes = _table(data.get("process", {}), f"{label} [process]")

@@ -82,6 +82,9 @@ BAD_CONFIGS = {
         '[group.task]\napp = "apps_groups:app"\n', (),
         ["fastpool.toml: [group.web] and [group.task] set no listen, so both get [server] "
          f"listen '127.0.0.1:{PORT}'", "two groups cannot listen on one address"]),
+    "nothing-to-run": (
+        "[server]\nworkers = 2\n", (),
+        ["fastpool.toml: no [group.NAME] or [process.NAME] table: nothing to run"]),
     "process-without-target": (
         GOOD_WEB + "[process.mailer]\ncount = 2\n", (),
         ["fastpool.toml: [process.mailer]", "no target", "module:callable"]),

@@ -12,6 +12,7 @@ worker that served it.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -389,6 +390,51 @@ def test_custom_process_is_respawned_with_backoff_and_stopped_by_term(clusters):
     assert server.stop(signal.SIGTERM) == 0, server.log
     wait_for(lambda: not any(map(alive, everyone + starts())), timeout=5,
              what="every child to exit")
+
+
+def test_a_config_of_processes_only_is_supervised(clusters):
+    """No [group.*] at all: the master supervises the processes; status, reload,
+    the control socket and TERM work without a single worker group."""
+    text = render(processes={"mailer": {"target": "apps_groups:consume", "count": 2}})
+    server = clusters.start(text, workers=0, ports={})
+    # The control socket listens before the first child starts.
+    wait_for(lambda: "Starting process mailer" in server.log, what=f"a mailer:\n{server.log}")
+    plan = server.fastpool("check")
+    assert plan.returncode == 0, plan.stderr
+    assert "process mailer: target apps_groups:consume x 2" in plan.stdout
+
+    def mailers() -> list[int]:
+        return server.status()["processes"][0]["pids"]
+
+    first = wait_for(lambda: len(mailers()) == 2 and mailers(), what=f"2 mailers:\n{server.log}")
+    assert children(server.pid) == first
+    result = server.fastpool("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["master"] == server.pid and status["groups"] == []
+    result = server.fastpool("status")
+    assert result.returncode == 0, result.stderr
+    assert "process mailer (running): apps_groups:consume, 2/2 running" in result.stdout
+    # A process that dies is respawned.
+    os.kill(first[0], signal.SIGKILL)
+    again = wait_for(lambda: len(mailers()) == 2 and first[0] not in mailers() and mailers(),
+                     what=f"the mailer to be respawned:\n{server.log}")
+    assert first[1] in again
+    # A reload re-reads the file: three new mailers replace the two.
+    server.config.write_text(render(processes={"mailer": {"target": "apps_groups:consume",
+                                                          "count": 3}}))
+    result = server.fastpool("reload")
+    assert result.returncode == 0, result.stderr
+    third = wait_for(lambda: len(mailers()) == 3 and not set(again) & set(mailers())
+                     and mailers(), what=f"3 new mailers:\n{server.log}")
+    wait_for(lambda: children(server.pid) == third, what="the old mailers to be reaped")
+    result = server.fastpool("scale", "web", "+1")
+    assert result.returncode == 1 and "no group named 'web'" in result.stderr
+    server.proc.send_signal(signal.SIGTTIN)
+    wait_for(lambda: "SIGTTIN (no worker groups" in server.log, what="the TTIN")
+    assert server.stop(signal.SIGTERM) == 0, server.log
+    assert not any(map(alive, first + again + third))
+    assert "Booting worker" not in server.log and "ERROR" not in server.log, server.log
 
 
 # ---------------------------------------------------------------- graceful stop

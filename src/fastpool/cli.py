@@ -220,7 +220,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(json.dumps(reply, indent=2) if args.json else format_status(reply))
             elif args.command == "reload":
                 request(path, {"command": "reload", "group": args.group})
-                print(f"reloading {('group ' + args.group) if args.group else 'all groups'}")
+                print(f"reloading {('group ' + args.group) if args.group else 'the config'}")
             else:
                 try:
                     delta = int(args.delta)

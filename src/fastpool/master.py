@@ -200,12 +200,18 @@ class Master:
         for name, process_config in config.processes.items():
             self.processes[name] = ProcessGroup(process_config)
         self.setup_routing()
+        # Start-up is over once every group has served; with no group (a
+        # config of processes only) it is over at once.
+        self.booted = not self.groups
 
         log.info("Starting fastpool %s (master pid %d)", __version__, self.pid)
         for group in self.groups.values():
             for text in group.listeners.describe():
                 log.info("Listening at: %s (group %s, %d worker(s))", text, group.config.name,
                          group.wanted)
+        if not self.groups:
+            log.info("No worker groups: supervising %s only",
+                     ", ".join(f"process {name}" for name in self.processes))
         worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -420,7 +426,8 @@ class Master:
                 for group in self.groups.values():
                     group.wanted = max(1, group.wanted + delta)
                 log.info("Handling signal: %s (%s)", name,
-                         ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items()))
+                         ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items())
+                         or "no worker groups: nothing to scale")
             elif signum == signal.SIGUSR1:
                 log.info("Handling signal: %s (reopen log files)", name)
                 self.kill_children(signal.SIGUSR1, kind="worker")

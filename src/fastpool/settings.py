@@ -508,8 +508,10 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
          config: str | None = None, app: str | None = None) -> ServerConfig:
     """Resolve flags, environment and config file into a ``ServerConfig``.
 
-    With a config file, groups and processes come from it; without one, the
-    command line describes a single group named ``main``.
+    With a config file, groups and processes come from it (either may be
+    absent, not both: a file of processes only is supervised, serving
+    nothing); without one, the command line describes a single group named
+    ``main``.
     """
     environ = os.environ if environ is None else environ
     path, data = find_config(config)
@@ -536,8 +538,10 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
     values = result.values
 
     groups = _table(data.get("group", {}), f"{label} [group]")
-    if not groups:
-        raise ConfigError(f"{label}: no [group.NAME] table: nothing to serve")
+    processes = _table(data.get("process", {}), f"{label} [process]")
+    if not groups and not processes:
+        # Groups serve; processes alone are supervised. Neither: nothing to run.
+        raise ConfigError(f"{label}: no [group.NAME] or [process.NAME] table: nothing to run")
     cli_listen = cli.get("listen")
     for name, table in groups.items():
         where = f"{label}: [group.{name}]" if path is not None else ""
@@ -564,7 +568,6 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
         result.groups[name] = GroupConfig(name, resolved, source)
     _check_routes(result, label)
 
-    processes = _table(data.get("process", {}), f"{label} [process]")
     for name, table in processes.items():
         where = f"{label}: [process.{name}]"
         process_values = _read_table(_table(table, where), PROCESS_SETTINGS, where)

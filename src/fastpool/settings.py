@@ -235,13 +235,15 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("--ws-ping-timeout",), metavar="SECONDS", check=at_least(0)),
     Setting("listen", "list", None,
             "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
-            "command line: --bind (repeatable) or --host/--port.",
+            "command line: --bind (repeatable) or --host/--port. A group that sets none (and "
+            "has no routes) listens on host:port; two such groups are a config error.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`"),
     Setting("host", "str", "127.0.0.1",
-            "Host to listen on when no --bind is given (command line only).",
-            scope="server", flags=("--host",)),
-    Setting("port", "int", 8000, "Port to listen on when no --bind is given (command line only).",
-            scope="server", flags=("--port",), check=_port),
+            "Host of the default listen address: of a group that sets no listen, or of the "
+            "command line without --bind.", scope="server", flags=("--host",)),
+    Setting("port", "int", 8000,
+            "Port of the default listen address: of a group that sets no listen, or of the "
+            "command line without --bind.", scope="server", flags=("--port",), check=_port),
     Setting("workers", "int", _default_workers, "Worker processes.",
             flags=("-w", "--workers"), metavar="N", check=at_least(1),
             default_doc="$WEB_CONCURRENCY or 1"),
@@ -346,7 +348,8 @@ SETTINGS: tuple[Setting, ...] = (
             check=choice("debug", "info", "warning", "error", "critical")),
     Setting("control_socket", "str", ".fastpool.sock",
             "The master's control socket (mode 0600) for fastpool status/reload/scale; "
-            "relative paths are relative to the config file's directory (or the current one).",
+            "relative paths are relative to the config file's directory (or the current one). "
+            "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
     # ---- [process.NAME] tables
     Setting("target", "str", None,

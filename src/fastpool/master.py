@@ -444,11 +444,12 @@ class Master:
              is_worker: bool = False) -> int:
         """Fork; in the child run ``child_main`` and exit with its code.
 
-        The signals the master sends its children stay blocked across the fork
-        until the child has set its handlers: a worker stopped the moment it is
-        born stops cleanly (``worker.catch_boot_signals``), a process by the
-        default action."""
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, worker.BOOT_SIGNALS)
+        Signals stay blocked across the fork until the child has set its
+        handlers: a worker stopped the moment it is born stops cleanly and
+        ignores the master's signals (``worker.catch_boot_signals``); a
+        process meets the default actions, as before its target runs."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                      {*HANDLED_SIGNALS, *worker.BOOT_SIGNALS})
         try:
             pid = os.fork()
         except BaseException:

@@ -80,10 +80,12 @@ def set_title(title: str) -> None:
 
 def catch_boot_signals() -> None:
     """The first thing a forked worker does (while the master still blocks
-    ``BOOT_SIGNALS``): what the master asks during the boot is kept for when
-    the worker has booted, never fatal."""
+    its signals): what the master asks during the boot is kept for when the
+    worker has booted, never fatal; the master's own signals are ignored."""
     for signum in BOOT_SIGNALS:
         signal.signal(signum, _while_booting)
+    for signum in MASTERS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _while_booting(signum: int, frame: Any) -> None:

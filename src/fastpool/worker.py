@@ -19,9 +19,9 @@ Rules of this module:
   that is still booting keeps a TERM or USR2 as "stop requested" and, once
   its boot is done, exits 0 without serving; a QUIT exits at once, with 0; a
   USR1 reopens the access log once it is booted.  No default action ever
-  kills a booting worker.  SIGABRT dumps every
-  thread's Python stack (faulthandler) before the process dies: that is how
-  the master's ``timeout`` shows where a worker was stuck.
+  kills a booting worker.  SIGABRT dumps every thread's Python stack
+  (faulthandler) before the process dies: that is how the master's
+  ``timeout`` shows where a worker was stuck.
 * A child stops when the master dies: PR_SET_PDEATHSIG, backed by a getppid
   check in the loop.
 """

@@ -47,7 +47,8 @@ class Server:
     """A running ``fastpool serve`` process."""
 
     def __init__(self, args: list[str], *, port: int | None, workers: int,
-                 env: dict[str, str] | None, cwd: Path, log_path: Path) -> None:
+                 env: dict[str, str] | None, cwd: Path, log_path: Path,
+                 stdout_closed: bool = False) -> None:
         self.port = port
         self.host = "127.0.0.1"
         self.workers = workers
@@ -60,11 +61,21 @@ class Server:
         if env:
             full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastpool", "serve", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=full_env,
-            start_new_session=True,
-        )
+        # stdout_closed: stdout is a pipe whose reader has gone (``serve | head``);
+        # the log then has stderr only.
+        stdout: int | object = self._log
+        if stdout_closed:
+            reader, stdout = os.pipe()
+            os.close(reader)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fastpool", "serve", *args],
+                stdout=stdout, stderr=self._log, cwd=cwd, env=full_env,
+                start_new_session=True,
+            )
+        finally:
+            if stdout_closed:
+                os.close(stdout)
 
     @property
     def pid(self) -> int:
@@ -139,7 +150,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
     def start(app: str, *args: str, workers: int = 1, wait: bool = True,
-              env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+              env: dict[str, str] | None = None, cwd: Path | None = None,
+              stdout_closed: bool = False) -> Server:
         argv = [app, *args]
         port: int | None = None
         if not any(a in ("--port", "--bind", "-b") or a.startswith("--bind=") for a in args):
@@ -157,7 +169,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             index = args.index("--workers") if "--workers" in args else args.index("-w")
             workers = int(args[index + 1])
         server = Server(argv, port=port, workers=workers, env=env, cwd=cwd or tmp_path,
-                        log_path=tmp_path / f"server-{len(servers)}.log")
+                        log_path=tmp_path / f"server-{len(servers)}.log",
+                        stdout_closed=stdout_closed)
         servers.append(server)
         if wait:
             server.wait_ready()

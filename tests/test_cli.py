@@ -21,8 +21,12 @@ END_MARKER = "<!-- settings-table:end -->"
 
 def run_cli(args: list[str], env: dict[str, str] | None = None,
             timeout: float = 20.0, command: list[str] | None = None,
+            cwd: Path = TESTS, stdout_closed: bool = False,
             ) -> subprocess.CompletedProcess:
-    """Run ``python -m fastpool ARGS`` to completion (killed, and failed, past ``timeout``)."""
+    """Run ``python -m fastpool ARGS`` to completion (killed, and failed, past ``timeout``).
+
+    ``stdout_closed``: stdout is a pipe whose reader has already gone (what
+    ``fastpool status | head -1`` meets once head has its line)."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
@@ -30,9 +34,17 @@ def run_cli(args: list[str], env: dict[str, str] | None = None,
         if name.startswith("FASTPOOL_") or name == "WEB_CONCURRENCY":
             del full_env[name]
     full_env.update(env or {})
-    proc = subprocess.Popen((command or [sys.executable, "-m", "fastpool"]) + args,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=TESTS, start_new_session=True)
+    stdout: int | None = subprocess.PIPE
+    if stdout_closed:
+        reader, stdout = os.pipe()
+        os.close(reader)
+    try:
+        proc = subprocess.Popen((command or [sys.executable, "-m", "fastpool"]) + args,
+                                stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                env=full_env, cwd=cwd, start_new_session=True)
+    finally:
+        if stdout_closed:
+            os.close(stdout)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -102,6 +114,49 @@ def test_bad_setting_is_one_error_line_and_exit_2(case):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+ABBREVIATED = {
+    "serve-workers": (["serve", "apps_wsgi:hello", "--work", "2"], "serve", "--work 2"),
+    "serve-reuse-port": (["serve", "apps_wsgi:hello", "--no-reuse"], "serve", "--no-reuse"),
+    "check-workers": (["check", "apps_wsgi:hello", "--work=2"], "check", "--work=2"),
+    "status-json": (["status", "--js"], "status", "--js"),
+    "reload-group": (["reload", "--gr", "web"], "reload", "--gr web"),
+    "scale-socket": (["scale", "web", "+1", "--control-sock", "x"], "scale",
+                     "--control-sock x"),
+    "nginx-hosts": (["nginx-config", "--upstream", "a"], "nginx-config", "--upstream a"),
+    "version": (["--vers"], None, "--vers"),
+}
+
+
+@pytest.mark.parametrize("case", list(ABBREVIATED))
+def test_abbreviated_flags_are_refused(case):
+    args, command, unknown = ABBREVIATED[case]
+    if command == "serve":
+        args = [*args, "--port", str(free_port())]   # should it start anyway: not on 8000
+    result = run_cli(args)
+    assert result.returncode == 2, result.stderr
+    helper = f"fastpool {command}" if command else "fastpool"
+    assert result.stderr == (f"Error: unrecognized arguments: {unknown} "
+                             f"(see '{helper} --help')\n")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "nginx-config", "status", "reload",
+                                     "scale"])
+def test_unknown_flag_points_at_the_subcommands_help(command):
+    args = {"serve": ["apps_wsgi:hello"], "check": ["apps_wsgi:hello"],
+            "scale": ["web", "+1"]}.get(command, [])
+    result = run_cli([command, *args, "--bogus"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"Error: unrecognized arguments: --bogus "
+                             f"(see 'fastpool {command} --help')\n")
+
+
+def test_unknown_flag_before_the_command_points_at_the_main_help():
+    result = run_cli(["--bogus", "status"])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "Error: unrecognized arguments: --bogus (see 'fastpool --help')\n"
+
+
 @pytest.mark.parametrize("how", ["port", "bind"])
 def test_port_in_use(how):
     with socket.socket() as taken:
@@ -115,6 +170,28 @@ def test_port_in_use(how):
     assert f"127.0.0.1:{port}" in output
     assert "Traceback" not in output
     assert "Booting worker" not in output
+
+
+# ---------------------------------------------------------------- stdout closed early
+
+
+@pytest.mark.parametrize("args", [["--version"], ["check", "apps_wsgi:hello"],
+                                  ["serve", "--help"]], ids=["version", "check", "help"])
+def test_closed_stdout_ends_quietly(args):
+    result = run_cli(args, stdout_closed=True)
+    # 141 = 128 + SIGPIPE, as the shell reports a tool whose reader left; argparse's
+    # --help ignores a failed write and exits 0.
+    assert result.returncode == (0 if "--help" in args else 141), result.stderr
+    assert result.stderr == ""
+
+
+def test_status_into_a_closed_pipe_ends_quietly(serve, tmp_path):
+    """``fastpool status | head -1`` once head has gone: no BrokenPipeError."""
+    serve("apps_wsgi:hello")
+    result = run_cli(["status"], cwd=tmp_path, stdout_closed=True)
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""
+    assert run_cli(["status"], cwd=tmp_path).returncode == 0   # the master is unharmed
 
 
 # ---------------------------------------------------------------- README

@@ -67,6 +67,24 @@ BAD_CONFIGS = {
     "unparsable-listen": (
         '[group.web]\napp = "apps_groups:app"\nlisten = ["127.0.0.1:http"]\n', (),
         ["fastpool.toml: [group.web] listen", "'127.0.0.1:http'", "port"]),
+    "two-groups-without-listen": (
+        '[group.web]\napp = "apps_groups:app"\n[group.task]\napp = "apps_groups:app"\n', (),
+        ["fastpool.toml: [group.web] and [group.task] set no listen, so both get the default "
+         "'127.0.0.1:8000'", "two groups cannot listen on one address",
+         "set listen in each group"]),
+    "default-listen-on-another-groups-address": (
+        f"[server]\nport = {PORT}\n" + GOOD_WEB + '[group.task]\napp = "apps_groups:app"\n',
+        (), [f"fastpool.toml: [group.web] listens on '127.0.0.1:{PORT}' and [group.task] sets "
+             f"no listen, so it gets the default '127.0.0.1:{PORT}'",
+             "two groups cannot listen on one address", "set listen in [group.task]"]),
+    "two-groups-with-the-server-listen": (
+        f'[server]\nlisten = ["127.0.0.1:{PORT}"]\n[group.web]\napp = "apps_groups:app"\n'
+        '[group.task]\napp = "apps_groups:app"\n', (),
+        ["fastpool.toml: [group.web] and [group.task] set no listen, so both get [server] "
+         f"listen '127.0.0.1:{PORT}'", "two groups cannot listen on one address"]),
+    "nothing-to-run": (
+        "[server]\nworkers = 2\n", (),
+        ["fastpool.toml: no [group.NAME] or [process.NAME] table: nothing to run"]),
     "process-without-target": (
         GOOD_WEB + "[process.mailer]\ncount = 2\n", (),
         ["fastpool.toml: [process.mailer]", "no target", "module:callable"]),
@@ -120,6 +138,37 @@ def test_bad_pyproject_table_names_it(tmp_path):
     result = fastpool("serve", cwd=tmp_path)
     assert_refused(result, ["pyproject.toml", "[tool.fastpool]", "[group.web] workers",
                             "expected an integer"])
+
+
+# ---------------------------------------------------------------- a group without listen
+
+
+def test_a_group_without_listen_gets_the_default_address(tmp_path):
+    """The documented default of listen: the server's host and port, so
+    127.0.0.1:8000 unless [server] (or --host/--port) says otherwise; a group
+    with routes and no listen still has no listener of its own."""
+    (tmp_path / "fastpool.toml").write_text(render(groups={
+        "web": {"app": "apps_groups:app"},
+        "task": {"app": "apps_groups:app", "routes": ["/task"]}}))
+    lines = plan_lines(tmp_path)
+    assert "group web: app apps_groups:app, listen 127.0.0.1:8000 (the default)," in \
+        lines["group web"], lines
+    assert "listen -," in lines["group task"] and "routes /task" in lines["group task"], lines
+    lines = plan_lines(tmp_path, "--host", "::1", "--port", "9001")
+    assert "listen [::1]:9001 (the default)," in lines["group web"], lines
+
+
+@pytest.mark.parametrize("how", ["server-table", "flag"])
+def test_a_one_group_config_without_listen_serves(clusters, how):
+    chosen = ports("web")
+    server_table = {"port": chosen["web"]} if how == "server-table" else None
+    text = render(server=server_table, groups={"web": {"app": "apps_groups:app"}})
+    args = ("--port", str(chosen["web"])) if how == "flag" else ()
+    server = clusters.start(text, workers=1, ports=chosen, args=args)
+    (worker,) = server.wait_group("web", 1)
+    code, _, pid = fetch(chosen["web"])
+    assert (code, pid) == (200, worker)
+    assert server.group_status("web")["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
 
 
 # ---------------------------------------------------------------- pyproject.toml

@@ -11,7 +11,9 @@ import http.client
 import json
 import os
 import signal
+import socket
 import stat
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,7 @@ from apps_groups_support import (
     start_sleeper,
     timed_fetch,
 )
-from conftest import alive, wait_for
+from conftest import DEADLINE, alive, wait_for
 
 # ---------------------------------------------------------------- the example config
 
@@ -297,6 +299,81 @@ def test_status_without_a_master_is_one_error_line(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
     assert "nobody.sock" in lines[0]
+
+
+def test_a_second_server_on_the_same_control_socket_is_refused(serve, tmp_path):
+    first = serve("apps_wsgi:hello")
+    second = serve("apps_wsgi:hello", wait=False)
+    try:
+        code = second.proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the second server runs:\n{second.log}") from None
+    assert code == 2, second.log
+    # One line, before the second one bound its port or forked a worker.
+    (line,) = second.log.splitlines()
+    path = tmp_path / ".fastpool.sock"
+    assert line == (f"Error: control socket {path} is in use by another fastpool master "
+                    f"(pid {first.pid}); stop that one, or give this server its own socket "
+                    "with --control-socket PATH (control_socket in [server] of the config "
+                    "file)"), line
+    assert not second.can_connect()
+    # The first one still owns the socket and serves.
+    assert path.exists()
+    result = fastpool("status", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"] == first.pid
+    assert first.can_connect()
+    # With a socket of its own, a second server starts next to the first.
+    third = serve("apps_wsgi:hello", "--control-socket", "third.sock")
+    result = fastpool("status", "--json", "--control-socket", "third.sock", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"] == third.pid
+    assert third.stop() == 0
+    assert not (tmp_path / "third.sock").exists()
+    assert path.exists()
+
+
+def test_a_stale_control_socket_is_replaced_silently(serve, tmp_path):
+    path = tmp_path / ".fastpool.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left_over:
+        left_over.bind(str(path))     # a master that died without cleaning up
+    server = serve("apps_wsgi:hello")
+    result = fastpool("status", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"] == server.pid
+    assert "control socket" not in server.log, server.log
+    assert "WARNING" not in server.log, server.log
+
+
+@pytest.mark.parametrize("how", ["environment", "flag", "server-table"])
+def test_status_finds_the_control_socket_where_serve_put_it(clusters, tmp_path, how):
+    """One rule places the control socket for serve and for status/reload/scale:
+    flag > FASTPOOL_CONTROL_SOCKET > [server] control_socket > default, a
+    relative path being relative to the config file's directory."""
+    chosen = ports("web")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server_table = {"control_socket": "ctl.sock"} if how == "server-table" else None
+    text = render(server=server_table, groups={"web": group(chosen["web"])})
+    env = {"FASTPOOL_CONTROL_SOCKET": "ctl.sock"} if how == "environment" else None
+    args = ("--control-socket", "ctl.sock") if how == "flag" else ()
+    server = clusters.start(text, workers=1, ports=chosen, cwd=elsewhere, env=env, args=args)
+    server.control = tmp_path / "ctl.sock"
+    assert server.status()["master"] == server.pid
+    assert not (elsewhere / "ctl.sock").exists()
+    config = ("--config", str(server.config))
+    result = fastpool("status", "--json", *config, *args, cwd=elsewhere, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["master"] == server.pid
+    # The flag beats the environment, as for serve.
+    result = fastpool("status", "--json", *config, "--control-socket", "ctl.sock",
+                      cwd=elsewhere, env={"FASTPOOL_CONTROL_SOCKET": "wrong.sock"})
+    assert result.returncode == 0, result.stderr
+    result = fastpool("status", *config, cwd=elsewhere,
+                      env={"FASTPOOL_CONTROL_SOCKET": "wrong.sock"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: no control socket at ") and \
+        str(tmp_path / "wrong.sock") in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------- reload, scale, TTIN/TTOU

@@ -273,6 +273,21 @@ def test_no_access_log_by_default(serve):
     assert not ACCESS_LINE.findall(server.log)
 
 
+@pytest.mark.parametrize("app", ["apps_http:app", "apps_http_asgi:app"], ids=["wsgi", "asgi"])
+def test_access_log_to_a_closed_stdout_is_switched_off_and_the_worker_serves_on(serve, app):
+    """``fastpool serve --access-log - | head -1`` once head has gone: the
+    worker warns once and keeps serving; it neither crashes nor logs a traceback."""
+    server = serve(app, "--access-log", "-", stdout_closed=True)
+    (worker,) = server.booted_workers()
+    for _ in range(3):
+        assert fetch(server, "/pid") == (200, str(worker).encode())
+    warnings = error_lines(server.log, "access log: stdout is closed")
+    assert len(warnings) == 1 and f"[{worker}] [WARNING]" in warnings[0], server.log
+    assert server.stop() == 0
+    assert "Traceback" not in server.log and "BrokenPipeError" not in server.log, server.log
+    assert "exited with code" not in server.log, server.log
+
+
 def test_access_log_to_a_file(serve, tmp_path):
     path = tmp_path / "logs" / "access.log"
     path.parent.mkdir()

@@ -12,6 +12,7 @@ worker that served it.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -262,6 +263,99 @@ def test_repeated_timeouts_are_not_a_crash_loop(clusters):
     assert server.group_status("slow")["restarts"] == 3
 
 
+# ---------------------------------------------------------------- stopped while booting
+
+
+def held(server) -> list[int]:
+    """Pids of the workers waiting in apps_groups_heldboot's import."""
+    return [int(pid) for pid in re.findall(r"^boot held (\d+)$", server.log, re.M)]
+
+
+def start_held(clusters, tmp_path, workers: int, hold: bool):
+    """A server of apps_groups_heldboot (crash_limit 1: one worker dying
+    early is a crash loop); with ``hold``, its first workers wait in their boot."""
+    gate = tmp_path / "hold-boot"
+    if hold:
+        gate.write_text("")
+    chosen = ports("web")
+    text = render(groups={"web": group(chosen["web"], workers, app="apps_groups_heldboot:app",
+                                       crash_limit=1)})
+    server = clusters.start(text, workers=workers, ports=chosen, wait=not hold,
+                            env={"TEST_BOOT_HOLD": str(gate)})
+    return server, gate, chosen["web"]
+
+
+def assert_ordinary_stop(server, pid: int, booted: bool = True) -> None:
+    """The worker ``pid`` stopped without serving, and the master says so plainly.
+    ``booted``: it finished its boot first (and says why it stops), rather than
+    leaving in the middle of it (QUIT)."""
+    log = server.log
+    assert re.search(rf"^.*\[INFO\] Worker \d \(pid {pid}\) of group web exited$", log,
+                     re.M), log
+    said = re.search(rf"\[{pid}\] \[INFO\] Worker \d \(pid {pid}\) of group web stops: "
+                     r"SIG(TERM|USR2) arrived while it booted", log)
+    assert bool(said) == booted, log
+    assert f"Booting worker 1 with pid: {pid}" not in log, log
+    assert "killed by signal" not in log, log
+    assert "crash" not in log and "died while booting" not in log, log
+    assert "Traceback" not in log, log
+
+
+def test_scale_down_of_a_booting_worker_is_an_ordinary_stop(clusters, tmp_path):
+    server, gate, port = start_held(clusters, tmp_path, workers=1, hold=False)
+    (first,) = server.wait_group("web", 1)
+    gate.write_text("")
+    assert server.fastpool("scale", "web", "+1").returncode == 0
+    (booting,) = wait_for(lambda: held(server), what=f"a worker held in its boot:\n{server.log}")
+    assert {w["pid"]: w["state"] for w in server.group_status("web")["workers"]} == {
+        first: "serving", booting: "booting"}
+    result = server.fastpool("scale", "web", "-1")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "Scaling group web to 1 worker(s)" in server.log, what="the scale-down")
+    gate.unlink()     # its import ends; it must now stop instead of serving
+    wait_for(lambda: not alive(booting), what=f"the booting worker to stop:\n{server.log}")
+    wait_for(lambda: children(server.pid) == [first], what="the first worker alone")
+    assert_ordinary_stop(server, booting)
+    status = server.group_status("web")
+    assert status["state"] == "running" and status["restarts"] == 0, status
+    assert [w["pid"] for w in status["workers"]] == [first]
+    assert {fetch(port)[2] for _ in range(5)} == {first}
+
+
+def test_ttou_while_the_server_boots_does_not_stop_it(clusters, tmp_path):
+    server, gate, port = start_held(clusters, tmp_path, workers=2, hold=True)
+    pids = wait_for(lambda: len(held(server)) == 2 and held(server),
+                    what=f"two workers held in their boot:\n{server.log}")
+    server.proc.send_signal(signal.SIGTTOU)
+    wait_for(lambda: "Handling signal: SIGTTOU (web: 1 worker(s))" in server.log,
+             what="the TTOU")
+    gate.unlink()
+    (serving,) = server.wait_group("web", 1)
+    (stopped,) = set(pids) - {serving}
+    wait_for(lambda: not alive(stopped), what=f"the retired worker to stop:\n{server.log}")
+    assert server.proc.poll() is None, server.log
+    assert_ordinary_stop(server, stopped)
+    assert server.group_status("web")["restarts"] == 0
+    assert fetch(port)[2] == serving
+    assert server.stop() == 0, server.log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT], ids=["TERM", "QUIT"])
+def test_stopping_a_server_whose_workers_boot_is_a_clean_stop(clusters, tmp_path, sig):
+    server, gate, _ = start_held(clusters, tmp_path, workers=2, hold=True)
+    pids = wait_for(lambda: len(held(server)) == 2 and held(server),
+                    what=f"two workers held in their boot:\n{server.log}")
+    server.proc.send_signal(sig)
+    wait_for(lambda: "Handling signal: " + signal.Signals(sig).name in server.log,
+             what="the stop")
+    if sig == signal.SIGTERM:
+        gate.unlink()    # graceful: they stop once booted; QUIT ends them in their boot
+    assert wait_exit(server, 15) == 0, server.log
+    assert not any(map(alive, pids))
+    for pid in pids:
+        assert_ordinary_stop(server, pid, booted=sig == signal.SIGTERM)
+
+
 # ---------------------------------------------------------------- custom processes
 
 
@@ -296,6 +390,51 @@ def test_custom_process_is_respawned_with_backoff_and_stopped_by_term(clusters):
     assert server.stop(signal.SIGTERM) == 0, server.log
     wait_for(lambda: not any(map(alive, everyone + starts())), timeout=5,
              what="every child to exit")
+
+
+def test_a_config_of_processes_only_is_supervised(clusters):
+    """No [group.*] at all: the master supervises the processes; status, reload,
+    the control socket and TERM work without a single worker group."""
+    text = render(processes={"mailer": {"target": "apps_groups:consume", "count": 2}})
+    server = clusters.start(text, workers=0, ports={})
+    # The control socket listens before the first child starts.
+    wait_for(lambda: "Starting process mailer" in server.log, what=f"a mailer:\n{server.log}")
+    plan = server.fastpool("check")
+    assert plan.returncode == 0, plan.stderr
+    assert "process mailer: target apps_groups:consume x 2" in plan.stdout
+
+    def mailers() -> list[int]:
+        return server.status()["processes"][0]["pids"]
+
+    first = wait_for(lambda: len(mailers()) == 2 and mailers(), what=f"2 mailers:\n{server.log}")
+    assert children(server.pid) == first
+    result = server.fastpool("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["master"] == server.pid and status["groups"] == []
+    result = server.fastpool("status")
+    assert result.returncode == 0, result.stderr
+    assert "process mailer (running): apps_groups:consume, 2/2 running" in result.stdout
+    # A process that dies is respawned.
+    os.kill(first[0], signal.SIGKILL)
+    again = wait_for(lambda: len(mailers()) == 2 and first[0] not in mailers() and mailers(),
+                     what=f"the mailer to be respawned:\n{server.log}")
+    assert first[1] in again
+    # A reload re-reads the file: three new mailers replace the two.
+    server.config.write_text(render(processes={"mailer": {"target": "apps_groups:consume",
+                                                          "count": 3}}))
+    result = server.fastpool("reload")
+    assert result.returncode == 0, result.stderr
+    third = wait_for(lambda: len(mailers()) == 3 and not set(again) & set(mailers())
+                     and mailers(), what=f"3 new mailers:\n{server.log}")
+    wait_for(lambda: children(server.pid) == third, what="the old mailers to be reaped")
+    result = server.fastpool("scale", "web", "+1")
+    assert result.returncode == 1 and "no group named 'web'" in result.stderr
+    server.proc.send_signal(signal.SIGTTIN)
+    wait_for(lambda: "SIGTTIN (no worker groups" in server.log, what="the TTIN")
+    assert server.stop(signal.SIGTERM) == 0, server.log
+    assert not any(map(alive, first + again + third))
+    assert "Booting worker" not in server.log and "ERROR" not in server.log, server.log
 
 
 # ---------------------------------------------------------------- graceful stop

@@ -3,7 +3,9 @@
 Rules: flags come from the settings table (``fastpool.settings``), never
 written here; every operator error is one line on stderr starting with
 ``Error:`` and a non-zero exit (2 for bad usage or configuration, 1 when the
-master cannot be reached).
+master cannot be reached).  A command whose stdout is closed early (``fastpool
+status | head -1``) stops quietly with exit 141, as a tool killed by SIGPIPE
+does in the shell.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fastpool import __version__, core, settings
 from fastpool.control import ControlError, format_status, request
@@ -24,7 +27,29 @@ from fastpool.sockets import check_addresses
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with operator errors as one ``Error:`` line (exit 2), not a usage dump."""
+    """argparse with operator errors as one ``Error:`` line (exit 2), not a usage dump;
+    no abbreviated flags (``--work`` is not ``--workers``); an unknown flag of a
+    subcommand points at that subcommand's help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.leftover: list[str] = []
+        self.commands: dict[str, _Parser] = {}
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = super().parse_known_args(args, namespace)
+        self.leftover = list(extras)   # a subcommand's, read back by the top parser
+        return namespace, extras
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(namespace, "command", None) or "")
+            if command is not None and command.leftover:
+                command.error(f"unrecognized arguments: {' '.join(command.leftover)}")
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"Error: {message} (see '{self.prog} --help')\n")
@@ -86,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("group", metavar="G")
     scale.add_argument("delta", metavar="+N|-N")
     _add_control_target(scale)
+    parser.commands = dict(commands.choices)
     return parser
 
 
@@ -95,27 +121,18 @@ def version_text() -> str:
 
 
 def control_path(args: argparse.Namespace) -> Path:
-    """Where the master listens: --control-socket, else the config's
-    control_socket (relative to the config file), else ./.fastpool.sock."""
-    if args.control_socket:
-        return Path(args.control_socket)
-    raw = os.environ.get("FASTPOOL_CONTROL_SOCKET")
-    if raw:
-        return Path(raw)
-    path, data = settings.find_config(args.config)
-    server = data.get("server", {}) if isinstance(data.get("server", {}), dict) else {}
-    configured = Path(server.get("control_socket",
-                                 settings.SETTINGS_BY_NAME["control_socket"].default))
-    if configured.is_absolute():
-        return configured
-    return (path.parent if path is not None else Path.cwd()) / configured
+    """Where the master listens: the ``control_socket`` setting, resolved as
+    ``fastpool serve`` resolves it (flag, environment, config file, default;
+    relative to the config file's directory, else the current one)."""
+    return settings.load_server(vars(args), os.environ, args.config).control_path
 
 
 def _plan(config: settings.ServerConfig) -> str:
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
         lines.append(
-            f"group {name}: app {group.app}, listen {', '.join(group.listen) or '-'}, "
+            f"group {name}: app {group.app}, listen {', '.join(group.listen) or '-'}"
+            f"{' (the default)' if group.listen_source == 'default' else ''}, "
             f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "
@@ -143,7 +160,25 @@ def _check(config: settings.ServerConfig) -> None:
             raise settings.ConfigError(f"process {name}: {exc}") from None
 
 
+# 128 + SIGPIPE: what the shell reports for a tool whose reader went away.
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()    # a reader that left shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        # Nobody reads stdout any more: nothing to say, and nowhere to say it.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -185,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(reply, indent=2) if args.json else format_status(reply))
             elif args.command == "reload":
                 request(path, {"command": "reload", "group": args.group})
-                print(f"reloading {('group ' + args.group) if args.group else 'all groups'}")
+                print(f"reloading {('group ' + args.group) if args.group else 'the config'}")
             else:
                 try:
                     delta = int(args.delta)

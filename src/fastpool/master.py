@@ -19,6 +19,9 @@ Rules of this module (the model is gunicorn's arbiter):
   Later, workers that die within ``CRASH_WINDOW`` of boot ``crash_limit``
   times in a row mark their group crash-looping: it is stopped, and
   ``on_crash_loop`` says whether the server stops too.
+* One master per control socket: a server whose control socket already has a
+  master listening on it refuses to start (exit 2, before it binds or forks
+  anything); a stale socket file with nobody listening is replaced.
 * TERM and INT: graceful stop.  QUIT, or a second INT: immediate stop.
   HUP: reload.  TTIN/TTOU: one worker more/less in every group.  USR1:
   workers reopen their access logs.
@@ -39,9 +42,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, core, worker
+from fastpool import __version__, control, core, worker
 from fastpool.handoff import Admission, Queues
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
@@ -56,6 +60,11 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD
 CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
 PROCESS_BACKOFF_MAX = 30.0
+CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
+
+
+class ControlSocketInUse(Exception):
+    """Another process listens on this server's control socket."""
 
 
 @dataclass
@@ -100,6 +109,28 @@ class ProcessGroup:
     state: str = "running"
 
 
+def control_socket_user(path: Path) -> str | None:
+    """Who listens on the control socket ``path`` ("another fastpool master
+    (pid N)"), or None when nobody does: no file, or a stale one."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except PermissionError:
+        return "a process this user may not reach (another user's fastpool master?)"
+    except OSError:
+        return None     # not a usable socket path: binding it says why
+    finally:
+        probe.close()
+    try:
+        reply = control.request(path, {"command": "status"}, timeout=2)
+        return f"another fastpool master (pid {int(reply['master'])})"
+    except (control.ControlError, OSError, KeyError, TypeError, ValueError):
+        return "another process (it does not answer as a fastpool master)"
+
+
 def rss_kib(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm") as handle:
@@ -125,6 +156,7 @@ class Master:
         self.board = Scoreboard()
         self.queues: Queues | None = None      # handoff queues, when any group has routes
         self.control: socket.socket | None = None
+        self.control_path = config.control_path     # fixed at start: a reload cannot move it
         self.booted = False      # every group at start-up has had a READY worker
 
     # ---------------------------------------------------------------- start
@@ -133,6 +165,9 @@ class Master:
         setup_error_log(self.config.log_level)
         try:
             return self._run()
+        except ControlSocketInUse as exc:
+            print(f"Error: {exc}", file=sys.stderr, flush=True)
+            return CONTROL_SOCKET_IN_USE
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
@@ -150,6 +185,8 @@ class Master:
         except core.CompiledCoreMissing as exc:
             log.error("%s", exc)
             return 1
+        # First: a second server in the same place must not bind or fork anything.
+        self.open_control()
         check_addresses(config)
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
@@ -163,16 +200,21 @@ class Master:
         for name, process_config in config.processes.items():
             self.processes[name] = ProcessGroup(process_config)
         self.setup_routing()
+        # Start-up is over once every group has served; with no group (a
+        # config of processes only) it is over at once.
+        self.booted = not self.groups
 
         log.info("Starting fastpool %s (master pid %d)", __version__, self.pid)
         for group in self.groups.values():
             for text in group.listeners.describe():
                 log.info("Listening at: %s (group %s, %d worker(s))", text, group.config.name,
                          group.wanted)
+        if not self.groups:
+            log.info("No worker groups: supervising %s only",
+                     ", ".join(f"process {name}" for name in self.processes))
         worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.open_control()
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         self.maintain()
@@ -227,20 +269,17 @@ class Master:
     # ---------------------------------------------------------------- control socket
 
     def open_control(self) -> None:
-        path = self.config.control_path
+        """Listen on the control socket; raise ``ControlSocketInUse`` when a
+        master already listens there (a stale file with nobody behind it is
+        replaced)."""
+        path = self.control_path
+        in_use = control_socket_user(path)
+        if in_use is not None:
+            raise ControlSocketInUse(
+                f"control socket {path} is in use by {in_use}; stop that one, or give this "
+                "server its own socket with --control-socket PATH (control_socket in "
+                "[server] of the config file)")
         try:
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(1)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                pass
-            else:
-                log.warning("control socket %s belongs to another running master; "
-                            "fastpool status/reload/scale will not reach this one", path)
-                return
-            finally:
-                probe.close()
             if path.exists() or path.is_symlink():
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -263,7 +302,7 @@ class Master:
             self.control.close()
             self.control = None
             try:
-                self.config.control_path.unlink()
+                self.control_path.unlink()
             except OSError:
                 pass
 
@@ -387,7 +426,8 @@ class Master:
                 for group in self.groups.values():
                     group.wanted = max(1, group.wanted + delta)
                 log.info("Handling signal: %s (%s)", name,
-                         ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items()))
+                         ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items())
+                         or "no worker groups: nothing to scale")
             elif signum == signal.SIGUSR1:
                 log.info("Handling signal: %s (reopen log files)", name)
                 self.kill_children(signal.SIGUSR1, kind="worker")
@@ -400,15 +440,31 @@ class Master:
             socks.extend(group.listeners.all_sockets())
         return socks
 
-    def fork(self, child_main: Callable[[], int], keep: list[socket.socket]) -> int:
-        """Fork; in the child run ``child_main`` and exit with its code."""
-        pid = os.fork()
+    def fork(self, child_main: Callable[[], int], keep: list[socket.socket],
+             is_worker: bool = False) -> int:
+        """Fork; in the child run ``child_main`` and exit with its code.
+
+        Signals stay blocked across the fork until the child has set its
+        handlers: a worker stopped the moment it is born stops cleanly and
+        ignores the master's signals (``worker.catch_boot_signals``); a
+        process meets the default actions, as before its target runs."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                      {*HANDLED_SIGNALS, *worker.BOOT_SIGNALS})
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return pid
         code = 1
         try:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            if is_worker:
+                worker.catch_boot_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self.wake_r, self.wake_w, self.notify_r):
                 os.close(fd)
             if self.control is not None:
@@ -442,7 +498,7 @@ class Master:
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
             notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
-        ), [b.sock for b in sockets])
+        ), [b.sock for b in sockets], is_worker=True)
         self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
                                    group.generation)
 
@@ -598,8 +654,11 @@ class Master:
             self.exit_code = worker.WORKER_BOOT_ERROR
             self.stop(graceful=False)
             return
-        if not child.retiring:
-            group.restarts += 1
+        if child.retiring:
+            # The master ended it (scale-down, reload, group stop): not a restart,
+            # and says nothing about a crash loop either way.
+            return
+        group.restarts += 1
         # A crash loop is workers dying right after boot, before doing any work:
         # not a worker that served requests, nor one aborted for its timeout.
         if (not crashed or served or child.abort_sent

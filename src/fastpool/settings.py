@@ -239,13 +239,15 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("--ws-per-message-deflate",)),
     Setting("listen", "list", None,
             "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
-            "command line: --bind (repeatable) or --host/--port.",
+            "command line: --bind (repeatable) or --host/--port. A group that sets none (and "
+            "has no routes) listens on host:port; two such groups are a config error.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`"),
     Setting("host", "str", "127.0.0.1",
-            "Host to listen on when no --bind is given (command line only).",
-            scope="server", flags=("--host",)),
-    Setting("port", "int", 8000, "Port to listen on when no --bind is given (command line only).",
-            scope="server", flags=("--port",), check=_port),
+            "Host of the default listen address: of a group that sets no listen, or of the "
+            "command line without --bind.", scope="server", flags=("--host",)),
+    Setting("port", "int", 8000,
+            "Port of the default listen address: of a group that sets no listen, or of the "
+            "command line without --bind.", scope="server", flags=("--port",), check=_port),
     Setting("workers", "int", _default_workers, "Worker processes.",
             flags=("-w", "--workers"), metavar="N", check=at_least(1),
             default_doc="$WEB_CONCURRENCY or 1"),
@@ -350,7 +352,8 @@ SETTINGS: tuple[Setting, ...] = (
             check=choice("debug", "info", "warning", "error", "critical")),
     Setting("control_socket", "str", ".fastpool.sock",
             "The master's control socket (mode 0600) for fastpool status/reload/scale; "
-            "relative paths are relative to the config file's directory (or the current one).",
+            "relative paths are relative to the config file's directory (or the current one). "
+            "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
     # ---- [process.NAME] tables
     Setting("target", "str", None,
@@ -385,10 +388,15 @@ class _Values:
 
 @dataclass
 class GroupConfig(_Values):
-    """The settings of one worker group (plain, picklable values)."""
+    """The settings of one worker group (plain, picklable values).
+
+    ``listen_source`` says where its listen addresses came from, for messages:
+    ``group`` (its table, a flag or the environment), ``server`` (``[server]
+    listen``) or ``default`` (none set: the server's host and port)."""
 
     name: str
     values: dict[str, Any]
+    listen_source: str = "group"
 
 
 @dataclass
@@ -507,14 +515,14 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
          config: str | None = None, app: str | None = None) -> ServerConfig:
     """Resolve flags, environment and config file into a ``ServerConfig``.
 
-    With a config file, groups and processes come from it; without one, the
-    command line describes a single group named ``main``.
+    With a config file, groups and processes come from it (either may be
+    absent, not both: a file of processes only is supervised, serving
+    nothing); without one, the command line describes a single group named
+    ``main``.
     """
     environ = os.environ if environ is None else environ
     path, data = find_config(config)
-    label = path.name if path is not None else ""
-    if path is not None and path.name == "pyproject.toml":
-        label = "pyproject.toml: [tool.fastpool]"
+    label = _label(path)
 
     if path is None or (app is not None and config is None):
         # The command line alone (a pyproject table is ignored when APP is given).
@@ -533,20 +541,14 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                               "[group.NAME] or [process.NAME])")
         raise ConfigError(f"{label}: unknown key {key!r} at the top level (settings go in "
                           "[server] or a [group.NAME] table)")
-    server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
-                               SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
-
-    values: dict[str, Any] = {}
-    for setting in SERVER_SETTINGS:
-        given = _given(setting, cli, environ)
-        if given is None:
-            given = server_table.get(setting.name)
-        values[setting.name] = setting.resolve_default() if given is None else given
-    result = ServerConfig(values=values, path=path)
+    result, server_table = _server(cli, environ, path, data, label)
+    values = result.values
 
     groups = _table(data.get("group", {}), f"{label} [group]")
-    if not groups:
-        raise ConfigError(f"{label}: no [group.NAME] table: nothing to serve")
+    processes = _table(data.get("process", {}), f"{label} [process]")
+    if not groups and not processes:
+        # Groups serve; processes alone are supervised. Neither: nothing to run.
+        raise ConfigError(f"{label}: no [group.NAME] or [process.NAME] table: nothing to run")
     cli_listen = cli.get("listen")
     for name, table in groups.items():
         where = f"{label}: [group.{name}]" if path is not None else ""
@@ -562,17 +564,17 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             resolved[setting.name] = setting.resolve_default() if given is None else given
         if not resolved["app"]:
             raise ConfigError(f"{where}: no app (set app here or in [server])")
+        source = "server" if "listen" not in group_values and "listen" in server_table \
+            else "group"
         if not resolved["listen"] and resolved["routes"]:
             resolved["listen"] = []     # served through the other groups' listeners
         elif not resolved["listen"]:
-            if path is not None:
-                raise ConfigError(f"{where}: no listen address (set listen here or in "
-                                  "[server])")
+            # The documented default: the server's host and port (127.0.0.1:8000).
             resolved["listen"] = [host_port(values["host"], values["port"])]
-        result.groups[name] = GroupConfig(name, resolved)
+            source = "default"
+        result.groups[name] = GroupConfig(name, resolved, source)
     _check_routes(result, label)
 
-    processes = _table(data.get("process", {}), f"{label} [process]")
     for name, table in processes.items():
         where = f"{label}: [process.{name}]"
         process_values = _read_table(_table(table, where), PROCESS_SETTINGS, where)
@@ -585,6 +587,38 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                 resolved[setting.name] = setting.resolve_default()
         result.processes[name] = ProcessConfig(name, resolved)
     return result
+
+
+def load_server(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                config: str | None = None) -> ServerConfig:
+    """Only the server's own settings (no groups, no processes), with the same
+    precedence as ``load``: what ``fastpool status/reload/scale`` need to find
+    a running master's control socket."""
+    environ = os.environ if environ is None else environ
+    path, data = find_config(config)
+    return _server(cli, environ, path, data, _label(path))[0]
+
+
+def _label(path: Path | None) -> str:
+    """How messages name the config file."""
+    if path is None:
+        return ""
+    return "pyproject.toml: [tool.fastpool]" if path.name == "pyproject.toml" else path.name
+
+
+def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | None,
+            data: dict[str, Any], label: str) -> tuple[ServerConfig, dict[str, Any]]:
+    """The server-scope settings, and the checked ``[server]`` table (whose
+    group rows are the default of every group)."""
+    server_table = _read_table(_table(data.get("server", {}), f"{label} [server]"),
+                               SERVER_SETTINGS + GROUP_SETTINGS, f"{label}: [server]".strip(": "))
+    values: dict[str, Any] = {}
+    for setting in SERVER_SETTINGS:
+        given = _given(setting, cli, environ)
+        if given is None:
+            given = server_table.get(setting.name)
+        values[setting.name] = setting.resolve_default() if given is None else given
+    return ServerConfig(values=values, path=path), server_table
 
 
 def _check_routes(config: ServerConfig, label: str) -> None:

@@ -100,20 +100,45 @@ def _overlap(a: Address, b: Address) -> bool:
 
 
 def check_addresses(config: ServerConfig) -> None:
-    """Every listen address parses, and no two groups share one."""
-    seen: list[tuple[str, Address]] = []
+    """Every listen address parses, and no two groups share one (the message
+    says which groups, and why a group without listen has its address)."""
+    seen: list[tuple[str, Address, str]] = []
     for name, group in config.groups.items():
         where = f"[group.{name}] listen"
         if config.path is not None:
             where = f"{config.path.name}: {where}"
         for text in group.listen:
             address = parse_address(text, where if config.path is not None else "--bind")
-            for other_name, other in seen:
+            for other_name, other, other_text in seen:
                 if other_name != name and _overlap(address, other):
-                    raise ConfigError(
-                        f"{where}: {text!r} is also an address of group {other_name!r}; "
-                        "two groups cannot listen on one address")
-            seen.append((name, address))
+                    raise ConfigError(_shared(config, (other_name, other_text), (name, text)))
+            seen.append((name, address, text))
+
+
+def _shared(config: ServerConfig, first: tuple[str, str], second: tuple[str, str]) -> str:
+    """The message for two groups on one address: ``(group name, address text)`` each."""
+    prefix = f"{config.path.name}: " if config.path is not None else ""
+    rule = "two groups cannot listen on one address"
+    sources = [config.groups[name].listen_source for name, _ in (first, second)]
+    if sources == ["group", "group"]:
+        name, text = second
+        return (f"{prefix}[group.{name}] listen: {text!r} is also an address of group "
+                f"{first[0]!r}; {rule}")
+    if sources[0] == sources[1] and first[1] == second[1]:
+        origin = "the default" if sources[0] == "default" else "[server] listen"
+        return (f"{prefix}[group.{first[0]}] and [group.{second[0]}] set no listen, so both "
+                f"get {origin} {second[1]!r}; {rule}: set listen in each group")
+
+    def side(name: str, text: str, source: str) -> str:
+        if source == "group":
+            return f"[group.{name}] listens on {text!r}"
+        origin = "the default" if source == "default" else "[server] listen"
+        return f"[group.{name}] sets no listen, so it gets {origin} {text!r}"
+
+    unset = " and ".join(f"[group.{name}]" for (name, _), source in zip(
+        (first, second), sources, strict=True) if source != "group")
+    return (f"{prefix}{side(*first, sources[0])} and {side(*second, sources[1])}; {rule}: "
+            f"set listen in {unset}")
 
 
 def migrate_req_enabled() -> bool | None:

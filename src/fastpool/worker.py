@@ -14,9 +14,14 @@ Rules of this module:
   keep-alive connections are not cut), QUIT = immediate exit, USR1 = reopen
   the access log; INT, HUP, TTIN, TTOU are the master's business (a Ctrl-C
   reaches the whole process group; the master then stops the workers in
-  order).  SIGABRT dumps every thread's Python stack (faulthandler) before
-  the process dies: that is how the master's ``timeout`` shows where a worker
-  was stuck.
+  order).  From its first instruction (the master blocks these signals
+  across the fork, ``catch_boot_signals`` takes them in the child) a worker
+  that is still booting keeps a TERM or USR2 as "stop requested" and, once
+  its boot is done, exits 0 without serving; a QUIT exits at once, with 0; a
+  USR1 reopens the access log once it is booted.  No default action ever
+  kills a booting worker.  SIGABRT dumps every thread's Python stack
+  (faulthandler) before the process dies: that is how the master's
+  ``timeout`` shows where a worker was stuck.
 * A child stops when the master dies: PR_SET_PDEATHSIG, backed by a getppid
   check in the loop.
 """
@@ -47,6 +52,15 @@ APP_LOAD_ERROR = 4
 
 PR_SET_PDEATHSIG = 1
 MASTERS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# What the master sends a worker to end it (graceful stop, retire, immediate).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT)
+# Caught from a worker's first instruction: the stop signals and USR1 (reopen logs).
+BOOT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
+
+# What a booting worker was asked (read once it has booted): the stop signal
+# it received (0: none), and whether to reopen its access log.
+_stop_requested = 0
+_reopen_requested = False
 
 log = logging.getLogger("fastpool.error")
 
@@ -62,6 +76,26 @@ def set_title(title: str) -> None:
     except ImportError:
         return
     setproctitle(title)
+
+
+def catch_boot_signals() -> None:
+    """The first thing a forked worker does (while the master still blocks
+    its signals): what the master asks during the boot is kept for when the
+    worker has booted, never fatal; the master's own signals are ignored."""
+    for signum in BOOT_SIGNALS:
+        signal.signal(signum, _while_booting)
+    for signum in MASTERS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _while_booting(signum: int, frame: Any) -> None:
+    global _stop_requested, _reopen_requested
+    if signum == signal.SIGUSR1:
+        _reopen_requested = True
+        return
+    _stop_requested = signum
+    if signum == signal.SIGQUIT:
+        raise SystemExit(0)    # QUIT means now, booted or not
 
 
 def notify(fd: int, kind: str, message: str = "") -> None:
@@ -184,6 +218,14 @@ def run_worker(
     signal.signal(signal.SIGUSR2, on_retire)
     signal.signal(signal.SIGQUIT, on_quit)
     signal.signal(signal.SIGUSR1, on_reopen)
+    if _reopen_requested and access_log is not None:
+        access_log.reopen()
+    if _stop_requested:
+        # Asked to stop while booting (a scale-down, a stop): never serve.
+        # A stop from here on reaches the loop, which returns at once.
+        log.info("Worker %d (pid %d) of group %s stops: %s arrived while it booted", slot,
+                 os.getpid(), group.name, signal.Signals(_stop_requested).name)
+        return 0
     # Everything imported so far lives as long as the worker: move it out of
     # the cyclic GC's generations so collections only scan per-request garbage.
     gc.collect()

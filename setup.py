@@ -40,8 +40,12 @@ setup(
         nthreads=os.cpu_count() or 1,
         compiler_directives={
             "language_level": "3",
-            "boundscheck": False,
-            "wraparound": False,  # so a negative index is a bug: write len(x) - 1
+            # Indexing is checked: an index past the end (or a negative one,
+            # with wraparound off) raises IndexError -- a 500 or a closed
+            # connection -- instead of reading stray memory.  The checks cost
+            # a compare per list or tuple index; the hot loops index C arrays.
+            "boundscheck": True,
+            "wraparound": False,  # so a negative index is an IndexError, never x[len(x) - n]
             "cdivision": True,
             "embedsignature": True,
         },

@@ -10,6 +10,8 @@ Routes:
 * ``/echo-chunks``   the request body, read with ``read(8192)`` until empty
 * ``/noread``        ``ok`` without touching the body
 * ``/stream?n=N``    N parts from a generator, no Content-Length
+* ``/events?n=N&every=S``  N server-sent events, one every S seconds (a generator
+  that sleeps between them: each must reach the client when it is produced)
 * ``/big?size=N``    N bytes of ``pattern`` in 64 KiB blocks; ``&chunked=1``: no length
 * ``/close``         ``bye`` with an app header ``Connection: close``
 * ``/status/NNN``    that status, empty generator body
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from urllib.parse import parse_qs
 
 BLOCK = 65536
@@ -45,9 +48,14 @@ def pattern(size: int) -> bytes:
     return b"".join(parts)
 
 
+# (index + i) % 251 for i in range(...), for any index: a slice of this.
+_CYCLE = bytes(i % 251 for i in range(251 + BLOCK))
+
+
 def block(index: int) -> bytes:
     head = b"[block %08d]" % index
-    return head + bytes((index + i) % 251 for i in range(BLOCK - len(head)))
+    start = index % 251
+    return head + _CYCLE[start:start + BLOCK - len(head)]
 
 
 def _query(environ) -> dict[str, str]:
@@ -74,6 +82,13 @@ def _stream(count: int):
         yield b"part %d\n" % i
 
 
+def _events(count: int, every: float):
+    for i in range(count):
+        if i:
+            time.sleep(every)
+        yield b"data: %d\n\n" % i
+
+
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     method = environ["REQUEST_METHOD"]
@@ -97,6 +112,10 @@ def app(environ, start_response):
     if path == "/stream":
         start_response("200 OK", text)
         return _stream(int(_query(environ).get("n", "5")))
+    if path == "/events":
+        query = _query(environ)
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        return _events(int(query.get("n", "5")), float(query.get("every", "0.2")))
     if path == "/big":
         query = _query(environ)
         size = int(query["size"])

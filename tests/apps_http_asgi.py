@@ -14,6 +14,7 @@ Routes (see apps_http.py):
   (a ``http.disconnect`` ends the route without a response)
 * ``/noread``        ``ok`` without receiving the body
 * ``/stream?n=N``    N parts, one ``http.response.body`` each, no Content-Length
+* ``/events?n=N&every=S``  N server-sent events, one every S seconds
 * ``/big?size=N``    N bytes of ``pattern`` in 64 KiB messages; ``&chunked=1``: no length
 * ``/close``         ``bye`` with an app header ``Connection: close``
 * ``/status/NNN``    that status, an empty body, no length
@@ -29,6 +30,7 @@ Routes (see apps_http.py):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -91,6 +93,17 @@ async def app(scope: dict[str, Any], receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": TEXT})
         for i in range(int(_query(scope).get("n", "5"))):
             await send({"type": "http.response.body", "body": b"part %d\n" % i,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/events":
+        query = _query(scope)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(int(query.get("n", "5"))):
+            if i:
+                await asyncio.sleep(float(query.get("every", "0.2")))
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
                         "more_body": True})
         await send({"type": "http.response.body", "body": b""})
         return

@@ -37,3 +37,21 @@ def echo_json():
 def aborted():
     abort(500)
 
+
+
+@app.get("/events")
+def events():
+    """Server-sent events from a generator that needs the request context
+    (``stream_with_context``) and sleeps between events."""
+    import time
+
+    from flask import stream_with_context
+
+    def generate():
+        count = int(request.args.get("n", "5"))
+        for i in range(count):
+            if i:
+                time.sleep(float(request.args.get("every", "0.2")))
+            yield f"data: {i} {request.path}\n\n"
+
+    return app.response_class(stream_with_context(generate()), mimetype="text/event-stream")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -48,7 +49,7 @@ class Server:
 
     def __init__(self, args: list[str], *, port: int | None, workers: int,
                  env: dict[str, str] | None, cwd: Path, log_path: Path,
-                 stdout_closed: bool = False) -> None:
+                 stdout_closed: bool = False, nofile: int | None = None) -> None:
         self.port = port
         self.host = "127.0.0.1"
         self.workers = workers
@@ -72,6 +73,9 @@ class Server:
                 [sys.executable, "-m", "fastpool", "serve", *args],
                 stdout=stdout, stderr=self._log, cwd=cwd, env=full_env,
                 start_new_session=True,
+                # nofile: the descriptor limit of the server (and its workers).
+                preexec_fn=None if nofile is None else lambda: resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (nofile, nofile)),
             )
         finally:
             if stdout_closed:
@@ -151,7 +155,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(app: str, *args: str, workers: int = 1, wait: bool = True,
               env: dict[str, str] | None = None, cwd: Path | None = None,
-              stdout_closed: bool = False) -> Server:
+              stdout_closed: bool = False, nofile: int | None = None) -> Server:
         argv = [app, *args]
         port: int | None = None
         if not any(a in ("--port", "--bind", "-b") or a.startswith("--bind=") for a in args):
@@ -170,7 +174,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             workers = int(args[index + 1])
         server = Server(argv, port=port, workers=workers, env=env, cwd=cwd or tmp_path,
                         log_path=tmp_path / f"server-{len(servers)}.log",
-                        stdout_closed=stdout_closed)
+                        stdout_closed=stdout_closed, nofile=nofile)
         servers.append(server)
         if wait:
             server.wait_ready()

@@ -51,6 +51,7 @@ from fastpool._http cimport (
 
 import asyncio
 import logging
+import types
 from asyncio.selector_events import BaseSelectorEventLoop
 import os
 import signal
@@ -70,6 +71,8 @@ cdef enum:
     MAX_PIPELINED = 32
     # Connections accepted per readiness callback of a listener.
     ACCEPT_BATCH = 64
+    # Response bytes an app may send without the loop getting a turn.
+    HIGH_WATER = 262144
     # The lingering close: the client's input is drained at most this long.
     LINGER_SECONDS = 2
 
@@ -77,6 +80,16 @@ cdef enum:
 cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
 cdef object Task = asyncio.Task
 cdef object CancelledError = asyncio.CancelledError
+
+
+async def sleep0():
+    """One turn of the event loop (asyncio.sleep(0) without its checks)."""
+    await _yield_once()
+
+
+@types.coroutine
+def _yield_once():
+    yield
 
 cdef dict ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
 cdef dict DISCONNECT = {"type": "http.disconnect"}
@@ -166,6 +179,7 @@ cdef class Cycle:
     cdef bint client_eof           # the client will send nothing more (it may still read)
     cdef object waiter             # the future receive() waits on
     cdef object task               # the app's task while it is pending
+    cdef long long turn_start      # body bytes sent when the app last let the loop run
 
     async def receive(self):
         cdef ASGIRequest request = self.request
@@ -211,12 +225,20 @@ cdef class Cycle:
                 raise RuntimeError("ASGI: http.response.body sent before http.response.start")
             if self.complete:
                 raise RuntimeError("ASGI: http.response.body sent after the response completed")
-            if self.disconnected:
+            if self.disconnected or conn.closed or conn.transport.is_closing():
                 raise ClientDisconnected("the client closed the connection")
             body = message.get("body", b"")
             self.write_body(body, message.get("more_body", False))
-            if conn.write_paused and not self.complete:
+            if self.complete:
+                return
+            if conn.write_paused:
                 await conn.drained()
+            elif self.framing.body_sent - self.turn_start > HIGH_WATER:
+                # A client that reads as fast as the app sends never pauses
+                # the transport: let the loop serve the other connections (and
+                # notice a disconnect) once per HIGH_WATER bytes.
+                self.turn_start = self.framing.body_sent
+                await sleep0()
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI: http.response.start sent twice")
@@ -259,7 +281,7 @@ cdef class Cycle:
             conn.flush()
         return 0
 
-    cdef int fail(self, int status) except -1:
+    cdef int fail(self, int status, str detail="") except -1:
         """The app cannot give a response: answer ``status`` if nothing is out
         yet, else close (the only honest signal left)."""
         cdef ASGIConnection conn = self.conn
@@ -269,7 +291,7 @@ cdef class Cycle:
         self.framing.close = True
         self.wake()                    # a receive() waiting for the body ends now
         if not self.framing.headers_sent and not self.disconnected:
-            conn.out.write(error_response(status))
+            conn.out.write(error_response(status, detail))
             self.framing.status_code = status
         conn.flush()
         conn.response_done(self)
@@ -406,7 +428,7 @@ cdef class ASGIConnection(HttpConnection):
         if self.cycle is not None:
             if self.error_status and not self.cycle.request.body_complete:
                 # The running request's body broke a limit or its framing.
-                self.cycle.fail(self.error_status)
+                self.cycle.fail(self.error_status, self.error_reason or "")
             else:
                 self.cycle.wake()
         self.dispatch()
@@ -738,7 +760,7 @@ cdef class ASGIConnection(HttpConnection):
             if (not self.cycle.request.body_complete and not self.reading_paused and limit > 0
                     and now - self.last_activity > limit):
                 # The body stopped arriving: 408 if nothing is answered yet.
-                self.cycle.fail(408)
+                self.cycle.fail(408, "request body not received in time")
         elif self.current is not None:
             if limit > 0 and now - self.current.started > limit:
                 self.out.write(error_response(408, "request not received in time"))

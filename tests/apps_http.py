@@ -14,7 +14,7 @@ Routes:
   that sleeps between them: each must reach the client when it is produced)
 * ``/big?size=N``    N bytes of ``pattern`` in 64 KiB blocks; ``&chunked=1``: no length
 * ``/close``         ``bye`` with an app header ``Connection: close``
-* ``/status/NNN``    that status, empty generator body
+* ``/status/NNN``    that status, empty generator body; ``?length=N``: with Content-Length N
 * ``/overlong``      declares Content-Length 5, yields 10 bytes
 * ``/short``         declares Content-Length 10, yields 5 bytes
 * ``/raise``         raises before start_response
@@ -130,7 +130,9 @@ def app(environ, start_response):
     if path.startswith("/status/"):
         code = int(path.rsplit("/", 1)[1])
         reasons = {204: "No Content", 304: "Not Modified"}
-        start_response(f"{code} {reasons.get(code, 'Whatever')}", text)
+        length = _query(environ).get("length")
+        start_response(f"{code} {reasons.get(code, 'Whatever')}",
+                       text + ([("Content-Length", length)] if length else []))
         return iter([b""])
     if path == "/overlong":
         start_response("200 OK", text + [("Content-Length", "5")])

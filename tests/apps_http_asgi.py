@@ -17,7 +17,7 @@ Routes (see apps_http.py):
 * ``/events?n=N&every=S``  N server-sent events, one every S seconds
 * ``/big?size=N``    N bytes of ``pattern`` in 64 KiB messages; ``&chunked=1``: no length
 * ``/close``         ``bye`` with an app header ``Connection: close``
-* ``/status/NNN``    that status, an empty body, no length
+* ``/status/NNN``    that status, an empty body, no length; ``?length=N``: Content-Length N
 * ``/overlong``      declares Content-Length 5, sends 10 bytes
 * ``/short``         declares Content-Length 10, sends 5 bytes
 * ``/raise``         raises before ``http.response.start``
@@ -129,7 +129,9 @@ async def app(scope: dict[str, Any], receive, send) -> None:
         return
     if path.startswith("/status/"):
         code = int(path.rsplit("/", 1)[1])
-        await send({"type": "http.response.start", "status": code, "headers": TEXT})
+        length = _query(scope).get("length")
+        headers = TEXT + ([(b"content-length", length.encode())] if length else [])
+        await send({"type": "http.response.start", "status": code, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
         return
     if path == "/overlong":

@@ -474,6 +474,17 @@ def test_204_and_304_have_no_body(server, status):
         assert (following.status, following.body) == (200, b"GET /next")
 
 
+def test_an_apps_content_length_is_not_sent_with_204(server):
+    """RFC 9110 8.6: no Content-Length in a 1xx or 204 response, whatever the app says."""
+    sock, stream = connect(server)
+    with sock:
+        sock.sendall(get("/status/204?length=0") + get("/next"))
+        response = stream.head()
+        assert response.status == 204
+        assert response.header("content-length") is None
+        assert stream.response().body == b"GET /next"
+
+
 def test_app_yielding_more_than_content_length_is_cut_and_closed(server):
     sock, stream = connect(server)
     with sock:

@@ -180,6 +180,7 @@ cdef class HttpConnection:
 
 cdef struct HeadFlags:
     long long content_length
+    bint no_length              # 1xx, 204: an app's Content-Length is not sent (RFC 9110 8.6)
     bint has_date
     bint has_server
     bint connection_close

@@ -1565,6 +1565,8 @@ cdef int append_header(HeadBuf *head, dict cache, object name, object value,
     kind = entry[1]
     if kind == CONTENT_LENGTH:
         flags.content_length = entry[2]
+        if flags.no_length:
+            return 0
     elif kind == DATE:
         flags.has_date = True
     elif kind == SERVER:
@@ -1641,6 +1643,7 @@ cdef void framing_reset(Framing *framing) noexcept:
 
 cdef void flags_reset(HeadFlags *flags) noexcept:
     flags.content_length = -1
+    flags.no_length = False
     flags.has_date = False
     flags.has_server = False
     flags.connection_close = False
@@ -1700,6 +1703,7 @@ cdef int queue_head(OutBuffer out, Framing *framing, Request request, bytes line
     cdef char stack[4096]
     cdef HeadBuf head
     flags_reset(&flags)
+    flags.no_length = code < 200 or code == 204
     head_init(&head, stack, 4096)
     try:
         head_put_bytes(&head, line)

@@ -278,9 +278,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle keep-alive connection is kept open (0 disables keep-alive).",
             flags=("--keep-alive",), metavar="SECONDS", check=at_least(0)),
     Setting("header_timeout", "float", 30.0,
-            "Seconds a client may take to send a request's line, headers and buffered body, "
-            "or to accept a response's bytes, before the connection is closed (slowloris "
-            "guard).", flags=("--header-timeout",), metavar="SECONDS", check=at_least(0)),
+            "Seconds a new connection may wait before its first byte, a request's line and "
+            "headers may take from its first byte, and a request body or a response may go "
+            "without progress, before the connection is closed (slowloris guard).",
+            flags=("--header-timeout",), metavar="SECONDS", check=at_least(0)),
     Setting("max_requests", "int", 0,
             "Requests a worker serves before it is replaced (0: never), like gunicorn.",
             flags=("--max-requests",), metavar="N", check=at_least(0)),

@@ -25,6 +25,8 @@ HTTP routes:
 * ``/raise``               raises before ``http.response.start``
 * ``/raise-after-start``   sends the start and one part, then raises
 * ``/no-response``         returns without sending anything
+* ``/misuse?kind=K``       sends ASGI messages in an order or shape the spec forbids
+                           (``MISUSES``); the server must refuse each in the app's send
 * ``/bad-header?kind=K``   a response header that must never be sent (``BAD_HEADERS``)
 * ``/disconnect?tag=T``    receives until ``http.disconnect`` (noting each message in
                            ``receiving-T``), then tries to send; the outcome in ``disconnect-T``
@@ -159,6 +161,22 @@ async def lifespan(scope, receive, send) -> None:
 
 # ---------------------------------------------------------------- HTTP
 
+_START = {"type": "http.response.start", "status": 200,
+          "headers": [(b"content-type", b"text/plain")]}
+_BODY = {"type": "http.response.body", "body": b"done"}
+
+# Message sequences an app must not send; each raises in the app's send.
+MISUSES = {
+    "body-before-start": [_BODY],
+    "start-twice": [_START, _START],
+    "body-after-complete": [_START, _BODY, _BODY],
+    "unknown-type": [{"type": "http.response.bogus"}],
+    "status-not-int": [{"type": "http.response.start", "status": "200"}],
+    "status-out-of-range": [{"type": "http.response.start", "status": 42}],
+    "body-not-bytes": [_START, {"type": "http.response.body", "body": "text"}],
+    "websocket-message": [{"type": "websocket.accept"}],
+}
+
 
 async def http(scope, receive, send) -> None:
     path = scope["path"]
@@ -206,6 +224,9 @@ async def http(scope, receive, send) -> None:
         raise RuntimeError("boom after http.response.start")
     elif path == "/no-response":
         return
+    elif path == "/misuse":
+        for message in MISUSES[query(scope)["kind"]]:
+            await send(message)
     elif path == "/bad-header":
         name, value = BAD_HEADERS[query(scope)["kind"]]
         await send({"type": "http.response.start", "status": 200,

@@ -536,6 +536,23 @@ def test_exception_before_response_start_is_a_500_and_the_worker_survives(server
     assert fetch(server, "/next")[2] == b"GET /next"
 
 
+@pytest.mark.parametrize("kind", sorted(apps_asgi.MISUSES))
+def test_messages_in_the_wrong_order_or_shape_are_refused(server, kind):
+    """The app's send raises; the client gets a 500 if nothing was sent yet (else
+    the complete response it already had), the error log names the misuse, and
+    the worker serves on."""
+    pid = worker_pid(server)
+    sock, stream = connect(server)
+    with sock:
+        sock.sendall(get(f"/misuse?kind={kind}"))
+        response = stream.response()
+    expected = 200 if kind == "body-after-complete" else 500
+    assert response.status == expected
+    wait_for(lambda: f"/misuse?kind={kind}" in server.log, what="the misuse to be logged")
+    assert worker_pid(server) == pid
+    assert fetch(server, "/next")[2] == b"GET /next"
+
+
 def test_exception_after_response_start_closes_the_connection(server):
     pid = worker_pid(server)
     sock, stream = connect(server)

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -375,6 +376,25 @@ def test_a_full_group_sheds_at_once_and_others_still_answer(admission):
     assert served(slow_result)["group"] == "task"
     assert served(queued_result)["group"] == "task"
     wait_for(lambda: counts(admission)["task"]["pending"] == 0, what="an empty task queue")
+
+
+def test_a_handoff_whose_client_left_while_queued_costs_nothing(admission):
+    """The client gives up (and resets) while its connection waits in the task
+    group's queue: the worker that takes it later finds it gone, and serves on."""
+    port = admission.web
+    with ThreadPoolExecutor(2) as pool:
+        busy = start_slow(pool, admission, port, "/tast", 1.0)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(request_bytes("/tast/gone", headers=("Connection: close",)))
+        wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 1,
+                 what="the handoff waiting for the task group")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        assert served(busy.result(timeout=20))["group"] == "task"
+    wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 0,
+             what="the gone client's handoff to be taken")
+    assert served(exchange(port, "/tast/after"))["group"] == "task"
+    assert "Traceback" not in admission.log
 
 
 def test_max_queue_wait_answers_503_to_a_handoff_that_waited_too_long(admission):

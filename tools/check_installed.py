@@ -35,8 +35,9 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 # The fast subset (about a quarter of the suite's time): the suites that drive
-# the compiled core through the CPython C API (HTTP parsing and framing,
-# limits, WSGI, the bundled example) and the config-file suite (tomllib, or
+# the compiled core through the CPython C API (the request corpus in process,
+# HTTP parsing and framing, limits, WSGI, the bundled example) and the
+# config-file suite (tomllib, or
 # tomli on 3.10), less FAST_DESELECT: the HTTP tests that spend their time
 # waiting out deadlines (slow readers, slowloris, idle keep-alive), which
 # exercise timers rather than the interpreter.  Left out as well: the
@@ -46,6 +47,7 @@ from pathlib import Path
 # .github/workflows/tests.yml.
 FAST_SUBSET = (
     "test_smoke.py",
+    "test_corpus.py",
     "test_http.py",
     "test_wsgi.py",
     "test_limits.py",

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import conftest
 import pytest
-from conftest import Server, Stream, stop_server, wait_for
+from conftest import Server, Stream, read_response, stop_server, wait_for
+from test_http import get, worker_pid
 
 FAST = 0.1           # seconds: a request to a free worker takes about a millisecond
 HEADER_TIMEOUT = 2   # --header-timeout of the servers below
@@ -38,10 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator
     stop_server(srv)
 
 
-def get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
-
-
 def answered_fast(server: Server, path: str = "/fast") -> float:
     """A second client's request is answered within FAST; returns its time."""
     started = time.monotonic()
@@ -52,25 +49,6 @@ def answered_fast(server: Server, path: str = "/fast") -> float:
     assert response.status == 200
     assert elapsed < FAST, f"the other client waited {elapsed * 1000:.0f} ms"
     return elapsed
-
-
-def worker_pid(server: Server) -> int:
-    with server.connect() as sock:
-        sock.sendall(get("/pid"))
-        return int(Stream(sock).response().body)
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 # ---------------------------------------------------------------- one client never holds the worker
@@ -109,7 +87,7 @@ def test_a_client_that_stops_reading_holds_nobody(server):
         wait_for(lambda: server.log.count("took no response bytes") > before,
                  timeout=HEADER_TIMEOUT + 3, what="the stalled reader to be closed")
         # What the client had not read ends in a close.
-        read_until_closed(sock, 10)
+        read_response(sock, 10)
     assert server.log.count("took no response bytes") == before + 1
     assert worker_pid(server) == pid
 
@@ -147,7 +125,7 @@ def test_a_body_that_stops_arriving_holds_nobody_and_gets_408(server):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n12345")
         for _ in range(5):
             answered_fast(server)
-        answer = read_until_closed(sock, HEADER_TIMEOUT + 5)
+        answer = read_response(sock, HEADER_TIMEOUT + 5)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
     assert worker_pid(server) == pid
 
@@ -161,7 +139,7 @@ def test_half_close_in_the_middle_of_a_body_holds_nobody(server):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n12345")
         answered_fast(server)
         sock.shutdown(socket.SHUT_WR)
-        assert read_until_closed(sock, 5) == b""
+        assert read_response(sock, 5) == b""
         answered_fast(server)
     new_lines = server.log[len(log_before):]
     assert "Error" not in new_lines and "Traceback" not in new_lines, new_lines
@@ -227,7 +205,7 @@ def test_an_error_answered_while_the_client_still_sends_is_not_destroyed(server)
                 sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
         except (BrokenPipeError, ConnectionResetError):
             pass
-        answer = read_until_closed(sock, 10)
+        answer = read_response(sock, 10)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
     assert answer.endswith(b"request body too large\n"), answer[-100:]
 
@@ -242,7 +220,7 @@ def test_upgrade_request_with_a_body_in_a_later_read_never_kills_the_worker(serv
                          b"Upgrade: x\r\nContent-Length: 5\r\n\r\n")
             time.sleep(0.01)   # the body must come in a read of its own
             sock.sendall(b"hello")
-            answer = read_until_closed(sock, 5)
+            answer = read_response(sock, 5)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         assert answer.endswith(b"hello")
     assert worker_pid(server) == pid

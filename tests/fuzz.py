@@ -1756,17 +1756,19 @@ def shrink(case: Case, shows: Callable[[Case], bool]) -> Case:
             else:
                 i += 1
         for i in range(len(case.writes)):
-            for unit in ("line", 64, 16, 4, 1):
+            # Runs of lines (a chunk is two), then byte ranges.
+            for unit, run in (("line", 4), ("line", 2), ("line", 1), (64, 1), (16, 1), (4, 1),
+                              (1, 1)):
                 data = case.writes[i]
                 parts = (data.splitlines(keepends=True) if unit == "line"
                          else [data[j:j + unit] for j in range(0, len(data), unit)])
                 j = 0
-                while j < len(parts) and len(parts) > 1:
-                    smaller = b"".join(parts[:j] + parts[j + 1:])
+                while j < len(parts) and len(parts) > run:
+                    smaller = b"".join(parts[:j] + parts[j + run:])
                     trial = variant(case.writes[:i] + [smaller] + case.writes[i + 1:])
                     if smaller and shows(trial):
                         case, changed = trial, True
-                        parts = parts[:j] + parts[j + 1:]
+                        parts = parts[:j] + parts[j + run:]
                     else:
                         j += 1
     return case

@@ -440,6 +440,8 @@ class Mutator:
             body, after = dechunk(rest)
         lines = [line for line in head.split(b"\r\n") if line and not re.match(
             rb"(?i)(content-length|transfer-encoding)\s*:", line)]
+        if not lines:
+            lines = [b"POST / HTTP/1.1"]
         if not body and rng.random() < 0.7:
             body = rng.choice((b"hello", b"x" * 100, bytes(range(256)), b"\r\n0\r\n\r\n"))
         lines.insert(rng.randint(1, len(lines)), b"Transfer-Encoding: chunked")
@@ -1561,24 +1563,26 @@ def fuzz(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     until = started + args.seconds
-    engine.run(generator, until, args.concurrency, on_done, periodic, WATCH_EVERY)
-    elapsed = time.monotonic() - started
-    deaths.look()
-    fuzz_deaths = deaths.total
-    if server.alive():
-        try:
-            server.wait_workers(20.0)
-        except RuntimeError:
-            pass
-        triage(report, engine, server, deaths, budget=max(60.0, 2 * args.seconds))
-    else:
-        server_died = True
-    after = server.status_cli() if server.alive() else None
-    if after is not None:
-        deaths.look(after)
-    if server_died:
-        report.add_finding(Finding("death", "the master exited during the run", None, []))
-    code = server.stop()
+    try:
+        engine.run(generator, until, args.concurrency, on_done, periodic, WATCH_EVERY)
+        elapsed = time.monotonic() - started
+        deaths.look()
+        fuzz_deaths = deaths.total
+        if server.alive():
+            try:
+                server.wait_workers(20.0)
+            except RuntimeError:
+                pass
+            triage(report, engine, server, deaths, budget=max(60.0, 2 * args.seconds))
+        else:
+            server_died = True
+        after = server.status_cli() if server.alive() else None
+        if after is not None:
+            deaths.look(after)
+        if server_died:
+            report.add_finding(Finding("death", "the master exited during the run", None, []))
+    finally:
+        code = server.stop()
     return print_report(report, elapsed, seed, before, after, fuzz_deaths, deaths.total, code)
 
 

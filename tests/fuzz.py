@@ -79,6 +79,7 @@ UPGRADE_GRACE = 0.3         # seconds to wait for WebSocket frames after a 101
 STATUS_EVERY = 0.25         # seconds between two status replies from the master
 WATCH_EVERY = 0.02          # seconds between two looks at the workers in /proc
 HISTORY = 2000              # finished cases kept for the attribution of deaths
+EXAMPLES = 5                # cases kept per finding signature beyond the first
 ALLOWED_5XX = {500, 501, 503, 505}
 
 
@@ -848,6 +849,7 @@ class Finding:
         self.path: Path | None = None
         self.confirmed: bool | None = None
         self.count = 1
+        self.examples: list[Case] = []   # more cases with the same signature (a few)
 
     def signature(self) -> str:
         detail = re.sub(r"b'.*", "", self.detail)
@@ -1389,8 +1391,10 @@ class Report:
     def add_finding(self, finding: Finding) -> Finding:
         """Keep one finding per signature (counting the repeats)."""
         known = self.by_signature.get(finding.signature())
-        if known is not None and finding.kind != "death":
+        if known is not None:
             known.count += 1
+            if finding.case is not None and len(known.examples) < EXAMPLES:
+                known.examples.append(finding.case)
             return known
         self.by_signature.setdefault(finding.signature(), finding)
         self.findings.append(finding)
@@ -1405,6 +1409,8 @@ class Report:
             record.update(finding.case.to_json())
             record["received_repr"] = repr(finding.case.received[:4096])
             record["outcome"] = finding.case.outcome
+            if finding.examples:
+                record["examples"] = [c.to_json() for c in finding.examples]
             digest = finding.case.digest()
         else:
             record["cases"] = [c.to_json() for c in finding.cases]
@@ -1449,6 +1455,45 @@ def died_after(server: Server, deaths: Deaths, conn: Conn) -> bool:
 
 
 FIRST_SUSPECTS = ("reset by server", "closed without an answer", "hang", "connect failed")
+FULL_TRIAGE = 6         # death events whose every candidate may be replayed
+FRAMING = {b"connection", b"upgrade", b"transfer-encoding", b"content-length", b"expect"}
+
+
+def shape(case: Case) -> str:
+    """What a request that killed a worker looks like, to group such deaths:
+    its method, the framing headers of its first head, and whether the bytes
+    after that head came in a later write than the head's end."""
+    data = case.sent_data()
+    end = data.find(b"\r\n\r\n")
+    head = data[:end] if end >= 0 else data
+    lines = head.split(b"\r\n")
+    parts = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        name = name.strip().lower()
+        if colon and name in FRAMING:
+            parts.append(f"{name.decode()}: {value.strip().lower()[:24].decode('latin-1')}"
+                         if name in (b"connection", b"upgrade", b"transfer-encoding")
+                         else name.decode())
+    method = lines[0].split(b" ", 1)[0][:12].decode("latin-1")
+    text = f"{method!r} with {', '.join(sorted(set(parts))) or 'no framing headers'}"
+    if end >= 0 and len(data) > end + 4:
+        at, head_write = 0, 0
+        for i, w in enumerate(case.writes):
+            at += len(w)
+            if at >= end + 4:
+                head_write = i
+                break
+        later = at < len(data) and len(case.writes) > head_write + 1
+        text += ", bytes after the head in a later write" if later else ", one write"
+    return text
+
+
+def death_reason(server: Server, pids: set[int]) -> str:
+    reasons = sorted({m.group(1) for line in server.log_lines_about(pids)
+                      for m in [re.search(r"(killed by signal \w+|exited with code \d+)", line)]
+                      if m})
+    return ", ".join(reasons) or "died"
 
 
 def triage(report: Report, engine: Engine, server: Server, deaths: Deaths,
@@ -1456,51 +1501,64 @@ def triage(report: Report, engine: Engine, server: Server, deaths: Deaths,
     """Replay findings alone: find which case kills a worker, confirm hangs."""
     stop_at = time.monotonic() + budget
     culprits: dict[str, Finding] = {}
+    shapes: set[str] = set()
     events = list(deaths.events)
     deaths.events.clear()
     for n, event in enumerate(events):
-        lines = server.log_lines_about(event.pids)
-        why = ("; ".join(line.split("] ", 3)[-1] for line in lines)
-               or f"pids {sorted(event.pids)}")
+        why = death_reason(server, event.pids)
         candidates = event.candidates
         known = [culprits[c.digest()] for c in candidates if c.digest() in culprits]
         if known:
-            known[0].count += 1
+            known[0].count += event.count
             continue
+        # Replay alone, quickest first: the cases that got no answer (a dying
+        # worker answers nothing), those shaped like known culprits first,
+        # with the quick half-close (a case that waits for the server's
+        # timeouts takes seconds); for the first events then all the others,
+        # and those that waited as they were.
+        suspects = sorted((c for c in candidates if c.outcome.startswith(FIRST_SUSPECTS)),
+                          key=lambda c: shape(c) not in shapes)
+        trials = [c.copy(nudge=True) for c in suspects]
+        if n < FULL_TRIAGE:
+            rest = [c for c in candidates if not c.outcome.startswith(FIRST_SUSPECTS)]
+            trials += [c.copy(nudge=True) for c in rest]
+            trials += [c for c in candidates if not c.nudge]
         culprit = None
-        if n < 12:
-            # The cases that got no answer first: a dying worker answers nothing.
-            # First every case with the quick half-close (a case that waits
-            # for the server's timeouts takes seconds), then those as they were.
-            order = sorted(candidates, key=lambda c: (
-                not c.outcome.startswith(FIRST_SUSPECTS), c.outcome.startswith("answered")))
-            trials = [c.copy(nudge=True) for c in order[:200]]
-            trials += [c for c in order[:200] if not c.nudge]
-            for case in trials:
-                if time.monotonic() > stop_at:
-                    break
-                died, conn = confirm(engine, server, deaths, case, "death")
-                if died:
-                    culprit = case
-                    culprit.received = conn.case.received
-                    break
+        for case in trials[:300]:
+            if time.monotonic() > stop_at:
+                break
+            died, conn = confirm(engine, server, deaths, case, "death")
+            if died:
+                culprit = case
+                culprit.received = conn.case.received
+                break
         if culprit is not None:
-            found = report.add_finding(Finding("death", f"worker died: {why}", culprit))
+            shapes.add(shape(culprit))
+            found = report.add_finding(
+                Finding("death", f"worker {why}; request: {shape(culprit)}", culprit))
+            found.count += event.count - 1
             found.confirmed = True
             culprits[culprit.digest()] = found
         else:
-            found = report.add_finding(Finding(
-                "death", f"worker died: {why} (no single case of the {len(candidates)} "
-                         "in flight reproduces it alone)", None, candidates))
+            detail = ("worker died; no single case of those in flight reproduces it alone"
+                      if time.monotonic() <= stop_at else
+                      "worker died; not replayed (the time for replays ran out)")
+            if n >= FULL_TRIAGE:
+                detail += " (only the unanswered ones were replayed)"
+            found = report.add_finding(Finding("death", f"{detail}: {why}", None, candidates))
+            found.count += event.count - 1
             found.confirmed = False
     for finding in list(report.findings):
         if finding.kind == "death" or finding.case is None or finding.confirmed is not None:
             continue
         if time.monotonic() > stop_at:
             break
-        ok, _ = confirm(engine, server, deaths, finding.case, finding.kind)
-        if not ok:
-            ok, _ = confirm(engine, server, deaths, finding.case, finding.kind)
+        # The first case twice, then the other examples of the signature once.
+        for case in [finding.case, finding.case, *finding.examples]:
+            ok, _ = confirm(engine, server, deaths, case, finding.kind)
+            if ok:
+                finding.case = case
+                break
         finding.confirmed = ok
         case = finding.case
         during_death = any(e.t0 - 0.5 <= (case.t_end or 0) and (case.t_start or 0) <= e.t1 + 0.5
@@ -1606,7 +1664,9 @@ def print_report(report: Report, elapsed: float, seed: int, before: dict[str, An
         print(f"  ({report.collateral} response problem(s) during worker deaths not counted)")
     for finding in report.unconfirmed:
         path = report.save(finding, report.out / "unconfirmed")
-        print(f"unconfirmed {finding.kind} (not reproduced alone): {finding.detail}\n  {path}")
+        repeat = f" (x{finding.count})" if finding.count > 1 else ""
+        print(f"unconfirmed {finding.kind}{repeat} (none of {1 + len(finding.examples)} "
+              f"example(s) reproduced alone): {finding.detail}\n  {path}")
     if not report.findings:
         print("findings: none")
         return 0

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import ctypes
 import hashlib
 import json
 import os
@@ -76,6 +77,7 @@ FIELD_LIMIT = 8190          # the server's default limit_request_field_size
 LINE_LIMIT = 4094           # the server's default limit_request_line
 QUIET = 0.03                # seconds of silence before an unfinished case acts
 UPGRADE_GRACE = 0.3         # seconds to wait for WebSocket frames after a 101
+WATCH_LATE = 10.0           # seconds a hung connection is still watched, to say what came
 STATUS_EVERY = 0.25         # seconds between two status replies from the master
 WATCH_EVERY = 0.02          # seconds between two looks at the workers in /proc
 HISTORY = 2000              # finished cases kept for the attribution of deaths
@@ -234,7 +236,7 @@ class Case:
     """One connection's worth of bytes and what to do with the connection."""
 
     __slots__ = ("index", "seed", "mutations", "writes", "pauses", "close", "cut", "nudge",
-                 "t_start", "t_end", "outcome", "received")
+                 "t_start", "t_end", "outcome", "received", "detail")
 
     def __init__(self, writes: list[bytes], pauses: list[float], *, index: int = 0,
                  seed: str = "", mutations: list[str] | None = None, close: str | None = None,
@@ -256,6 +258,7 @@ class Case:
         self.t_end: float | None = None
         self.outcome = ""
         self.received = b""
+        self.detail = ""                # what was wrong, for a case that is a finding
 
     @property
     def data(self) -> bytes:
@@ -287,6 +290,7 @@ class Case:
             "writes_repr": [repr(w) for w in self.writes],
             "pauses_s": [round(p, 6) for p in self.pauses],
             "close": self.close, "cut": self.cut, "nudge": self.nudge,
+            **({"detail": self.detail} if self.detail else {}),
         }
 
     @classmethod
@@ -883,6 +887,7 @@ class Conn:
         self.outcome = ""
         self.finding: tuple[str, str] | None = None
         self.mask = 0
+        self.late: str | None = None     # why it is a hang, once past the limit
         case.t_start = now
         try:
             self.sock.connect(("127.0.0.1", port))
@@ -896,10 +901,17 @@ class Conn:
     def end(self, outcome: str, finding: tuple[str, str] | None = None) -> None:
         if self.done:
             return
+        if self.late is not None and outcome != "hang":
+            # Past the hang limit already: what happened in the end is the detail.
+            assert self.t_sent is not None
+            outcome, finding = "hang", ("hang", f"{self.late}; then {outcome} "
+                                        f"{time.monotonic() - self.t_sent:.1f} s after the "
+                                        "last write")
         self.done = True
         self.outcome = outcome
         self.finding = finding
         self.case.outcome = outcome
+        self.case.detail = finding[1] if finding else ""
         self.case.received = bytes(self.stream.buf[:65536])
 
     def reset(self, outcome: str) -> None:
@@ -1057,17 +1069,22 @@ class Conn:
                 self.shutdown()
             else:
                 self.parked = True
+        if self.late is not None:
+            if now >= self.t_sent + self.limit + WATCH_LATE:
+                self.end("hang", ("hang", f"{self.late}; still nothing {WATCH_LATE:g} s later"))
+            return
         if now >= self.t_sent + self.limit:
-            if stream.last_close:
-                self.end("hang", ("hang", "no close after a Connection: close response"))
-            elif stream.finals and stream.at_boundary():
+            if stream.finals and stream.at_boundary() and not stream.last_close:
                 self.end("answered, left open")
+                return
+            if stream.last_close:
+                self.late = "no close after a Connection: close response"
             elif stream.finals or stream.pos < len(stream.buf) or stream.state != "head":
-                self.end("hang", ("hang", f"response incomplete after "
-                                          f"{self.limit:g} s (in {stream.state})"))
+                self.late = f"response incomplete after {self.limit:g} s (in {stream.state})"
             else:
-                self.end("hang", ("hang", f"no answer and no close within "
-                                          f"{self.limit:g} s"))
+                self.late = f"no answer and no close within {self.limit:g} s"
+            # Go on watching (parked) to learn whether the server is late or stuck.
+            self.parked = True
 
     def wake_at(self) -> float:
         """When tick() has something to decide next."""
@@ -1080,6 +1097,8 @@ class Conn:
             return (stream.upgraded_at or 0) + UPGRADE_GRACE
         assert self.t_sent is not None
         deadline = self.t_sent + self.limit
+        if self.late is not None:
+            return deadline + WATCH_LATE
         if not self.shut and not self.parked:
             return min(deadline, max(self.t_sent, self.t_last_rx) + QUIET)
         return deadline
@@ -1176,6 +1195,15 @@ def workers_of(status: dict[str, Any]) -> tuple[set[int], int, int]:
     return pids, restarts, serving
 
 
+def _stop_with_parent() -> None:
+    """In the server's master, before exec: SIGTERM when the fuzzer dies, even
+    by SIGKILL (a test's timeout), so no server outlives it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Server:
     """``python -m fastpool serve`` on a free loopback port."""
 
@@ -1204,7 +1232,8 @@ class Server:
                 "--graceful-timeout", "3", "--log-level", "info"]
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=TESTS, start_new_session=True)
+                                     env=env, cwd=TESTS, start_new_session=True,
+                                     preexec_fn=_stop_with_parent)
         self.wait_workers(30.0)
         return self
 
@@ -1865,6 +1894,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="--replay: sends per case; --reduce: sends per check (default 1)")
     args = parser.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so the server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.interface_given = args.interface
     args.interface = args.interface or "wsgi"
     if args.replay:

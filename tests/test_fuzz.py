@@ -88,5 +88,4 @@ def test_fuzz(interface: str, tmp_path: Path) -> None:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"fuzz.py did not finish in {exc.timeout:g} s:\n{exc.stdout}\n{exc.stderr}")
     report = f"fuzz.py exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    print(report)
     assert done.returncode == 0, report

@@ -864,9 +864,11 @@ class Finding:
 class Conn:
     """One case on one connection: the client's state machine."""
 
-    def __init__(self, case: Case, port: int, limit: float, now: float) -> None:
+    def __init__(self, case: Case, port: int, limit: float, now: float,
+                 watch_late: float = WATCH_LATE) -> None:
         self.case = case
         self.limit = limit          # header_timeout + 1 s + slack: later is a hang
+        self.watch_late = watch_late
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1070,8 +1072,9 @@ class Conn:
             else:
                 self.parked = True
         if self.late is not None:
-            if now >= self.t_sent + self.limit + WATCH_LATE:
-                self.end("hang", ("hang", f"{self.late}; still nothing {WATCH_LATE:g} s later"))
+            if now >= self.t_sent + self.limit + self.watch_late:
+                self.end("hang", ("hang", f"{self.late}; still nothing "
+                                          f"{self.watch_late:g} s later"))
             return
         if now >= self.t_sent + self.limit:
             if stream.finals and stream.at_boundary() and not stream.last_close:
@@ -1098,7 +1101,7 @@ class Conn:
         assert self.t_sent is not None
         deadline = self.t_sent + self.limit
         if self.late is not None:
-            return deadline + WATCH_LATE
+            return deadline + self.watch_late
         if not self.shut and not self.parked:
             return min(deadline, max(self.t_sent, self.t_last_rx) + QUIET)
         return deadline
@@ -1110,6 +1113,7 @@ class Engine:
     def __init__(self, port: int, header_timeout: float, slack: float = 0.5) -> None:
         self.port = port
         self.limit = header_timeout + 1 + slack
+        self.watch_late = WATCH_LATE     # 0 when replays only need to know "hang or not"
         self.sel = selectors.DefaultSelector()
         self.active: dict[int, Conn] = {}
 
@@ -1127,7 +1131,7 @@ class Engine:
                 if case is None:
                     exhausted = True
                     break
-                conn = Conn(case, self.port, self.limit, now)
+                conn = Conn(case, self.port, self.limit, now, self.watch_late)
                 if conn.done:
                     case.t_end = now
                     on_done(conn)
@@ -1583,11 +1587,19 @@ def triage(report: Report, engine: Engine, server: Server, deaths: Deaths,
         if time.monotonic() > stop_at:
             break
         # The first case twice, then the other examples of the signature once.
+        ok, tried = False, 0
+        engine.watch_late = 0.0
         for case in [finding.case, finding.case, *finding.examples]:
+            if time.monotonic() > stop_at:
+                break
+            tried += 1
             ok, _ = confirm(engine, server, deaths, case, finding.kind)
             if ok:
                 finding.case = case
                 break
+        engine.watch_late = WATCH_LATE
+        if not tried:
+            continue        # out of time: kept as a finding, "not replayed"
         finding.confirmed = ok
         case = finding.case
         during_death = any(e.t0 - 0.5 <= (case.t_end or 0) and (case.t_start or 0) <= e.t1 + 0.5
@@ -1653,6 +1665,7 @@ def fuzz(args: argparse.Namespace) -> int:
     try:
         engine.run(generator, until, args.concurrency, on_done, periodic, WATCH_EVERY)
         elapsed = time.monotonic() - started
+        print_stats(report, elapsed, seed)
         deaths.look()
         fuzz_deaths = deaths.total
         if server.alive():
@@ -1660,6 +1673,10 @@ def fuzz(args: argparse.Namespace) -> int:
                 server.wait_workers(20.0)
             except RuntimeError:
                 pass
+            waiting = [f for f in report.findings if f.confirmed is None]
+            if deaths.events or waiting:
+                print(f"replaying alone: the cases in flight at {len(deaths.events)} worker "
+                      f"death(s), {len(waiting)} other finding(s)", flush=True)
             triage(report, engine, server, deaths, budget=max(60.0, 2 * args.seconds))
         else:
             server_died = True
@@ -1670,18 +1687,22 @@ def fuzz(args: argparse.Namespace) -> int:
             report.add_finding(Finding("death", "the master exited during the run", None, []))
     finally:
         code = server.stop()
-    return print_report(report, elapsed, seed, before, after, fuzz_deaths, deaths.total, code)
+    return print_report(report, before, after, fuzz_deaths, deaths.total, code)
 
 
-def print_report(report: Report, elapsed: float, seed: int, before: dict[str, Any],
-                 after: dict[str, Any] | None, fuzz_deaths: int, all_deaths: int,
-                 code: int | None) -> int:
+def print_stats(report: Report, elapsed: float, seed: int) -> None:
+    """What was sent and what came back (printed before the replays of triage)."""
     rate = report.cases / elapsed if elapsed else 0.0
     print(f"cases: {report.cases} in {elapsed:.1f} s ({rate:.0f}/s), seed {seed}")
     print("  by mutation kind: " + ", ".join(
         f"{k} {n}" for k, n in sorted(report.by_kind.items(), key=lambda kv: -kv[1])))
     print("  outcomes: " + ", ".join(f"{k} {n}" for k, n in report.outcomes.most_common()))
-    print("  statuses: " + ", ".join(f"{k} {n}" for k, n in sorted(report.statuses.items())))
+    print("  statuses: " + ", ".join(f"{k} {n}" for k, n in sorted(report.statuses.items())),
+          flush=True)
+
+
+def print_report(report: Report, before: dict[str, Any], after: dict[str, Any] | None,
+                 fuzz_deaths: int, all_deaths: int, code: int | None) -> int:
     b_pids, b_restarts, _ = workers_of(before)
     line = f"workers: pids {sorted(b_pids)} restarts {b_restarts} before"
     if after is not None:

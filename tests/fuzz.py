@@ -519,18 +519,16 @@ def dechunk(data: bytes) -> tuple[bytes, bytes]:
     body, at = [], 0
     while True:
         eol = data.find(b"\r\n", at)
-        if eol < 0:
+        size = re.fullmatch(rb"[ \t]*([0-9a-fA-F]{1,8})[ \t]*(?:;.*)?",
+                            data[at:eol], re.DOTALL) if eol >= 0 else None
+        if size is None:
             return data, b""
-        try:
-            size = int(data[at:eol].split(b";", 1)[0].strip() or b"x", 16)
-        except ValueError:
-            return data, b""
-        at = eol + 2
-        if size == 0:
+        at = eol + 2            # always forward: a size is never negative
+        if int(size.group(1), 16) == 0:
             end = data.find(b"\r\n\r\n", at - 2)
             return b"".join(body), data[end + 4:] if end >= 0 else b""
-        body.append(data[at:at + size])
-        at += size + 2
+        body.append(data[at:at + int(size.group(1), 16)])
+        at += int(size.group(1), 16) + 2
 
 
 class Generator:

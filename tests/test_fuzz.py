@@ -76,6 +76,13 @@ def test_generator_is_reproducible() -> None:
     assert first == again
 
 
+def test_dechunk_always_moves_forward() -> None:
+    assert fuzz.dechunk(b"5\r\nhello\r\n0\r\n\r\nGET") == (b"hello", b"GET")
+    for size in (b"-5", b"+5", b"0x5", b""):        # unreadable: all of it is the body
+        data = size + b"\r\nabc\r\n0\r\n\r\n"
+        assert fuzz.dechunk(data) == (data, b"")
+
+
 @pytest.mark.parametrize("interface", ["wsgi", "asgi"])
 def test_fuzz(interface: str, tmp_path: Path) -> None:
     """The server survives FUZZ_SECONDS of mutated requests: no worker dies, no

@@ -1545,15 +1545,18 @@ def triage(report: Report, engine: Engine, server: Server, deaths: Deaths,
         # Replay alone, quickest first: the cases that got no answer (a dying
         # worker answers nothing), those shaped like known culprits first,
         # with the quick half-close (a case that waits for the server's
-        # timeouts takes seconds); for the first events then all the others,
-        # and those that waited as they were.
+        # timeouts takes seconds); then, for the first events, all the others
+        # and those that waited as they were; for later ones only the others
+        # shaped like known culprits.
         suspects = sorted((c for c in candidates if c.outcome.startswith(FIRST_SUSPECTS)),
                           key=lambda c: shape(c) not in shapes)
         trials = [c.copy(nudge=True) for c in suspects]
+        rest = [c for c in candidates if not c.outcome.startswith(FIRST_SUSPECTS)]
         if n < FULL_TRIAGE:
-            rest = [c for c in candidates if not c.outcome.startswith(FIRST_SUSPECTS)]
             trials += [c.copy(nudge=True) for c in rest]
             trials += [c for c in candidates if not c.nudge]
+        else:
+            trials += [c.copy(nudge=True) for c in rest if shape(c) in shapes]
         culprit = None
         for case in trials[:300]:
             if time.monotonic() > stop_at:
@@ -1575,7 +1578,8 @@ def triage(report: Report, engine: Engine, server: Server, deaths: Deaths,
                       if time.monotonic() <= stop_at else
                       "worker died; not replayed (the time for replays ran out)")
             if n >= FULL_TRIAGE:
-                detail += " (only the unanswered ones were replayed)"
+                detail += (" (only the unanswered ones and those shaped like known culprits "
+                           "were replayed)")
             found = report.add_finding(Finding("death", f"{detail}: {why}", None, candidates))
             found.count += event.count - 1
             found.confirmed = False

@@ -13,12 +13,17 @@ sends it mutated requests for the given time, stops it and reports:
 * cases run, in all and per mutation kind;
 * worker deaths: ``fastpool status --json`` before and after the run (and the
   same reply, read from the control socket, four times a second during it):
-  a worker pid that disappeared or a restart count that grew is a death.  It
-  is attributed to the cases in flight since the previous look, which are
-  then replayed one by one to find the one that kills a worker;
+  a worker pid that disappeared or a restart count that grew is a death.
+  Between two replies the workers' pids are watched in /proc every 20 ms, so
+  a death is attributed to the few cases in flight just then; after the run
+  those are replayed one by one, alone, to find the one that kills a worker.
+  Deaths are grouped by the shape of that request;
 * hangs: a connection that got neither a complete answer nor a close within
   header_timeout + 1 s of its last byte sent (plus ``--hang-slack``, 0.5 s, as
-  the server looks at its timeouts once a second), confirmed by a replay;
+  the server looks at its timeouts once a second), watched 10 s more to say
+  whether the server was late or stuck, and replayed alone: a hang that does
+  not happen alone (another connection held the worker) is reported as
+  unconfirmed, not as a finding;
 * malformed responses: anything that is not a sequence of well-formed HTTP/1.1
   responses (status line, header lines, framing by Content-Length or chunked,
   nothing after a response that says ``Connection: close``, no more
@@ -26,8 +31,10 @@ sends it mutated requests for the given time, stops it and reports:
 
 Each finding is saved under ``--out`` as ``KIND-HASH.json``: the exact bytes
 as the writes they were sent in, the pauses between them and how the
-connection ended; ``--replay`` resends it.  The exit status is 1 when there
-are findings, 0 otherwise (2 when the server cannot be run at all).
+connection ended; ``--replay`` resends it and ``--reduce`` shrinks it (delta
+debugging over writes, lines and bytes).  Reduced findings worth keeping go
+to tests/fuzz_findings/, which test_fuzz.py replays.  The exit status is 1
+when there are findings, 0 otherwise (2 when the server cannot be run at all).
 
 Mutations, over the seeds of tests/requests/**/*.http (when that corpus
 exists) and the built-in SEEDS below: bit flips; byte inserts, deletes and

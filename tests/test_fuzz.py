@@ -1,4 +1,5 @@
-"""Run the mutation fuzzer (tests/fuzz.py) against a real server, per worker kind.
+"""Run the mutation fuzzer (tests/fuzz.py) against a real server, per worker kind,
+and replay the reduced findings kept in tests/fuzz_findings/.
 
 Each run fuzzes for FUZZ_SECONDS (20 by default; the FASTPOOL_FUZZ_SECONDS
 environment variable changes it) with a fixed seed, so a failure names the
@@ -20,6 +21,7 @@ import fuzz
 import pytest
 
 FUZZ = Path(__file__).resolve().parent / "fuzz.py"
+FINDINGS = sorted((Path(__file__).resolve().parent / "fuzz_findings").glob("*.json"))
 FUZZ_SECONDS = float(os.environ.get("FASTPOOL_FUZZ_SECONDS", "20"))
 SEED = 20240601
 
@@ -96,3 +98,14 @@ def test_fuzz(interface: str, tmp_path: Path) -> None:
         pytest.fail(f"fuzz.py did not finish in {exc.timeout:g} s:\n{exc.stdout}\n{exc.stderr}")
     report = f"fuzz.py exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert done.returncode == 0, report
+
+
+@pytest.mark.parametrize("interface", ["wsgi", "asgi"])
+@pytest.mark.parametrize("finding", FINDINGS, ids=[p.stem for p in FINDINGS])
+def test_saved_finding_stays_fixed(finding: Path, interface: str, tmp_path: Path) -> None:
+    """Every reduced finding in tests/fuzz_findings/, resent to both worker kinds."""
+    done = subprocess.run(
+        [sys.executable, str(FUZZ), "--replay", str(finding), "--interface", interface,
+         "--repeat", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"

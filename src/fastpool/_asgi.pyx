@@ -36,45 +36,33 @@ Rules of this module:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from fastpool._consts cimport *
 from fastpool._posix cimport (
     sockaddr, sockaddr_storage, socklen_t, accept4, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC,
     IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO, EMFILE, ENFILE,
     ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    peer_of, Limits, Request, HttpConnection, OutBuffer, refresh_date, error_response,
-    monotonic, Framing, framing_reset, queue_head, frame_body, end_body, split_request_target,
-    forwarded_client, forwarded_scheme, is_health_target,
-    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
-    BOARD_HANDED_OUT, BOARD_SHED, Router,
+    peer_of, remember, Request, HttpConnection, OutBuffer, TargetCache, refresh_date,
+    error_response, status_line_of, monotonic, Framing, framing_reset, queue_head, frame_body,
+    end_body,
+)
+from fastpool._worker cimport (
+    WorkerBase, WorkerOptions, Handover, SERVING, BOARD_BUSY_SINCE,
 )
 
 import asyncio
 import logging
-import types
-from asyncio.selector_events import BaseSelectorEventLoop
 import os
 import signal
 import socket
 import sys
-from http import HTTPStatus
+import types
+from asyncio.selector_events import BaseSelectorEventLoop
 
-from fastpool.handoff import addresses as handoff_addresses
+from fastpool._http import ClientDisconnected
 
 cdef object error_log = logging.getLogger("fastpool.error")
-
-cdef enum:
-    # Buffered request body the app has not received yet, past which the
-    # connection stops reading from the socket.
-    BODY_HIGH_WATER = 262144
-    # Complete request heads waiting behind the running one.
-    MAX_PIPELINED = 32
-    # Connections accepted per readiness callback of a listener.
-    ACCEPT_BATCH = 64
-    # Response bytes an app may send without the loop getting a turn.
-    HIGH_WATER = 262144
-    # The lingering close: the client's input is drained at most this long.
-    LINGER_SECONDS = 2
 
 # Python 3.12+: a task can run its first step at once (asyncio eager tasks).
 cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
@@ -91,34 +79,8 @@ async def sleep0():
 def _yield_once():
     yield
 
-cdef dict ASGI_VERSION = {"version": "3.0", "spec_version": "2.4"}
+
 cdef dict DISCONNECT = {"type": "http.disconnect"}
-
-
-class ClientDisconnected(OSError):
-    """``send`` after the client went away (ASGI spec 2.4: an OSError subclass)."""
-
-
-# ---------------------------------------------------------------- status lines
-
-cdef dict STATUS_LINES = {}
-
-
-cdef bytes status_line_for(object status):
-    """``b"HTTP/1.1 200 OK\\r\\n"`` for an ASGI status (an int); cached."""
-    cdef bytes line = STATUS_LINES.get(status)
-    cdef str phrase
-    if line is not None:
-        return line
-    if type(status) is not int or not 100 <= status <= 999:
-        raise ValueError(f"invalid ASGI response status {status!r}: expected an int 100-999")
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    line = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
-    STATUS_LINES[status] = line
-    return line
 
 
 # ---------------------------------------------------------------- scope
@@ -130,27 +92,19 @@ cdef dict LOWER_NAMES = {}
 cdef bytes lower_name(bytes name):
     cdef bytes lowered = LOWER_NAMES.get(name)
     if lowered is None:
-        lowered = name.lower()
-        if len(LOWER_NAMES) < 2048:
-            LOWER_NAMES[name] = lowered
+        lowered = remember(LOWER_NAMES, name, name.lower(), HEADER_NAME_CACHE_SIZE)
     return lowered
 
 
-# request-target -> (path, raw_path, query_string) in ASGI's types
-cdef dict TARGETS = {}
+@cython.final
+cdef class ASGITargets(TargetCache):
+    """Request-target -> (path, raw_path, query_string) in ASGI's types."""
+
+    cdef tuple convert(self, bytes target, tuple parts):
+        return ((<bytes>parts[0]).decode("utf-8", "replace"), parts[1], parts[2])
 
 
-cdef tuple split_target(bytes target):
-    cdef tuple cached = TARGETS.get(target)
-    cdef tuple parts
-    if cached is not None:
-        return cached
-    parts = split_request_target(target)
-    cached = ((<bytes>parts[0]).decode("utf-8", "replace"), parts[1], parts[2])
-    if len(TARGETS) >= 1024:
-        TARGETS.clear()
-    TARGETS[target] = cached
-    return cached
+cdef ASGITargets TARGETS = ASGITargets()
 
 
 @cython.final
@@ -244,7 +198,7 @@ cdef class Cycle:
                 raise RuntimeError("ASGI: http.response.start sent twice")
             if self.disconnected:
                 raise ClientDisconnected("the client closed the connection")
-            status_line_for(message["status"])   # a bad status fails here, in the app's send
+            status_line_of(message["status"])   # a bad status fails here, in the app's send
             self.status = message["status"]
             self.headers = message.get("headers", ())
             self.started = True
@@ -256,7 +210,7 @@ cdef class Cycle:
         is the whole body's size when the first body message is the last."""
         cdef ASGIWorker worker = self.conn.worker
         return queue_head(self.conn.out, &self.framing, self.request,
-                          status_line_for(self.status), <int>self.status, self.headers, True,
+                          status_line_of(self.status), <int>self.status, self.headers, True,
                           body_length, worker.alive and worker.keep_alive > 0)
 
     cdef int write_body(self, object body, bint more) except -1:
@@ -332,7 +286,7 @@ cdef class Cycle:
             if self.task is not None:
                 worker.tasks.discard(self.task)
                 self.task = None    # no cycle -> task -> coroutine -> cycle loop
-            worker.app_finished()
+            worker.app_finished(None)
 
     cdef int give_up(self) except -1:
         """No answer for a request its client abandoned: the connection closes."""
@@ -383,7 +337,7 @@ cdef class ASGIConnection(HttpConnection):
         self.loop = worker.loop
         self.base_scope = listener_scope
         self.out = OutBuffer()
-        self.trusted_proxy = worker.trust_all_proxies
+        self.trusted_proxy = worker.options.trust_all_proxies
         self.tcp = tcp
 
     # ---- asyncio protocol
@@ -400,7 +354,8 @@ cdef class ASGIConnection(HttpConnection):
         scope = self.base_scope.copy()
         if self.tcp and type(peer) is tuple:
             scope["client"] = (peer[0], peer[1])
-            self.trusted_proxy = worker.trust_all_proxies or peer[0] in worker.trusted_proxies
+            self.trusted_proxy = (worker.options.trust_all_proxies
+                                  or peer[0] in worker.options.trusted_proxies)
         else:
             scope["client"] = None
         self.base_scope = scope
@@ -497,7 +452,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef int finish_head(self, Request request) except -1:
         cdef ASGIRequest asgi_request = <ASGIRequest>request
         cdef dict scope = self.base_scope.copy()
-        cdef tuple parts = split_target(request.target)
+        cdef tuple parts = TARGETS.get(request.target)
         cdef ASGIWorker worker = self.worker
         scope["http_version"] = "1.1" if request.http_minor else "1.0"
         scope["method"] = request.method
@@ -523,18 +478,18 @@ cdef class ASGIConnection(HttpConnection):
 
     cdef int apply_forwarded(self, dict scope, list headers) except -1:
         cdef ASGIWorker worker = self.worker
-        cdef str chain = None, proto = None, client, scheme
+        cdef str chain = None, proto = None
+        cdef tuple found
         for name, value in headers:
             if name == b"x-forwarded-for":
                 chain = value.decode("latin-1")
             elif name == b"x-forwarded-proto":
                 proto = value.decode("latin-1")
-        client = forwarded_client(chain, worker.trusted_proxies, worker.trust_all_proxies)
-        scheme = forwarded_scheme(proto)
-        if client is not None:
-            scope["client"] = (client, 0)
-        if scheme is not None:
-            scope["scheme"] = scheme
+        found = worker.forwarded(chain, proto)
+        if found[0] is not None:
+            scope["client"] = (found[0], 0)
+        if found[1] is not None:
+            scope["scheme"] = found[1]
         return 0
 
     # ---- serving
@@ -552,8 +507,7 @@ cdef class ASGIConnection(HttpConnection):
             while self.cycle is None and not self.closing:
                 if self.pending:
                     request = <ASGIRequest>self.pending.pop(0)
-                    if worker.health_target is not None and is_health_target(
-                            worker.health_target, request.target):
+                    if worker.is_health(request.target):
                         self.answer_health(request)
                     elif request.upgrade and worker.websockets and is_websocket(request):
                         upgrade = request
@@ -588,17 +542,11 @@ cdef class ASGIConnection(HttpConnection):
         if self.transport.get_write_buffer_size():
             self.loop.call_later(0.001, self.hand_off)
             return
-        refusal = worker.handoff.send(
-            self.handoff_group, self.transport.get_extra_info("socket").fileno(),
-            self.home_group, self.handoff_started, self.handoff_data)
-        self.handoff_group = -1
-        self.handoff_data = None
+        refusal = worker.hand_off(self, self.transport.get_extra_info("socket").fileno())
         if refusal is None:
-            worker.board[BOARD_HANDED_OUT] += 1
             self.closing = True
             self.transport.abort()   # our copy of the socket; the other worker has it
         else:
-            worker.board[BOARD_SHED] += 1
             self.out.write(refusal)
             self.close_after_output()
 
@@ -620,21 +568,17 @@ cdef class ASGIConnection(HttpConnection):
         return 0
 
     cdef int answer_health(self, ASGIRequest request) except -1:
-        """The group's health_path, answered without the app: 200 while the
-        worker serves, 503 once its stop has begun."""
+        """The group's health_path, answered without the app (WorkerBase.health_answer)."""
         cdef Cycle cycle = Cycle.__new__(Cycle)
+        cdef tuple answer = self.worker.health_answer()
         cycle.conn = self
         cycle.request = request
         framing_reset(&cycle.framing)
         self.cycle = cycle
         cycle.started = True
         cycle.headers = ((b"content-type", b"text/plain"),)
-        if self.worker.alive:
-            cycle.status = 200
-            cycle.write_body(b"OK\n", False)
-        else:
-            cycle.status = 503
-            cycle.write_body(b"stopping\n", False)
+        cycle.status = answer[0]
+        cycle.write_body(answer[1], False)
         return 0
 
     cdef int start_websocket(self, ASGIRequest request) except -1:
@@ -645,7 +589,8 @@ cdef class ASGIConnection(HttpConnection):
         scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
         del scope["method"]
         self.websocket = WebSocketSession(self, self.transport, scope, request.target,
-                                          self.upgrade_data or b"", worker.websocket_options)
+                                          self.upgrade_data or b"",
+                                          worker.options.websocket_options)
         self.upgrade_data = None
         if self.reading_paused:
             # The core stopped reading at the upgrade; the bytes now are frames.
@@ -660,7 +605,8 @@ cdef class ASGIConnection(HttpConnection):
         if self.cycle is not cycle:
             return 0
         self.cycle = None
-        worker.request_served()
+        worker.request_done()
+        worker.retirement_due()
         if worker.access_log is not None:
             worker.log_access(cycle.request, self.base_scope.get("client"),
                               cycle.framing.status_code, cycle.framing.body_sent)
@@ -739,12 +685,12 @@ cdef class ASGIConnection(HttpConnection):
 
     cdef int check_deadlines(self, double now) except -1:
         """The same rules as the WSGI worker's (its set_deadline): a new
-        connection's first byte within header_timeout; a request's head within
-        header_timeout of its first byte; its body must keep arriving; the
+        connection's first byte within client_timeout; a request's head within
+        client_timeout of its first byte; its body must keep arriving; the
         client must keep taking the response; keep_alive between requests; a
         lingering close at most LINGER_SECONDS."""
         cdef ASGIWorker worker = self.worker
-        cdef double limit = worker.header_timeout
+        cdef double limit = worker.client_timeout
         if self.websocket is not None:
             self.websocket.tick(now)
             return 0
@@ -829,100 +775,51 @@ cdef class Adoption:
 # ---------------------------------------------------------------- worker
 
 @cython.final
-cdef class ASGIWorker:
-    """The event loop of one ASGI worker process."""
+cdef class ASGIWorker(WorkerBase):
+    """The asyncio loop of one ASGI worker process (the WorkerBase does the rest)."""
 
-    cdef readonly object app
-    cdef Limits limits
     cdef readonly object loop
-    cdef str loop_kind
     cdef list listeners           # (fd, is_tcp, base_scope, shared)
     cdef list sockets             # Listening: the listeners this worker accepts from
     cdef bint accept_paused
     cdef object make_transport    # asyncio's selector loops make a transport at once
     cdef readonly set connections
-    cdef readonly bint alive
-    cdef bint close_idle
-    cdef readonly long long requests
-    cdef readonly double keep_alive
-    cdef readonly double header_timeout
-    cdef double graceful_timeout
-    cdef double graceful_deadline
-    cdef object access_log
-    cdef int master_pid
-    cdef readonly long long max_requests
-    cdef double[::1] board
-    cdef object board_owner
-    cdef int running              # app calls in progress
-    cdef bytes health_target
-    cdef bint trust_all_proxies
-    cdef frozenset trusted_proxies
+    cdef int app_calls            # app calls in progress
     cdef readonly dict state      # the lifespan state, copied into every scope
-    cdef readonly str root_path
-    cdef object lifespan
     cdef readonly bint websockets
-    cdef readonly object websocket_options
     cdef readonly set tasks       # app tasks still pending (asyncio holds them weakly)
-    cdef readonly Router router   # routes (None without), this group's index, the queues
-    cdef readonly int local_group
-    cdef object handoff
     cdef dict handoff_scope
     cdef object stopped           # future: the worker is done serving
     cdef object tick_handle
     cdef object on_ready
 
-    def __init__(self, app, listeners, *, Limits limits not None, str loop="auto",
-                 double keep_alive=5.0, double header_timeout=30.0,
-                 double graceful_timeout=30.0, str root_path="", access_log=None,
-                 int master_pid=0,
-                 long long max_requests=0, scoreboard=None, str health_path=None,
-                 forwarded_allow_ips=(), lifespan=None, websocket_options=None,
-                 routing=None, dict handoff_scope=None):
+    def __init__(self, app, listeners, WorkerOptions options not None,
+                 dict handoff_scope=None):
         """``listeners``: (fd, is_tcp, base_scope, shared) tuples; the fds stay
-        owned by the caller (the worker serves duplicates of them).
-        ``lifespan``: a fastpool.lifespan.Lifespan, or None for ``off``.
-        ``websocket_options``: a fastpool.websocket.Options, or None to answer
-        upgrade requests as plain HTTP."""
-        self.app = app
-        self.limits = limits
-        self.loop_kind = loop
+        owned by the caller.  ``handoff_scope``: the base scope of connections
+        other groups hand over (with routes)."""
+        WorkerBase.__init__(self, app, options)
         self.listeners = list(listeners)
         self.sockets = []
         self.connections = set()
         self.tasks = set()
-        self.alive = True
-        self.keep_alive = keep_alive
-        self.header_timeout = header_timeout
-        self.graceful_timeout = graceful_timeout
-        self.root_path = root_path.rstrip("/")
-        self.access_log = access_log
-        self.master_pid = master_pid
-        self.max_requests = max_requests
-        self.board_owner = scoreboard if scoreboard is not None else bytearray(8 * BOARD_SIZE)
-        self.board = memoryview(self.board_owner).cast("B").cast("d")
-        self.health_target = health_path.encode("latin-1") if health_path else None
-        self.trust_all_proxies = "*" in forwarded_allow_ips
-        self.trusted_proxies = frozenset(forwarded_allow_ips)
-        self.lifespan = lifespan
-        self.state = None
-        self.websockets = websocket_options is not None
-        self.websocket_options = websocket_options
-        if routing is not None:
-            self.router, self.handoff = routing
-            self.local_group = self.router.local_group
-            self.handoff_scope = handoff_scope
+        self.websockets = options.websocket_options is not None
+        self.handoff_scope = handoff_scope
 
     # ---- bookkeeping called by connections
 
-    cdef int app_started(self) except -1:
-        self.running += 1
-        if self.running == 1:
+    cdef object app_started(self):
+        """Many app calls run at once on one loop: the scoreboard's busy time
+        says the loop has been busy (the tick refreshes it while calls run),
+        so ``timeout`` means the loop itself is blocked."""
+        self.app_calls += 1
+        if self.app_calls == 1:
             self.board[BOARD_BUSY_SINCE] = monotonic()
-        return 0
+        return None
 
-    cdef int app_finished(self) except -1:
-        self.running -= 1
-        if self.running == 0:
+    cdef int app_finished(self, object token) except -1:
+        self.app_calls -= 1
+        if self.app_calls == 0:
             self.board[BOARD_BUSY_SINCE] = 0.0
             if not self.alive:
                 self.check_drained()
@@ -932,16 +829,7 @@ cdef class ASGIWorker:
         self.app_started()
 
     def app_finished_py(self):
-        self.app_finished()
-
-    cdef int request_served(self) except -1:
-        self.requests += 1
-        self.board[BOARD_REQUESTS] = self.requests
-        if self.max_requests and self.requests >= self.max_requests and self.alive:
-            error_log.info("worker %d: served %d requests (max_requests): retiring",
-                           os.getpid(), self.requests)
-            self.begin_stop(False)
-        return 0
+        self.app_finished(None)
 
     cdef int connection_closed(self) except -1:
         if not self.alive:
@@ -969,7 +857,7 @@ cdef class ASGIWorker:
         startup succeeded and the listeners accept; a startup failure raises
         fastpool.lifespan.LifespanFailure."""
         self.on_ready = on_ready
-        loop = new_event_loop(self.loop_kind)
+        loop = new_event_loop(self.options.loop)
         asyncio.set_event_loop(loop)
         self.loop = loop
         try:
@@ -985,8 +873,8 @@ cdef class ASGIWorker:
         loop = self.loop
         self.stopped = loop.create_future()
         self.install_signal_handlers()
-        if self.lifespan is not None:
-            self.state = await self.lifespan.startup()
+        if self.options.lifespan is not None:
+            self.state = await self.options.lifespan.startup()
         if self.alive:       # (a stop during the startup skips serving, not the shutdown)
             if isinstance(loop, BaseSelectorEventLoop):
                 self.make_transport = loop._make_socket_transport
@@ -1000,14 +888,14 @@ cdef class ASGIWorker:
             if self.handoff is not None:
                 loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
             refresh_date()
-            self.board[BOARD_STATE] = 1
-            self.tick_handle = loop.call_later(1.0, self.tick)
+            self.set_state(SERVING)
+            self.tick_handle = loop.call_later(SWEEP_SECONDS, self.tick)
             if self.on_ready is not None:
                 self.on_ready()
             await self.stopped
             self.tick_handle.cancel()
-        if self.lifespan is not None:
-            await self.lifespan.shutdown()
+        if self.options.lifespan is not None:
+            await self.options.lifespan.shutdown()
 
     def install_signal_handlers(self):
         """The worker's signal handlers (set by fastpool.worker) run as loop
@@ -1022,25 +910,24 @@ cdef class ASGIWorker:
         cdef double now = monotonic()
         cdef ASGIConnection conn
         refresh_date()
-        if self.running:
+        if self.app_calls:
             self.board[BOARD_BUSY_SINCE] = now
         for conn in list(self.connections):
             conn.check_deadlines(now)
         if self.accept_paused and self.alive:
             self.accept_paused = False
             self.watch_listeners(True)
-        if self.master_pid and os.getppid() != self.master_pid:
-            error_log.warning("worker %d: the master is gone; exiting", os.getpid())
-            self.finish()
+        if self.master_gone():
+            self.quit()
             return
         if not self.alive:
             if now > self.graceful_deadline:
                 error_log.warning("worker %d: graceful timeout; closing %d connections",
                                   os.getpid(), len(self.connections))
-                self.finish()
+                self.quit()
                 return
             self.check_drained()
-        self.tick_handle = self.loop.call_later(1.0, self.tick)
+        self.tick_handle = self.loop.call_later(SWEEP_SECONDS, self.tick)
 
     # ---- accepting
 
@@ -1069,10 +956,7 @@ cdef class ASGIWorker:
                 if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
                     continue
                 if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
-                    # Out of descriptors or memory: leave the connections queued
-                    # (the kernel keeps them) and try again after the next tick.
-                    error_log.error("accept failed: %s; pausing accepts for a second",
-                                    os.strerror(errno))
+                    self.accept_failed(errno)
                     self.pause_accepting()
                     return
                 error_log.error("accept failed: %s", os.strerror(errno))
@@ -1105,58 +989,36 @@ cdef class ASGIWorker:
         """Connections other groups handed to this one (routes)."""
         cdef ASGIConnection conn
         cdef dict scope
-        for _ in range(64):
-            entry = self.handoff.receive()
-            if entry is None:
+        cdef Handover handover
+        for _ in range(HANDOFF_BATCH):
+            handover = self.take_handoff()
+            if handover is None:
                 return
-            fd, home, started, data, refusal = entry
-            self.board[BOARD_HANDED_IN] += 1
-            if refusal is not None:
-                # It waited longer than max_queue_wait.
-                self.board[BOARD_SHED] += 1
-                try:
-                    os.set_blocking(fd, False)
-                    os.write(fd, refusal)
-                except OSError:
-                    pass
-                os.close(fd)
+            if handover.fd < 0:
                 continue
-            tcp, server, peer = handoff_addresses(fd)
             scope = self.handoff_scope.copy()
-            scope["server"] = server
-            conn = ASGIConnection(self, scope, tcp)
+            scope["server"] = handover.server
+            conn = ASGIConnection(self, scope, handover.tcp)
             conn.router = self.router
-            conn.home_group = home
-            conn.initial_data = data
-            if peer is not None:
-                conn.peer = peer
-            sock = socket.socket(fileno=fd)
+            conn.home_group = handover.home
+            conn.initial_data = handover.data
+            if handover.peer is not None:
+                conn.peer = handover.peer
+            sock = socket.socket(fileno=handover.fd)
             sock.setblocking(False)
             self.start_transport(conn, sock)
 
-    # ---- stopping (signal handlers in worker.py call stop)
+    # ---- stopping (WorkerBase.stop, from the signal handlers in worker.py)
 
-    def stop(self, bint graceful=True, bint close_idle=True):
-        """Graceful: stop accepting, let in-flight requests finish, close
-        WebSockets with 1012, then return from ``run``.  Otherwise return at
-        once.  ``close_idle``: close idle keep-alive connections now (shutdown)
-        rather than answering their next request with Connection: close
-        (a retiring worker)."""
+    def stop(self, *, bint graceful=True, bint close_idle=True):
         if self.stopped is None:
             raise SystemExit(0)   # the loop is not running yet: nothing to drain
-        if not graceful:
-            self.finish()
-            return
-        self.begin_stop(close_idle)
+        WorkerBase.stop(self, graceful=graceful, close_idle=close_idle)
 
-    cdef int begin_stop(self, bint close_idle) except -1:
+    cdef int stop_accepting(self) except -1:
+        """Stop accepting, close WebSockets with 1012, close idle connections
+        (on a shutdown), and finish once drained."""
         cdef ASGIConnection conn
-        self.close_idle = self.close_idle or close_idle
-        if not self.alive:
-            return 0
-        self.alive = False
-        self.board[BOARD_STATE] = 2
-        self.graceful_deadline = monotonic() + self.graceful_timeout
         self.watch_listeners(False)
         if self.handoff is not None and self.sockets:
             # Queued handoffs are for the workers that stay.
@@ -1167,15 +1029,14 @@ cdef class ASGIWorker:
             elif self.close_idle and conn.cycle is None and not conn.pending and (
                     conn.at_message_boundary()):
                 conn.close_after_output()
-        self.check_drained()
-        return 0
+        return self.check_drained()
 
     cdef int check_drained(self) except -1:
-        if not self.connections and not self.running:
-            self.finish()
+        if not self.connections and not self.app_calls:
+            self.quit()
         return 0
 
-    cdef int finish(self) except -1:
+    cdef int quit(self) except -1:
         cdef ASGIConnection conn
         for conn in list(self.connections):
             conn.abort()

@@ -1,6 +1,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.stdlib cimport malloc, realloc
+from libc.math cimport INFINITY
 from libc.string cimport memcpy
 
 from fastpool._posix cimport sockaddr_storage
@@ -283,6 +284,22 @@ cdef int append_chunk(OutBuffer out, object data) except -1
 cpdef bytes error_response(int status, str detail=*, bytes headers=*)
 
 
+cdef inline double deadline_after(double start, double seconds) noexcept:
+    """``start + seconds``: a deadline; a limit of 0 means none (infinity)."""
+    return start + seconds if seconds > 0 else INFINITY
+
+
+cdef inline object remember(dict cache, object key, object value, Py_ssize_t size):
+    """Keep ``value`` under ``key`` in one of the per-process caches (targets,
+    header names, status lines ...).  One rule for all: a cache that reaches
+    its size is emptied first -- the few entries in use come back at once,
+    and a stream of distinct keys cannot grow it."""
+    if len(cache) >= size:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) except -1:
     """Append raw bytes to a bytearray (no buffer-protocol round trip)."""
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(target)
@@ -291,19 +308,15 @@ cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) exce
     return 0
 
 
-# The scoreboard record of a worker: eight doubles in memory shared with the
-# master (fastpool.scoreboard reads them).
-cdef enum:
-    BOARD_REQUESTS = 0     # requests served
-    BOARD_BUSY_SINCE = 1   # monotonic time the worker was last seen busy; 0 = idle
-    BOARD_STATE = 2        # 0 booting, 1 serving, 2 draining
-    BOARD_HANDED_IN = 4    # connections taken from the group's handoff queue
-    BOARD_HANDED_OUT = 5   # connections handed to another group
-    BOARD_SHED = 6         # requests answered 503 by admission control
-    BOARD_SIZE = 8
-
-
 cdef tuple split_request_target(bytes target)
+cdef bytes status_line_of(object code)
+
+
+cdef class TargetCache:
+    cdef dict entries
+    cdef tuple get(self, bytes target)
+    cdef tuple convert(self, bytes target, tuple parts)
+
 cdef tuple peer_of(sockaddr_storage *address)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
 cdef str forwarded_scheme(str proto)

@@ -27,6 +27,7 @@ Rules of this module:
 """
 
 cimport cython
+from fastpool._consts cimport *
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -241,12 +242,11 @@ cdef struct LLHttp:
 cdef enum:
     HTTP_REQUEST = 1      # llhttp_type_t
     STOP = 1              # an event method's "stop parsing" (0: go on; -1: exception)
-    PAUSE = 2             # an event method's "pause here" (routing: see feed)
-    SETTINGS_SLOTS = 64   # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
+    PAUSE = 2             # an event method's "pause here" (see feed)
 
 cdef LLHttp llhttp
 cdef int HPE_PAUSED = -1     # llhttp's code for a pause, looked up by name at import
-cdef void *SETTINGS[64]
+cdef void *SETTINGS[SETTINGS_SLOTS]
 cdef dict ERRNO_NAMES = {}
 cdef list METHOD_NAMES = [None] * 256
 
@@ -301,7 +301,7 @@ cdef dict discover_layout():
     error code (HPE_CB_MESSAGE_BEGIN, ...) for the plain callbacks, and by the
     position it stopped at (the end of the span) for the data callbacks.
     """
-    cdef void *probe[64]
+    cdef void *probe[SETTINGS_SLOTS]
     cdef ParserBox box
     cdef int slot, code, delta
     cdef Py_ssize_t at
@@ -428,7 +428,7 @@ cdef int bind_llhttp() except -1:
     llhttp.set_lenient_transfer_encoding = <void (*)(void *, int) noexcept nogil>symbol(
         handle, b"llhttp_set_lenient_transfer_encoding")
     global HPE_PAUSED
-    for code in range(64):
+    for code in range(LLHTTP_ERRNO_MAX):
         if llhttp.errno_name(code) == b"HPE_PAUSED":
             HPE_PAUSED = code
             break
@@ -633,15 +633,6 @@ cdef enum ChunkState:
     CH_TRAILER_LF
     CH_END_LF             # the LF that ends the message
 
-cdef enum:
-    # The longest method name llhttp knows (GET_PARAMETER, SET_PARAMETER).
-    LLHTTP_METHOD_MAX = 13
-    # A size line longer than this (its extensions) is refused: nobody needs
-    # kilobytes of extensions, and an endless one must not be read forever.
-    CHUNK_LINE_LIMIT = 4096
-    # Chunk sizes from this on are refused as an overflow (2**60: no real
-    # body is that large, and the arithmetic stays far from the 64-bit edge).
-    CHUNK_SIZE_LIMIT = 1152921504606846976
 
 
 # ---------------------------------------------------------------- routing
@@ -680,9 +671,7 @@ cdef class Router:
                         or PyBytes_AS_STRING(path)[PyBytes_GET_SIZE(prefix)] == 47):   # "/"
                     group = routed
                     break
-            if len(self.cache) >= 4096:
-                self.cache.clear()
-            self.cache[target] = group
+            remember(self.cache, target, group, ROUTE_CACHE_SIZE)
         if group < 0:
             return home if home >= 0 else self.local_group
         return group
@@ -1463,6 +1452,25 @@ cdef bytes date_header():
 cdef dict STATUS_LINES = {}
 
 
+cdef dict CODE_LINES = {}
+
+
+cdef bytes status_line_of(object code):
+    """``b"HTTP/1.1 200 OK\\r\\n"`` for a status given as an int (ASGI); cached."""
+    cdef bytes line = CODE_LINES.get(code)
+    cdef str phrase
+    if line is not None:
+        return line
+    if type(code) is not int or not 100 <= code <= 999:
+        raise ValueError(f"invalid ASGI response status {code!r}: expected an int 100-999")
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    return remember(CODE_LINES, code, f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1"),
+                    STATUS_CACHE_SIZE)
+
+
 cdef tuple status_line(str status):
     """``(b"HTTP/1.1 200 OK\\r\\n", 200)`` for ``"200 OK"``; cached."""
     cdef tuple cached = STATUS_LINES.get(status)
@@ -1476,10 +1484,9 @@ cdef tuple status_line(str status):
     code = int(status[:3])
     if code < 100:
         raise ValueError(f"invalid status {status!r}")
-    cached = (b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n", code)
-    if len(STATUS_LINES) < 512:
-        STATUS_LINES[status] = cached
-    return cached
+    return remember(STATUS_LINES, status,
+                    (b"HTTP/1.1 " + status.encode("latin-1") + b"\r\n", code),
+                    STATUS_CACHE_SIZE)
 
 
 cdef int check_header(bytes name, bytes value) except -1:
@@ -1557,10 +1564,9 @@ cdef int append_header(HeadBuf *head, dict cache, object name, object value,
             entry = encode_header(name.encode("latin-1"), value.encode("latin-1"))
         else:
             entry = encode_header(name, value)
-        if by_value is None and len(cache) < 256:
-            by_value = cache[name] = {}
-        if by_value is not None and len(by_value) < 64:
-            by_value[value] = entry
+        if by_value is None:
+            by_value = remember(cache, name, {}, RESPONSE_HEADER_NAMES)
+        remember(by_value, value, entry, RESPONSE_HEADER_VALUES)
     line = entry[0]
     kind = entry[1]
     if kind == CONTENT_LENGTH:
@@ -1700,11 +1706,11 @@ cdef int queue_head(OutBuffer out, Framing *framing, Request request, bytes line
     pairs for WSGI, byte pairs for ASGI) into ``out``, framed by end_head.
     Nothing is queued unless every header is valid."""
     cdef HeadFlags flags
-    cdef char stack[4096]
+    cdef char stack[HEAD_STACK]
     cdef HeadBuf head
     flags_reset(&flags)
     flags.no_length = code < 200 or code == 204
-    head_init(&head, stack, 4096)
+    head_init(&head, stack, HEAD_STACK)
     try:
         head_put_bytes(&head, line)
         for name, value in headers:
@@ -1760,12 +1766,6 @@ cdef int end_body(OutBuffer out, Framing *framing) except -1:
 
 # ---------------------------------------------------------------- output buffer
 
-cdef enum:
-    MAX_IOV = 64
-    SMALL_WRITE = 16384
-    BUF_LIMIT = 262144
-    SHRINK_ABOVE = 65536
-
 
 @cython.final
 cdef class OutBuffer:
@@ -1782,14 +1782,14 @@ cdef class OutBuffer:
         cdef char *grown
         if size <= 0:
             return 0
-        if not self.chunks and self.buf_end + size <= BUF_LIMIT:
+        if not self.chunks and self.buf_end + size <= OUT_BUFFER_LIMIT:
             if self.buf_end + size > self.buf_capacity:
                 if self.buf_start:
                     memmove(self.buf, self.buf + self.buf_start, self.buf_end - self.buf_start)
                     self.buf_end -= self.buf_start
                     self.buf_start = 0
                 if self.buf_end + size > self.buf_capacity:
-                    wanted = max(self.buf_capacity * 2, self.buf_end + size, 4096)
+                    wanted = max(self.buf_capacity * 2, self.buf_end + size, HEAD_STACK)
                     grown = <char *>realloc(self.buf, wanted)
                     if grown == NULL:
                         raise MemoryError()
@@ -1823,7 +1823,7 @@ cdef class OutBuffer:
         self.first_offset = 0
         self.size = 0
         self.buf_start = self.buf_end = 0
-        if self.buf_capacity > SHRINK_ABOVE:
+        if self.buf_capacity > OUT_BUFFER_SHRINK:
             # A one-off large burst: give the memory back.
             free(self.buf)
             self.buf = NULL
@@ -1949,6 +1949,31 @@ cpdef bytes error_response(int status, str detail="", bytes headers=b""):
 
 
 # ---------------------------------------------------------------- request targets
+
+cdef class TargetCache:
+    """Request-target -> its parts in one worker kind's types (WSGI: str,
+    ASGI: str and bytes), so a target seen again costs one dict lookup.  The
+    split is split_request_target's; a worker kind overrides ``convert``."""
+
+    def __cinit__(self):
+        self.entries = {}
+
+    cdef tuple get(self, bytes target):
+        cdef tuple cached = self.entries.get(target)
+        if cached is None:
+            cached = remember(self.entries, target,
+                              self.convert(target, split_request_target(target)),
+                              TARGET_CACHE_SIZE)
+        return cached
+
+    cdef tuple convert(self, bytes target, tuple parts):
+        return parts
+
+
+class ClientDisconnected(OSError):
+    """The client went away, or stopped reading for too long (for an ASGI app:
+    ``send`` after a disconnect, an OSError subclass as the spec asks)."""
+
 
 cdef tuple split_request_target(bytes target):
     """``(path, raw_path, query)`` of a request-target: the path percent-decoded,

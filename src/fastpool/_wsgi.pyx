@@ -46,28 +46,25 @@ Rules of this module:
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
-from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
 
+from fastpool._consts cimport *
 from fastpool._posix cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
     EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
-    sockaddr, sockaddr_storage, sockaddr_in, sockaddr_in6, socklen_t, accept4, recv,
-    shutdown, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, AF_INET, AF_INET6, MSG_PEEK,
-    MSG_DONTWAIT,
-    IPPROTO_TCP, TCP_NODELAY, inet_ntop, ntohs, INET6_ADDRSTRLEN, sendfile, poll, pollfd,
-    POLLIN, POLLOUT, close, getppid, errno, EAGAIN, EINTR, ECONNABORTED,
-    EPROTO, EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    sockaddr, sockaddr_storage, socklen_t, accept4, recv, shutdown, setsockopt,
+    SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, MSG_PEEK, MSG_DONTWAIT, IPPROTO_TCP, TCP_NODELAY,
+    sendfile, poll, pollfd, POLLOUT, close, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
+    EMFILE, ENFILE, ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    peer_of, Limits, Request, HttpConnection, OutBuffer, refresh_date, status_line, error_response,
-    monotonic, Framing, framing_reset, queue_head, frame_body, end_body,
-    split_request_target, forwarded_client, forwarded_scheme, is_health_target,
-    BOARD_REQUESTS, BOARD_BUSY_SINCE, BOARD_STATE, BOARD_SIZE, BOARD_HANDED_IN,
-    BOARD_HANDED_OUT, BOARD_SHED, Router,
+    peer_of, remember, deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
+    refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
+    queue_head, frame_body, end_body,
 )
+from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, SERVING
 
 import contextvars
 import logging
@@ -76,41 +73,13 @@ import queue
 import stat
 import threading
 
-from fastpool.handoff import addresses as handoff_addresses
+from fastpool._http import ClientDisconnected
 
 cdef object error_log = logging.getLogger("fastpool.error")
-
-
-cdef enum:
-    # One read takes up to this much; a large body arrives in few reads.
-    RECV_SIZE = 262144
-    MAX_EVENTS = 256
-    ACCEPT_BATCH = 64
-    # Request body bytes held in memory; past this the body is spooled to a file.
-    BODY_MEMORY_LIMIT = 1048576
-    # Response bytes queued for a client that does not read, past which a
-    # streamed response waits for the socket (and write() blocks).
-    HIGH_WATER = 262144
-    # sendfile(2) takes at most this much per call, so one large file does
-    # not keep the loop from its other connections.
-    SENDFILE_CHUNK = 1048576
-    # The lingering close: drain the client's input for at most this many
-    # seconds and reads per wakeup before closing.
-    LINGER_SECONDS = 2
-    LINGER_READS = 16
 
 # An app's ``next()`` returns this at the end of the iterable (see pump).
 cdef object END = object()
 cdef object copy_context = contextvars.copy_context
-
-
-cdef inline double deadline_after(double start, double seconds) noexcept:
-    """``start + seconds``; a limit of 0 means none."""
-    return start + seconds if seconds > 0 else INFINITY
-
-
-class ClientDisconnected(OSError):
-    """The client went away, or stopped reading for too long."""
 
 
 # ---------------------------------------------------------------- environ
@@ -137,27 +106,19 @@ cdef object header_key(bytes name):
             key = upper
         else:
             key = "HTTP_" + upper
-    if len(HEADER_KEYS) < 2048:
-        HEADER_KEYS[name] = key
-    return key
+    return remember(HEADER_KEYS, name, key, HEADER_NAME_CACHE_SIZE)
 
 
-# request-target -> (PATH_INFO, QUERY_STRING, RAW_URI) before root_path is applied
-cdef dict TARGETS = {}
+@cython.final
+cdef class WSGITargets(TargetCache):
+    """Request-target -> (PATH_INFO, QUERY_STRING, RAW_URI) before root_path."""
+
+    cdef tuple convert(self, bytes target, tuple parts):
+        return ((<bytes>parts[0]).decode("latin-1"), (<bytes>parts[2]).decode("latin-1"),
+                target.decode("latin-1"))
 
 
-cdef tuple split_target(bytes target):
-    cdef tuple cached = TARGETS.get(target)
-    cdef tuple parts
-    if cached is not None:
-        return cached
-    parts = split_request_target(target)
-    cached = ((<bytes>parts[0]).decode("latin-1"), (<bytes>parts[2]).decode("latin-1"),
-              target.decode("latin-1"))
-    if len(TARGETS) >= 1024:
-        TARGETS.clear()
-    TARGETS[target] = cached
-    return cached
+cdef WSGITargets TARGETS = WSGITargets()
 
 
 @cython.final
@@ -355,7 +316,7 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int finish_head(self, Request request) except -1:
         cdef dict environ = (<WSGIRequest>request).environ
-        cdef tuple parts = split_target(request.target)
+        cdef tuple parts = TARGETS.get(request.target)
         cdef str path = parts[0]
         cdef str root = self.worker.root_path
         environ["REQUEST_METHOD"] = request.method
@@ -373,29 +334,22 @@ cdef class WSGIConnection(HttpConnection):
         return 0
 
     cdef int apply_forwarded(self, dict environ) except -1:
-        """A trusted proxy's X-Forwarded-For / X-Forwarded-Proto (gunicorn's and
-        uvicorn's forwarded_allow_ips): the client is the nearest address in
-        the chain that is not itself a trusted proxy."""
-        cdef WSGIWorker worker = self.worker
-        cdef str client = forwarded_client(environ.get("HTTP_X_FORWARDED_FOR"),
-                                           worker.trusted_proxies, worker.trust_all_proxies)
-        cdef str scheme = forwarded_scheme(environ.get("HTTP_X_FORWARDED_PROTO"))
-        if client is not None:
-            environ["REMOTE_ADDR"] = client
+        """A trusted proxy's X-Forwarded-For / X-Forwarded-Proto (WorkerBase.forwarded)."""
+        cdef tuple found = self.worker.forwarded(environ.get("HTTP_X_FORWARDED_FOR"),
+                                                 environ.get("HTTP_X_FORWARDED_PROTO"))
+        if found[0] is not None:
+            environ["REMOTE_ADDR"] = found[0]
             environ["REMOTE_PORT"] = "0"
-        if scheme is not None:
-            environ["wsgi.url_scheme"] = scheme
+        if found[1] is not None:
+            environ["wsgi.url_scheme"] = found[1]
         return 0
 
     cdef int answer_health(self, WSGIRequest request) except -1:
-        """The group's health_path, answered without the app: 200 while the
-        worker serves, 503 once its graceful stop has begun."""
-        cdef bytes body
+        """The group's health_path, answered without the app (WorkerBase.health_answer)."""
+        cdef tuple answer = self.worker.health_answer()
+        cdef bytes body = answer[1]
         self.reset_response(request)
-        if self.worker.alive:
-            self.status, body = "200 OK", b"OK\n"
-        else:
-            self.status, body = "503 Service Unavailable", b"stopping\n"
+        self.status = "200 OK" if answer[0] == 200 else "503 Service Unavailable"
         self.headers = [("Content-Type", "text/plain")]
         self.write_head(len(body))
         self.write_body(body)
@@ -489,7 +443,7 @@ cdef class WSGIConnection(HttpConnection):
         """Wait (GIL released) until the socket is ready, at most the
         connection's send timeout (an app thread, or write())."""
         cdef pollfd pfd
-        cdef double limit = self.worker.header_timeout
+        cdef double limit = self.worker.client_timeout
         cdef int timeout_ms = <int>(limit * 1000) if limit > 0 else -1
         cdef int ready
         pfd.fd = self.fd
@@ -755,150 +709,284 @@ cdef class WSGIConnection(HttpConnection):
             self.finish_response(self.request)
         return 0
 
+    # ---- the connection's life in the loop (every event comes through here)
 
-# ---------------------------------------------------------------- worker
+    cdef int on_event(self, unsigned int flags) except -1:
+        if self.state == LINGERING:
+            self.linger_read()
+        elif self.want_write:
+            if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+                self.advance()
+        else:
+            self.read()
+        return 0
+
+    cdef int read(self) except -1:
+        cdef WSGIWorker worker = self.worker
+        cdef ssize_t received = recv(self.fd, worker.recv_buffer, RECV_SIZE, 0)
+        if received > 0:
+            self.last_read = worker.now
+            self.feed(worker.recv_buffer, received)
+        elif received == 0:
+            self.peer_closed = True
+            self.stop_reading = True
+        elif errno == EAGAIN or errno == EINTR:
+            return 0
+        else:
+            return self.close()
+        return self.advance()
+
+    cdef bint has_ready_request(self):
+        """The next request can be answered: its body is all in, no response
+        is still being sent, and the connection goes on."""
+        return (self.pending and not self.closing and not self.streaming
+                and (<Request>self.pending[0]).body_complete)
+
+    cdef int advance(self) except -1:
+        """Go as far as possible without waiting for the client: on with a
+        streamed response, answer the ready requests in order (or hand them to
+        an app thread), then ``settle`` what the connection waits for."""
+        cdef WSGIWorker worker = self.worker
+        cdef WSGIRequest request
+        if self.state == CLOSED:
+            return 0
+        if self.streaming and self.pump(False):
+            return self.wait_writable()
+        if worker.threads is not None:
+            # Health checks are answered here, never queued behind app threads.
+            while self.has_ready_request() and worker.is_health((<Request>self.pending[0]).target):
+                self.answer_health(<WSGIRequest>self.pending.pop(0))
+            if self.has_ready_request():
+                return worker.threads.submit(self)
+            return self.settle()
+        # Pipelined requests are answered into one buffer, sent at once --
+        # unless the client is not reading it.
+        while self.has_ready_request() and self.out.size <= HIGH_WATER:
+            request = <WSGIRequest>self.pending.pop(0)
+            if worker.is_health(request.target):
+                self.answer_health(request)
+            else:
+                self.run_app(request)
+                if self.streaming and self.pump(False):
+                    return self.wait_writable()
+        return self.settle()
+
+    cdef int serve_in_thread(self) except -1:
+        """An app thread's turn: the ready requests, in order, waiting on the
+        socket as needed (the connection is this thread's alone)."""
+        cdef WSGIRequest request
+        while self.has_ready_request():
+            request = <WSGIRequest>self.pending.pop(0)
+            if self.worker.is_health(request.target):
+                self.answer_health(request)
+            else:
+                self.run_app(request)
+                if self.streaming:
+                    self.pump(True)
+        return 0
+
+    cdef int settle(self) except -1:
+        """Nothing more can be answered now: answer a protocol error, decide
+        about closing, send, then wait for what comes next (EPOLLOUT while
+        output is queued; else the client's next bytes, by set_deadline),
+        hand the connection over, or close it."""
+        cdef WSGIWorker worker = self.worker
+        cdef bytes refusal
+        if self.state == CLOSED:
+            return 0
+        if (self.pending and not self.has_ready_request() and not self.streaming
+                and not self.closing and self.peer_closed):
+            self.pending.clear()     # a body the client will never finish
+        if not self.closing and not self.pending and not self.streaming:
+            if self.error_status:
+                self.out.write(error_response(self.error_status, self.error_reason or ""))
+                self.closing = True
+            elif self.peer_closed:
+                self.closing = True
+            elif not worker.alive and self.at_message_boundary() and self.handoff_group < 0:
+                self.closing = True  # (a request for another group is still handed over)
+        if not self.closing:
+            self.send_continue()
+        if self.out.size:
+            try:
+                self.out.send_to(self.fd)
+            except OSError:
+                return self.close()
+            if self.out.size:
+                return self.wait_writable()
+        if self.want_write:
+            self.want_write = False
+            worker.watch(self.fd, EPOLLIN)
+            if self.has_ready_request():
+                return self.advance()     # pipelined requests waited for the output
+        if self.handoff_group >= 0 and not self.closing and not self.pending:
+            refusal = worker.hand_off(self, self.fd)
+            if refusal is None:
+                return self.close()       # our copy: the other group's worker has it
+            self.out.write(refusal)
+            self.closing = True
+            return self.settle()
+        if self.closing:
+            return self.start_close()
+        return self.set_deadline()
+
+    cdef int wait_writable(self) except -1:
+        """The client must read before the connection goes on: wait for
+        EPOLLOUT (reading nothing meanwhile), within the send deadline."""
+        self.deadline = deadline_after(monotonic(), self.worker.client_timeout)
+        if not self.want_write:
+            self.want_write = True
+            self.worker.watch(self.fd, EPOLLOUT)
+        return 0
+
+    cdef int set_deadline(self) except -1:
+        """The deadline of a connection waiting for its client's bytes, the
+        same rule as the ASGI worker's: a request's head must be in within
+        client_timeout of its first byte; its body must keep arriving (each
+        read restarts client_timeout); between requests a connection is kept
+        keep_alive seconds.  (A new connection gets client_timeout for its
+        first byte, in WSGIWorker.add_connection; the send and linger
+        deadlines are set in wait_writable and start_close.)"""
+        cdef WSGIWorker worker = self.worker
+        cdef Request current = self.current
+        if current is not None:
+            if current.head_complete:
+                self.deadline = deadline_after(self.last_read, worker.client_timeout)
+            else:
+                self.deadline = deadline_after(current.started, worker.client_timeout)
+        elif self.pending:
+            self.deadline = deadline_after(monotonic(), worker.client_timeout)
+        elif self.last_read:
+            self.deadline = monotonic() + worker.keep_alive
+        return 0
+
+    cdef int start_close(self) except -1:
+        """Close after a response.  If the client may still be sending (an unread
+        body, a rejected request), shut our side and drain theirs for a moment
+        first: closing with unread input would reset the connection and could
+        destroy the response before the client reads it (RFC 9112 9.6)."""
+        if self.peer_closed or (self.at_message_boundary() and not self.error_status
+                                and not self.pending):
+            return self.close()
+        shutdown(self.fd, SHUT_WR)
+        self.state = LINGERING
+        self.deadline = monotonic() + LINGER_SECONDS
+        return 0
+
+    cdef int linger_read(self) except -1:
+        cdef char *buffer = self.worker.recv_buffer
+        cdef ssize_t received
+        cdef int rounds
+        for rounds in range(LINGER_READS):
+            received = recv(self.fd, buffer, RECV_SIZE, 0)
+            if received > 0:
+                continue
+            if received < 0 and (errno == EAGAIN or errno == EINTR):
+                return 0
+            break
+        else:
+            return 0
+        return self.close()
+
+    cdef int close(self) except -1:
+        if self.state == CLOSED:
+            return 0
+        self.state = CLOSED
+        if self.request is not None and not self.busy:
+            self.abort_response()     # a response still being sent: close the app's iterable
+        self.worker.forget(self.fd)
+        close(self.fd)
+        self.pending.clear()
+        self.out.clear()
+        # Drop the connection's self-references (its bound methods) so it is
+        # freed at once, without the cyclic GC.
+        self.start_response_method = None
+        self.write_method = None
+        return 0
+
+    cdef int expire(self) except -1:
+        """The deadline passed (see set_deadline)."""
+        if self.state == LINGERING:
+            return self.close()
+        if self.want_write or self.streaming:
+            error_log.info("closing the connection of %s: the client took no response bytes "
+                           "for %g s", self.remote_addr or "a unix socket client",
+                           self.worker.client_timeout)
+            return self.close()
+        if self.pending or not self.at_message_boundary():
+            # A request started but did not arrive in time: 408, then a
+            # lingering close (the client may still be sending).
+            self.pending.clear()
+            self.fail(408, "request not received in time")
+            self.parse_failed()
+            return self.settle()
+        if input_waiting(self.fd):
+            # Bytes arrived while this worker was busy (the app ran longer
+            # than the deadline): they are the client's next request, not a
+            # timeout.  Give the loop a turn to read them.
+            self.deadline = monotonic() + READ_GRACE_SECONDS
+            return 0
+        return self.close()
+
+
+# ---------------------------------------------------------------- app threads
 
 @cython.final
-cdef class WSGIWorker:
-    """The event loop of one worker process."""
+cdef class AppThreads:
+    """The gthread model (``threads`` > 1): connections with ready requests
+    are served by a pool of threads, the loop keeps accepting, reading and
+    writing.  A connection taken out of epoll belongs to one thread until it
+    comes back through the wake-up pipe (``take_back``)."""
 
-    cdef readonly object app
-    cdef Limits limits
-    cdef int epfd
-    cdef list listeners
-    cdef list table              # fd -> Listener | WSGIConnection | None
-    cdef readonly int connections
-    cdef readonly bint alive
-    cdef bint quitting
-    cdef readonly long long requests
-    cdef readonly double keep_alive
-    cdef readonly double header_timeout
-    cdef double graceful_timeout
-    cdef double graceful_deadline
-    cdef readonly str root_path
-    cdef object access_log
-    cdef int master_pid
-    cdef char *recv_buffer
-    cdef double now               # monotonic time of this wakeup of the loop
-    cdef double next_sweep
-    cdef bint accept_paused
-    cdef bint close_idle          # on a graceful stop: close idle keep-alive at once
-    cdef readonly long long max_requests
-    # The scoreboard record: see BOARD_* below.
-    cdef double[::1] board
-    cdef object board_owner
-    cdef list running             # start times of the requests being served
-    cdef bytes health_target      # health_path as bytes, or None
-    cdef bint trust_all_proxies
-    cdef frozenset trusted_proxies
-    # Routes (None without): the router, this group's index, the queues.
-    cdef Router router
-    cdef int local_group
-    cdef object handoff
-    cdef int handoff_fd
-    cdef bint handoff_registered
-    cdef dict handoff_environ
-    # Thread pool (threads > 1)
-    cdef readonly int threads
+    cdef WSGIWorker worker
+    cdef readonly int size
+    cdef int busy
     cdef object tasks
-    cdef int busy_threads
     cdef list finished
     cdef object finished_lock
-    cdef int wake_read
+    cdef readonly int wake_read
     cdef int wake_write
     cdef list pool
 
     def __cinit__(self):
-        self.epfd = -1
         self.wake_read = self.wake_write = -1
-        self.recv_buffer = <char *>malloc(RECV_SIZE)
-        if self.recv_buffer == NULL:
-            raise MemoryError()
 
     def __dealloc__(self):
-        free(self.recv_buffer)
-        if self.epfd >= 0:
-            close(self.epfd)
         if self.wake_read >= 0:
             close(self.wake_read)
             close(self.wake_write)
 
-    def __init__(self, app, listeners, *, Limits limits not None, double keep_alive=5.0,
-                 double header_timeout=30.0, double graceful_timeout=30.0,
-                 str root_path="", access_log=None, int master_pid=0, int threads=1,
-                 long long max_requests=0, scoreboard=None, str health_path=None,
-                 forwarded_allow_ips=(), routing=None, dict handoff_environ=None):
-        """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
-        owned by the caller's socket objects until ``stop`` closes them.
-        ``scoreboard``: a writable buffer of BOARD_SIZE doubles, or None.
-        ``routing``: (Router, fastpool.handoff.Handoff) when the server has
-        routes; ``handoff_environ`` is then the base environ of connections
-        handed over by other groups."""
-        cdef epoll_event event
-        self.app = app
-        self.threads = threads
-        self.health_target = health_path.encode("latin-1") if health_path else None
-        self.trust_all_proxies = "*" in forwarded_allow_ips
-        self.trusted_proxies = frozenset(forwarded_allow_ips)
-        self.max_requests = max_requests
-        self.running = []
-        self.board_owner = scoreboard if scoreboard is not None else bytearray(8 * BOARD_SIZE)
-        self.board = memoryview(self.board_owner).cast("B").cast("d")
-        self.limits = limits
-        self.keep_alive = keep_alive
-        self.header_timeout = header_timeout
-        self.graceful_timeout = graceful_timeout
-        self.root_path = root_path.rstrip("/")
-        self.access_log = access_log
-        self.master_pid = master_pid
-        self.alive = True
-        self.table = []
-        self.listeners = []
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
-        if self.epfd < 0:
-            raise OSError(errno, "epoll_create1 failed")
-        for fd, tcp, base_environ, shared in listeners:
-            listener = Listener(fd, tcp, base_environ)
-            self.listeners.append(listener)
-            self.register(fd, listener)
-            memset(&event, 0, sizeof(event))
-            # A socket shared by all workers wakes one of them, not all (no herd).
-            event.events = EPOLLIN | (EPOLLEXCLUSIVE if shared else 0)
-            event.data.fd = fd
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
-                raise OSError(errno, "epoll_ctl(listener) failed")
-        self.wake_read = self.wake_write = -1
-        self.handoff_fd = -1
-        if routing is not None:
-            self.router, self.handoff = routing
-            self.local_group = self.router.local_group
-            self.handoff_environ = handoff_environ
-            self.handoff_fd = self.handoff.receiver_fd()
-            self.register(self.handoff_fd, HandoffQueue())
-            self.watch_handoffs(True)
-        if threads > 1:
-            self.start_pool(threads)
-
-    # ---- the thread pool (threads > 1)
-
-    cdef int start_pool(self, int threads) except -1:
-        cdef epoll_event event
+    def __init__(self, WSGIWorker worker, int size):
+        self.worker = worker
+        self.size = size
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.register(self.wake_read, WakePipe())
-        memset(&event, 0, sizeof(event))
-        event.events = EPOLLIN
-        event.data.fd = self.wake_read
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wake_read, &event) < 0:
-            raise OSError(errno, "epoll_ctl(wake pipe) failed")
         self.tasks = queue.SimpleQueue()
         self.finished = []
         self.finished_lock = threading.Lock()
         self.pool = []
-        for index in range(threads):
+        for index in range(size):
             thread = threading.Thread(target=self.thread_main, name=f"fastpool-app-{index}",
                                       daemon=True)
             thread.start()
             self.pool.append(thread)
+
+    cdef bint has_free_thread(self):
+        return self.busy < self.size
+
+    cdef int submit(self, WSGIConnection conn) except -1:
+        """Hand ``conn`` to an app thread; the loop forgets it until take_back.
+        What is already answered goes out first."""
+        try:
+            conn.out.send_to(conn.fd)
+        except OSError:
+            pass   # the thread's own writes will find the peer gone
+        conn.busy = True
+        conn.want_write = False
+        self.worker.unwatch(conn.fd)
+        self.tasks.put(conn)
+        self.busy += 1
+        if not self.has_free_thread():
+            self.worker.watch_handoffs(False)   # no free thread: let other workers take them
         return 0
 
     def thread_main(self):
@@ -909,7 +997,7 @@ cdef class WSGIWorker:
             if conn is None:
                 return
             try:
-                self.serve_in_thread(conn)
+                conn.serve_in_thread()
             except BaseException:
                 error_log.exception("app thread failed while serving a connection")
                 conn.closing = True
@@ -923,7 +1011,6 @@ cdef class WSGIWorker:
     cdef int take_back(self) except -1:
         """Connections the app threads are done with return to the loop."""
         cdef WSGIConnection conn
-        cdef epoll_event event
         cdef list done
         try:
             while os.read(self.wake_read, 4096):
@@ -933,231 +1020,134 @@ cdef class WSGIWorker:
         with self.finished_lock:
             done = self.finished
             self.finished = []
-        self.busy_threads -= len(done)
-        if self.alive and self.busy_threads < self.threads:
-            self.watch_handoffs(True)
+        self.busy -= len(done)
+        if self.worker.alive and self.has_free_thread():
+            self.worker.watch_handoffs(True)
         for conn in done:
             conn.busy = False
             if conn.state == CLOSED:
                 continue
-            memset(&event, 0, sizeof(event))
-            event.events = EPOLLIN
-            event.data.fd = conn.fd
-            epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event)
-            self.advance(conn)
+            self.worker.rewatch(conn.fd)
+            conn.advance()
         return 0
 
-    cdef bint is_health_request(self, Request request):
-        return self.health_target is not None and is_health_target(self.health_target,
-                                                                   request.target)
-
-    # ---- routes: handing connections over and taking them
-
-    cdef int watch_handoffs(self, bint on) except -1:
-        """Take handoffs only while this worker can serve them at once."""
-        cdef epoll_event event
-        if on == self.handoff_registered or self.handoff_fd < 0:
-            return 0
-        self.handoff_registered = on
-        if on:
-            memset(&event, 0, sizeof(event))
-            # Wakes one waiting worker of the group per handoff, not all.
-            event.events = EPOLLIN | EPOLLEXCLUSIVE
-            event.data.fd = self.handoff_fd
-            epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.handoff_fd, &event)
-        else:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.handoff_fd, NULL)
+    cdef int stop(self) except -1:
+        for _ in self.pool:
+            self.tasks.put(None)
         return 0
 
-    cdef int take_handoff(self) except -1:
-        """One connection from this group's queue: its bytes are parsed as if
-        this worker had read them."""
-        cdef WSGIConnection conn
-        cdef epoll_event event
-        cdef bytes data
-        cdef dict base
-        entry = self.handoff.receive()
-        if entry is None:
-            return 0
-        fd, home, started, data, refusal = entry
-        self.board[BOARD_HANDED_IN] += 1
-        os.set_blocking(fd, False)
-        if refusal is not None:
-            # It waited longer than max_queue_wait.
-            self.board[BOARD_SHED] += 1
-            try:
-                os.write(fd, refusal)
-            except OSError:
-                pass
-            close(fd)
-            return 0
-        tcp, server, peer = handoff_addresses(fd)
-        base = self.handoff_environ.copy()
-        if server is not None:
-            base["SERVER_NAME"], base["SERVER_PORT"] = server[0], str(server[1])
-        remote = ""
-        if peer is not None:
-            remote = peer[0]
-            base["REMOTE_ADDR"], base["REMOTE_PORT"] = remote, str(peer[1])
-        conn = WSGIConnection(self, fd, base, remote)
-        conn.router = self.router
-        conn.home_group = home
-        conn.trusted_proxy = self.trust_all_proxies or (tcp and remote in self.trusted_proxies)
-        if not self.add_connection(conn):
-            return 0
-        conn.feed(data, PyBytes_GET_SIZE(data))
-        return self.advance(conn)
 
-    cdef int hand_off(self, WSGIConnection conn) except -1:
-        """Give ``conn`` to the group its next request belongs to (everything
-        before that request has been answered and sent)."""
-        refusal = self.handoff.send(conn.handoff_group, conn.fd, conn.home_group,
-                                    conn.handoff_started, conn.handoff_data)
-        conn.handoff_group = -1
-        conn.handoff_data = None
-        if refusal is None:
-            self.board[BOARD_HANDED_OUT] += 1
-            return self.close_connection(conn)   # our copy: the other worker has it
-        self.board[BOARD_SHED] += 1
-        conn.out.write(refusal)
-        conn.closing = True
-        return self.settle(conn)
+# ---------------------------------------------------------------- worker
 
-    # ---- the scoreboard
+@cython.final
+cdef class WSGIWorker(WorkerBase):
+    """The epoll loop of one WSGI worker process (the WorkerBase does the rest)."""
 
-    cdef object app_started(self):
-        """App code starts running (the app call, or a step of a streamed
-        body); returns the token app_finished takes."""
-        cdef object now = monotonic()
-        self.running.append(now)
-        if len(self.running) == 1:
-            self.board[BOARD_BUSY_SINCE] = now
-        return now
+    cdef int epfd
+    cdef list listeners
+    cdef list table              # fd -> Listener | WSGIConnection | WakePipe | HandoffQueue | None
+    cdef readonly int connections
+    cdef bint quitting
+    cdef char *recv_buffer
+    cdef double now               # monotonic time of this wakeup of the loop
+    cdef double next_sweep
+    cdef bint accept_paused
+    cdef int handoff_fd
+    cdef bint handoff_registered
+    cdef dict handoff_environ
+    cdef readonly AppThreads threads   # None unless the group has threads > 1
 
-    cdef int app_finished(self, object started) except -1:
-        if len(self.running) == 1:
-            del self.running[0]
-            self.board[BOARD_BUSY_SINCE] = 0.0
-        else:
-            # Threads finish in any order: the oldest still running counts.
-            self.running.remove(started)
-            self.board[BOARD_BUSY_SINCE] = min(self.running)
-        return 0
+    def __cinit__(self):
+        self.epfd = -1
+        self.handoff_fd = -1
+        self.recv_buffer = <char *>malloc(RECV_SIZE)
+        if self.recv_buffer == NULL:
+            raise MemoryError()
 
-    cdef int request_done(self) except -1:
-        """A response the app gave is over (sent, or given up)."""
-        self.requests += 1
-        self.board[BOARD_REQUESTS] = self.requests
-        return 0
+    def __dealloc__(self):
+        free(self.recv_buffer)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    def __init__(self, app, listeners, WorkerOptions options not None,
+                 dict handoff_environ=None):
+        """``listeners``: (fd, is_tcp, base_environ, shared) tuples; the fds stay
+        owned by the caller's socket objects.  ``handoff_environ``: the base
+        environ of connections other groups hand over (with routes)."""
+        WorkerBase.__init__(self, app, options)
+        self.table = []
+        self.listeners = []
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        for fd, tcp, base_environ, shared in listeners:
+            listener = Listener(fd, tcp, base_environ)
+            self.listeners.append(listener)
+            self.register(fd, listener)
+            # A socket shared by all workers wakes one of them, not all (no herd).
+            self.add(fd, EPOLLIN | (EPOLLEXCLUSIVE if shared else 0))
+        if self.handoff is not None:
+            self.handoff_environ = handoff_environ
+            self.handoff_fd = self.handoff.receiver_fd()
+            self.register(self.handoff_fd, HandoffQueue())
+            self.watch_handoffs(True)
+        if options.threads > 1:
+            self.threads = AppThreads(self, options.threads)
+            self.register(self.threads.wake_read, WakePipe())
+            self.add(self.threads.wake_read, EPOLLIN)
+
+    # ---- epoll
 
     cdef int register(self, int fd, object obj) except -1:
         while len(self.table) <= fd:
-            self.table.extend([None] * (fd + 64 - len(self.table)))
+            self.table.extend([None] * (fd + ACCEPT_BATCH - len(self.table)))
         self.table[fd] = obj
         return 0
 
-    # ---- control (called from signal handlers in worker.py)
-
-    def stop(self, bint graceful=True, bint close_idle=True):
-        """Graceful: stop accepting, finish what is in flight, then return from
-        ``run``.  Otherwise return as soon as the loop wakes.
-
-        ``close_idle``: close idle keep-alive connections at once (shutdown).
-        Without it (a retiring or reloaded worker) each idle connection stays
-        until its keep-alive deadline and its next request is answered with
-        ``Connection: close``, so no client races a close on a connection it
-        is about to reuse."""
-        if not graceful:
-            self.quitting = True
-            return
-        self.close_idle = self.close_idle or close_idle
-        if not self.alive:
-            return
-        self.alive = False
-        self.board[BOARD_STATE] = 2
-        self.graceful_deadline = monotonic() + self.graceful_timeout
-        self.close_listeners()
-        self.watch_handoffs(False)   # queued handoffs are for the workers that stay
-        self.next_sweep = 0   # close idle keep-alive connections on the next wakeup
-
-    cdef int close_listeners(self) except -1:
-        cdef Listener listener
-        for listener in self.listeners:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
-            self.table[listener.fd] = None
-        del self.listeners[:]
+    cdef int add(self, int fd, unsigned int events) except -1:
+        cdef epoll_event event
+        memset(&event, 0, sizeof(event))
+        event.events = events
+        event.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+            raise OSError(errno, "epoll_ctl failed")
         return 0
 
-    # ---- the loop
+    cdef int watch(self, int fd, unsigned int events) except -1:
+        """What a registered connection waits for now (EPOLLIN or EPOLLOUT)."""
+        cdef epoll_event event
+        memset(&event, 0, sizeof(event))
+        event.events = events
+        event.data.fd = fd
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &event)
+        return 0
 
-    def run(self):
-        cdef epoll_event events[MAX_EVENTS]
-        cdef int ready, i, fd, timeout_ms
-        cdef unsigned int flags
-        cdef object entry
-        cdef double now
-        refresh_date()
-        self.board[BOARD_STATE] = 1
-        while not self.quitting:
-            if not self.alive and self.connections == 0:
-                break
-            timeout_ms = 1000
-            with nogil:
-                ready = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
-            if ready < 0:
-                if errno != EINTR:
-                    raise OSError(errno, "epoll_wait failed")
-                PyErr_CheckSignals()
-                ready = 0
-            self.now = monotonic()
-            refresh_date()
-            if self.handoff_registered:
-                # Handoffs first: a connection waiting in the group's queue
-                # must not wait behind every request of the connections this
-                # worker already holds.
-                for i in range(ready):
-                    if events[i].data.fd == self.handoff_fd:
-                        self.take_handoff()
-                        events[i].data.fd = -1
-                        break
-            for i in range(ready):
-                fd = events[i].data.fd
-                if fd < 0:
-                    continue
-                flags = events[i].events
-                entry = self.table[fd]
-                if entry is None:
-                    continue
-                if type(entry) is Listener:
-                    self.accept(<Listener>entry)
-                elif type(entry) is WakePipe:
-                    self.take_back()
-                elif type(entry) is HandoffQueue:
-                    self.take_handoff()
-                else:
-                    self.on_event(<WSGIConnection>entry, flags)
-            PyErr_CheckSignals()
-            if self.max_requests and self.requests >= self.max_requests and self.alive:
-                error_log.info("worker %d retiring after %d requests (max_requests)",
-                               os.getpid(), self.requests)
-                self.stop(True, False)
-            now = monotonic()
-            if now >= self.next_sweep:
-                self.sweep(now)
-                self.next_sweep = now + 1.0
-        self.close_listeners()
-        for entry in self.table:
-            if type(entry) is WSGIConnection and not (<WSGIConnection>entry).busy:
-                self.close_connection(<WSGIConnection>entry)
-        if self.pool:
-            for _ in self.pool:
-                self.tasks.put(None)
+    cdef int unwatch(self, int fd) except -1:
+        """Out of epoll for a while (its app thread has it)."""
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        return 0
+
+    cdef int rewatch(self, int fd) except -1:
+        cdef epoll_event event
+        memset(&event, 0, sizeof(event))
+        event.events = EPOLLIN
+        event.data.fd = fd
+        epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event)
+        return 0
+
+    cdef int forget(self, int fd) except -1:
+        """A connection is closed (the caller closes the descriptor)."""
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        self.table[fd] = None
+        self.connections -= 1
+        return 0
+
+    # ---- connections in
 
     cdef int accept(self, Listener listener) except -1:
         cdef sockaddr_storage address
         cdef socklen_t length
         cdef int fd, count, one = 1
-        cdef epoll_event event
         cdef WSGIConnection conn
         cdef str remote
         cdef dict base
@@ -1171,10 +1161,7 @@ cdef class WSGIWorker:
                 if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
                     continue
                 if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
-                    # Out of descriptors or memory: leave the connection queued
-                    # (the kernel keeps it) and try again after the next sweep.
-                    error_log.error("accept failed: %s; pausing accepts for a second",
-                                    os.strerror(errno))
+                    self.accept_failed(errno)
                     self.pause_accepting()
                     return 0
                 raise OSError(errno, "accept4 failed")
@@ -1186,8 +1173,8 @@ cdef class WSGIWorker:
                 remote = ""
                 base["REMOTE_ADDR"] = ""
             conn = WSGIConnection(self, fd, base, remote)
-            conn.trusted_proxy = self.trust_all_proxies or (
-                listener.tcp and remote in self.trusted_proxies)
+            conn.trusted_proxy = self.options.trust_all_proxies or (
+                listener.tcp and remote in self.options.trusted_proxies)
             if self.router is not None:
                 conn.router = self.router
                 conn.home_group = self.local_group
@@ -1198,7 +1185,7 @@ cdef class WSGIWorker:
         """Watch a new connection (accepted, or handed over); False if epoll
         refused it (it is closed)."""
         cdef epoll_event event
-        conn.deadline = deadline_after(monotonic(), self.header_timeout)
+        conn.deadline = deadline_after(monotonic(), self.client_timeout)
         self.register(conn.fd, conn)
         memset(&event, 0, sizeof(event))
         event.events = EPOLLIN
@@ -1221,241 +1208,136 @@ cdef class WSGIWorker:
 
     cdef int resume_accepting(self) except -1:
         cdef Listener listener
-        cdef epoll_event event
         if not self.accept_paused:
             return 0
         self.accept_paused = False
         for listener in self.listeners:
-            memset(&event, 0, sizeof(event))
-            event.events = EPOLLIN
-            event.data.fd = listener.fd
-            epoll_ctl(self.epfd, EPOLL_CTL_ADD, listener.fd, &event)
+            self.add(listener.fd, EPOLLIN)
         return 0
 
-    cdef int on_event(self, WSGIConnection conn, unsigned int flags) except -1:
-        if conn.state == LINGERING:
-            self.linger_read(conn)
-        elif conn.want_write:
-            if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
-                self.advance(conn)
+    # ---- routes: the group's queue
+
+    cdef int watch_handoffs(self, bint on) except -1:
+        """Take handoffs only while this worker can serve them at once."""
+        if on == self.handoff_registered or self.handoff_fd < 0:
+            return 0
+        self.handoff_registered = on
+        if on:
+            # Wakes one waiting worker of the group per handoff, not all.
+            self.add(self.handoff_fd, EPOLLIN | EPOLLEXCLUSIVE)
         else:
-            self.read(conn)
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.handoff_fd, NULL)
         return 0
 
-    cdef int read(self, WSGIConnection conn) except -1:
-        cdef ssize_t received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
-        if received > 0:
-            conn.last_read = self.now
-            conn.feed(self.recv_buffer, received)
-        elif received == 0:
-            conn.peer_closed = True
-            conn.stop_reading = True
-        elif errno == EAGAIN or errno == EINTR:
+    cdef int adopt_handoff(self) except -1:
+        """One connection from this group's queue: its bytes are parsed as if
+        this worker had read them."""
+        cdef WSGIConnection conn
+        cdef dict base
+        cdef str remote = ""
+        cdef Handover handover = self.take_handoff()
+        if handover is None or handover.fd < 0:
             return 0
-        else:
-            self.close_connection(conn)
+        base = self.handoff_environ.copy()
+        if handover.server is not None:
+            base["SERVER_NAME"], base["SERVER_PORT"] = handover.server[0], str(handover.server[1])
+        if handover.peer is not None:
+            remote = handover.peer[0]
+            base["REMOTE_ADDR"], base["REMOTE_PORT"] = remote, str(handover.peer[1])
+        conn = WSGIConnection(self, handover.fd, base, remote)
+        conn.router = self.router
+        conn.home_group = handover.home
+        conn.trusted_proxy = self.options.trust_all_proxies or (
+            handover.tcp and remote in self.options.trusted_proxies)
+        if not self.add_connection(conn):
             return 0
-        self.advance(conn)
+        conn.feed(handover.data, PyBytes_GET_SIZE(handover.data))
+        return conn.advance()
+
+    # ---- stopping (WorkerBase.stop, from the signal handlers in worker.py)
+
+    cdef int stop_accepting(self) except -1:
+        self.close_listeners()
+        self.watch_handoffs(False)   # queued handoffs are for the workers that stay
+        self.next_sweep = 0          # close idle keep-alive connections on the next wakeup
         return 0
 
-    cdef bint has_ready_request(self, WSGIConnection conn):
-        """The next request of ``conn`` can be answered: its body is all in,
-        no response is still being sent, and the connection goes on."""
-        return (conn.pending and not conn.closing and not conn.streaming
-                and (<Request>conn.pending[0]).body_complete)
-
-    cdef int advance(self, WSGIConnection conn) except -1:
-        """Take ``conn`` as far as it goes without waiting for its client: go
-        on with a streamed response, answer its ready requests in order (or
-        hand them to an app thread), then ``settle`` what it waits for.  Every
-        event of a connection in the loop comes through here."""
-        cdef WSGIRequest request
-        if conn.state == CLOSED:
-            return 0
-        if conn.streaming and conn.pump(False):
-            return self.wait_writable(conn)
-        if self.pool is not None:
-            # Health checks are answered here, never queued behind app threads.
-            while self.has_ready_request(conn) and self.is_health_request(
-                    <Request>conn.pending[0]):
-                conn.answer_health(<WSGIRequest>conn.pending.pop(0))
-            if self.has_ready_request(conn):
-                return self.give_to_thread(conn)
-            return self.settle(conn)
-        # Pipelined requests are answered into one buffer, sent at once --
-        # unless the client is not reading it.
-        while self.has_ready_request(conn) and conn.out.size <= HIGH_WATER:
-            request = <WSGIRequest>conn.pending.pop(0)
-            if self.is_health_request(request):
-                conn.answer_health(request)
-            else:
-                conn.run_app(request)
-                if conn.streaming and conn.pump(False):
-                    return self.wait_writable(conn)
-        return self.settle(conn)
-
-    cdef int serve_in_thread(self, WSGIConnection conn) except -1:
-        """An app thread's turn with ``conn``: its ready requests, in order,
-        waiting on the socket as the connection needs (it is this thread's)."""
-        cdef WSGIRequest request
-        while self.has_ready_request(conn):
-            request = <WSGIRequest>conn.pending.pop(0)
-            if self.is_health_request(request):
-                conn.answer_health(request)
-            else:
-                conn.run_app(request)
-                if conn.streaming:
-                    conn.pump(True)
+    cdef int quit(self) except -1:
+        self.quitting = True
         return 0
 
-    cdef int give_to_thread(self, WSGIConnection conn) except -1:
-        """Hand ``conn`` to an app thread; the loop forgets it until take_back.
-        What is already answered goes out first."""
-        try:
-            conn.out.send_to(conn.fd)
-        except OSError:
-            pass   # the thread's own writes will find the peer gone
-        conn.busy = True
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
-        conn.want_write = False
-        self.tasks.put(conn)
-        self.busy_threads += 1
-        if self.busy_threads >= self.threads:
-            self.watch_handoffs(False)   # no free thread: let other workers take them
+    cdef int close_listeners(self) except -1:
+        cdef Listener listener
+        for listener in self.listeners:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+            self.table[listener.fd] = None
+        del self.listeners[:]
         return 0
 
-    cdef int settle(self, WSGIConnection conn) except -1:
-        """Nothing more can be answered now: answer a protocol error, decide
-        about closing, send, then wait for what comes next (EPOLLOUT while
-        output is queued; else the client's next bytes, by the deadline of
-        set_deadline), hand the connection over, or close it."""
-        cdef epoll_event event
-        if conn.state == CLOSED:
-            return 0
-        if conn.pending and not self.has_ready_request(conn) and not conn.streaming \
-                and not conn.closing and conn.peer_closed:
-            conn.pending.clear()     # a body the client will never finish
-        if not conn.closing and not conn.pending and not conn.streaming:
-            if conn.error_status:
-                conn.out.write(error_response(conn.error_status, conn.error_reason or ""))
-                conn.closing = True
-            elif conn.peer_closed:
-                conn.closing = True
-            elif (not self.alive and conn.at_message_boundary()
-                  and conn.handoff_group < 0):
-                conn.closing = True  # (a request for another group is still handed over)
-        if not conn.closing:
-            conn.send_continue()
-        if conn.out.size:
-            try:
-                conn.out.send_to(conn.fd)
-            except OSError:
-                self.close_connection(conn)
-                return 0
-            if conn.out.size:
-                return self.wait_writable(conn)
-        if conn.want_write:
-            conn.want_write = False
-            memset(&event, 0, sizeof(event))
-            event.events = EPOLLIN
-            event.data.fd = conn.fd
-            epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
-            if self.has_ready_request(conn):
-                return self.advance(conn)     # pipelined requests waited for the output
-        if conn.handoff_group >= 0 and not conn.closing and not conn.pending:
-            return self.hand_off(conn)
-        if conn.closing:
-            return self.start_close(conn)
-        return self.set_deadline(conn)
+    # ---- the loop
 
-    cdef int wait_writable(self, WSGIConnection conn) except -1:
-        """The client must read before the connection goes on: wait for
-        EPOLLOUT (reading nothing meanwhile), within the send deadline."""
-        cdef epoll_event event
-        conn.deadline = deadline_after(monotonic(), self.header_timeout)
-        if not conn.want_write:
-            conn.want_write = True
-            memset(&event, 0, sizeof(event))
-            event.events = EPOLLOUT
-            event.data.fd = conn.fd
-            epoll_ctl(self.epfd, EPOLL_CTL_MOD, conn.fd, &event)
-        return 0
-
-    cdef int set_deadline(self, WSGIConnection conn) except -1:
-        """The deadline of a connection waiting for its client's bytes, the
-        same rule as the ASGI worker's: a request's head must be in within
-        header_timeout of its first byte; its body must keep arriving (each
-        read restarts header_timeout); between requests a connection is kept
-        keep_alive seconds.  (A new connection gets header_timeout for its
-        first byte, in add_connection; the send and linger deadlines are set
-        in wait_writable and start_close.)"""
-        cdef Request current = conn.current
-        if current is not None:
-            if current.head_complete:
-                conn.deadline = deadline_after(conn.last_read, self.header_timeout)
-            else:
-                conn.deadline = deadline_after(current.started, self.header_timeout)
-        elif conn.pending:
-            conn.deadline = deadline_after(monotonic(), self.header_timeout)
-        elif conn.last_read:
-            conn.deadline = monotonic() + self.keep_alive
-        return 0
-
-    cdef int start_close(self, WSGIConnection conn) except -1:
-        """Close after a response.  If the client may still be sending (an unread
-        body, a rejected request), shut our side and drain theirs for a moment
-        first: closing with unread input would reset the connection and could
-        destroy the response before the client reads it."""
-        if conn.peer_closed or (conn.at_message_boundary() and not conn.error_status
-                                and not conn.pending):
-            self.close_connection(conn)
-            return 0
-        shutdown(conn.fd, SHUT_WR)
-        conn.state = LINGERING
-        conn.deadline = monotonic() + LINGER_SECONDS
-        return 0
-
-    cdef int linger_read(self, WSGIConnection conn) except -1:
-        cdef ssize_t received
-        cdef int rounds
-        for rounds in range(LINGER_READS):
-            received = recv(conn.fd, self.recv_buffer, RECV_SIZE, 0)
-            if received > 0:
-                continue
-            if received < 0 and (errno == EAGAIN or errno == EINTR):
-                return 0
-            break
-        else:
-            return 0
-        self.close_connection(conn)
-        return 0
-
-    cdef int close_connection(self, WSGIConnection conn) except -1:
-        if conn.state == CLOSED:
-            return 0
-        conn.state = CLOSED
-        if conn.request is not None and not conn.busy:
-            conn.abort_response()     # a response still being sent: close the app's iterable
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, conn.fd, NULL)
-        close(conn.fd)
-        self.table[conn.fd] = None
-        self.connections -= 1
-        conn.pending.clear()
-        conn.out.clear()
-        # Drop the connection's self-references (its bound methods) so it is
-        # freed at once, without the cyclic GC.
-        conn.start_response_method = None
-        conn.write_method = None
-        return 0
+    def run(self):
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int ready, i, fd
+        cdef object entry
+        cdef double now
+        refresh_date()
+        self.set_state(SERVING)
+        while not self.quitting:
+            if not self.alive and self.connections == 0:
+                break
+            with nogil:
+                ready = epoll_wait(self.epfd, events, MAX_EVENTS, <int>(SWEEP_SECONDS * 1000))
+            if ready < 0:
+                if errno != EINTR:
+                    raise OSError(errno, "epoll_wait failed")
+                PyErr_CheckSignals()
+                ready = 0
+            self.now = monotonic()
+            refresh_date()
+            if self.handoff_registered:
+                # Handoffs first: a connection waiting in the group's queue
+                # must not wait behind every request of the connections this
+                # worker already holds.
+                for i in range(ready):
+                    if events[i].data.fd == self.handoff_fd:
+                        self.adopt_handoff()
+                        events[i].data.fd = -1
+                        break
+            for i in range(ready):
+                fd = events[i].data.fd
+                if fd < 0:
+                    continue
+                entry = self.table[fd]
+                if entry is None:
+                    continue
+                if type(entry) is WSGIConnection:
+                    (<WSGIConnection>entry).on_event(events[i].events)
+                elif type(entry) is Listener:
+                    self.accept(<Listener>entry)
+                elif type(entry) is WakePipe:
+                    self.threads.take_back()
+                elif type(entry) is HandoffQueue:
+                    self.adopt_handoff()
+            PyErr_CheckSignals()
+            self.retirement_due()
+            now = monotonic()
+            if now >= self.next_sweep:
+                self.sweep(now)
+                self.next_sweep = now + SWEEP_SECONDS
+        self.close_listeners()
+        for entry in self.table:
+            if type(entry) is WSGIConnection and not (<WSGIConnection>entry).busy:
+                (<WSGIConnection>entry).close()
+        if self.threads is not None:
+            self.threads.stop()
 
     cdef int sweep(self, double now) except -1:
         """Once a second: deadlines, a vanished master, the end of a drain."""
         cdef object entry
         cdef WSGIConnection conn
-        if self.master_pid and getppid() != self.master_pid:
-            error_log.warning("master (pid %d) is gone; worker %d stopping",
-                              self.master_pid, os.getpid())
-            self.stop(True)
+        if self.master_gone():
+            self.begin_stop(True)
         if not self.alive and now >= self.graceful_deadline:
             self.quitting = True
             return 0
@@ -1473,34 +1355,10 @@ cdef class WSGIWorker:
                 # Idle keep-alive during a shutdown -- unless its next request is
                 # already waiting: that one is answered (with Connection: close).
                 if not input_waiting(conn.fd):
-                    self.close_connection(conn)
+                    conn.close()
             elif now >= conn.deadline:
-                self.expire(conn)
+                conn.expire()
         return 0
-
-    cdef int expire(self, WSGIConnection conn) except -1:
-        """``conn`` missed its deadline (see set_deadline)."""
-        if conn.state == LINGERING:
-            return self.close_connection(conn)
-        if conn.want_write or conn.streaming:
-            error_log.info("closing the connection of %s: the client took no response bytes "
-                           "for %g s", conn.remote_addr or "a unix socket client",
-                           self.header_timeout)
-            return self.close_connection(conn)
-        if conn.pending or not conn.at_message_boundary():
-            # A request started but did not arrive in time: 408, then a
-            # lingering close (the client may still be sending).
-            conn.pending.clear()
-            conn.fail(408, "request not received in time")
-            conn.parse_failed()
-            return self.settle(conn)
-        if input_waiting(conn.fd):
-            # Bytes arrived while this worker was busy (the app ran longer
-            # than the deadline): they are the client's next request, not a
-            # timeout.  Give the loop a turn to read them.
-            conn.deadline = monotonic() + 1.0
-            return 0
-        return self.close_connection(conn)
 
 
 cdef bint input_waiting(int fd) noexcept:

@@ -3,12 +3,12 @@ worker, read by the master.
 
 Rules: the master creates the mapping before it forks anything, hands each
 worker the index of a free record, and frees the record when the worker is
-reaped.  A record is eight doubles (the layout is fixed by ``BOARD_*`` in
-_http.pxd): requests served, the monotonic time the worker was last seen busy
-(0 when idle), the worker's state, one spare, then the routing counts
-(connections handed in and out, requests shed with 503) and one spare.  Only the worker
-writes its record; a torn read costs the master one stale figure, never a
-wrong decision for long (it reads again a second later).
+reaped.  A record is ``BOARD_LAYOUT["size"]`` doubles; the layout (which
+double is what: requests served, since when app code has run, the state, the
+routing counts) is written once, as the ``BOARD_*`` enum of _worker.pxd, and
+read here through ``fastpool._worker.BOARD_LAYOUT`` and ``STATE_NAMES``.  Only
+the worker writes its record; a torn read costs the master one stale figure,
+never a wrong decision for long (it reads again a second later).
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
-
-RECORD = struct.Struct("8d")
-STATES = {0: "booting", 1: "serving", 2: "draining"}
 
 
 @dataclass
@@ -33,15 +30,22 @@ class Record:
 
 class Scoreboard:
     def __init__(self, capacity: int = 1024) -> None:
+        # (Imported here: the master reports a missing compiled core itself.)
+        from fastpool._worker import BOARD_LAYOUT, STATE_NAMES
+
+        self.layout: dict[str, int] = BOARD_LAYOUT
+        self.states: dict[int, str] = STATE_NAMES
+        self.record = struct.Struct(f"{BOARD_LAYOUT['size']}d")
         self.capacity = capacity
-        self.memory = mmap.mmap(-1, RECORD.size * capacity)
+        self.memory = mmap.mmap(-1, self.record.size * capacity)
         self.free = list(range(capacity - 1, -1, -1))
 
     def allocate(self) -> int:
         if not self.free:
             raise RuntimeError(f"more than {self.capacity} workers at once")
         index = self.free.pop()
-        RECORD.pack_into(self.memory, index * RECORD.size, *([0.0] * 8))
+        self.record.pack_into(self.memory, index * self.record.size,
+                              *([0.0] * self.layout["size"]))
         return index
 
     def release(self, index: int) -> None:
@@ -49,11 +53,13 @@ class Scoreboard:
 
     def view(self, index: int) -> memoryview:
         """The writable record a worker hands to the compiled loop."""
-        start = index * RECORD.size
-        return memoryview(self.memory)[start:start + RECORD.size]
+        start = index * self.record.size
+        return memoryview(self.memory)[start:start + self.record.size]
 
     def read(self, index: int) -> Record:
-        requests, busy_since, state, _, handed_in, handed_out, shed, _ = RECORD.unpack_from(
-            self.memory, index * RECORD.size)
-        return Record(int(requests), busy_since, STATES.get(int(state), "unknown"),
-                      int(handed_in), int(handed_out), int(shed))
+        fields = self.record.unpack_from(self.memory, index * self.record.size)
+        at = self.layout
+        return Record(int(fields[at["requests"]]), fields[at["busy_since"]],
+                      self.states.get(int(fields[at["state"]]), "unknown"),
+                      int(fields[at["handed_in"]]), int(fields[at["handed_out"]]),
+                      int(fields[at["shed"]]))

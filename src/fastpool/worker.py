@@ -38,6 +38,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastpool import core
@@ -175,21 +176,20 @@ def run_worker(
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         faulthandler.enable(all_threads=True)
         core.load()
-        from fastpool._http import Limits
+        from fastpool._worker import WorkerOptions
 
         if app is None:
             app = import_app(group.app)
         interface, app = resolve_interface(app, group.interface, group.app)
-        limits = Limits(group.limit_request_line, group.limit_request_fields,
-                        group.limit_request_field_size, group.limit_request_body)
         access_log = AccessLog(group.access_log) if group.access_log else None
         router = _router(group, routing)
+        options = partial(WorkerOptions.from_group, group, access_log=access_log,
+                          master_pid=master_pid, max_requests=max_requests, scoreboard=board,
+                          routing=router)
         if interface == "asgi":
-            loop = _asgi_worker(group, sockets, app, limits, access_log, master_pid, board,
-                                max_requests, router)
+            loop = _asgi_worker(group, sockets, app, access_log, options)
         else:
-            loop = _wsgi_worker(group, sockets, app, limits, access_log, master_pid, board,
-                                max_requests, router)
+            loop = _wsgi_worker(group, sockets, app, options)
     except AppLoadError as exc:
         notify(notify_fd, "ERROR", f"App failed to load: {exc}")
         return APP_LOAD_ERROR
@@ -201,10 +201,10 @@ def run_worker(
         return WORKER_BOOT_ERROR
 
     def on_term(signum: int, frame: Any) -> None:
-        loop.stop(True, True)
+        loop.stop(graceful=True, close_idle=True)
 
     def on_retire(signum: int, frame: Any) -> None:
-        loop.stop(True, False)
+        loop.stop(graceful=True, close_idle=False)
 
     def on_quit(signum: int, frame: Any) -> None:
         # Raised wherever the worker is, even inside the app: QUIT means now.
@@ -262,8 +262,8 @@ def _router(group: GroupConfig, routing: dict[str, Any] | None) -> tuple[Any, An
 
 
 def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
-                 limits: Any, access_log: AccessLog | None, master_pid: int,
-                 board: memoryview, max_requests: int, router: tuple[Any, Any] | None) -> Any:
+                 options: Callable[..., Any]) -> Any:
+    """``options``: WorkerOptions.from_group with this worker's runtime parts bound."""
     from fastpool import _wsgi
 
     listeners = []
@@ -271,24 +271,10 @@ def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         base = base_environ(bound, group, sys.stderr)
         base["wsgi.file_wrapper"] = _wsgi.FileWrapper
         listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+    built = options()
     return _wsgi.WSGIWorker(
-        app,
-        listeners,
-        limits=limits,
-        keep_alive=group.keep_alive,
-        header_timeout=group.header_timeout,
-        graceful_timeout=group.graceful_timeout,
-        root_path=group.root_path,
-        access_log=access_log,
-        master_pid=master_pid,
-        threads=group.threads,
-        max_requests=max_requests,
-        scoreboard=board,
-        health_path=group.health_path,
-        forwarded_allow_ips=tuple(group.forwarded_allow_ips),
-        routing=router,
-        handoff_environ=_handoff_environ(group) if router is not None else None,
-    )
+        app, listeners, built,
+        handoff_environ=_handoff_environ(group) if built.router is not None else None)
 
 
 def _handoff_environ(group: GroupConfig) -> dict[str, Any]:
@@ -324,8 +310,8 @@ def base_scope(bound: BoundSocket | None, group: GroupConfig) -> dict[str, Any]:
 
 
 def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
-                 limits: Any, access_log: AccessLog | None, master_pid: int,
-                 board: memoryview, max_requests: int, router: tuple[Any, Any] | None) -> Any:
+                 access_log: AccessLog | None, options: Callable[..., Any]) -> Any:
+    """``options``: WorkerOptions.from_group with this worker's runtime parts bound."""
     from fastpool import _asgi
     from fastpool.lifespan import Lifespan
 
@@ -341,36 +327,21 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
     try:
         from fastpool.websocket import Options
     except ImportError:
-        options = None   # without the websockets package, upgrades are plain HTTP
+        websocket_options = None   # without the websockets package, upgrades are plain HTTP
         log.info("group %s: WebSocket support needs the websockets package "
                  "(pip install 'fastpool[websockets]')", group.name)
     else:
-        options = Options(max_size=group.ws_max_size, ping_interval=group.ws_ping_interval,
-                          ping_timeout=group.ws_ping_timeout,
-                          per_message_deflate=group.ws_per_message_deflate,
-                          access_log=access_log)
+        websocket_options = Options(
+            max_size=group.ws_max_size, ping_interval=group.ws_ping_interval,
+            ping_timeout=group.ws_ping_timeout, per_message_deflate=group.ws_per_message_deflate,
+            access_log=access_log)
     listeners = [(b.sock.fileno(), b.is_tcp, base_scope(b, group), b.shared) for b in sockets]
+    built = options(lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
+                    websocket_options=websocket_options)
     return _asgi.ASGIWorker(
-        app,
-        listeners,
-        limits=limits,
-        loop=group.loop,
-        keep_alive=group.keep_alive,
-        header_timeout=group.header_timeout,
-        graceful_timeout=group.graceful_timeout,
-        root_path=group.root_path,
-        access_log=access_log,
-        master_pid=master_pid,
-        max_requests=max_requests,
-        scoreboard=board,
-        health_path=group.health_path,
-        forwarded_allow_ips=tuple(group.forwarded_allow_ips),
-        lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
-        websocket_options=options,
-        routing=router,
+        app, listeners, built,
         # Connections other groups hand over: no listener of this group took them.
-        handoff_scope=base_scope(None, group) if router is not None else None,
-    )
+        handoff_scope=base_scope(None, group) if built.router is not None else None)
 
 
 def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:

@@ -1,0 +1,61 @@
+# Every tuning constant of the compiled modules, named once (uvloop keeps its
+# consts.pxi the same way).  Rules: no size, count, limit or time written as a
+# bare number in a .pyx; each constant says why it has its value.  Integers
+# are an enum; times (seconds, floats) are C constants below.
+
+cdef enum:
+    # ---- reading
+    RECV_SIZE = 262144              # one recv() takes up to this much: a large body arrives in few reads
+    MAX_EVENTS = 256                # epoll events handled per wakeup
+    ACCEPT_BATCH = 64               # connections accepted per readiness of a listener
+    HANDOFF_BATCH = 64              # handed-over connections taken per readiness of the queue
+    BODY_MEMORY_LIMIT = 1048576     # request body bytes held in memory; past this, spooled to a file
+    BODY_HIGH_WATER = 262144        # ASGI: unread body past which the socket is not read
+    MAX_PIPELINED = 32              # ASGI: complete heads waiting behind the running request
+
+    # ---- writing
+    HIGH_WATER = 262144             # response bytes queued for a slow client before the producer waits;
+                                    # also a streamed response's turn before the loop serves others
+    SENDFILE_CHUNK = 1048576        # sendfile(2) per call, so one file does not hog the loop
+    MAX_IOV = 64                    # iovecs per writev(2)
+    SMALL_WRITE = 16384             # writes below this are copied into the output buffer
+    OUT_BUFFER_LIMIT = 262144       # the output buffer's own memory, past which large writes queue
+    OUT_BUFFER_SHRINK = 65536       # an emptied output buffer above this gives its memory back
+    HEAD_STACK = 4096               # a response head is built in a stack buffer of this size first
+
+    # ---- closing
+    LINGER_READS = 16               # reads per wakeup while draining a lingering connection
+
+    # ---- caches: each is cleared when it reaches its size (one rule, see remember())
+    TARGET_CACHE_SIZE = 1024        # request-target -> its parts, per worker kind
+    ROUTE_CACHE_SIZE = 4096         # request-target -> group
+    HEADER_NAME_CACHE_SIZE = 2048   # request header name -> environ key / lower-cased name
+    STATUS_CACHE_SIZE = 512         # status -> status line
+    RESPONSE_HEADER_NAMES = 256     # response header name -> {value -> encoded line}
+    RESPONSE_HEADER_VALUES = 64     # values kept per response header name
+
+    # ---- the parser
+    SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
+    LLHTTP_ERRNO_MAX = 64           # llhttp error codes looked up by name at import are below this
+    LLHTTP_METHOD_MAX = 13          # the longest method name llhttp knows (GET_PARAMETER)
+    CHUNK_LINE_LIMIT = 4096         # a chunk size line (with its extensions) longer than this is refused
+
+
+cdef extern from *:
+    """
+    /* Chunk sizes from 2**60 on are an overflow: no real body is that large,
+       and the arithmetic stays far from the 64-bit edge. */
+    #define FASTPOOL_CHUNK_SIZE_LIMIT 1152921504606846976LL
+    /* The lingering close drains a client's input at most this long (s). */
+    #define FASTPOOL_LINGER_SECONDS 2.0
+    /* The deadline sweep (and the ASGI tick) runs this often (s). */
+    #define FASTPOOL_SWEEP_SECONDS 1.0
+    /* After running out of descriptors, accepting pauses until the next sweep. */
+    /* A connection whose next request arrived while the worker was busy
+       gets this long for the loop to read it (s). */
+    #define FASTPOOL_READ_GRACE_SECONDS 1.0
+    """
+    const long long CHUNK_SIZE_LIMIT "FASTPOOL_CHUNK_SIZE_LIMIT"
+    const double LINGER_SECONDS "FASTPOOL_LINGER_SECONDS"
+    const double SWEEP_SECONDS "FASTPOOL_SWEEP_SECONDS"
+    const double READ_GRACE_SECONDS "FASTPOOL_READ_GRACE_SECONDS"

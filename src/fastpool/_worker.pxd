@@ -1,0 +1,92 @@
+# The worker base shared by the WSGI and ASGI workers (see _worker.pyx for the
+# rules): what a worker is to the master and to the other groups, whatever
+# runs its connections.
+
+from fastpool._http cimport HttpConnection, Limits, Router
+
+
+# The scoreboard record of a worker: BOARD_SIZE doubles in memory shared with
+# the master.  This enum is the layout; fastpool.scoreboard reads it through
+# BOARD_LAYOUT (the _worker module's Python view of it), never by its own count.
+cdef enum:
+    BOARD_REQUESTS = 0     # requests served
+    BOARD_BUSY_SINCE = 1   # monotonic time app code has been running since; 0 = idle
+    BOARD_STATE = 2        # one of the WorkerState values
+    BOARD_HANDED_IN = 4    # connections taken from the group's handoff queue
+    BOARD_HANDED_OUT = 5   # connections handed to another group
+    BOARD_SHED = 6         # requests answered 503 by admission control
+    BOARD_SIZE = 8
+
+cpdef enum WorkerState:
+    BOOTING = 0
+    SERVING = 1
+    DRAINING = 2
+
+
+cdef class WorkerOptions:
+    cdef readonly Limits limits
+    cdef readonly double keep_alive
+    cdef readonly double client_timeout
+    cdef readonly double graceful_timeout
+    cdef readonly str root_path
+    cdef readonly object access_log
+    cdef readonly int master_pid
+    cdef readonly long long max_requests
+    cdef readonly bytes health_target
+    cdef readonly frozenset trusted_proxies
+    cdef readonly bint trust_all_proxies
+    cdef readonly object scoreboard
+    cdef readonly Router router
+    cdef readonly object handoff
+    # one worker kind's own
+    cdef readonly int threads          # WSGI
+    cdef readonly str loop             # ASGI
+    cdef readonly object lifespan      # ASGI: a fastpool.lifespan.Lifespan or None
+    cdef readonly object websocket_options   # ASGI: fastpool.websocket.Options or None
+
+
+cdef class Handover:
+    """A connection taken from the group's handoff queue."""
+    cdef readonly int fd
+    cdef readonly int home
+    cdef readonly bytes data
+    cdef readonly bint tcp
+    cdef readonly tuple server         # (host, port) or None
+    cdef readonly tuple peer           # (host, port) or None
+
+
+cdef class WorkerBase:
+    cdef readonly object app
+    cdef readonly WorkerOptions options
+    cdef readonly Limits limits
+    cdef readonly bint alive           # serving; False once a graceful stop began
+    cdef readonly bint close_idle      # on a stop: close idle keep-alive connections at once
+    cdef readonly long long requests
+    cdef readonly double keep_alive
+    cdef readonly double client_timeout
+    cdef double graceful_deadline
+    cdef readonly str root_path
+    cdef object access_log
+    cdef double[::1] board
+    cdef object board_owner
+    cdef list running                  # start times of the app code running now
+    cdef readonly Router router        # routes (None without), this group's index, its queue
+    cdef readonly int local_group
+    cdef object handoff
+    cdef bint master_reported          # the master's death is logged once
+
+    cdef int set_state(self, WorkerState state) except -1
+    cdef object app_started(self)
+    cdef int app_finished(self, object token) except -1
+    cdef int request_done(self) except -1
+    cdef bint retirement_due(self) except -1
+    cdef bint master_gone(self) except -1
+    cdef bint is_health(self, bytes target)
+    cdef tuple health_answer(self)
+    cdef tuple forwarded(self, str chain, str proto)
+    cdef Handover take_handoff(self)
+    cdef bytes hand_off(self, HttpConnection conn, int fd)
+    cdef int begin_stop(self, bint close_idle) except -1
+    cdef int quit(self) except -1
+    cdef int stop_accepting(self) except -1
+    cdef int accept_failed(self, int error) except -1

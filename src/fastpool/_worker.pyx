@@ -1,0 +1,268 @@
+# cython: language_level=3
+"""The worker base: what every worker is to the master and to the other groups.
+
+Rules of this module:
+
+* ``WorkerBase`` is inherited by the WSGI worker (``_wsgi.WSGIWorker``, an
+  epoll loop) and the ASGI worker (``_asgi.ASGIWorker``, an asyncio loop).  It
+  owns what does not depend on how connections are run: the scoreboard record
+  (requests served, since when app code has run, the worker's state, the
+  routing counts), retirement after ``max_requests``, the graceful stop and
+  its deadline, the master-gone check, the health path's answer, the trusted
+  proxies' forwarded headers, and both ends of a handoff (taking a
+  connection from the group's queue, refusing it with 503; giving one to
+  another group).  A worker kind supplies only the loop-specific parts:
+  ``stop_accepting``, ``quit``, and how a taken connection starts.
+* ``WorkerOptions`` is built once per worker from its group's settings
+  (``WorkerOptions.from_group``); a worker reads its options, never a list
+  of keyword arguments.
+* The scoreboard layout is the ``BOARD_*`` enum of _worker.pxd; Python reads it
+  through ``BOARD_LAYOUT`` and ``STATE_NAMES`` (fastpool.scoreboard).
+* Only the loop's thread calls these methods, except ``app_started``,
+  ``app_finished`` and ``request_done``, which a WSGI app thread calls too
+  (they hold the GIL throughout).
+"""
+
+cimport cython
+from fastpool._consts cimport *
+from fastpool._http cimport (
+    HttpConnection, Limits, Router, monotonic, is_health_target, forwarded_client,
+    forwarded_scheme,
+)
+from fastpool._posix cimport getppid
+
+import logging
+import os
+
+from fastpool.handoff import addresses as handoff_addresses
+
+cdef object error_log = logging.getLogger("fastpool.error")
+
+# The record layout, for fastpool.scoreboard (the master's side).
+BOARD_LAYOUT = {
+    "size": BOARD_SIZE, "requests": BOARD_REQUESTS, "busy_since": BOARD_BUSY_SINCE,
+    "state": BOARD_STATE, "handed_in": BOARD_HANDED_IN, "handed_out": BOARD_HANDED_OUT,
+    "shed": BOARD_SHED,
+}
+STATE_NAMES = {BOOTING: "booting", SERVING: "serving", DRAINING: "draining"}
+
+
+# ---------------------------------------------------------------- options
+
+@cython.final
+cdef class WorkerOptions:
+    """A worker's settings, built once from its group (see from_group)."""
+
+    @staticmethod
+    def from_group(group, *, access_log=None, int master_pid=0, long long max_requests=0,
+                   scoreboard=None, routing=None, lifespan=None, websocket_options=None):
+        """From a fastpool.settings.GroupConfig, and what the master decides at
+        fork time: the access log, the scoreboard record, this worker's
+        max_requests (jittered), the routing (Router, Handoff) when the server
+        has routes, and for ASGI the lifespan and WebSocket options."""
+        cdef WorkerOptions options = WorkerOptions.__new__(WorkerOptions)
+        options.limits = Limits(group.limit_request_line, group.limit_request_fields,
+                                group.limit_request_field_size, group.limit_request_body)
+        options.keep_alive = group.keep_alive
+        options.client_timeout = group.header_timeout   # (client_timeout once renamed)
+        options.graceful_timeout = group.graceful_timeout
+        options.root_path = group.root_path.rstrip("/")
+        options.access_log = access_log
+        options.master_pid = master_pid
+        options.max_requests = max_requests
+        options.health_target = group.health_path.encode("latin-1") if group.health_path \
+            else None
+        allowed = tuple(group.forwarded_allow_ips)
+        options.trust_all_proxies = "*" in allowed
+        options.trusted_proxies = frozenset(allowed)
+        options.scoreboard = scoreboard
+        if routing is not None:
+            options.router, options.handoff = routing
+        options.threads = group.threads
+        options.loop = group.loop
+        options.lifespan = lifespan
+        options.websocket_options = websocket_options
+        return options
+
+
+# ---------------------------------------------------------------- handoffs
+
+@cython.final
+cdef class Handover:
+    pass
+
+
+# ---------------------------------------------------------------- the base
+
+cdef class WorkerBase:
+
+    def __init__(self, app, WorkerOptions options not None):
+        self.app = app
+        self.options = options
+        self.limits = options.limits
+        self.keep_alive = options.keep_alive
+        self.client_timeout = options.client_timeout
+        self.root_path = options.root_path
+        self.access_log = options.access_log
+        self.alive = True
+        self.running = []
+        self.board_owner = (options.scoreboard if options.scoreboard is not None
+                            else bytearray(8 * BOARD_SIZE))
+        self.board = memoryview(self.board_owner).cast("B").cast("d")
+        self.router = options.router
+        self.handoff = options.handoff
+        if self.router is not None:
+            self.local_group = self.router.local_group
+
+    # ---- the scoreboard
+
+    cdef int set_state(self, WorkerState state) except -1:
+        self.board[BOARD_STATE] = <int>state
+        return 0
+
+    cdef object app_started(self):
+        """App code starts running (an app call, a step of a streamed body);
+        returns the token app_finished takes."""
+        cdef object now = monotonic()
+        self.running.append(now)
+        if len(self.running) == 1:
+            self.board[BOARD_BUSY_SINCE] = now
+        return now
+
+    cdef int app_finished(self, object token) except -1:
+        if len(self.running) == 1:
+            del self.running[0]
+            self.board[BOARD_BUSY_SINCE] = 0.0
+        else:
+            # App threads finish in any order: the oldest still running counts.
+            self.running.remove(token)
+            self.board[BOARD_BUSY_SINCE] = min(self.running)
+        return 0
+
+    cdef int request_done(self) except -1:
+        """A response the app gave is over (sent, or given up)."""
+        self.requests += 1
+        self.board[BOARD_REQUESTS] = self.requests
+        return 0
+
+    cdef bint retirement_due(self) except -1:
+        """``max_requests`` reached: retire (called from the loop's thread)."""
+        if self.options.max_requests and self.requests >= self.options.max_requests \
+                and self.alive:
+            error_log.info("worker %d retiring after %d requests (max_requests)",
+                           os.getpid(), self.requests)
+            self.begin_stop(False)
+            return True
+        return False
+
+    cdef bint master_gone(self) except -1:
+        """The master died (the loop's once-a-second check; PR_SET_PDEATHSIG
+        is the other guard)."""
+        if not self.options.master_pid or getppid() == self.options.master_pid:
+            return False
+        if not self.master_reported:
+            self.master_reported = True
+            error_log.warning("master (pid %d) is gone; worker %d stopping",
+                              self.options.master_pid, os.getpid())
+        return True
+
+    # ---- what any request gets the same answer for
+
+    cdef bint is_health(self, bytes target):
+        """The group's health_path (exactly, or followed by a query)."""
+        return (self.options.health_target is not None
+                and is_health_target(self.options.health_target, target))
+
+    cdef tuple health_answer(self):
+        """``(status, body)`` of the health path: 200 while the worker serves,
+        503 once its graceful stop has begun (a balancer takes it out)."""
+        if self.alive:
+            return (200, b"OK\n")
+        return (503, b"stopping\n")
+
+    cdef tuple forwarded(self, str chain, str proto):
+        """``(client, scheme)`` from a trusted proxy's X-Forwarded-For and
+        X-Forwarded-Proto (gunicorn's and uvicorn's forwarded_allow_ips): the
+        client is the nearest address of the chain that is not itself a
+        trusted proxy; each None when its header gives nothing usable."""
+        return (forwarded_client(chain, self.options.trusted_proxies,
+                                 self.options.trust_all_proxies),
+                forwarded_scheme(proto))
+
+    # ---- routes: taking connections and handing them over
+
+    cdef Handover take_handoff(self):
+        """One connection from this group's queue; None when the queue is
+        empty.  One that waited past max_queue_wait is answered 503 here and
+        closed: its Handover has fd -1."""
+        cdef Handover handover
+        entry = self.handoff.receive()
+        if entry is None:
+            return None
+        fd, home, started, data, refusal = entry
+        self.board[BOARD_HANDED_IN] += 1
+        os.set_blocking(fd, False)
+        if refusal is not None:
+            self.board[BOARD_SHED] += 1
+            try:
+                os.write(fd, refusal)
+            except OSError:
+                pass
+            os.close(fd)
+            handover = Handover.__new__(Handover)
+            handover.fd = -1
+            return handover
+        handover = Handover.__new__(Handover)
+        handover.fd = fd
+        handover.home = home
+        handover.data = data
+        handover.tcp, handover.server, handover.peer = handoff_addresses(fd)
+        return handover
+
+    cdef bytes hand_off(self, HttpConnection conn, int fd):
+        """Give ``conn`` (its socket ``fd``) to the group its next request
+        belongs to.  None when it is on its way (the caller drops its copy);
+        else the 503 to answer, because that group is full."""
+        refusal = self.handoff.send(conn.handoff_group, fd, conn.home_group,
+                                    conn.handoff_started, conn.handoff_data)
+        conn.handoff_group = -1
+        conn.handoff_data = None
+        if refusal is None:
+            self.board[BOARD_HANDED_OUT] += 1
+            return None
+        self.board[BOARD_SHED] += 1
+        return refusal
+
+    # ---- stopping
+
+    def stop(self, *, bint graceful=True, bint close_idle=True):
+        """Graceful: stop accepting, finish what is in flight, then return from
+        ``run``; else return as soon as the loop wakes.  ``close_idle``: close
+        idle keep-alive connections at once (a shutdown); without it (a
+        retiring or reloaded worker) each idle connection's next request is
+        answered with ``Connection: close``, so no client races a close."""
+        if not graceful:
+            self.quit()
+        else:
+            self.begin_stop(close_idle)
+
+    cdef int begin_stop(self, bint close_idle) except -1:
+        self.close_idle = self.close_idle or close_idle
+        if not self.alive:
+            return 0
+        self.alive = False
+        self.set_state(DRAINING)
+        self.graceful_deadline = monotonic() + self.options.graceful_timeout
+        return self.stop_accepting()
+
+    cdef int quit(self) except -1:
+        raise NotImplementedError
+
+    cdef int stop_accepting(self) except -1:
+        raise NotImplementedError
+
+    cdef int accept_failed(self, int error) except -1:
+        """accept(2) ran out of descriptors or memory: the connections stay
+        queued in the kernel; the worker pauses accepting until its next sweep."""
+        error_log.error("accept failed: %s; pausing accepts for a second", os.strerror(error))
+        return 0

@@ -185,8 +185,8 @@ cdef class Cycle:
             self.write_body(body, message.get("more_body", False))
             if self.complete:
                 return
-            if conn.write_paused:
-                await conn.drained()
+            if conn.flow.write_paused:
+                await conn.flow.drain()
             elif self.framing.body_sent - self.turn_start > HIGH_WATER:
                 # A client that reads as fast as the app sends never pauses
                 # the transport: let the loop serve the other connections (and
@@ -301,6 +301,83 @@ cdef class Cycle:
         return 0
 
 
+# ---------------------------------------------------------------- flow control
+
+# Why reading from a transport is held (FlowControl.hold): any one holds it.
+HOLD_HTTP = 1       # the HTTP protocol: unread body, pipelined heads, a stop
+HOLD_INBOX = 2      # a WebSocket session: messages the app has not received
+HOLD_EARLY = 4      # a WebSocket session: frames sent before the app accepted
+
+
+@cython.final
+cdef class FlowControl:
+    """Flow control of one transport, both ways, for every protocol on it (the
+    HTTP connection, then a WebSocket session on the same socket):
+
+    * reading is paused while any holder holds it (``hold(reason, on)``, one
+      bit per reason) and resumed when none does;
+    * the transport pauses our writing when its buffer is full; a writer then
+      waits in ``drain()`` until it resumes, or raises ClientDisconnected once
+      the connection is lost.
+    """
+    cdef object transport
+    cdef object loop
+    cdef readonly int holds
+    cdef readonly bint reading_paused
+    cdef readonly bint write_paused
+    cdef readonly double write_paused_since
+    cdef readonly bint lost
+    cdef object drain_waiter
+
+    def __init__(self, transport, loop):
+        self.transport = transport
+        self.loop = loop
+
+    cpdef hold(self, int reason, bint on):
+        """Hold reading for ``reason`` (``on``), or release that hold."""
+        self.holds = (self.holds | reason) if on else (self.holds & ~reason)
+        if self.lost:
+            return
+        if self.holds and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif not self.holds and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    cpdef release_all(self):
+        """Read again whatever held it (a lingering close drains the input)."""
+        self.hold(self.holds, False)
+
+    cpdef pause_writing(self):
+        self.write_paused = True
+        self.write_paused_since = monotonic()
+
+    cpdef resume_writing(self):
+        self.write_paused = False
+        self.wake()
+
+    cpdef connection_lost(self):
+        self.lost = True
+        self.wake()
+
+    cdef int wake(self) except -1:
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+        return 0
+
+    async def drain(self):
+        """Wait until the client reads what is queued (or goes away)."""
+        while self.write_paused and not self.lost:
+            self.drain_waiter = self.loop.create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
+        if self.lost:
+            raise ClientDisconnected("the client closed the connection")
+
+
 # ---------------------------------------------------------------- connection
 
 @cython.final
@@ -313,10 +390,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef OutBuffer out
     cdef Cycle cycle               # the request being answered, or None
     cdef readonly bint closed
-    cdef bint reading_paused
-    cdef readonly bint write_paused
-    cdef double write_paused_since
-    cdef object drain_waiter
+    cdef readonly FlowControl flow   # shared with a WebSocket session on this socket
     cdef bint dispatching          # inside dispatch(): output waits for its end
     cdef bint peer_closed          # EOF from the client
     cdef bint trusted_proxy
@@ -349,6 +423,7 @@ cdef class ASGIConnection(HttpConnection):
     def connection_made(self, transport):
         cdef ASGIWorker worker = self.worker
         self.transport = transport
+        self.flow = FlowControl(transport, self.loop)
         self.opened = self.last_activity = monotonic()
         peer = self.peer if self.peer is not None else transport.get_extra_info("peername")
         scope = self.base_scope.copy()
@@ -412,31 +487,16 @@ cdef class ASGIConnection(HttpConnection):
             self.cycle.wake()
             self.cycle = None
         del self.pending[:]
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_result(None)
+        self.flow.connection_lost()
         if self.websocket is not None:
             self.websocket.connection_lost()
         worker.connection_closed()
 
     def pause_writing(self):
-        self.write_paused = True
-        self.write_paused_since = monotonic()
+        self.flow.pause_writing()
 
     def resume_writing(self):
-        self.write_paused = False
-        if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_result(None)
-
-    async def drained(self):
-        """Wait until the client reads what is queued (or goes away)."""
-        while self.write_paused and not self.closed:
-            self.drain_waiter = self.loop.create_future()
-            try:
-                await self.drain_waiter
-            finally:
-                self.drain_waiter = None
-        if self.closed:
-            raise ClientDisconnected("the client closed the connection")
+        self.flow.resume_writing()
 
     # ---- the scope (hooks of HttpConnection)
 
@@ -592,10 +652,8 @@ cdef class ASGIConnection(HttpConnection):
                                           self.upgrade_data or b"",
                                           worker.options.websocket_options)
         self.upgrade_data = None
-        if self.reading_paused:
-            # The core stopped reading at the upgrade; the bytes now are frames.
-            self.reading_paused = False
-            self.transport.resume_reading()
+        # The core stopped reading at the upgrade; the bytes now are frames.
+        self.flow.hold(HOLD_HTTP, False)
         self.websocket.start(worker.app)
         return 0
 
@@ -620,17 +678,11 @@ cdef class ASGIConnection(HttpConnection):
         return 0
 
     cdef int check_reading(self) except -1:
-        """Pause reading while the app has enough unread input; resume after."""
-        cdef bint full = len(self.pending) > MAX_PIPELINED or self.stop_reading or (
-            self.cycle is not None and self.cycle.request.body_buffered() > BODY_HIGH_WATER)
+        """Hold reading while the app has enough unread input; release after."""
         if self.closed or self.transport is None or self.websocket is not None:
-            return 0        # (a WebSocket session does its own flow control)
-        if full and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        elif not full and self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
+            return 0        # (a WebSocket session holds reading for its own reasons)
+        self.flow.hold(HOLD_HTTP, len(self.pending) > MAX_PIPELINED or self.stop_reading or (
+            self.cycle is not None and self.cycle.request.body_buffered() > BODY_HIGH_WATER))
         return 0
 
     # ---- output
@@ -667,9 +719,7 @@ cdef class ASGIConnection(HttpConnection):
             return 0
         self.lingering = True
         self.linger_deadline = monotonic() + LINGER_SECONDS
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self.flow.release_all()
         try:
             self.transport.write_eof()
         except (OSError, RuntimeError):
@@ -698,12 +748,12 @@ cdef class ASGIConnection(HttpConnection):
             if now > self.linger_deadline:
                 self.abort()
             return 0
-        if self.write_paused and limit > 0 and now - self.write_paused_since > limit:
+        if self.flow.write_paused and limit > 0 and now - self.flow.write_paused_since > limit:
             error_log.info("closing the connection of %s: the client took no response bytes "
                            "for %g s", self.client_text(), limit)
             self.abort()
         elif self.cycle is not None:
-            if (not self.cycle.request.body_complete and not self.reading_paused and limit > 0
+            if (not self.cycle.request.body_complete and not self.flow.reading_paused and limit > 0
                     and now - self.last_activity > limit):
                 # The body stopped arriving: 408 if nothing is answered yet.
                 self.cycle.fail(408, "request body not received in time")

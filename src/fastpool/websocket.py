@@ -19,10 +19,11 @@ Rules of this module:
 * The access log (when on) gets one line per session, when the handshake is
   answered: 101 for an accepted session, else the HTTP status sent (403, 400,
   500 ...), as uvicorn and hypercorn log WebSockets.
-* Flow control: the app's ``send`` waits while the client is not reading; more
-  than ``INBOX_HIGH_WATER`` messages the app has not received stop reading from
-  the socket, and so do more than ``EARLY_DATA_LIMIT`` bytes sent before the
-  app accepted (kept, unparsed, until it does).
+* Flow control goes through the connection's ``FlowControl`` (shared with
+  the HTTP protocol, _asgi.pyx): the app's ``send`` waits while the client is
+  not reading; more than ``INBOX_HIGH_WATER`` messages the app has not received
+  hold reading from the socket, and so do more than ``EARLY_DATA_LIMIT`` bytes
+  sent before the app accepted (kept, unparsed, until it does).
 * Once the protocol fails the connection (a malformed frame, invalid UTF-8),
   nothing more is delivered to the app, not even messages that came in the
   same read.
@@ -49,6 +50,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from fastpool._asgi import HOLD_EARLY, HOLD_INBOX
 from fastpool._http import error_response
 
 log = logging.getLogger("fastpool.error")
@@ -89,14 +91,13 @@ class WebSocketSession:
         self.started = time.monotonic()
         self.logged = False               # the access-log line is written
         self.early_data = bytearray(early_data)   # frames sent before the 101
-        self.early_paused = False         # reading stopped: too many of them
+        self.flow = conn.flow             # reading held for the inbox or early data, drain
         self.inbox: deque[dict[str, Any]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.connect_delivered = False
         self.accepted = False
         self.finished = False             # no more messages to or from the app
         self.transport_closed = False
-        self.reading_paused = False
         self.fragments: list[bytes] = []
         self.fragment_opcode: Opcode | None = None
         self.failed = False               # this module failed the connection (1007)
@@ -169,10 +170,8 @@ class WebSocketSession:
             finally:
                 self.waiter = None
         message = self.inbox.popleft()
-        if self.reading_paused and len(self.inbox) < INBOX_HIGH_WATER // 2:
-            self.reading_paused = False
-            if not self.transport_closed:
-                self.transport.resume_reading()
+        if len(self.inbox) < INBOX_HIGH_WATER // 2:
+            self.flow.hold(HOLD_INBOX, False)
         return message
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -196,8 +195,8 @@ class WebSocketSession:
             else:
                 raise RuntimeError("ASGI: websocket.send needs 'bytes' or 'text'")
             self._write_out()
-            if self.conn.write_paused:
-                await self.conn.drained()
+            if self.flow.write_paused:
+                await self.flow.drain()
         elif kind == "websocket.close":
             self._close(message.get("code") or 1000, message.get("reason") or "")
         else:
@@ -213,10 +212,7 @@ class WebSocketSession:
         self.transport.write(response.serialize())
         self.accepted = True
         self._log_access(101, 0)
-        if self.early_paused:
-            self.early_paused = False
-            if not self.transport_closed:
-                self.transport.resume_reading()
+        self.flow.hold(HOLD_EARLY, False)
         if self.early_data:
             data, self.early_data = bytes(self.early_data), bytearray()
             self.data_received(data)
@@ -262,9 +258,8 @@ class WebSocketSession:
 
     def _deliver(self, message: dict[str, Any]) -> None:
         self.inbox.append(message)
-        if len(self.inbox) >= INBOX_HIGH_WATER and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        if len(self.inbox) >= INBOX_HIGH_WATER:
+            self.flow.hold(HOLD_INBOX, True)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -275,9 +270,8 @@ class WebSocketSession:
             # The client should wait for the 101; keep what it sent for then,
             # and stop reading past EARLY_DATA_LIMIT.
             self.early_data += data
-            if len(self.early_data) > EARLY_DATA_LIMIT and not self.early_paused:
-                self.early_paused = True
-                self.transport.pause_reading()
+            if len(self.early_data) > EARLY_DATA_LIMIT:
+                self.flow.hold(HOLD_EARLY, True)
             return
         self.last_seen = time.monotonic()
         self.protocol.receive_data(data)

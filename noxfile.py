@@ -2,7 +2,7 @@
 
     nox -s tests-3.12      # the whole suite on CPython 3.12
     nox -s quick-3.12      # build and install a wheel, check it, run the fast subset
-    nox -s lint            # ruff
+    nox -s lint            # ruff and cython-lint
     nox -s release         # tools/check_release.py: sdist, wheel, auditwheel, twine, schemas
     nox -s others          # quick on every supported CPython found but nox's own
     nox                    # what .ci/run adds after the full suite on its own Python:
@@ -189,6 +189,8 @@ def release(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over everything, at the version the test extra asks for."""
-    session.install(*[req for req in _extra("test") if re.match(r"ruff\b", req)])
+    """ruff over everything and cython-lint over the compiled modules, at the
+    versions the test extra asks for."""
+    session.install(*[req for req in _extra("test") if re.match(r"(ruff|cython-lint)\b", req)])
     session.run("ruff", "check", ".")
+    session.run("cython-lint", "src")

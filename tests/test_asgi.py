@@ -18,6 +18,7 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -803,3 +804,18 @@ def test_starlette_background_task(starlette_server):
                                                                          b"running")
     wait_for(lambda: fetch(starlette_server, f"/background-result?tag={tag}")[2] == b"done",
              timeout=10, interval=0.1, what="the background task to finish")
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_the_groups_backlog_is_kept(serve, interface):
+    """The worker never calls listen() again on the master's socket: an ASGI
+    group started with --backlog 100 has an accept queue of 100 (it had 2048)."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed")
+    app = "apps_asgi:app" if interface == "asgi" else "apps_wsgi:main"
+    srv = serve(app, "--interface", interface, "--backlog", "100", "--no-reuse-port")
+    fetch(srv, "/pid")   # the worker is serving
+    result = subprocess.run(["ss", "-Hltn", f"sport = :{srv.port}"], capture_output=True,
+                            text=True, check=True)
+    backlogs = {line.split()[2] for line in result.stdout.splitlines() if line.strip()}
+    assert backlogs == {"100"}, result.stdout

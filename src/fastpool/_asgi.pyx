@@ -932,7 +932,7 @@ cdef class ASGIWorker(WorkerBase):
             # sockets keep their backlog, and running out of descriptors
             # pauses accepting instead of spinning (asyncio) or resetting
             # clients (uvloop).
-            for fd, tcp, base_scope, shared in self.listeners:
+            for fd, tcp, base_scope, _shared in self.listeners:
                 self.sockets.append(Listening(fd, tcp, base_scope))
             self.watch_listeners(True)
             if self.handoff is not None:
@@ -994,9 +994,9 @@ cdef class ASGIWorker(WorkerBase):
         """A listener is readable: accept what waits (a batch at most)."""
         cdef sockaddr_storage address
         cdef socklen_t length
-        cdef int fd, count, one = 1
+        cdef int fd, one = 1
         cdef ASGIConnection conn
-        for count in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             length = sizeof(address)
             fd = accept4(listening.fd, <sockaddr *>&address, &length,
                          SOCK_NONBLOCK | SOCK_CLOEXEC)

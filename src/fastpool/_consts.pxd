@@ -5,21 +5,22 @@
 
 cdef enum:
     # ---- reading
-    RECV_SIZE = 262144              # one recv() takes up to this much: a large body arrives in few reads
+    RECV_SIZE = 262144              # one recv() takes this much at most: few reads per large body
     MAX_EVENTS = 256                # epoll events handled per wakeup
     ACCEPT_BATCH = 64               # connections accepted per readiness of a listener
     HANDOFF_BATCH = 64              # handed-over connections taken per readiness of the queue
-    BODY_MEMORY_LIMIT = 1048576     # request body bytes held in memory; past this, spooled to a file
+    BODY_MEMORY_LIMIT = 1048576     # request body bytes held in memory; past this: a temporary file
     BODY_HIGH_WATER = 262144        # ASGI: unread body past which the socket is not read
     MAX_PIPELINED = 32              # ASGI: complete heads waiting behind the running request
 
     # ---- writing
-    HIGH_WATER = 262144             # response bytes queued for a slow client before the producer waits;
-                                    # also a streamed response's turn before the loop serves others
+    # Response bytes queued for a slow client before the producer waits; also
+    # a streamed response's turn before the loop serves the other connections.
+    HIGH_WATER = 262144
     SENDFILE_CHUNK = 1048576        # sendfile(2) per call, so one file does not hog the loop
     MAX_IOV = 64                    # iovecs per writev(2)
     SMALL_WRITE = 16384             # writes below this are copied into the output buffer
-    OUT_BUFFER_LIMIT = 262144       # the output buffer's own memory, past which large writes queue
+    OUT_BUFFER_LIMIT = 262144       # the output buffer's own memory; past it, writes queue
     OUT_BUFFER_SHRINK = 65536       # an emptied output buffer above this gives its memory back
     HEAD_STACK = 4096               # a response head is built in a stack buffer of this size first
 
@@ -38,7 +39,7 @@ cdef enum:
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
     LLHTTP_ERRNO_MAX = 64           # llhttp error codes looked up by name at import are below this
     LLHTTP_METHOD_MAX = 13          # the longest method name llhttp knows (GET_PARAMETER)
-    CHUNK_LINE_LIMIT = 4096         # a chunk size line (with its extensions) longer than this is refused
+    CHUNK_LINE_LIMIT = 4096         # a longer chunk size line (with its extensions) is refused
 
 
 cdef extern from *:
@@ -50,7 +51,6 @@ cdef extern from *:
     #define FASTPOOL_LINGER_SECONDS 2.0
     /* The deadline sweep (and the ASGI tick) runs this often (s). */
     #define FASTPOOL_SWEEP_SECONDS 1.0
-    /* After running out of descriptors, accepting pauses until the next sweep. */
     /* A connection whose next request arrived while the worker was busy
        gets this long for the loop to read it (s). */
     #define FASTPOOL_READ_GRACE_SECONDS 1.0

@@ -634,7 +634,6 @@ cdef enum ChunkState:
     CH_END_LF             # the LF that ends the message
 
 
-
 # ---------------------------------------------------------------- routing
 
 @cython.final
@@ -1070,7 +1069,7 @@ cdef class HttpConnection:
         cdef PauseReason reason
         cdef Request request
         if self.stop_reading:
-            return 0          # nothing after an error, a handoff, an upgrade or a close is HTTP here
+            return 0      # nothing after an error, a handoff, an upgrade or a close is HTTP
         self.feed_start = start
         self.feed_end = end
         self.boundary = start if self.current is None and self.mode == MODE_HEAD else NULL

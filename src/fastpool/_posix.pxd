@@ -11,7 +11,7 @@ cdef extern from "<errno.h>" nogil:
     int errno
     enum:
         EAGAIN
-        EWOULDBLOCK  # equal to EAGAIN on Linux: test EAGAIN only (a switch on both fails to compile)
+        EWOULDBLOCK  # = EAGAIN on Linux: test EAGAIN only (a switch on both fails to compile)
         EINTR
         EMFILE
         ENFILE

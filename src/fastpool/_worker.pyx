@@ -26,7 +26,7 @@ Rules of this module:
 cimport cython
 from fastpool._consts cimport *
 from fastpool._http cimport (
-    HttpConnection, Limits, Router, monotonic, is_health_target, forwarded_client,
+    HttpConnection, Limits, monotonic, is_health_target, forwarded_client,
     forwarded_scheme,
 )
 from fastpool._posix cimport getppid
@@ -199,7 +199,7 @@ cdef class WorkerBase:
         entry = self.handoff.receive()
         if entry is None:
             return None
-        fd, home, started, data, refusal = entry
+        fd, home, _started, data, refusal = entry
         self.board[BOARD_HANDED_IN] += 1
         os.set_blocking(fd, False)
         if refusal is not None:

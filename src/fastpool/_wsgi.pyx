@@ -44,7 +44,7 @@ Rules of this module:
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -670,14 +670,14 @@ cdef class WSGIConnection(HttpConnection):
         self.file_fd = -1
         if result is None or type(result) is list or type(result) is tuple:
             return 0
-        close = getattr(result, "close", None)
-        if close is None:
+        closer = getattr(result, "close", None)
+        if closer is None:
             return 0
         try:
             if context is not None:
-                context.run(close)
+                context.run(closer)
             else:
-                close()
+                closer()
         except Exception:
             error_log.error("Error closing the app's iterable for %s",
                             self.request.environ.get("RAW_URI") if self.request else "?",
@@ -733,7 +733,7 @@ cdef class WSGIConnection(HttpConnection):
         elif errno == EAGAIN or errno == EINTR:
             return 0
         else:
-            return self.close()
+            return self.close_connection()
         return self.advance()
 
     cdef bint has_ready_request(self):
@@ -811,7 +811,7 @@ cdef class WSGIConnection(HttpConnection):
             try:
                 self.out.send_to(self.fd)
             except OSError:
-                return self.close()
+                return self.close_connection()
             if self.out.size:
                 return self.wait_writable()
         if self.want_write:
@@ -822,7 +822,7 @@ cdef class WSGIConnection(HttpConnection):
         if self.handoff_group >= 0 and not self.closing and not self.pending:
             refusal = worker.hand_off(self, self.fd)
             if refusal is None:
-                return self.close()       # our copy: the other group's worker has it
+                return self.close_connection()       # our copy: the other group's worker has it
             self.out.write(refusal)
             self.closing = True
             return self.settle()
@@ -867,7 +867,7 @@ cdef class WSGIConnection(HttpConnection):
         destroy the response before the client reads it (RFC 9112 9.6)."""
         if self.peer_closed or (self.at_message_boundary() and not self.error_status
                                 and not self.pending):
-            return self.close()
+            return self.close_connection()
         shutdown(self.fd, SHUT_WR)
         self.state = LINGERING
         self.deadline = monotonic() + LINGER_SECONDS
@@ -876,8 +876,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef int linger_read(self) except -1:
         cdef char *buffer = self.worker.recv_buffer
         cdef ssize_t received
-        cdef int rounds
-        for rounds in range(LINGER_READS):
+        for _ in range(LINGER_READS):
             received = recv(self.fd, buffer, RECV_SIZE, 0)
             if received > 0:
                 continue
@@ -886,9 +885,9 @@ cdef class WSGIConnection(HttpConnection):
             break
         else:
             return 0
-        return self.close()
+        return self.close_connection()
 
-    cdef int close(self) except -1:
+    cdef int close_connection(self) except -1:
         if self.state == CLOSED:
             return 0
         self.state = CLOSED
@@ -907,12 +906,12 @@ cdef class WSGIConnection(HttpConnection):
     cdef int expire(self) except -1:
         """The deadline passed (see set_deadline)."""
         if self.state == LINGERING:
-            return self.close()
+            return self.close_connection()
         if self.want_write or self.streaming:
             error_log.info("closing the connection of %s: the client took no response bytes "
                            "for %g s", self.remote_addr or "a unix socket client",
                            self.worker.client_timeout)
-            return self.close()
+            return self.close_connection()
         if self.pending or not self.at_message_boundary():
             # A request started but did not arrive in time: 408, then a
             # lingering close (the client may still be sending).
@@ -926,7 +925,7 @@ cdef class WSGIConnection(HttpConnection):
             # timeout.  Give the loop a turn to read them.
             self.deadline = monotonic() + READ_GRACE_SECONDS
             return 0
-        return self.close()
+        return self.close_connection()
 
 
 # ---------------------------------------------------------------- app threads
@@ -1147,11 +1146,11 @@ cdef class WSGIWorker(WorkerBase):
     cdef int accept(self, Listener listener) except -1:
         cdef sockaddr_storage address
         cdef socklen_t length
-        cdef int fd, count, one = 1
+        cdef int fd, one = 1
         cdef WSGIConnection conn
         cdef str remote
         cdef dict base
-        for count in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH):
             length = sizeof(address)
             fd = accept4(listener.fd, <sockaddr *>&address, &length,
                          SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -1328,7 +1327,7 @@ cdef class WSGIWorker(WorkerBase):
         self.close_listeners()
         for entry in self.table:
             if type(entry) is WSGIConnection and not (<WSGIConnection>entry).busy:
-                (<WSGIConnection>entry).close()
+                (<WSGIConnection>entry).close_connection()
         if self.threads is not None:
             self.threads.stop()
 
@@ -1355,7 +1354,7 @@ cdef class WSGIWorker(WorkerBase):
                 # Idle keep-alive during a shutdown -- unless its next request is
                 # already waiting: that one is answered (with Connection: close).
                 if not input_waiting(conn.fd):
-                    conn.close()
+                    conn.close_connection()
             elif now >= conn.deadline:
                 conn.expire()
         return 0

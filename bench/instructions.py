@@ -594,48 +594,69 @@ class PairClock:
     A server also works per second, requests or not (fastpool's workers refresh the Date
     header, check deadlines and look for their master once a second: some 30,000 to 60,000
     instructions a second under callgrind), so a pair whose longer run serves for longer
-    counts that work too, by an amount that follows the machine's load. So each run, once
-    its requests are answered, reports when, and the one that is done first waits, idle,
-    until it has served (from its first response, which comes as soon as the worker is up)
-    as long as the other: both serve ``max`` of the two. A longer run whose shorter run has
-    not started yet (``--jobs 1``) does not wait: the shorter run, which needs less time,
-    then holds until it has served as long.
+    counts that work too, by an amount that follows the machine's load. So both runs serve
+    equally long, from the first response (which comes as soon as the worker is up: the
+    first request waits for it in the listen queue) to the stop signal.
+
+    Each run, once its requests are answered, reports when it started serving (F) and when
+    it was done (D). If both run at once, both serve ``S = max(D) - min(F)``: the one that
+    started first stops when the last is done, the other later by as much as it started
+    later, idle in between. If the longer run ends before the shorter one has started
+    (``--jobs 1``), ``S`` is the longer run's own time and the shorter run, which needs less,
+    holds until it has served that long.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.short_started = threading.Event()
-        self.done = {True: threading.Event(), False: threading.Event()}  # by ``longer``
-        self.served: dict[bool, float | None] = {True: None, False: None}
+        self.short_report = threading.Event()
+        self.short: tuple[float, float] | None = None  # (F, D); None: it failed
+        self.decided = threading.Event()
+        self.serving: float | None = None  # S; None: the longer run failed
 
     def started(self, longer: bool) -> None:
         if not longer:
             self.short_started.set()
 
-    def report(self, longer: bool, served: float | None) -> None:
-        """A run's serving time so far (None: it failed), unless it has reported already."""
-        if not self.done[longer].is_set():
-            self.served[longer] = served
-            self.done[longer].set()
+    def failed(self, longer: bool) -> None:
+        """A run ended without a report: the other must not wait for it."""
+        if longer and not self.decided.is_set():
+            self.decided.set()
+        elif not longer and not self.short_report.is_set():
+            self.short_report.set()
 
-    def hold(self, longer: bool, first_response: float) -> float:
-        """Report, then wait as the rules above say; the seconds waited."""
-        t0 = time.monotonic()
-        self.report(longer, t0 - first_response)
-        if not self.enabled or (longer and not self.short_started.is_set()):
-            return 0.0
-        while not self.done[not longer].wait(0.1):
+    def _wait(self, event: threading.Event) -> None:
+        while not event.wait(0.1):
             if ABORT.is_set():
                 raise BenchError("interrupted")
-        other = self.served[not longer]
-        if other is None:  # the other run failed: the pair is lost anyway
+
+    def hold(self, longer: bool, first: float) -> float:
+        """Report, then wait until this run has served ``S``; the seconds waited."""
+        done = time.monotonic()
+        if longer:
+            serving = done - first
+            if self.enabled and self.short_started.is_set():
+                self._wait(self.short_report)
+                if self.short is not None:
+                    serving = max(done, self.short[1]) - min(first, self.short[0])
+            self.serving = serving
+            self.decided.set()
+        else:
+            self.short = (first, done)
+            self.short_report.set()
+            if not self.enabled:
+                return 0.0
+            self._wait(self.decided)
+            if self.serving is None:  # the longer run failed: the pair is lost anyway
+                return 0.0
+        if not self.enabled:
             return 0.0
-        end = first_response + max(t0 - first_response, other)
+        end = first + self.serving
         while (left := end - time.monotonic()) > 0:
             if ABORT.is_set():
                 raise BenchError("interrupted")
             time.sleep(min(left, 0.1))
-        return time.monotonic() - t0
+        return time.monotonic() - done
 
 
 def one_run(av: Available, request: RequestKind, writes: int, args: argparse.Namespace,
@@ -667,7 +688,7 @@ def one_run(av: Available, request: RequestKind, writes: int, args: argparse.Nam
                          log.read_text(errors="replace").splitlines()[-12:])
         raise BenchError(f"{type(exc).__name__}: {exc}\n{tail}") from exc
     finally:
-        clock.report(longer, None)  # if it failed before its report: the other waits no more
+        clock.failed(longer)  # no-op after a report; else the other run waits no more
         if client is not None:
             client.close()
         if idle is not None:

@@ -792,13 +792,30 @@ def annotate(path: str, callgrind_annotate: str) -> dict[str, int]:
     return costs
 
 
+_NAME = re.compile(r"^(.*?):(.+?)(?: \[(.+)\])?$")  # file:function [object]
+
+
 def short_name(name: str) -> str:
-    """``function [object basename]``: the source file's path is left out."""
-    m = re.match(r"^(.*?):(.+?)(?: \[(.+)\])?$", name)
+    """``function [object basename]``: the source file's path is left out (callgrind gives
+    no object for code it attributes to a header it was inlined from: the header, then)."""
+    m = _NAME.match(name)
     if m is None:
         return name
     obj = Path(m[3]).name if m[3] else Path(m[1]).name
     return f"{m[2]} [{obj}]"
+
+
+def by_object(diffs: dict[str, float]) -> dict[str, float]:
+    """The per-request costs added up per object (shared library or executable); code that
+    callgrind attributes to a header goes to the object of the same-named function."""
+    parsed = {name: _NAME.match(name) for name in diffs}
+    known = {m[2]: Path(m[3]).name for m in parsed.values() if m is not None and m[3]}
+    out: dict[str, float] = {}
+    for name, cost in diffs.items():
+        m = parsed[name]
+        obj = (Path(m[3]).name if m[3] else known.get(m[2], "?")) if m is not None else "?"
+        out[obj] = out.get(obj, 0.0) + cost
+    return dict(sorted(out.items(), key=lambda item: -abs(item[1])))
 
 
 def breakdown(pair: tuple[Run, Run], top: int, callgrind_annotate: str) -> dict[str, Any]:
@@ -814,7 +831,7 @@ def breakdown(pair: tuple[Run, Run], top: int, callgrind_annotate: str) -> dict[
     return {"requests": requests, "total_per_request": total,
             "listed_per_request": sum(r["ir_per_request"] for r in rows),
             "rest_per_request": sum(v for _, v in ranked[top:]),
-            "functions": rows, "files": [a.file, b.file]}
+            "functions": rows, "objects": by_object(diffs), "files": [a.file, b.file]}
 
 
 # --------------------------------------------------------------------------- output
@@ -847,6 +864,10 @@ def render_breakdown(bd: dict[str, Any], label: str) -> str:
     out.append(f"| | {bd['rest_per_request']:,.1f} | {bd['rest_per_request'] / total * 100:.1f} %"
                " | all other functions |")
     out.append(f"| | {total:,.1f} | 100 % | total |")
+    out += ["\nThe same, by object:\n", "| Ir / request | share | object |", "|---:|---:|---|"]
+    for obj, cost in bd["objects"].items():
+        if abs(cost) >= 0.05:
+            out.append(f"| {cost:,.1f} | {cost / total * 100:.1f} % | `{obj}` |")
     return "\n".join(out)
 
 

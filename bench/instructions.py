@@ -807,13 +807,21 @@ def short_name(name: str) -> str:
 
 def by_object(diffs: dict[str, float]) -> dict[str, float]:
     """The per-request costs added up per object (shared library or executable); code that
-    callgrind attributes to a header goes to the object of the same-named function."""
+    callgrind attributes to a header goes to the object of the same-named function, if only
+    one object has one, else to ``?``."""
     parsed = {name: _NAME.match(name) for name in diffs}
-    known = {m[2]: Path(m[3]).name for m in parsed.values() if m is not None and m[3]}
+    known: dict[str, set[str]] = {}
+    for m in parsed.values():
+        if m is not None and m[3]:
+            known.setdefault(m[2], set()).add(Path(m[3]).name)
     out: dict[str, float] = {}
     for name, cost in diffs.items():
         m = parsed[name]
-        obj = (Path(m[3]).name if m[3] else known.get(m[2], "?")) if m is not None else "?"
+        if m is not None and m[3]:
+            obj = Path(m[3]).name
+        else:  # in a header: the object only if one object has a function of that name
+            objs = known.get(m[2], set()) if m is not None else set()
+            obj = next(iter(objs)) if len(objs) == 1 else "?"
         out[obj] = out.get(obj, 0.0) + cost
     return dict(sorted(out.items(), key=lambda item: -abs(item[1])))
 

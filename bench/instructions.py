@@ -30,8 +30,8 @@ Rules this harness keeps:
   it also waits before each write until the server is blocked waiting for events again
   (``IdleWatch``), so every request takes the same path, that of a request on an idle
   keep-alive connection, whatever the machine's load: without it an event loop does more or
-  less work per request depending on when the next request arrives (the ASGI figures moved
-  by up to ±0.23 %).
+  less work per request depending on when the next request arrives (asyncio's hello figure
+  spread by ±0.05 % without it, and was 0.2 % higher).
 * A server works per second too (fastpool's workers refresh the Date header and check
   deadlines once a second: 30,000-60,000 instructions a second under callgrind). With
   ``--hold`` (the default) both runs of a pair therefore serve (from the first response to
@@ -56,7 +56,7 @@ Rules this harness keeps:
 Valgrind runs Python about 50 times slower, and most of a run is valgrind's start-up
 (5-15 s for fastpool, depending on the load) rather than its requests (fastpool WSGI serves
 about 3,000 hello requests a second under callgrind, asyncio about 500). The defaults
-(N = 1,000, E = 5,000, 3 pairs, 2 runs at a time) take about 3½ minutes for the 5 servers
+(N = 1,000, E = 5,000, 3 pairs, 2 runs at a time) take 2½-3½ minutes for the 5 servers
 on this 2-core machine while it does other work; E = 2,000 saves only seconds (the start-ups
 dominate) and triples the spread of the asyncio figures, so E stays at 5,000.
 

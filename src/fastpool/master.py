@@ -29,6 +29,7 @@ Rules of this module (the model is gunicorn's arbiter):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -743,8 +744,11 @@ class Master:
                     group_config.reuse_port != group.config.reuse_port:
                 log.warning("Reload: group %s changed its listen addresses; restart the "
                             "server to apply that (the rest of its settings apply now)", name)
-                group_config.values["listen"] = group.config.listen
-                group_config.values["reuse_port"] = group.config.reuse_port
+                # The sockets stay as they are, and so does the config that describes them.
+                group_config = dataclasses.replace(
+                    group_config.with_values(listen=group.config.listen,
+                                             reuse_port=group.config.reuse_port),
+                    listen_source=group.config.listen_source)
             group.config = group_config
             group.wanted = group_config.workers
             group.generation += 1
@@ -766,7 +770,7 @@ class Master:
                     self.processes[name] = ProcessGroup(process_config)
             for name in [n for n in self.processes if n not in new_config.processes]:
                 self.processes[name].state = "stopped"
-            self.config.values.update(new_config.values)
+            self.config = dataclasses.replace(self.config, values=new_config.values)
         self.setup_routing()
         return None
 

@@ -199,6 +199,22 @@ def test_workers_exit_when_the_master_is_killed(serve):
              what=f"orphaned workers {workers} to exit")
 
 
+def test_the_signal_table_splits_the_signals_between_master_and_workers():
+    """fastpool.signals is the one table: a worker handles TERM, USR2, QUIT and
+    USR1 (the ASGI worker re-registers exactly these on its loop) and ignores
+    the master's own; the master handles its own, and never USR2."""
+    from fastpool import signals
+
+    assert set(signals.WORKER_SIGNALS) == {signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT,
+                                           signal.SIGUSR1}
+    assert set(signals.MASTERS_SIGNALS) == {signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
+                                            signal.SIGTTOU}
+    assert set(signals.MASTER_SIGNALS) == {*signals.MASTERS_SIGNALS, signal.SIGTERM,
+                                           signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD}
+    assert signals.SIGNAL_FOR[signals.RETIRE] == signal.SIGUSR2
+    assert signals.SIGNAL_FOR[signals.SHUTDOWN] == signal.SIGTERM
+
+
 # ---------------------------------------------------------------- loading the app
 
 

@@ -22,9 +22,10 @@ Rules of this module (the model is gunicorn's arbiter):
 * One master per control socket: a server whose control socket already has a
   master listening on it refuses to start (exit 2, before it binds or forks
   anything); a stale socket file with nobody listening is replaced.
-* TERM and INT: graceful stop.  QUIT, or a second INT: immediate stop.
-  HUP: reload.  TTIN/TTOU: one worker more/less in every group.  USR1:
-  workers reopen their access logs.
+* Signals mean what ``fastpool.signals.TABLE`` says (TERM and INT: graceful
+  stop; QUIT, or a second INT: immediate stop; HUP: reload; TTIN/TTOU: one
+  worker more/less in every group; USR1: workers reopen their access logs),
+  and the master handles exactly the signals that table gives it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, control, core, worker
+from fastpool import __version__, control, core, signals, worker
 from fastpool.handoff import Admission, Queues
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
@@ -56,8 +57,7 @@ from fastpool.sockets import Listeners, check_addresses, parse_address
 
 log = logging.getLogger("fastpool.error")
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+HANDLED_SIGNALS = signals.MASTER_SIGNALS
 CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
 PROCESS_BACKOFF_MAX = 30.0
@@ -406,32 +406,35 @@ class Master:
             pass
 
     def handle_signals(self) -> None:
+        """Do what each queued signal means (``fastpool.signals.TABLE``)."""
         while self.signal_queue:
-            signum = self.signal_queue.popleft()
-            if signum == signal.SIGCHLD:
+            signum = signal.Signals(self.signal_queue.popleft())
+            action = signals.MASTER_ACTIONS[signum]
+            if action == signals.REAP:
                 continue   # reaping happens every turn of the loop
-            name = signal.Signals(signum).name
-            if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
+            name = signum.name
+            if action == signals.IMMEDIATE_STOP or (
+                    action == signals.INTERRUPT and self.stopping):
                 log.info("Handling signal: %s (immediate stop)", name)
                 self.stop(graceful=False)
-            elif signum in (signal.SIGTERM, signal.SIGINT):
+            elif action in (signals.GRACEFUL_STOP, signals.INTERRUPT):
                 log.info("Handling signal: %s (graceful stop)", name)
                 self.stop(graceful=True)
             elif self.stopping:
                 continue
-            elif signum == signal.SIGHUP:
+            elif action == signals.RELOAD:
                 log.info("Handling signal: %s (reload)", name)
                 self.reload()
-            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-                delta = 1 if signum == signal.SIGTTIN else -1
+            elif action in (signals.MORE_WORKERS, signals.FEWER_WORKERS):
+                delta = 1 if action == signals.MORE_WORKERS else -1
                 for group in self.groups.values():
                     group.wanted = max(1, group.wanted + delta)
                 log.info("Handling signal: %s (%s)", name,
                          ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items())
                          or "no worker groups: nothing to scale")
-            elif signum == signal.SIGUSR1:
+            elif action == signals.REOPEN_LOGS:
                 log.info("Handling signal: %s (reopen log files)", name)
-                self.kill_children(signal.SIGUSR1, kind="worker")
+                self.kill_children(signals.SIGNAL_FOR[signals.REOPEN_LOG], kind="worker")
 
     # ---------------------------------------------------------------- children
 
@@ -450,7 +453,7 @@ class Master:
         ignores the master's signals (``worker.catch_boot_signals``); a
         process meets the default actions, as before its target runs."""
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                      {*HANDLED_SIGNALS, *worker.BOOT_SIGNALS})
+                                      {*HANDLED_SIGNALS, *signals.WORKER_SIGNALS})
         try:
             pid = os.fork()
         except BaseException:
@@ -522,11 +525,12 @@ class Master:
             pass
 
     def retire(self, child: Child) -> None:
-        """Graceful replacement: stop accepting, finish, leave (SIGUSR2)."""
+        """Graceful replacement: stop accepting, finish, leave (a worker's
+        retire signal; a process's TERM)."""
         if not child.retiring:
             child.retiring = True
-            self.signal_child(child, signal.SIGUSR2 if child.kind == "worker"
-                              else signal.SIGTERM)
+            self.signal_child(child, signals.SIGNAL_FOR[signals.RETIRE]
+                              if child.kind == "worker" else signal.SIGTERM)
 
     def stop(self, graceful: bool) -> None:
         now = time.monotonic()
@@ -537,10 +541,10 @@ class Master:
                           + [p.config.graceful_timeout for p in self.processes.values()]
                           + [0.0])
             self.kill_deadline = now + timeout
-            self.kill_children(signal.SIGTERM)
+            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN])
         else:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
-            self.kill_children(signal.SIGQUIT)
+            self.kill_children(signals.SIGNAL_FOR[signals.QUIT])
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
@@ -672,7 +676,8 @@ class Master:
             log.error("Group %s is crash-looping: %d workers died within %.0f s of boot in a "
                       "row; stopping the group (on_crash_loop = %s)", child.name,
                       group.crash_streak, CRASH_WINDOW, group.config.on_crash_loop)
-            self.kill_children(signal.SIGTERM, kind="worker", name=child.name)
+            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN], kind="worker",
+                               name=child.name)
             if group.config.on_crash_loop == "stop-server":
                 self.exit_code = 1
                 self.stop(graceful=True)

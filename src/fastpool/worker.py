@@ -10,11 +10,10 @@ Rules of this module:
   ``READY`` once it serves, or a boot failure message.  Exit codes say which
   failure: ``APP_LOAD_ERROR`` (the app cannot be imported) or
   ``WORKER_BOOT_ERROR`` (anything else before serving).
-* Signals in a worker: TERM = graceful stop, USR2 = retire (graceful, idle
-  keep-alive connections are not cut), QUIT = immediate exit, USR1 = reopen
-  the access log; INT, HUP, TTIN, TTOU are the master's business (a Ctrl-C
-  reaches the whole process group; the master then stops the workers in
-  order).  From its first instruction (the master blocks these signals
+* Signals in a worker mean what ``fastpool.signals`` says (TERM = graceful
+  stop, USR2 = retire, QUIT = immediate exit, USR1 = reopen the access log;
+  the master's signals are ignored), and the handlers are installed from
+  that table.  From its first instruction (the master blocks these signals
   across the fork, ``catch_boot_signals`` takes them in the child) a worker
   that is still booting keeps a TERM or USR2 as "stop requested" and, once
   its boot is done, exits 0 without serving; a QUIT exits at once, with 0; a
@@ -40,7 +39,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from fastpool import core
+from fastpool import core, signals
 from fastpool.lifespan import LifespanFailure
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.log import AccessLog
@@ -51,11 +50,6 @@ WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
 
 PR_SET_PDEATHSIG = 1
-MASTERS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-# What the master sends a worker to end it (graceful stop, retire, immediate).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT)
-# Caught from a worker's first instruction: the stop signals and USR1 (reopen logs).
-BOOT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
 
 # What a booting worker was asked (read once it has booted): the stop signal
 # it received (0: none), and whether to reopen its access log.
@@ -82,19 +76,20 @@ def catch_boot_signals() -> None:
     """The first thing a forked worker does (while the master still blocks
     its signals): what the master asks during the boot is kept for when the
     worker has booted, never fatal; the master's own signals are ignored."""
-    for signum in BOOT_SIGNALS:
+    for signum in signals.WORKER_SIGNALS:
         signal.signal(signum, _while_booting)
-    for signum in MASTERS_SIGNALS:
+    for signum in signals.MASTERS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
 def _while_booting(signum: int, frame: Any) -> None:
     global _stop_requested, _reopen_requested
-    if signum == signal.SIGUSR1:
+    action = signals.WORKER_ACTIONS[signal.Signals(signum)]
+    if action == signals.REOPEN_LOG:
         _reopen_requested = True
         return
     _stop_requested = signum
-    if signum == signal.SIGQUIT:
+    if action == signals.QUIT:
         raise SystemExit(0)    # QUIT means now, booted or not
 
 
@@ -116,9 +111,10 @@ def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
         pass  # the loop's getppid check still catches an orphaned child
     if os.getppid() != master_pid:
         os._exit(0)   # the master died between fork and prctl
-    for signum in MASTERS_SIGNALS:
+    for signum in signals.MASTERS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in signals.DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     if nice:
         os.nice(nice - os.nice(0))
     if cpus:
@@ -200,11 +196,11 @@ def run_worker(
         notify(notify_fd, "ERROR", f"Worker failed to boot:\n{traceback.format_exc()}")
         return WORKER_BOOT_ERROR
 
-    def on_term(signum: int, frame: Any) -> None:
-        loop.stop(True, True)
+    def on_shutdown(signum: int, frame: Any) -> None:
+        loop.stop(graceful=True, close_idle=True)
 
     def on_retire(signum: int, frame: Any) -> None:
-        loop.stop(True, False)
+        loop.stop(graceful=True, close_idle=False)
 
     def on_quit(signum: int, frame: Any) -> None:
         # Raised wherever the worker is, even inside the app: QUIT means now.
@@ -214,10 +210,10 @@ def run_worker(
         if access_log is not None:
             access_log.reopen()
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGUSR2, on_retire)
-    signal.signal(signal.SIGQUIT, on_quit)
-    signal.signal(signal.SIGUSR1, on_reopen)
+    handlers = {signals.SHUTDOWN: on_shutdown, signals.RETIRE: on_retire,
+                signals.QUIT: on_quit, signals.REOPEN_LOG: on_reopen}
+    for signum, action in signals.WORKER_ACTIONS.items():
+        signal.signal(signum, handlers[action])
     if _reopen_requested and access_log is not None:
         access_log.reopen()
     if _stop_requested:

@@ -240,8 +240,16 @@ def test_app_that_cannot_load_stops_the_server_once(serve, tmp_path, case, prelo
     server = serve(app, *args, wait=False, cwd=tmp_path)
     code, _ = wait_exit(server, 15)
     log = server.log
-    assert code != 0, log
+    assert code == 4, log     # the app cannot be imported (a worker's APP_LOAD_ERROR notice)
     assert len(error_lines(log, needle)) == 1, log
+    # One message for the operator, then (from a worker) one line saying the server stops.
+    said = error_lines(log, "[ERROR] App failed to load")
+    assert len(said) == 1 and needle in log.split("App failed to load", 1)[1], log
+    stops = error_lines(log, "failed to boot; stopping the server")
+    assert len(stops) == (0 if preload else 1), log
+    if not preload:
+        assert re.search(r"\[ERROR\] Worker \d \(pid \d+\) of group main failed to boot; "
+                         r"stopping the server$", stops[0]), stops
     assert "Booting worker" not in log, log
     assert not server.worker_pids()
 

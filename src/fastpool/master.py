@@ -550,7 +550,7 @@ class Master:
     # ---------------------------------------------------------------- notices
 
     def read_notices(self) -> None:
-        """Records ``PID\\0KIND\\0MESSAGE\\x1e`` (see worker.notify)."""
+        """Act on the children's notices (``worker.notify``, ``worker.parse_notices``)."""
         while True:
             try:
                 data = os.read(self.notify_r, 65536)
@@ -558,15 +558,11 @@ class Master:
                 return
             if not data:
                 return
-            for record in data.decode("utf-8", "replace").split("\x1e"):
-                pid_text, _, rest = record.partition("\0")
-                kind, _, message = rest.partition("\0")
-                if not pid_text.strip().isdigit():
-                    continue
-                child = self.children.get(int(pid_text))
+            for pid, kind, message in worker.parse_notices(data):
+                child = self.children.get(pid)
                 if child is None:
                     continue
-                if kind == "READY":
+                if kind is worker.Notice.READY:
                     child.ready = True
                     group = self.groups.get(child.name)
                     if group is not None:
@@ -575,10 +571,11 @@ class Master:
                         # must not turn its boot failures into a server stop.
                         if not self.booted:
                             self.booted = all(g.ever_ready for g in self.groups.values())
-                elif kind == "ERROR":
-                    self.boot_failure(child, message.rstrip("\n"))
+                else:
+                    self.boot_failure(child, kind, message.rstrip("\n"))
 
-    def boot_failure(self, child: Child, message: str) -> None:
+    def boot_failure(self, child: Child, kind: worker.Notice, message: str) -> None:
+        """A worker says why it cannot boot (its notice's ``kind`` and message)."""
         group = self.groups.get(child.name)
         if not self.booted:
             # At start-up: the operator must fix the app, not watch it respawn.
@@ -586,9 +583,7 @@ class Master:
                 log.error("%s", message)
                 log.error("Worker %d (pid %d) of group %s failed to boot; stopping the server",
                           child.slot, child.pid, child.name)
-                self.exit_code = worker.WORKER_BOOT_ERROR
-                if message.startswith("App failed to load"):
-                    self.exit_code = worker.APP_LOAD_ERROR
+                self.exit_code = worker.EXIT_CODES[kind]
             self.stop(graceful=False)
             return
         # Later (a respawn, a reload): log it; the crash-loop guard counts it.

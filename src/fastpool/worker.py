@@ -5,11 +5,13 @@ Rules of this module:
 * It runs only in a forked child, and its entry points return the exit code
   for the master's fork code to pass to ``os._exit``; nothing returns into
   the master's stack.
-* The child tells the master about itself through the notify pipe, one
-  atomic record per event (``fastpool.master.read_notices`` parses them):
-  ``READY`` once it serves, or a boot failure message.  Exit codes say which
-  failure: ``APP_LOAD_ERROR`` (the app cannot be imported) or
-  ``WORKER_BOOT_ERROR`` (anything else before serving).
+* A worker tells the master about itself through the notify pipe, one
+  atomic record per event, written by ``notify`` and read back by
+  ``parse_notices`` (the master's ``read_notices``): ``READY`` once it serves,
+  or a boot failure whose kind says which (``APP_LOAD_ERROR``: the app cannot
+  be imported; ``BOOT_ERROR``: anything else before serving) with the one
+  message the operator sees.  ``EXIT_CODES`` gives each failure its exit code
+  (4 and 3): the worker's, and the server's when it stops at start-up.
 * Signals in a worker mean what ``fastpool.signals`` says (TERM = graceful
   stop, USR2 = retire, QUIT = immediate exit, USR1 = reopen the access log;
   the master's signals are ignored), and the handlers are installed from
@@ -28,6 +30,7 @@ Rules of this module:
 from __future__ import annotations
 
 import ctypes
+import enum
 import faulthandler
 import gc
 import logging
@@ -36,7 +39,7 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastpool import core, signals
@@ -48,6 +51,18 @@ from fastpool.sockets import BoundSocket
 
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
+
+
+class Notice(enum.Enum):
+    """The kind of a record in the notify pipe."""
+
+    READY = "READY"                      # the worker serves
+    APP_LOAD_ERROR = "APP_LOAD_ERROR"    # boot failed: the app cannot be imported
+    BOOT_ERROR = "BOOT_ERROR"            # boot failed: anything else
+
+
+# A boot failure's exit code: the worker's, and the server's when it stops at start-up.
+EXIT_CODES = {Notice.APP_LOAD_ERROR: APP_LOAD_ERROR, Notice.BOOT_ERROR: WORKER_BOOT_ERROR}
 
 PR_SET_PDEATHSIG = 1
 
@@ -93,14 +108,35 @@ def _while_booting(signum: int, frame: Any) -> None:
         raise SystemExit(0)    # QUIT means now, booted or not
 
 
-def notify(fd: int, kind: str, message: str = "") -> None:
+def notify(fd: int, kind: Notice, message: str = "") -> None:
     """One record to the master: ``PID\\0KIND\\0MESSAGE\\x1e`` in one write (<= PIPE_BUF)."""
-    record = f"{os.getpid()}\0{kind}\0{message[:3900]}\x1e".encode("utf-8", "replace")
+    record = f"{os.getpid()}\0{kind.value}\0{message[:3900]}\x1e".encode("utf-8", "replace")
     try:
         os.write(fd, record)
     except OSError:
         if message:
             sys.stderr.write(message + "\n")
+
+
+def parse_notices(data: bytes) -> Iterator[tuple[int, Notice, str]]:
+    """The records in ``data`` (what the master read from the notify pipe) as
+    ``(pid, kind, message)``; anything unreadable is skipped."""
+    for record in data.decode("utf-8", "replace").split("\x1e"):
+        pid_text, _, rest = record.partition("\0")
+        kind_text, _, message = rest.partition("\0")
+        if not pid_text.strip().isdigit():
+            continue
+        try:
+            kind = Notice(kind_text)
+        except ValueError:
+            continue
+        yield int(pid_text), kind, message
+
+
+def boot_failed(fd: int, kind: Notice, message: str) -> int:
+    """Tell the master why this worker cannot boot; return its exit code."""
+    notify(fd, kind, message)
+    return EXIT_CODES[kind]
 
 
 def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
@@ -187,14 +223,12 @@ def run_worker(
             loop = _wsgi_worker(group, sockets, app, limits, access_log, master_pid, board,
                                 max_requests, router)
     except AppLoadError as exc:
-        notify(notify_fd, "ERROR", f"App failed to load: {exc}")
-        return APP_LOAD_ERROR
+        return boot_failed(notify_fd, Notice.APP_LOAD_ERROR, f"App failed to load: {exc}")
     except BootError as exc:
-        notify(notify_fd, "ERROR", str(exc))
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR, str(exc))
     except Exception:
-        notify(notify_fd, "ERROR", f"Worker failed to boot:\n{traceback.format_exc()}")
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR,
+                           f"Worker failed to boot:\n{traceback.format_exc()}")
 
     def on_shutdown(signum: int, frame: Any) -> None:
         loop.stop(graceful=True, close_idle=True)
@@ -232,15 +266,14 @@ def run_worker(
     log.info("Booting worker %d with pid: %d (group %s) [%s]", slot, os.getpid(), group.name,
              interface.upper())
     if interface == "wsgi":
-        notify(notify_fd, "READY")
+        notify(notify_fd, Notice.READY)
         loop.run()
         return 0
     # ASGI: ready once the lifespan startup is done and the listeners accept.
     try:
-        loop.run(on_ready=lambda: notify(notify_fd, "READY"))
+        loop.run(on_ready=lambda: notify(notify_fd, Notice.READY))
     except LifespanFailure as exc:
-        notify(notify_fd, "ERROR", str(exc))
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR, str(exc))
     return 0
 
 

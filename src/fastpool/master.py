@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpool import __version__, control, core, signals, worker
-from fastpool.handoff import Admission, Queues
+from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
 from fastpool.scoreboard import Scoreboard
@@ -251,21 +251,21 @@ class Master:
             for prefix in group.config.routes:
                 log.info("Route: %s -> group %s", prefix, name)
 
-    def routing_for(self, group: Group) -> dict[str, Any] | None:
-        """What a worker of ``group`` needs to route and hand over."""
+    def routing_for(self, group: Group) -> Routing | None:
+        """What a worker of ``group`` needs to route and hand over (None: no routes)."""
         if self.queues is None:
             return None
         index = self.queues.index
         running = [g for g in self.groups.values() if g.state == "running"]
-        return {
-            "queues": self.queues,
-            "local": group.config.name,
-            "routes": [(prefix, index[g.config.name]) for g in running
-                       for prefix in g.config.routes],
-            "admission": {index[g.config.name]: Admission(g.config.max_pending,
-                                                          g.config.retry_after)
-                          for g in self.groups.values()},
-        }
+        return Routing(
+            queues=self.queues,
+            local=group.config.name,
+            routes=tuple((prefix, index[g.config.name]) for g in running
+                         for prefix in g.config.routes),
+            admission={index[g.config.name]: Admission(g.config.max_pending,
+                                                       g.config.retry_after)
+                       for g in self.groups.values()},
+        )
 
     # ---------------------------------------------------------------- control socket
 

@@ -40,7 +40,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastpool import core, signals
 from fastpool.lifespan import LifespanFailure
@@ -48,6 +48,9 @@ from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.log import AccessLog
 from fastpool.settings import GroupConfig, ProcessConfig
 from fastpool.sockets import BoundSocket
+
+if TYPE_CHECKING:
+    from fastpool.handoff import Routing  # imports the compiled core
 
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
@@ -196,7 +199,7 @@ def run_worker(
     notify_fd: int,
     board: memoryview,
     max_requests: int,
-    routing: dict[str, Any] | None = None,
+    routing: Routing | None = None,
 ) -> int:
     """Boot and serve until told to stop; return the process exit code."""
     listening = ", ".join(str(b.address) for b in sockets)
@@ -277,17 +280,16 @@ def run_worker(
     return 0
 
 
-def _router(group: GroupConfig, routing: dict[str, Any] | None) -> tuple[Any, Any] | None:
+def _router(group: GroupConfig, routing: Routing | None) -> tuple[Any, Any] | None:
     """(Router, Handoff) for a worker of a server with routes, else None."""
     if routing is None:
         return None
     from fastpool._http import Router
     from fastpool.handoff import Handoff
 
-    queues = routing["queues"]
     # Only this group's queue is read here; the master keeps the other ends.
-    handoff = Handoff(queues, routing["local"], routing["admission"], group.max_queue_wait)
-    return Router(routing["routes"], handoff.local, group.health_path), handoff
+    handoff = Handoff(routing.queues, routing.local, routing.admission, group.max_queue_wait)
+    return Router(routing.routes, handoff.local, group.health_path), handoff
 
 
 def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],

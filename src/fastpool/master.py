@@ -75,7 +75,7 @@ class Child:
     name: str                # group or process name
     slot: int
     started: float
-    board: int = -1
+    board_slot: int = -1     # its record in the scoreboard (workers only)
     generation: int = 0
     ready: bool = False
     retiring: bool = False
@@ -154,7 +154,7 @@ class Master:
         self.kill_deadline = 0.0
         self.killed = False
         self.exit_code = 0
-        self.board = Scoreboard()
+        self.scoreboard = Scoreboard()
         self.queues: Queues | None = None      # handoff queues, when any group has routes
         self.control: socket.socket | None = None
         self.control_path = config.control_path     # fixed at start: a reload cannot move it
@@ -182,7 +182,7 @@ class Master:
     def _run(self) -> int:
         config = self.config
         try:
-            core.load()
+            core.check()
         except core.CompiledCoreMissing as exc:
             log.error("%s", exc)
             return 1
@@ -365,7 +365,7 @@ class Master:
             for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
                 if child.kind != "worker" or child.name != name:
                     continue
-                record = self.board.read(child.board)
+                record = self.scoreboard.read(child.board_slot)
                 handed_in += record.handed_in
                 handed_out += record.handed_out
                 workers.append({
@@ -493,17 +493,17 @@ class Master:
     def spawn_worker(self, group: Group, slot: int) -> None:
         config = group.config
         sockets = group.listeners.for_slot(slot)
-        board = self.board.allocate()
+        board_slot = self.scoreboard.allocate()
         max_requests = config.max_requests
         if max_requests and config.max_requests_jitter:
             max_requests += random.randint(0, config.max_requests_jitter)
-        view = self.board.view(board)
+        view = self.scoreboard.view(board_slot)
         routing = self.routing_for(group)
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
             notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
         ), [b.sock for b in sockets], is_worker=True)
-        self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
+        self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board_slot,
                                    group.generation)
 
     def spawn_process(self, process: ProcessGroup, index: int) -> None:
@@ -607,10 +607,10 @@ class Master:
             if child is None:
                 continue
             served = 0
-            if child.board >= 0:
-                record = self.board.read(child.board)
+            if child.board_slot >= 0:
+                record = self.scoreboard.read(child.board_slot)
                 served = record.requests
-                self.board.release(child.board)
+                self.scoreboard.release(child.board_slot)
                 gone_from = self.groups.get(child.name) if child.kind == "worker" else None
                 if gone_from is not None:
                     gone_from.handed_in += record.handed_in
@@ -704,7 +704,7 @@ class Master:
             group = self.groups.get(child.name)
             if group is None or not group.config.timeout:
                 continue
-            busy_since = self.board.read(child.board).busy_since
+            busy_since = self.scoreboard.read(child.board_slot).busy_since
             if busy_since and now - busy_since > group.config.timeout:
                 log.error("Worker %d (pid %d) of group %s has run one request for %.1f s "
                           "(timeout %g s): aborting it (SIGABRT, its stack follows) and "

@@ -209,7 +209,7 @@ def run_worker(
         # No core files from the master's SIGABRT; the Python stack goes to stderr.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         faulthandler.enable(all_threads=True)
-        core.load()
+        core.check()
         from fastpool._http import Limits
 
         if app is None:

@@ -43,7 +43,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,9 @@ from fastpool import __version__, control, core, signals, worker
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
+from fastpool.process import Child, Processes
 from fastpool.scoreboard import Scoreboard
-from fastpool.settings import ConfigError, GroupConfig, ProcessConfig, ServerConfig, load
+from fastpool.settings import ConfigError, GroupConfig, ServerConfig, load
 from fastpool.sockets import Listeners, check_addresses, parse_address
 
 log = logging.getLogger("fastpool.error")
@@ -60,26 +61,11 @@ log = logging.getLogger("fastpool.error")
 HANDLED_SIGNALS = signals.MASTER_SIGNALS
 CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
-PROCESS_BACKOFF_MAX = 30.0
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
 
 
 class ControlSocketInUse(Exception):
     """Another process listens on this server's control socket."""
-
-
-@dataclass
-class Child:
-    pid: int
-    kind: str                # "worker" or "process"
-    name: str                # group or process name
-    slot: int
-    started: float
-    board_slot: int = -1     # its record in the scoreboard (workers only)
-    generation: int = 0
-    ready: bool = False
-    retiring: bool = False
-    abort_sent: float = 0.0
 
 
 @dataclass
@@ -98,16 +84,6 @@ class Group:
     # live workers' records to these).
     handed_in: int = 0
     handed_out: int = 0
-
-
-@dataclass
-class ProcessGroup:
-    config: ProcessConfig
-    restarts: int = 0
-    generation: int = 0
-    failures: dict[int, int] = field(default_factory=dict)
-    next_start: dict[int, float] = field(default_factory=dict)
-    state: str = "running"
 
 
 def control_socket_user(path: Path) -> str | None:
@@ -148,7 +124,7 @@ class Master:
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         self.groups: dict[str, Group] = {}
-        self.processes: dict[str, ProcessGroup] = {}
+        self.processes = Processes(self.children, self.fork, self.retire, self.pid)
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.kill_deadline = 0.0
@@ -198,8 +174,8 @@ class Master:
                 except AppLoadError as exc:
                     log.error("App failed to load (group %s): %s", group.config.name, exc)
                     return worker.APP_LOAD_ERROR
-        for name, process_config in config.processes.items():
-            self.processes[name] = ProcessGroup(process_config)
+        for process_config in config.processes.values():
+            self.processes.add(process_config)
         self.setup_routing()
         # Start-up is over once every group has served; with no group (a
         # config of processes only) it is over at once.
@@ -212,7 +188,7 @@ class Master:
                          group.wanted)
         if not self.groups:
             log.info("No worker groups: supervising %s only",
-                     ", ".join(f"process {name}" for name in self.processes))
+                     ", ".join(f"process {name}" for name in self.processes.groups))
         worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -387,7 +363,7 @@ class Master:
                 "workers": workers,
             })
         processes = []
-        for name, process in self.processes.items():
+        for name, process in self.processes.groups.items():
             pids = sorted(c.pid for c in self.children.values()
                           if c.kind == "process" and c.name == name)
             processes.append({"name": name, "target": process.config.target,
@@ -506,12 +482,6 @@ class Master:
         self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board_slot,
                                    group.generation)
 
-    def spawn_process(self, process: ProcessGroup, index: int) -> None:
-        pid = self.fork(lambda: worker.run_process(process=process.config, index=index,
-                                                   master_pid=self.pid), [])
-        self.children[pid] = Child(pid, "process", process.config.name, index, time.monotonic(),
-                                   generation=process.generation)
-
     def kill_children(self, signum: int, kind: str | None = None, name: str | None = None) -> None:
         for child in list(self.children.values()):
             if (kind is None or child.kind == kind) and (name is None or child.name == name):
@@ -538,7 +508,8 @@ class Master:
             if self.stopping:
                 return
             timeout = max([g.config.graceful_timeout for g in self.groups.values()]
-                          + [p.config.graceful_timeout for p in self.processes.values()]
+                          + [p.config.graceful_timeout
+                             for p in self.processes.groups.values()]
                           + [0.0])
             self.kill_deadline = now + timeout
             self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN])
@@ -641,7 +612,7 @@ class Master:
             if child.kind == "worker":
                 self.worker_exited(child, crashed, served)
             else:
-                self.process_exited(child, crashed)
+                self.processes.exited(child)
 
     def worker_exited(self, child: Child, crashed: bool, served: int) -> None:
         group = self.groups.get(child.name)
@@ -676,19 +647,6 @@ class Master:
             if group.config.on_crash_loop == "stop-server":
                 self.exit_code = 1
                 self.stop(graceful=True)
-
-    def process_exited(self, child: Child, crashed: bool) -> None:
-        process = self.processes.get(child.name)
-        if process is None or child.retiring:
-            return
-        process.restarts += 1
-        lived = time.monotonic() - child.started
-        failures = 0 if lived > PROCESS_BACKOFF_MAX else process.failures.get(child.slot, 0) + 1
-        process.failures[child.slot] = failures
-        delay = min(PROCESS_BACKOFF_MAX, 0.5 * 2 ** (failures - 1)) if failures else 0.0
-        process.next_start[child.slot] = time.monotonic() + delay
-        if delay:
-            log.info("Process %s %d will be restarted in %.1f s", child.name, child.slot, delay)
 
     # ---------------------------------------------------------------- timeouts
 
@@ -761,15 +719,7 @@ class Master:
                 log.info("Reload: stopping group %s (gone from the config)", name)
                 self.groups[name].state = "stopped"
                 self.groups[name].wanted = 0
-            for name, process_config in new_config.processes.items():
-                if name in self.processes:
-                    process = self.processes[name]
-                    process.config = process_config
-                    process.generation += 1
-                else:
-                    self.processes[name] = ProcessGroup(process_config)
-            for name in [n for n in self.processes if n not in new_config.processes]:
-                self.processes[name].state = "stopped"
+            self.processes.reconfigure(new_config.processes)
             self.config = dataclasses.replace(self.config, values=new_config.values)
         self.setup_routing()
         return None
@@ -807,24 +757,7 @@ class Master:
             for slot in list(group.listeners.per_slot):
                 if slot >= group.wanted and slot not in busy_slots:
                     group.listeners.close_slot(slot)
-        now = time.monotonic()
-        for name, process in list(self.processes.items()):
-            instances = [c for c in self.children.values()
-                         if c.kind == "process" and c.name == name]
-            if process.state == "stopped":
-                for child in instances:
-                    self.retire(child)
-                if not instances:
-                    del self.processes[name]
-                continue
-            for child in instances:
-                if child.slot >= process.config.count or child.generation != process.generation:
-                    self.retire(child)
-            running = {c.slot for c in instances if not c.retiring}
-            for index in range(process.config.count):
-                if index not in running and now >= process.next_start.get(index, 0.0) and \
-                        not any(c.slot == index for c in instances):
-                    self.spawn_process(process, index)
+        self.processes.maintain()
 
     # ---------------------------------------------------------------- the loop
 
@@ -862,7 +795,7 @@ class Master:
                 continue
             self.check_timeouts()
             self.maintain()
-            if not self.groups and not self.processes:
+            if not self.groups and not self.processes.groups:
                 log.info("Nothing left to supervise")
                 return
 

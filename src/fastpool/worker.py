@@ -1,8 +1,9 @@
-"""The life of a forked child: a group's worker, or a supervised process.
+"""The life of a forked worker of a group (a supervised process's is in
+``fastpool.process``, which shares ``child_setup`` and ``set_title``).
 
 Rules of this module:
 
-* It runs only in a forked child, and its entry points return the exit code
+* It runs only in a forked child, and its entry point returns the exit code
   for the master's fork code to pass to ``os._exit``; nothing returns into
   the master's stack.
 * A worker tells the master about itself through the notify pipe, one
@@ -39,14 +40,14 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastpool import core, signals
 from fastpool.lifespan import LifespanFailure
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.log import AccessLog
-from fastpool.settings import GroupConfig, ProcessConfig
+from fastpool.settings import GroupConfig
 from fastpool.sockets import BoundSocket
 
 if TYPE_CHECKING:
@@ -142,7 +143,9 @@ def boot_failed(fd: int, kind: Notice, message: str) -> int:
     return EXIT_CODES[kind]
 
 
-def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
+def child_setup(master_pid: int, nice: int, cpus: Sequence[int]) -> None:
+    """What every forked child does first: die with the master, leave the
+    master's signals to it, take its niceness and CPUs."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -205,7 +208,7 @@ def run_worker(
     listening = ", ".join(str(b.address) for b in sockets)
     set_title(f"fastpool: {group.name} worker {slot} [{listening}]")
     try:
-        _common_child_setup(master_pid, group.nice, group.cpus)
+        child_setup(master_pid, group.nice, group.cpus)
         # No core files from the master's SIGABRT; the Python stack goes to stderr.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         faulthandler.enable(all_threads=True)
@@ -402,22 +405,3 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         # Connections other groups hand over: no listener of this group took them.
         handoff_scope=base_scope(None, group) if router is not None else None,
     )
-
-
-def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:
-    """A supervised custom process: call its target; its return ends the process."""
-    set_title(f"fastpool: {process.name} process {index}")
-    _common_child_setup(master_pid, process.nice, process.cpus)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    log.info("Starting process %s %d with pid: %d", process.name, index, os.getpid())
-    try:
-        target = import_app(process.target, callable_kind="a process target")
-        target()
-    except AppLoadError as exc:
-        log.error("process %s: %s", process.name, exc)
-        return APP_LOAD_ERROR
-    except Exception:
-        log.exception("process %s %d (pid %d) raised", process.name, index, os.getpid())
-        return 1
-    return 0

@@ -2,6 +2,11 @@
 
 Rules of this module (the model is gunicorn's arbiter):
 
+* The master owns the loop, forking, reaping, the worker groups, reloading
+  and signals.  The control socket's server and its commands live in
+  ``fastpool.control`` (``ControlServer``, which calls back into ``reload``
+  and ``scale``), the supervised processes in ``fastpool.process``
+  (``Processes``, which calls back into ``fork`` and ``retire``).
 * Signal handlers only enqueue the signal and wake the loop; one loop does all
   the work: read children's notices, handle queued signals and control
   requests, reap with ``waitpid(-1, WNOHANG)``, enforce timeouts, then bring
@@ -15,13 +20,15 @@ Rules of this module (the model is gunicorn's arbiter):
   first and retires the old one only once the new one says READY; a new
   worker that fails to boot leaves the old ones serving.
 * Boot failures at start-up stop the server with the message printed once
-  (exit 3, or 4 when the app cannot be imported): never a respawn loop.
+  and the exit code of the worker's notice (``worker.EXIT_CODES``: 3, or 4
+  when the app cannot be imported): never a respawn loop.
   Later, workers that die within ``CRASH_WINDOW`` of boot ``crash_limit``
   times in a row mark their group crash-looping: it is stopped, and
   ``on_crash_loop`` says whether the server stops too.
 * One master per control socket: a server whose control socket already has a
   master listening on it refuses to start (exit 2, before it binds or forks
-  anything); a stale socket file with nobody listening is replaced.
+  anything; ``ControlServer.open``); a stale socket file with nobody listening
+  is replaced.
 * Signals mean what ``fastpool.signals.TABLE`` says (TERM and INT: graceful
   stop; QUIT, or a second INT: immediate stop; HUP: reload; TTIN/TTOU: one
   worker more/less in every group; USR1: workers reopen their access logs),
@@ -32,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import random
@@ -44,10 +50,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, control, core, signals, worker
+from fastpool import __version__, core, signals, worker
+from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
@@ -64,12 +70,10 @@ ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
 
 
-class ControlSocketInUse(Exception):
-    """Another process listens on this server's control socket."""
-
-
 @dataclass
 class Group:
+    """One worker group: its config, its listening sockets and its state."""
+
     config: GroupConfig
     listeners: Listeners
     app: Callable[..., Any] | None = None
@@ -86,37 +90,9 @@ class Group:
     handed_out: int = 0
 
 
-def control_socket_user(path: Path) -> str | None:
-    """Who listens on the control socket ``path`` ("another fastpool master
-    (pid N)"), or None when nobody does: no file, or a stale one."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None
-    except PermissionError:
-        return "a process this user may not reach (another user's fastpool master?)"
-    except OSError:
-        return None     # not a usable socket path: binding it says why
-    finally:
-        probe.close()
-    try:
-        reply = control.request(path, {"command": "status"}, timeout=2)
-        return f"another fastpool master (pid {int(reply['master'])})"
-    except (control.ControlError, OSError, KeyError, TypeError, ValueError):
-        return "another process (it does not answer as a fastpool master)"
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class Master:
+    """The supervisor of one server (``run`` until it stops)."""
+
     def __init__(self, config: ServerConfig, reload_source: Callable[[], ServerConfig] | None
                  = None) -> None:
         self.config = config
@@ -132,8 +108,8 @@ class Master:
         self.exit_code = 0
         self.scoreboard = Scoreboard()
         self.queues: Queues | None = None      # handoff queues, when any group has routes
-        self.control: socket.socket | None = None
-        self.control_path = config.control_path     # fixed at start: a reload cannot move it
+        # Its path is fixed at start: a reload cannot move it.
+        self.control = ControlServer(config.control_path, self)
         self.booted = False      # every group at start-up has had a READY worker
 
     # ---------------------------------------------------------------- start
@@ -153,7 +129,7 @@ class Master:
                 group.listeners.close()
             if self.queues is not None:
                 self.queues.close()
-            self.close_control()
+            self.control.close()
 
     def _run(self) -> int:
         config = self.config
@@ -163,7 +139,7 @@ class Master:
             log.error("%s", exc)
             return 1
         # First: a second server in the same place must not bind or fork anything.
-        self.open_control()
+        self.control.open()
         check_addresses(config)
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
@@ -243,134 +219,15 @@ class Master:
                        for g in self.groups.values()},
         )
 
-    # ---------------------------------------------------------------- control socket
+    # ---------------------------------------------------------------- commands
 
-    def open_control(self) -> None:
-        """Listen on the control socket; raise ``ControlSocketInUse`` when a
-        master already listens there (a stale file with nobody behind it is
-        replaced)."""
-        path = self.control_path
-        in_use = control_socket_user(path)
-        if in_use is not None:
-            raise ControlSocketInUse(
-                f"control socket {path} is in use by {in_use}; stop that one, or give this "
-                "server its own socket with --control-socket PATH (control_socket in "
-                "[server] of the config file)")
-        try:
-            if path.exists() or path.is_symlink():
-                path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old_umask = os.umask(0o177)     # created 0600: only this user may steer it
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            sock.listen(16)
-            sock.setblocking(False)
-            sock.set_inheritable(False)
-        except OSError as exc:
-            log.warning("no control socket at %s (%s): fastpool status/reload/scale "
-                        "are unavailable", path, exc.strerror or exc)
-            return
-        self.control = sock
-
-    def close_control(self) -> None:
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-            try:
-                self.control_path.unlink()
-            except OSError:
-                pass
-
-    def serve_control(self) -> None:
-        assert self.control is not None
-        while True:
-            try:
-                conn, _ = self.control.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            with conn:
-                conn.settimeout(2.0)
-                try:
-                    data = b""
-                    while not data.endswith(b"\n") and len(data) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    request = json.loads(data or b"{}")
-                    reply = self.control_command(request)
-                except (OSError, ValueError) as exc:
-                    reply = {"ok": False, "error": f"bad control request: {exc}"}
-                try:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except OSError:
-                    pass
-
-    def control_command(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        command = request.get("command")
-        if command == "status":
-            return {"ok": True, **self.status()}
-        if command == "reload":
-            group = request.get("group")
-            if group is not None and group not in self.groups:
-                return {"ok": False, "error": f"no group named {group!r}"}
-            error = self.reload(only=group)
-            return {"ok": error is None, "error": error}
-        if command == "scale":
-            name = request.get("group")
-            if name not in self.groups:
-                return {"ok": False, "error": f"no group named {name!r}"}
-            try:
-                delta = int(request.get("delta", 0))
-            except (TypeError, ValueError):
-                return {"ok": False, "error": "delta must be an integer"}
-            group = self.groups[name]
-            group.wanted = max(1, group.wanted + delta)
-            log.info("Scaling group %s to %d worker(s)", name, group.wanted)
-            return {"ok": True, "workers": group.wanted}
-        return {"ok": False, "error": f"unknown command {command!r}"}
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        groups = []
-        for name, group in self.groups.items():
-            workers = []
-            handed_in, handed_out = group.handed_in, group.handed_out
-            for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
-                if child.kind != "worker" or child.name != name:
-                    continue
-                record = self.scoreboard.read(child.board_slot)
-                handed_in += record.handed_in
-                handed_out += record.handed_out
-                workers.append({
-                    "pid": child.pid, "slot": child.slot, "requests": record.requests,
-                    "current_request_s": round(now - record.busy_since, 3)
-                    if record.busy_since else None,
-                    "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
-                    "state": "retiring" if child.retiring else record.state,
-                    "generation": child.generation, "shed": record.shed,
-                })
-            groups.append({
-                "name": name, "app": group.config.app, "state": group.state,
-                "listen": group.listeners.describe(), "workers_wanted": group.wanted,
-                "threads": group.config.threads, "restarts": group.restarts,
-                "interface": group.config.interface, "routes": group.config.routes,
-                "handed_in": handed_in, "handed_out": handed_out,
-                "pending": self.queues.pending(name) if self.queues is not None else 0,
-                "shed": self.queues.shed(name) if self.queues is not None else 0,
-                "workers": workers,
-            })
-        processes = []
-        for name, process in self.processes.groups.items():
-            pids = sorted(c.pid for c in self.children.values()
-                          if c.kind == "process" and c.name == name)
-            processes.append({"name": name, "target": process.config.target,
-                              "count": process.config.count, "restarts": process.restarts,
-                              "state": process.state, "pids": pids})
-        return {"master": self.pid, "version": __version__, "groups": groups,
-                "processes": processes}
+    def scale(self, name: str, delta: int) -> int:
+        """One group's worker count up or down by ``delta`` (at least 1);
+        returns the new count."""
+        group = self.groups[name]
+        group.wanted = max(1, group.wanted + delta)
+        log.info("Scaling group %s to %d worker(s)", name, group.wanted)
+        return group.wanted
 
     # ---------------------------------------------------------------- signals
 
@@ -447,8 +304,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self.wake_r, self.wake_w, self.notify_r):
                 os.close(fd)
-            if self.control is not None:
-                self.control.close()
+            self.control.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -764,8 +620,8 @@ class Master:
     def loop(self) -> None:
         while True:
             readable = [self.wake_r, self.notify_r]
-            if self.control is not None:
-                readable.append(self.control)
+            if self.control.sock is not None:
+                readable.append(self.control.sock)
             try:
                 ready, _, _ = select.select(readable, [], [], 0.5)
             except InterruptedError:
@@ -781,8 +637,9 @@ class Master:
                 pass
             self.read_notices()
             self.handle_signals()
-            if self.control is not None and self.control in ready and not self.stopping:
-                self.serve_control()
+            if self.control.sock is not None and self.control.sock in ready and \
+                    not self.stopping:
+                self.control.serve()
             self.reap()
             if self.stopping:
                 if not self.children:

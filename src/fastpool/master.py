@@ -619,7 +619,7 @@ class Master:
 
     def loop(self) -> None:
         while True:
-            readable = [self.wake_r, self.notify_r]
+            readable: list[int | socket.socket] = [self.wake_r, self.notify_r]
             if self.control.sock is not None:
                 readable.append(self.control.sock)
             try:

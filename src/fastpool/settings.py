@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastpool.settings_types import GroupSettings, ProcessSettings, ServerSettings
 
@@ -446,15 +446,16 @@ class _Values:
 
     values: Mapping[str, Any]
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            values = self.__dict__["values"]
-        except KeyError:
-            raise AttributeError(name) from None
-        try:
-            return values[ALIASES.get(name, name)]
-        except KeyError:
-            raise AttributeError(name) from None
+    if not TYPE_CHECKING:   # type checkers see the declared attributes, and only those
+        def __getattr__(self, name: str) -> Any:
+            try:
+                values = self.__dict__["values"]
+            except KeyError:
+                raise AttributeError(name) from None
+            try:
+                return values[ALIASES.get(name, name)]
+            except KeyError:
+                raise AttributeError(name) from None
 
     def with_values(self, **changes: Any) -> Any:
         """A copy of this config with some values replaced (by name or alias)."""

@@ -210,3 +210,15 @@ def test_readme_settings_table_is_current():
     assert table == expected, (
         "README.md's settings table is stale; replace it with the output of "
         "`python -m fastpool.settings`")
+
+
+def test_settings_types_are_current():
+    """fastpool/settings_types.py (the typed attributes of the configs) is what
+    the settings table generates."""
+    expected = subprocess.run([sys.executable, "-m", "fastpool.settings", "--types"],
+                              capture_output=True, text=True, check=True, timeout=30).stdout
+    assert "class GroupSettings:" in expected and "    workers: int\n" in expected
+    shipped = ROOT / "src" / "fastpool" / "settings_types.py"
+    assert shipped.read_text(encoding="utf-8") == expected, (
+        "src/fastpool/settings_types.py is stale; regenerate it with "
+        "`python -m fastpool.settings --write-types`")

@@ -9,9 +9,14 @@ app is apps_groups.py.
 from __future__ import annotations
 
 import json
+import pickle
+import socket
+import time
 
 import pytest
 from apps_groups_support import Clusters, fastpool, fetch, group, ports, render
+
+from fastpool import settings
 
 
 @pytest.fixture
@@ -93,6 +98,17 @@ BAD_CONFIGS = {
         ["APP", "--config", "not both", "apps_groups:app", "fastpool.toml"]),
     "invalid-toml": (
         GOOD_WEB + "workers = \n", (), ["fastpool.toml", "not valid TOML", "line 4"]),
+    "setting-and-its-alias-in-one-table": (
+        GOOD_WEB + "client_timeout = 3\nheader_timeout = 4\n", (),
+        ["fastpool.toml: [group.web] client_timeout and header_timeout are the same setting",
+         "give only one"]),
+    "setting-and-its-alias-in-server": (
+        "[server]\nheader_timeout = 3\nclient_timeout = 4\n" + GOOD_WEB, (),
+        ["fastpool.toml: [server] header_timeout and client_timeout are the same setting",
+         "give only one"]),
+    "alias-with-a-bad-value": (
+        GOOD_WEB + 'header_timeout = "soon"\n', (),
+        ["fastpool.toml: [group.web] header_timeout", "expected a number", "'soon'"]),
 }
 
 
@@ -260,3 +276,77 @@ def test_precedence_in_the_plan(tmp_path):
                        env={"FASTPOOL_TIMEOUT": "4"})
     for name in ("group plain", "group own"):
         assert "1 worker(s) x 3 thread(s), timeout 3 s" in lines[name], lines
+
+
+# ---------------------------------------------------------------- aliases (former names)
+
+TIMEOUT = 1.0    # the client_timeout the alias tests give (the default is 30 s)
+
+# how: (a [server] table, flags, environment) that set client_timeout to TIMEOUT
+CLIENT_TIMEOUT_WAYS = {
+    "flag": (None, ("--client-timeout", "1"), None),
+    "alias-flag": (None, ("--header-timeout", "1"), None),
+    "alias-env": (None, (), {"FASTPOOL_HEADER_TIMEOUT": "1"}),
+    "alias-key": ({"header_timeout": TIMEOUT}, (), None),
+    # The flag under the new name beats the file's key under the old one.
+    "flag-over-alias-key": ({"header_timeout": 60.0}, ("--client-timeout", "1"), None),
+}
+
+
+@pytest.mark.parametrize("how", list(CLIENT_TIMEOUT_WAYS))
+def test_client_timeout_under_either_name_applies(clusters, how):
+    """header_timeout, the former name of client_timeout, still sets it as a
+    flag, an environment variable and a key: a connection that sends nothing
+    is closed after client_timeout, not the default 30 s."""
+    server_table, args, env = CLIENT_TIMEOUT_WAYS[how]
+    chosen = ports("web")
+    text = render(server=server_table, groups={"web": group(chosen["web"])})
+    server = clusters.start(text, workers=1, ports=chosen, args=args, env=env)
+    server.wait_group("web", 1)
+    with socket.create_connection(("127.0.0.1", chosen["web"]), timeout=TIMEOUT + 10) as sock:
+        started = time.monotonic()
+        assert sock.recv(1024) == b""     # closed by the server, never answered
+        waited = time.monotonic() - started
+    assert TIMEOUT - 0.2 < waited < TIMEOUT + 5, waited
+
+
+# how: (flags, environment, the two names the one error line must contain)
+BOTH_NAMES = {
+    "flags": (("--client-timeout", "3", "--header-timeout", "4"), None,
+              ["--client-timeout and --header-timeout"]),
+    "environment": ((), {"FASTPOOL_HEADER_TIMEOUT": "3", "FASTPOOL_CLIENT_TIMEOUT": "4"},
+                    ["FASTPOOL_CLIENT_TIMEOUT and FASTPOOL_HEADER_TIMEOUT"]),
+}
+
+
+@pytest.mark.parametrize("how", list(BOTH_NAMES))
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_a_setting_given_under_both_names_is_refused(tmp_path, how, command):
+    args, env, parts = BOTH_NAMES[how]
+    result = fastpool(command, "apps_groups:app", "--port", str(PORT), *args, cwd=tmp_path,
+                      env=env)
+    assert_refused(result, [*parts, "are the same setting",
+                            "client_timeout, formerly header_timeout", "give only one"])
+
+
+# ---------------------------------------------------------------- the loaded config
+
+
+def test_a_loaded_config_is_immutable_and_picklable(tmp_path):
+    (tmp_path / "fastpool.toml").write_text(
+        "[server]\nheader_timeout = 7\n" + GOOD_WEB
+        + '[process.mailer]\ntarget = "apps_groups:consume"\n')
+    config = settings.load({}, {}, str(tmp_path / "fastpool.toml"))
+    web = config.groups["web"]
+    assert web.client_timeout == web.header_timeout == 7.0
+    assert web.listen == (f"127.0.0.1:{PORT}",)
+    with pytest.raises(TypeError):
+        web.values["workers"] = 2            # type: ignore[index]
+    with pytest.raises(AttributeError):
+        web.workers = 2                      # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.groups["other"] = web         # type: ignore[index]
+    changed = web.with_values(header_timeout=3.0, listen=["127.0.0.1:1"])
+    assert (changed.client_timeout, changed.listen) == (3.0, ("127.0.0.1:1",))
+    assert (web.client_timeout, web.listen) == (7.0, (f"127.0.0.1:{PORT}",))
+    assert pickle.loads(pickle.dumps(config)) == config

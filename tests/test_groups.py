@@ -395,6 +395,35 @@ def test_reload_of_one_group_replaces_only_its_workers(clusters):
     assert {fetch(chosen["web"])[2] for _ in range(10)} <= set(web)
 
 
+def test_reload_keeps_the_listen_addresses_and_applies_the_rest(clusters):
+    """A reload that moves a group's listen addresses keeps the sockets it has
+    (with a warning) and applies its other settings; the master keeps the
+    addresses it really listens on, so a second reload of the same file warns
+    again and one that goes back to the old addresses does not."""
+    chosen = ports("web", "moved")
+    original = render(groups={"web": group(chosen["web"], 1)})
+    server = clusters.start(original, workers=1, ports={"web": chosen["web"]})
+    old = set(server.wait_group("web", 1))
+    warning = "Reload: group web changed its listen addresses"
+    moved = render(groups={"web": group(chosen["moved"], 2)})
+    for turn in (1, 2):
+        server.config.write_text(moved)
+        assert server.fastpool("reload").returncode == 0
+        wait_for(lambda turn=turn: server.log.count(warning) == turn,
+                 what=f"reload {turn} to warn about the moved listen address")
+        pids = server.wait_group("web", 2, exclude=old)
+        assert server.group_status("web")["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
+        assert {fetch(chosen["web"])[2] for _ in range(10)} <= set(pids)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", chosen["moved"]), timeout=5).close()
+        old = set(pids)
+    server.config.write_text(render(groups={"web": group(chosen["web"], 1)}))
+    assert server.fastpool("reload").returncode == 0
+    (last,) = server.wait_group("web", 1, exclude=old)
+    assert fetch(chosen["web"])[2] == last
+    assert server.log.count(warning) == 2, server.log
+
+
 def test_scale_a_group_up_and_down(clusters):
     chosen = ports("web", "task")
     text = render(groups={"web": group(chosen["web"], 1), "task": group(chosen["task"], 1)})

@@ -22,7 +22,7 @@ from conftest import Server, Stream, read_response, stop_server, wait_for
 from test_http import get, worker_pid
 
 FAST = 0.1           # seconds: a request to a free worker takes about a millisecond
-HEADER_TIMEOUT = 2   # --header-timeout of the servers below
+CLIENT_TIMEOUT = 2   # --client-timeout of the servers below
 
 
 @pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
@@ -33,7 +33,7 @@ def interface(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
     srv = conftest.start_http_server(interface, tmp_path_factory.mktemp(f"hard-{interface}"),
-                                     "--header-timeout", str(HEADER_TIMEOUT),
+                                     "--client-timeout", str(CLIENT_TIMEOUT),
                                      "--limit-request-body", "100000")
     yield srv
     stop_server(srv)
@@ -63,17 +63,17 @@ def test_expect_100_continue_without_a_body_holds_nobody(server):
         assert stream.response().status == 100
         for _ in range(5):
             answered_fast(server)
-        # The body never comes: 408 once the body stops arriving for header_timeout.
+        # The body never comes: 408 once the body stops arriving for client_timeout.
         started = time.monotonic()
         rest = stream.until_eof()
         assert rest.startswith(b"HTTP/1.1 408 "), rest[:100]
-        assert HEADER_TIMEOUT - 0.5 < time.monotonic() - started < HEADER_TIMEOUT + 1.5
+        assert CLIENT_TIMEOUT - 0.5 < time.monotonic() - started < CLIENT_TIMEOUT + 1.5
     assert worker_pid(server) == pid
 
 
 def test_a_client_that_stops_reading_holds_nobody(server):
     """A large streamed body to a client that reads nothing: the worker serves
-    others meanwhile, and closes the stalled connection after header_timeout
+    others meanwhile, and closes the stalled connection after client_timeout
     without progress, with one log line."""
     pid = worker_pid(server)
     before = server.log.count("took no response bytes")
@@ -85,7 +85,7 @@ def test_a_client_that_stops_reading_holds_nobody(server):
         for _ in range(5):
             answered_fast(server)
         wait_for(lambda: server.log.count("took no response bytes") > before,
-                 timeout=HEADER_TIMEOUT + 3, what="the stalled reader to be closed")
+                 timeout=CLIENT_TIMEOUT + 3, what="the stalled reader to be closed")
         # What the client had not read ends in a close.
         read_response(sock, 10)
     assert server.log.count("took no response bytes") == before + 1
@@ -93,7 +93,7 @@ def test_a_client_that_stops_reading_holds_nobody(server):
 
 
 def test_a_trickled_head_holds_nobody_and_is_cut_from_its_first_byte(server):
-    """header_timeout counts from a request's first byte, however the rest trickles."""
+    """client_timeout counts from a request's first byte, however the rest trickles."""
     with server.connect() as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head = b"GET /slow HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 200
@@ -116,7 +116,7 @@ def test_a_trickled_head_holds_nobody_and_is_cut_from_its_first_byte(server):
             assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
             break
     assert closed_after is not None, "the trickled head was never cut"
-    assert HEADER_TIMEOUT - 0.1 <= closed_after <= HEADER_TIMEOUT + 1.1, closed_after
+    assert CLIENT_TIMEOUT - 0.1 <= closed_after <= CLIENT_TIMEOUT + 1.1, closed_after
 
 
 def test_a_body_that_stops_arriving_holds_nobody_and_gets_408(server):
@@ -125,7 +125,7 @@ def test_a_body_that_stops_arriving_holds_nobody_and_gets_408(server):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n12345")
         for _ in range(5):
             answered_fast(server)
-        answer = read_response(sock, HEADER_TIMEOUT + 5)
+        answer = read_response(sock, CLIENT_TIMEOUT + 5)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
     assert worker_pid(server) == pid
 
@@ -246,7 +246,7 @@ def test_running_out_of_descriptors_pauses_accepting(serve, interface, tmp_path:
     (one log line each), keeps serving the connections it has, and accepts
     again once descriptors are free."""
     srv = serve(conftest.HTTP_APPS[interface], "--interface", interface,
-                "--header-timeout", "30", nofile=80)
+                "--client-timeout", "30", nofile=80)
     held = [srv.connect() for _ in range(100)]
     try:
         # Whatever the worker accepted still works (the first one surely was).

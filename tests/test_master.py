@@ -199,6 +199,22 @@ def test_workers_exit_when_the_master_is_killed(serve):
              what=f"orphaned workers {workers} to exit")
 
 
+def test_the_signal_table_splits_the_signals_between_master_and_workers():
+    """fastpool.signals is the one table: a worker handles TERM, USR2, QUIT and
+    USR1 (the ASGI worker re-registers exactly these on its loop) and ignores
+    the master's own; the master handles its own, and never USR2."""
+    from fastpool import signals
+
+    assert set(signals.WORKER_SIGNALS) == {signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT,
+                                           signal.SIGUSR1}
+    assert set(signals.MASTERS_SIGNALS) == {signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
+                                            signal.SIGTTOU}
+    assert set(signals.MASTER_SIGNALS) == {*signals.MASTERS_SIGNALS, signal.SIGTERM,
+                                           signal.SIGQUIT, signal.SIGUSR1, signal.SIGCHLD}
+    assert signals.SIGNAL_FOR[signals.RETIRE] == signal.SIGUSR2
+    assert signals.SIGNAL_FOR[signals.SHUTDOWN] == signal.SIGTERM
+
+
 # ---------------------------------------------------------------- loading the app
 
 
@@ -224,8 +240,16 @@ def test_app_that_cannot_load_stops_the_server_once(serve, tmp_path, case, prelo
     server = serve(app, *args, wait=False, cwd=tmp_path)
     code, _ = wait_exit(server, 15)
     log = server.log
-    assert code != 0, log
+    assert code == 4, log     # the app cannot be imported (a worker's APP_LOAD_ERROR notice)
     assert len(error_lines(log, needle)) == 1, log
+    # One message for the operator, then (from a worker) one line saying the server stops.
+    said = error_lines(log, "[ERROR] App failed to load")
+    assert len(said) == 1 and needle in log.split("App failed to load", 1)[1], log
+    stops = error_lines(log, "failed to boot; stopping the server")
+    assert len(stops) == (0 if preload else 1), log
+    if not preload:
+        assert re.search(r"\[ERROR\] Worker \d \(pid \d+\) of group main failed to boot; "
+                         r"stopping the server$", stops[0]), stops
     assert "Booting worker" not in log, log
     assert not server.worker_pids()
 

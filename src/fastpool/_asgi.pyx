@@ -61,6 +61,7 @@ import types
 from asyncio.selector_events import BaseSelectorEventLoop
 
 from fastpool._http import ClientDisconnected
+from fastpool.signals import WORKER_SIGNALS
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -950,7 +951,7 @@ cdef class ASGIWorker(WorkerBase):
     def install_signal_handlers(self):
         """The worker's signal handlers (set by fastpool.worker) run as loop
         callbacks, so that they may touch the loop's objects."""
-        for signum in (signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT, signal.SIGUSR1):
+        for signum in WORKER_SIGNALS:
             handler = signal.getsignal(signum)
             if callable(handler):
                 self.loop.add_signal_handler(signum, handler, signum, None)

@@ -64,7 +64,7 @@ cdef class WorkerOptions:
         options.limits = Limits(group.limit_request_line, group.limit_request_fields,
                                 group.limit_request_field_size, group.limit_request_body)
         options.keep_alive = group.keep_alive
-        options.client_timeout = group.header_timeout   # (client_timeout once renamed)
+        options.client_timeout = group.client_timeout
         options.graceful_timeout = group.graceful_timeout
         options.root_path = group.root_path.rstrip("/")
         options.access_log = access_log

@@ -1,24 +1,52 @@
-"""The client side of the master's control socket: ``fastpool status``,
-``fastpool reload``, ``fastpool scale``.
+"""The master's control socket, both sides: the server the master runs
+(``ControlServer``) and the client of ``fastpool status``, ``fastpool
+reload`` and ``fastpool scale`` (``request``, ``format_status``).
 
-Rules: one JSON request line per connection, one JSON reply line back (the
-master's side is ``Master.serve_control``).  Errors are one line for the
-operator: no socket, nobody listening, or the master's own error text.
+Rules of this module:
+
+* One JSON request line per connection, one JSON reply line back; every reply
+  has ``ok``, and ``error`` when it is false.
+* The server answers from the master's loop, never from a thread or a signal
+  handler: the loop calls ``ControlServer.serve`` when the socket is
+  readable, and each command calls back into the master (``reload``,
+  ``scale``) or reads its state (``status``).
+* One master per control socket: ``ControlServer.open`` refuses a socket
+  another master (or any process) listens on (``ControlSocketInUse``) and
+  replaces a stale file nobody listens on; the socket is created 0600.  A
+  socket that cannot be bound costs only the commands (a warning), never the
+  server.  Only the master removes the file; a forked child closes its copy.
+* The client's errors are one line for the operator: no socket, nobody
+  listening, or the master's own error text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
+import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fastpool import __version__
+
+if TYPE_CHECKING:
+    from fastpool.master import Master
+
+log = logging.getLogger("fastpool.error")
 
 
 class ControlError(Exception):
     """The master cannot be reached, or refused the command."""
 
 
+# ---------------------------------------------------------------- the client
+
 def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one command to the master listening on ``path``; its reply, or
+    ``ControlError`` with the one line to show."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -78,3 +106,186 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{len(process['pids'])}/{process['count']} running (pids {pids}), "
                      f"{process['restarts']} restart(s)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the server (in the master)
+
+class ControlSocketInUse(Exception):
+    """Another process listens on this server's control socket."""
+
+
+def control_socket_user(path: Path) -> str | None:
+    """Who listens on the control socket ``path`` ("another fastpool master
+    (pid N)"), or None when nobody does: no file, or a stale one."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except PermissionError:
+        return "a process this user may not reach (another user's fastpool master?)"
+    except OSError:
+        return None     # not a usable socket path: binding it says why
+    finally:
+        probe.close()
+    try:
+        reply = request(path, {"command": "status"}, timeout=2)
+        return f"another fastpool master (pid {int(reply['master'])})"
+    except (ControlError, OSError, KeyError, TypeError, ValueError):
+        return "another process (it does not answer as a fastpool master)"
+
+
+class ControlServer:
+    """The master's control socket: listens at ``path`` (fixed when the
+    master starts: a reload cannot move it) and answers each command by
+    calling back into ``master``."""
+
+    def __init__(self, path: Path, master: Master) -> None:
+        self.path = path
+        self.master = master
+        self.sock: socket.socket | None = None     # None: not listening
+
+    def open(self) -> None:
+        """Listen on the control socket; raise ``ControlSocketInUse`` when a
+        master already listens there (a stale file with nobody behind it is
+        replaced)."""
+        path = self.path
+        in_use = control_socket_user(path)
+        if in_use is not None:
+            raise ControlSocketInUse(
+                f"control socket {path} is in use by {in_use}; stop that one, or give this "
+                "server its own socket with --control-socket PATH (control_socket in "
+                "[server] of the config file)")
+        try:
+            if path.exists() or path.is_symlink():
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)     # created 0600: only this user may steer it
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            sock.listen(16)
+            sock.setblocking(False)
+            sock.set_inheritable(False)
+        except OSError as exc:
+            log.warning("no control socket at %s (%s): fastpool status/reload/scale "
+                        "are unavailable", path, exc.strerror or exc)
+            return
+        self.sock = sock
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file (the master, when it stops)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    def close_in_child(self) -> None:
+        """A forked child's copy of the socket: closed, the file left to the master."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def serve(self) -> None:
+        """Answer every connection waiting on the socket."""
+        assert self.sock is not None
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            with conn:
+                conn.settimeout(2.0)
+                try:
+                    data = b""
+                    while not data.endswith(b"\n") and len(data) < 65536:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    reply = self.command(json.loads(data or b"{}"))
+                except (OSError, ValueError) as exc:
+                    reply = {"ok": False, "error": f"bad control request: {exc}"}
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def command(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The reply to one request: status, reload or scale."""
+        master = self.master
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, **status(master)}
+        if command == "reload":
+            group = request.get("group")
+            if group is not None and group not in master.groups:
+                return {"ok": False, "error": f"no group named {group!r}"}
+            error = master.reload(only=group)
+            return {"ok": error is None, "error": error}
+        if command == "scale":
+            name = request.get("group")
+            if name not in master.groups:
+                return {"ok": False, "error": f"no group named {name!r}"}
+            try:
+                delta = int(request.get("delta", 0))
+            except (TypeError, ValueError):
+                return {"ok": False, "error": "delta must be an integer"}
+            return {"ok": True, "workers": master.scale(name, delta)}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+def rss_kib(pid: int) -> int | None:
+    """The resident memory of ``pid`` in KiB, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def status(master: Master) -> dict[str, Any]:
+    """The ``status`` reply: every group with its workers, every process."""
+    now = time.monotonic()
+    groups = []
+    for name, group in master.groups.items():
+        workers = []
+        handed_in, handed_out = group.handed_in, group.handed_out
+        for child in sorted(master.children.values(), key=lambda c: (c.slot, c.pid)):
+            if child.kind != "worker" or child.name != name:
+                continue
+            record = master.scoreboard.read(child.board_slot)
+            handed_in += record.handed_in
+            handed_out += record.handed_out
+            workers.append({
+                "pid": child.pid, "slot": child.slot, "requests": record.requests,
+                "current_request_s": round(now - record.busy_since, 3)
+                if record.busy_since else None,
+                "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
+                "state": "retiring" if child.retiring else record.state,
+                "generation": child.generation, "shed": record.shed,
+            })
+        queues = master.queues
+        groups.append({
+            "name": name, "app": group.config.app, "state": group.state,
+            "listen": group.listeners.describe(), "workers_wanted": group.wanted,
+            "threads": group.config.threads, "restarts": group.restarts,
+            "interface": group.config.interface, "routes": group.config.routes,
+            "handed_in": handed_in, "handed_out": handed_out,
+            "pending": queues.pending(name) if queues is not None else 0,
+            "shed": queues.shed(name) if queues is not None else 0,
+            "workers": workers,
+        })
+    processes = []
+    for name, process in master.processes.groups.items():
+        pids = sorted(c.pid for c in master.processes.instances(name))
+        processes.append({"name": name, "target": process.config.target,
+                          "count": process.config.count, "restarts": process.restarts,
+                          "state": process.state, "pids": pids})
+    return {"master": master.pid, "version": __version__, "groups": groups,
+            "processes": processes}

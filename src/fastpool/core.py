@@ -1,4 +1,4 @@
-"""Load the compiled core, loudly.
+"""Check that the compiled core imports, loudly.
 
 Rule: there is no pure-Python fallback.  If the extension modules cannot be
 imported, ``fastpool serve`` stops with ``CompiledCoreMissing`` naming the
@@ -7,15 +7,14 @@ import error, and ``fastpool --version`` says "compiled core: NO".
 
 from __future__ import annotations
 
-from types import ModuleType
-
 
 class CompiledCoreMissing(RuntimeError):
     """The Cython extension modules are not importable."""
 
 
-def load() -> ModuleType:
-    """Return the compiled WSGI worker module."""
+def check() -> None:
+    """Import the compiled modules (``_http``, ``_wsgi``, ``_asgi``); raise
+    ``CompiledCoreMissing``, naming the import error, when one cannot be."""
     try:
         from fastpool import _asgi, _http, _wsgi  # noqa: F401
     except ImportError as exc:
@@ -23,13 +22,15 @@ def load() -> ModuleType:
             f"the compiled core of fastpool cannot be imported ({exc}); "
             "reinstall with a C compiler available: pip install --force-reinstall fastpool"
         ) from exc
-    return _wsgi
 
 
 def describe() -> str:
-    """One line for ``fastpool --version``."""
+    """One line for ``fastpool --version``: whether the core imports, and the
+    file of the compiled WSGI worker module when it does."""
     try:
-        module = load()
+        check()
     except CompiledCoreMissing as exc:
         return f"compiled core: NO ({exc.__cause__})"
-    return f"compiled core: yes ({module.__file__})"
+    from fastpool import _wsgi
+
+    return f"compiled core: yes ({_wsgi.__file__})"

@@ -4,6 +4,9 @@ Rules of this module:
 
 * Only a server whose config has ``routes`` uses it; without routes no
   worker parses with routing on and nothing here is created.
+* What a worker needs to route is one ``Routing`` (built by the master's
+  ``routing_for``, read by ``worker._router``): the queues, its own group,
+  every running group's route prefixes and every group's admission.
 * The master creates one queue per group: a ``SOCK_SEQPACKET`` socket pair
   whose ends it keeps for its whole life, so that respawns and reloads never
   lose a queued handoff.  Every worker inherits the send end of every queue
@@ -31,6 +34,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastpool._http import atomic_add, error_response
@@ -83,10 +87,20 @@ class Queues:
             receive.close()
 
 
+@dataclass(frozen=True)
+class Routing:
+    """What a worker of one group needs to route requests and hand connections over."""
+
+    queues: Queues
+    local: str                                  # the worker's own group
+    routes: tuple[tuple[str, int], ...]         # (path prefix, group index), running groups
+    admission: Mapping[int, Admission]          # every group's, by group index
+
+
 class Handoff:
     """A worker's side: send to any group, receive for its own."""
 
-    def __init__(self, queues: Queues, local: str, admission: dict[int, Admission],
+    def __init__(self, queues: Queues, local: str, admission: Mapping[int, Admission],
                  max_queue_wait: float) -> None:
         self.local = queues.index[local]
         self.senders = [send for send, _ in queues.pairs]

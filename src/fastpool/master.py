@@ -2,6 +2,11 @@
 
 Rules of this module (the model is gunicorn's arbiter):
 
+* The master owns the loop, forking, reaping, the worker groups, reloading
+  and signals.  The control socket's server and its commands live in
+  ``fastpool.control`` (``ControlServer``, which calls back into ``reload``
+  and ``scale``), the supervised processes in ``fastpool.process``
+  (``Processes``, which calls back into ``fork`` and ``retire``).
 * Signal handlers only enqueue the signal and wake the loop; one loop does all
   the work: read children's notices, handle queued signals and control
   requests, reap with ``waitpid(-1, WNOHANG)``, enforce timeouts, then bring
@@ -15,22 +20,25 @@ Rules of this module (the model is gunicorn's arbiter):
   first and retires the old one only once the new one says READY; a new
   worker that fails to boot leaves the old ones serving.
 * Boot failures at start-up stop the server with the message printed once
-  (exit 3, or 4 when the app cannot be imported): never a respawn loop.
+  and the exit code of the worker's notice (``worker.EXIT_CODES``: 3, or 4
+  when the app cannot be imported): never a respawn loop.
   Later, workers that die within ``CRASH_WINDOW`` of boot ``crash_limit``
   times in a row mark their group crash-looping: it is stopped, and
   ``on_crash_loop`` says whether the server stops too.
 * One master per control socket: a server whose control socket already has a
   master listening on it refuses to start (exit 2, before it binds or forks
-  anything); a stale socket file with nobody listening is replaced.
-* TERM and INT: graceful stop.  QUIT, or a second INT: immediate stop.
-  HUP: reload.  TTIN/TTOU: one worker more/less in every group.  USR1:
-  workers reopen their access logs.
+  anything; ``ControlServer.open``); a stale socket file with nobody listening
+  is replaced.
+* Signals mean what ``fastpool.signals.TABLE`` says (TERM and INT: graceful
+  stop; QUIT, or a second INT: immediate stop; HUP: reload; TTIN/TTOU: one
+  worker more/less in every group; USR1: workers reopen their access logs),
+  and the master handles exactly the signals that table gives it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import json
 import logging
 import os
 import random
@@ -41,48 +49,31 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from fastpool import __version__, control, core, worker
-from fastpool.handoff import Admission, Queues
+from fastpool import __version__, core, signals, worker
+from fastpool.control import ControlServer, ControlSocketInUse
+from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
+from fastpool.process import Child, Processes
 from fastpool.scoreboard import Scoreboard
-from fastpool.settings import ConfigError, GroupConfig, ProcessConfig, ServerConfig, load
+from fastpool.settings import ConfigError, GroupConfig, ServerConfig, load
 from fastpool.sockets import Listeners, check_addresses, parse_address
 
 log = logging.getLogger("fastpool.error")
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+HANDLED_SIGNALS = signals.MASTER_SIGNALS
 CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
-PROCESS_BACKOFF_MAX = 30.0
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
-
-
-class ControlSocketInUse(Exception):
-    """Another process listens on this server's control socket."""
-
-
-@dataclass
-class Child:
-    pid: int
-    kind: str                # "worker" or "process"
-    name: str                # group or process name
-    slot: int
-    started: float
-    board: int = -1
-    generation: int = 0
-    ready: bool = False
-    retiring: bool = False
-    abort_sent: float = 0.0
 
 
 @dataclass
 class Group:
+    """One worker group: its config, its listening sockets and its state."""
+
     config: GroupConfig
     listeners: Listeners
     app: Callable[..., Any] | None = None
@@ -99,47 +90,9 @@ class Group:
     handed_out: int = 0
 
 
-@dataclass
-class ProcessGroup:
-    config: ProcessConfig
-    restarts: int = 0
-    generation: int = 0
-    failures: dict[int, int] = field(default_factory=dict)
-    next_start: dict[int, float] = field(default_factory=dict)
-    state: str = "running"
-
-
-def control_socket_user(path: Path) -> str | None:
-    """Who listens on the control socket ``path`` ("another fastpool master
-    (pid N)"), or None when nobody does: no file, or a stale one."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        return None
-    except PermissionError:
-        return "a process this user may not reach (another user's fastpool master?)"
-    except OSError:
-        return None     # not a usable socket path: binding it says why
-    finally:
-        probe.close()
-    try:
-        reply = control.request(path, {"command": "status"}, timeout=2)
-        return f"another fastpool master (pid {int(reply['master'])})"
-    except (control.ControlError, OSError, KeyError, TypeError, ValueError):
-        return "another process (it does not answer as a fastpool master)"
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class Master:
+    """The supervisor of one server (``run`` until it stops)."""
+
     def __init__(self, config: ServerConfig, reload_source: Callable[[], ServerConfig] | None
                  = None) -> None:
         self.config = config
@@ -147,16 +100,16 @@ class Master:
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         self.groups: dict[str, Group] = {}
-        self.processes: dict[str, ProcessGroup] = {}
+        self.processes = Processes(self.children, self.fork, self.retire, self.pid)
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.kill_deadline = 0.0
         self.killed = False
         self.exit_code = 0
-        self.board = Scoreboard()
+        self.scoreboard = Scoreboard()
         self.queues: Queues | None = None      # handoff queues, when any group has routes
-        self.control: socket.socket | None = None
-        self.control_path = config.control_path     # fixed at start: a reload cannot move it
+        # Its path is fixed at start: a reload cannot move it.
+        self.control = ControlServer(config.control_path, self)
         self.booted = False      # every group at start-up has had a READY worker
 
     # ---------------------------------------------------------------- start
@@ -176,17 +129,17 @@ class Master:
                 group.listeners.close()
             if self.queues is not None:
                 self.queues.close()
-            self.close_control()
+            self.control.close()
 
     def _run(self) -> int:
         config = self.config
         try:
-            core.load()
+            core.check()
         except core.CompiledCoreMissing as exc:
             log.error("%s", exc)
             return 1
         # First: a second server in the same place must not bind or fork anything.
-        self.open_control()
+        self.control.open()
         check_addresses(config)
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
@@ -197,8 +150,8 @@ class Master:
                 except AppLoadError as exc:
                     log.error("App failed to load (group %s): %s", group.config.name, exc)
                     return worker.APP_LOAD_ERROR
-        for name, process_config in config.processes.items():
-            self.processes[name] = ProcessGroup(process_config)
+        for process_config in config.processes.values():
+            self.processes.add(process_config)
         self.setup_routing()
         # Start-up is over once every group has served; with no group (a
         # config of processes only) it is over at once.
@@ -211,7 +164,7 @@ class Master:
                          group.wanted)
         if not self.groups:
             log.info("No worker groups: supervising %s only",
-                     ", ".join(f"process {name}" for name in self.processes))
+                     ", ".join(f"process {name}" for name in self.processes.groups))
         worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -250,150 +203,31 @@ class Master:
             for prefix in group.config.routes:
                 log.info("Route: %s -> group %s", prefix, name)
 
-    def routing_for(self, group: Group) -> dict[str, Any] | None:
-        """What a worker of ``group`` needs to route and hand over."""
+    def routing_for(self, group: Group) -> Routing | None:
+        """What a worker of ``group`` needs to route and hand over (None: no routes)."""
         if self.queues is None:
             return None
         index = self.queues.index
         running = [g for g in self.groups.values() if g.state == "running"]
-        return {
-            "queues": self.queues,
-            "local": group.config.name,
-            "routes": [(prefix, index[g.config.name]) for g in running
-                       for prefix in g.config.routes],
-            "admission": {index[g.config.name]: Admission(g.config.max_pending,
-                                                          g.config.retry_after)
-                          for g in self.groups.values()},
-        }
+        return Routing(
+            queues=self.queues,
+            local=group.config.name,
+            routes=tuple((prefix, index[g.config.name]) for g in running
+                         for prefix in g.config.routes),
+            admission={index[g.config.name]: Admission(g.config.max_pending,
+                                                       g.config.retry_after)
+                       for g in self.groups.values()},
+        )
 
-    # ---------------------------------------------------------------- control socket
+    # ---------------------------------------------------------------- commands
 
-    def open_control(self) -> None:
-        """Listen on the control socket; raise ``ControlSocketInUse`` when a
-        master already listens there (a stale file with nobody behind it is
-        replaced)."""
-        path = self.control_path
-        in_use = control_socket_user(path)
-        if in_use is not None:
-            raise ControlSocketInUse(
-                f"control socket {path} is in use by {in_use}; stop that one, or give this "
-                "server its own socket with --control-socket PATH (control_socket in "
-                "[server] of the config file)")
-        try:
-            if path.exists() or path.is_symlink():
-                path.unlink()
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old_umask = os.umask(0o177)     # created 0600: only this user may steer it
-            try:
-                sock.bind(str(path))
-            finally:
-                os.umask(old_umask)
-            sock.listen(16)
-            sock.setblocking(False)
-            sock.set_inheritable(False)
-        except OSError as exc:
-            log.warning("no control socket at %s (%s): fastpool status/reload/scale "
-                        "are unavailable", path, exc.strerror or exc)
-            return
-        self.control = sock
-
-    def close_control(self) -> None:
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-            try:
-                self.control_path.unlink()
-            except OSError:
-                pass
-
-    def serve_control(self) -> None:
-        assert self.control is not None
-        while True:
-            try:
-                conn, _ = self.control.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            with conn:
-                conn.settimeout(2.0)
-                try:
-                    data = b""
-                    while not data.endswith(b"\n") and len(data) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    request = json.loads(data or b"{}")
-                    reply = self.control_command(request)
-                except (OSError, ValueError) as exc:
-                    reply = {"ok": False, "error": f"bad control request: {exc}"}
-                try:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except OSError:
-                    pass
-
-    def control_command(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        command = request.get("command")
-        if command == "status":
-            return {"ok": True, **self.status()}
-        if command == "reload":
-            group = request.get("group")
-            if group is not None and group not in self.groups:
-                return {"ok": False, "error": f"no group named {group!r}"}
-            error = self.reload(only=group)
-            return {"ok": error is None, "error": error}
-        if command == "scale":
-            name = request.get("group")
-            if name not in self.groups:
-                return {"ok": False, "error": f"no group named {name!r}"}
-            try:
-                delta = int(request.get("delta", 0))
-            except (TypeError, ValueError):
-                return {"ok": False, "error": "delta must be an integer"}
-            group = self.groups[name]
-            group.wanted = max(1, group.wanted + delta)
-            log.info("Scaling group %s to %d worker(s)", name, group.wanted)
-            return {"ok": True, "workers": group.wanted}
-        return {"ok": False, "error": f"unknown command {command!r}"}
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        groups = []
-        for name, group in self.groups.items():
-            workers = []
-            handed_in, handed_out = group.handed_in, group.handed_out
-            for child in sorted(self.children.values(), key=lambda c: (c.slot, c.pid)):
-                if child.kind != "worker" or child.name != name:
-                    continue
-                record = self.board.read(child.board)
-                handed_in += record.handed_in
-                handed_out += record.handed_out
-                workers.append({
-                    "pid": child.pid, "slot": child.slot, "requests": record.requests,
-                    "current_request_s": round(now - record.busy_since, 3)
-                    if record.busy_since else None,
-                    "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
-                    "state": "retiring" if child.retiring else record.state,
-                    "generation": child.generation, "shed": record.shed,
-                })
-            groups.append({
-                "name": name, "app": group.config.app, "state": group.state,
-                "listen": group.listeners.describe(), "workers_wanted": group.wanted,
-                "threads": group.config.threads, "restarts": group.restarts,
-                "interface": group.config.interface, "routes": group.config.routes,
-                "handed_in": handed_in, "handed_out": handed_out,
-                "pending": self.queues.pending(name) if self.queues is not None else 0,
-                "shed": self.queues.shed(name) if self.queues is not None else 0,
-                "workers": workers,
-            })
-        processes = []
-        for name, process in self.processes.items():
-            pids = sorted(c.pid for c in self.children.values()
-                          if c.kind == "process" and c.name == name)
-            processes.append({"name": name, "target": process.config.target,
-                              "count": process.config.count, "restarts": process.restarts,
-                              "state": process.state, "pids": pids})
-        return {"master": self.pid, "version": __version__, "groups": groups,
-                "processes": processes}
+    def scale(self, name: str, delta: int) -> int:
+        """One group's worker count up or down by ``delta`` (at least 1);
+        returns the new count."""
+        group = self.groups[name]
+        group.wanted = max(1, group.wanted + delta)
+        log.info("Scaling group %s to %d worker(s)", name, group.wanted)
+        return group.wanted
 
     # ---------------------------------------------------------------- signals
 
@@ -405,32 +239,35 @@ class Master:
             pass
 
     def handle_signals(self) -> None:
+        """Do what each queued signal means (``fastpool.signals.TABLE``)."""
         while self.signal_queue:
-            signum = self.signal_queue.popleft()
-            if signum == signal.SIGCHLD:
+            signum = signal.Signals(self.signal_queue.popleft())
+            action = signals.MASTER_ACTIONS[signum]
+            if action == signals.REAP:
                 continue   # reaping happens every turn of the loop
-            name = signal.Signals(signum).name
-            if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.stopping):
+            name = signum.name
+            if action == signals.IMMEDIATE_STOP or (
+                    action == signals.INTERRUPT and self.stopping):
                 log.info("Handling signal: %s (immediate stop)", name)
                 self.stop(graceful=False)
-            elif signum in (signal.SIGTERM, signal.SIGINT):
+            elif action in (signals.GRACEFUL_STOP, signals.INTERRUPT):
                 log.info("Handling signal: %s (graceful stop)", name)
                 self.stop(graceful=True)
             elif self.stopping:
                 continue
-            elif signum == signal.SIGHUP:
+            elif action == signals.RELOAD:
                 log.info("Handling signal: %s (reload)", name)
                 self.reload()
-            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-                delta = 1 if signum == signal.SIGTTIN else -1
+            elif action in (signals.MORE_WORKERS, signals.FEWER_WORKERS):
+                delta = 1 if action == signals.MORE_WORKERS else -1
                 for group in self.groups.values():
                     group.wanted = max(1, group.wanted + delta)
                 log.info("Handling signal: %s (%s)", name,
                          ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items())
                          or "no worker groups: nothing to scale")
-            elif signum == signal.SIGUSR1:
+            elif action == signals.REOPEN_LOGS:
                 log.info("Handling signal: %s (reopen log files)", name)
-                self.kill_children(signal.SIGUSR1, kind="worker")
+                self.kill_children(signals.SIGNAL_FOR[signals.REOPEN_LOG], kind="worker")
 
     # ---------------------------------------------------------------- children
 
@@ -449,7 +286,7 @@ class Master:
         ignores the master's signals (``worker.catch_boot_signals``); a
         process meets the default actions, as before its target runs."""
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                      {*HANDLED_SIGNALS, *worker.BOOT_SIGNALS})
+                                      {*HANDLED_SIGNALS, *signals.WORKER_SIGNALS})
         try:
             pid = os.fork()
         except BaseException:
@@ -467,8 +304,7 @@ class Master:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self.wake_r, self.wake_w, self.notify_r):
                 os.close(fd)
-            if self.control is not None:
-                self.control.close()
+            self.control.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -489,24 +325,18 @@ class Master:
     def spawn_worker(self, group: Group, slot: int) -> None:
         config = group.config
         sockets = group.listeners.for_slot(slot)
-        board = self.board.allocate()
+        board_slot = self.scoreboard.allocate()
         max_requests = config.max_requests
         if max_requests and config.max_requests_jitter:
             max_requests += random.randint(0, config.max_requests_jitter)
-        view = self.board.view(board)
+        view = self.scoreboard.view(board_slot)
         routing = self.routing_for(group)
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
             notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
         ), [b.sock for b in sockets], is_worker=True)
-        self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board,
+        self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board_slot,
                                    group.generation)
-
-    def spawn_process(self, process: ProcessGroup, index: int) -> None:
-        pid = self.fork(lambda: worker.run_process(process=process.config, index=index,
-                                                   master_pid=self.pid), [])
-        self.children[pid] = Child(pid, "process", process.config.name, index, time.monotonic(),
-                                   generation=process.generation)
 
     def kill_children(self, signum: int, kind: str | None = None, name: str | None = None) -> None:
         for child in list(self.children.values()):
@@ -521,11 +351,12 @@ class Master:
             pass
 
     def retire(self, child: Child) -> None:
-        """Graceful replacement: stop accepting, finish, leave (SIGUSR2)."""
+        """Graceful replacement: stop accepting, finish, leave (a worker's
+        retire signal; a process's TERM)."""
         if not child.retiring:
             child.retiring = True
-            self.signal_child(child, signal.SIGUSR2 if child.kind == "worker"
-                              else signal.SIGTERM)
+            self.signal_child(child, signals.SIGNAL_FOR[signals.RETIRE]
+                              if child.kind == "worker" else signal.SIGTERM)
 
     def stop(self, graceful: bool) -> None:
         now = time.monotonic()
@@ -533,19 +364,20 @@ class Master:
             if self.stopping:
                 return
             timeout = max([g.config.graceful_timeout for g in self.groups.values()]
-                          + [p.config.graceful_timeout for p in self.processes.values()]
+                          + [p.config.graceful_timeout
+                             for p in self.processes.groups.values()]
                           + [0.0])
             self.kill_deadline = now + timeout
-            self.kill_children(signal.SIGTERM)
+            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN])
         else:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
-            self.kill_children(signal.SIGQUIT)
+            self.kill_children(signals.SIGNAL_FOR[signals.QUIT])
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
 
     def read_notices(self) -> None:
-        """Records ``PID\\0KIND\\0MESSAGE\\x1e`` (see worker.notify)."""
+        """Act on the children's notices (``worker.notify``, ``worker.parse_notices``)."""
         while True:
             try:
                 data = os.read(self.notify_r, 65536)
@@ -553,15 +385,11 @@ class Master:
                 return
             if not data:
                 return
-            for record in data.decode("utf-8", "replace").split("\x1e"):
-                pid_text, _, rest = record.partition("\0")
-                kind, _, message = rest.partition("\0")
-                if not pid_text.strip().isdigit():
-                    continue
-                child = self.children.get(int(pid_text))
+            for pid, kind, message in worker.parse_notices(data):
+                child = self.children.get(pid)
                 if child is None:
                     continue
-                if kind == "READY":
+                if kind is worker.Notice.READY:
                     child.ready = True
                     group = self.groups.get(child.name)
                     if group is not None:
@@ -570,10 +398,11 @@ class Master:
                         # must not turn its boot failures into a server stop.
                         if not self.booted:
                             self.booted = all(g.ever_ready for g in self.groups.values())
-                elif kind == "ERROR":
-                    self.boot_failure(child, message.rstrip("\n"))
+                else:
+                    self.boot_failure(child, kind, message.rstrip("\n"))
 
-    def boot_failure(self, child: Child, message: str) -> None:
+    def boot_failure(self, child: Child, kind: worker.Notice, message: str) -> None:
+        """A worker says why it cannot boot (its notice's ``kind`` and message)."""
         group = self.groups.get(child.name)
         if not self.booted:
             # At start-up: the operator must fix the app, not watch it respawn.
@@ -581,9 +410,7 @@ class Master:
                 log.error("%s", message)
                 log.error("Worker %d (pid %d) of group %s failed to boot; stopping the server",
                           child.slot, child.pid, child.name)
-                self.exit_code = worker.WORKER_BOOT_ERROR
-                if message.startswith("App failed to load"):
-                    self.exit_code = worker.APP_LOAD_ERROR
+                self.exit_code = worker.EXIT_CODES[kind]
             self.stop(graceful=False)
             return
         # Later (a respawn, a reload): log it; the crash-loop guard counts it.
@@ -607,10 +434,10 @@ class Master:
             if child is None:
                 continue
             served = 0
-            if child.board >= 0:
-                record = self.board.read(child.board)
+            if child.board_slot >= 0:
+                record = self.scoreboard.read(child.board_slot)
                 served = record.requests
-                self.board.release(child.board)
+                self.scoreboard.release(child.board_slot)
                 gone_from = self.groups.get(child.name) if child.kind == "worker" else None
                 if gone_from is not None:
                     gone_from.handed_in += record.handed_in
@@ -641,7 +468,7 @@ class Master:
             if child.kind == "worker":
                 self.worker_exited(child, crashed, served)
             else:
-                self.process_exited(child, crashed)
+                self.processes.exited(child)
 
     def worker_exited(self, child: Child, crashed: bool, served: int) -> None:
         group = self.groups.get(child.name)
@@ -671,23 +498,11 @@ class Master:
             log.error("Group %s is crash-looping: %d workers died within %.0f s of boot in a "
                       "row; stopping the group (on_crash_loop = %s)", child.name,
                       group.crash_streak, CRASH_WINDOW, group.config.on_crash_loop)
-            self.kill_children(signal.SIGTERM, kind="worker", name=child.name)
+            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN], kind="worker",
+                               name=child.name)
             if group.config.on_crash_loop == "stop-server":
                 self.exit_code = 1
                 self.stop(graceful=True)
-
-    def process_exited(self, child: Child, crashed: bool) -> None:
-        process = self.processes.get(child.name)
-        if process is None or child.retiring:
-            return
-        process.restarts += 1
-        lived = time.monotonic() - child.started
-        failures = 0 if lived > PROCESS_BACKOFF_MAX else process.failures.get(child.slot, 0) + 1
-        process.failures[child.slot] = failures
-        delay = min(PROCESS_BACKOFF_MAX, 0.5 * 2 ** (failures - 1)) if failures else 0.0
-        process.next_start[child.slot] = time.monotonic() + delay
-        if delay:
-            log.info("Process %s %d will be restarted in %.1f s", child.name, child.slot, delay)
 
     # ---------------------------------------------------------------- timeouts
 
@@ -703,7 +518,7 @@ class Master:
             group = self.groups.get(child.name)
             if group is None or not group.config.timeout:
                 continue
-            busy_since = self.board.read(child.board).busy_since
+            busy_since = self.scoreboard.read(child.board_slot).busy_since
             if busy_since and now - busy_since > group.config.timeout:
                 log.error("Worker %d (pid %d) of group %s has run one request for %.1f s "
                           "(timeout %g s): aborting it (SIGABRT, its stack follows) and "
@@ -743,8 +558,11 @@ class Master:
                     group_config.reuse_port != group.config.reuse_port:
                 log.warning("Reload: group %s changed its listen addresses; restart the "
                             "server to apply that (the rest of its settings apply now)", name)
-                group_config.values["listen"] = group.config.listen
-                group_config.values["reuse_port"] = group.config.reuse_port
+                # The sockets stay as they are, and so does the config that describes them.
+                group_config = dataclasses.replace(
+                    group_config.with_values(listen=group.config.listen,
+                                             reuse_port=group.config.reuse_port),
+                    listen_source=group.config.listen_source)
             group.config = group_config
             group.wanted = group_config.workers
             group.generation += 1
@@ -757,16 +575,8 @@ class Master:
                 log.info("Reload: stopping group %s (gone from the config)", name)
                 self.groups[name].state = "stopped"
                 self.groups[name].wanted = 0
-            for name, process_config in new_config.processes.items():
-                if name in self.processes:
-                    process = self.processes[name]
-                    process.config = process_config
-                    process.generation += 1
-                else:
-                    self.processes[name] = ProcessGroup(process_config)
-            for name in [n for n in self.processes if n not in new_config.processes]:
-                self.processes[name].state = "stopped"
-            self.config.values.update(new_config.values)
+            self.processes.reconfigure(new_config.processes)
+            self.config = dataclasses.replace(self.config, values=new_config.values)
         self.setup_routing()
         return None
 
@@ -803,32 +613,15 @@ class Master:
             for slot in list(group.listeners.per_slot):
                 if slot >= group.wanted and slot not in busy_slots:
                     group.listeners.close_slot(slot)
-        now = time.monotonic()
-        for name, process in list(self.processes.items()):
-            instances = [c for c in self.children.values()
-                         if c.kind == "process" and c.name == name]
-            if process.state == "stopped":
-                for child in instances:
-                    self.retire(child)
-                if not instances:
-                    del self.processes[name]
-                continue
-            for child in instances:
-                if child.slot >= process.config.count or child.generation != process.generation:
-                    self.retire(child)
-            running = {c.slot for c in instances if not c.retiring}
-            for index in range(process.config.count):
-                if index not in running and now >= process.next_start.get(index, 0.0) and \
-                        not any(c.slot == index for c in instances):
-                    self.spawn_process(process, index)
+        self.processes.maintain()
 
     # ---------------------------------------------------------------- the loop
 
     def loop(self) -> None:
         while True:
-            readable = [self.wake_r, self.notify_r]
-            if self.control is not None:
-                readable.append(self.control)
+            readable: list[int | socket.socket] = [self.wake_r, self.notify_r]
+            if self.control.sock is not None:
+                readable.append(self.control.sock)
             try:
                 ready, _, _ = select.select(readable, [], [], 0.5)
             except InterruptedError:
@@ -844,8 +637,9 @@ class Master:
                 pass
             self.read_notices()
             self.handle_signals()
-            if self.control is not None and self.control in ready and not self.stopping:
-                self.serve_control()
+            if self.control.sock is not None and self.control.sock in ready and \
+                    not self.stopping:
+                self.control.serve()
             self.reap()
             if self.stopping:
                 if not self.children:
@@ -858,7 +652,7 @@ class Master:
                 continue
             self.check_timeouts()
             self.maintain()
-            if not self.groups and not self.processes:
+            if not self.groups and not self.processes.groups:
                 log.info("Nothing left to supervise")
                 return
 

@@ -19,6 +19,8 @@ Rules of this module:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastpool.settings import ServerConfig
 from fastpool.sockets import parse_address
 
@@ -32,7 +34,7 @@ PROXY_HEADERS = """\
     proxy_set_header Connection $fastpool_connection;"""
 
 
-def _tcp_ports(listen: list[str], where: str) -> list[tuple[str, int]]:
+def _tcp_ports(listen: Sequence[str], where: str) -> list[tuple[str, int]]:
     ports = []
     for text in listen:
         address = parse_address(text, where)

@@ -3,9 +3,14 @@
 Rules of this module:
 
 * Every setting is one ``Setting`` row in ``SETTINGS``.  The command-line
-  flags, the ``FASTPOOL_*`` environment variables, the config-file keys and the
-  settings table in README.md are all generated from these rows; nothing else
-  lists options.
+  flags, the ``FASTPOOL_*`` environment variables, the config-file keys, the
+  settings table in README.md and the typed attributes of the configs
+  (``fastpool/settings_types.py``) are all generated from these rows; nothing
+  else lists options.
+* A row may have ``aliases``: former names that keep working everywhere the
+  name does (flag, environment variable, config-file key, attribute).  Giving a
+  setting under two of its names in one place (two flags, two environment
+  variables, two keys of one table) is a ``ConfigError`` naming both.
 * A row's ``scope`` says where it may be set in a config file: ``group`` rows
   in any ``[group.NAME]`` table or once in ``[server]`` as the default of every
   group; ``server`` rows only in ``[server]``; ``process`` rows only in
@@ -16,19 +21,26 @@ Rules of this module:
   whose message names where it came from (``--workers``, ``FASTPOOL_WORKERS``,
   ``fastpool.toml: [group.task] workers``) and what was expected: one line for
   the operator, never a traceback.
-* The result is plain data (``ServerConfig``, ``GroupConfig``,
-  ``ProcessConfig``): loading apps and binding sockets happen in the master.
+* The result is plain, immutable data (``ServerConfig``, ``GroupConfig``,
+  ``ProcessConfig``): frozen dataclasses whose ``values`` are read-only
+  mappings of read-only values (lists become tuples).  A changed config is a
+  new one (``with_values``), never an edit.  Loading apps and binding sockets
+  happen in the master.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from fastpool.settings_types import GroupSettings, ProcessSettings, ServerSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -134,15 +146,33 @@ class Setting:
     check: Callable[[Any], Any] | None = None
     default_doc: str | None = None
     env_var: bool = True
+    # Former names, accepted wherever the name is: each has its own flag
+    # (--former-name, when the row has flags), environment variable and
+    # config-file key, and reads as an attribute of the config.
+    aliases: tuple[str, ...] = ()
+    # load() always gives it a value (it is required, or derived when unset),
+    # so its attribute is never None although its default is.
+    always_set: bool = False
 
     @property
     def env(self) -> str:
-        return "FASTPOOL_" + self.name.upper()
+        return env_name(self.name)
 
     @property
     def cli(self) -> str:
         """The long flag, which error messages name."""
         return self.flags[-1] if self.flags else ""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name, then the aliases."""
+        return (self.name, *self.aliases)
+
+    def flag_for(self, name: str) -> str:
+        """The long flag of the name or alias ``name`` ("" without flags)."""
+        if not self.flags:
+            return ""
+        return self.cli if name == self.name else alias_flag(name)
 
     def resolve_default(self) -> Any:
         value = self.default() if callable(self.default) else self.default
@@ -205,11 +235,21 @@ class Setting:
             raise ConfigError(f"{source}: {exc}") from None
 
 
+def env_name(name: str) -> str:
+    """The environment variable of a setting's name or alias."""
+    return "FASTPOOL_" + name.upper()
+
+
+def alias_flag(name: str) -> str:
+    """The flag of an alias: its name as a long option."""
+    return "--" + name.replace("_", "-")
+
+
 SETTINGS: tuple[Setting, ...] = (
     # ---- a group: what it serves and where
     Setting("app", "str", None,
             "The WSGI or ASGI app as MODULE:ATTRIBUTE or MODULE:FACTORY(...). On the command "
-            "line it is the positional APP.", env_var=False),
+            "line it is the positional APP.", env_var=False, always_set=True),
     Setting("interface", "str", "auto",
             "How the app is called: wsgi, asgi, or auto (an ASGI 3 app is a coroutine "
             "function or has an async __call__; an ASGI 2 class is wrapped; anything else "
@@ -241,7 +281,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
             "command line: --bind (repeatable) or --host/--port. A group that sets none (and "
             "has no routes) listens on host:port; two such groups are a config error.",
-            flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`"),
+            flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`",
+            always_set=True),
     Setting("host", "str", "127.0.0.1",
             "Host of the default listen address: of a group that sets no listen, or of the "
             "command line without --bind.", scope="server", flags=("--host",)),
@@ -277,11 +318,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("keep_alive", "float", 5.0,
             "Seconds an idle keep-alive connection is kept open (0 disables keep-alive).",
             flags=("--keep-alive",), metavar="SECONDS", check=at_least(0)),
-    Setting("header_timeout", "float", 30.0,
+    Setting("client_timeout", "float", 30.0,
             "Seconds a new connection may wait before its first byte, a request's line and "
             "headers may take from its first byte, and a request body or a response may go "
-            "without progress, before the connection is closed (slowloris guard).",
-            flags=("--header-timeout",), metavar="SECONDS", check=at_least(0)),
+            "without progress, before the connection is closed (slowloris guard). Formerly "
+            "header_timeout: --header-timeout, FASTPOOL_HEADER_TIMEOUT and the key "
+            "header_timeout still work; giving both names is an error.",
+            flags=("--client-timeout",), metavar="SECONDS", check=at_least(0),
+            aliases=("header_timeout",)),
     Setting("max_requests", "int", 0,
             "Requests a worker serves before it is replaced (0: never), like gunicorn.",
             flags=("--max-requests",), metavar="N", check=at_least(0)),
@@ -360,7 +404,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("target", "str", None,
             "A supervised process: MODULE:CALLABLE called with no arguments in a forked "
             "child, respawned (with backoff) when it returns or dies.", scope="process",
-            env_var=False),
+            env_var=False, always_set=True),
     Setting("count", "int", 1, "How many copies of the process run.", scope="process",
             env_var=False, check=at_least(1)),
 )
@@ -375,47 +419,103 @@ PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == "process") + tuple(
 
 # ---------------------------------------------------------------- resolved config
 
+# Every alias, and the name it stands for.
+ALIASES: dict[str, str] = {alias: s.name for s in SETTINGS for alias in s.aliases}
+
+
+def _frozen(value: Any) -> Any:
+    """A value nobody can change in place: lists become tuples."""
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _read_only(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A read-only mapping over a copy of ``values`` (already read-only: kept)."""
+    if isinstance(values, MappingProxyType):
+        return values
+    return MappingProxyType({name: _frozen(value) for name, value in values.items()})
+
+
 class _Values:
-    """Settings readable as attributes (``group.workers``) from ``values``."""
+    """Settings readable as attributes (``group.workers``, or under an alias:
+    ``group.header_timeout``) from the read-only ``values``.
 
-    values: dict[str, Any]
+    The attributes are declared, typed, by the generated ``*Settings`` base
+    classes (fastpool/settings_types.py); their values live in ``values``."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    values: Mapping[str, Any]
+
+    if not TYPE_CHECKING:   # type checkers see the declared attributes, and only those
+        def __getattr__(self, name: str) -> Any:
+            try:
+                values = self.__dict__["values"]
+            except KeyError:
+                raise AttributeError(name) from None
+            try:
+                return values[ALIASES.get(name, name)]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    def with_values(self, **changes: Any) -> Any:
+        """A copy of this config with some values replaced (by name or alias)."""
+        values = dict(self.values)
+        for name, value in changes.items():
+            name = ALIASES.get(name, name)
+            if name not in values:
+                raise KeyError(f"{type(self).__name__} has no setting {name!r}")
+            values[name] = value
+        return dataclasses.replace(self, values=values)   # type: ignore[type-var]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A read-only mapping does not pickle; the plain copy it was made from does.
+        args = [getattr(self, f.name) for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        return type(self), tuple(dict(a) if isinstance(a, MappingProxyType) else a
+                                 for a in args)
 
 
-@dataclass
-class GroupConfig(_Values):
-    """The settings of one worker group (plain, picklable values).
+@dataclass(frozen=True)
+class GroupConfig(GroupSettings, _Values):
+    """The settings of one worker group.
 
     ``listen_source`` says where its listen addresses came from, for messages:
     ``group`` (its table, a flag or the environment), ``server`` (``[server]
     listen``) or ``default`` (none set: the server's host and port)."""
 
     name: str
-    values: dict[str, Any]
+    values: Mapping[str, Any]
     listen_source: str = "group"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", _read_only(self.values))
 
-@dataclass
-class ProcessConfig(_Values):
+
+@dataclass(frozen=True)
+class ProcessConfig(ProcessSettings, _Values):
     """The settings of one supervised process."""
 
     name: str
-    values: dict[str, Any]
+    values: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", _read_only(self.values))
 
 
-@dataclass
-class ServerConfig(_Values):
+@dataclass(frozen=True)
+class ServerConfig(ServerSettings, _Values):
     """Everything ``fastpool serve`` runs: server settings, groups, processes."""
 
-    values: dict[str, Any]
-    groups: dict[str, GroupConfig] = field(default_factory=dict)
-    processes: dict[str, ProcessConfig] = field(default_factory=dict)
+    values: Mapping[str, Any]
+    groups: Mapping[str, GroupConfig] = field(default_factory=dict)
+    processes: Mapping[str, ProcessConfig] = field(default_factory=dict)
     path: Path | None = None     # the config file, when there is one
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", _read_only(self.values))
+        for name in ("groups", "processes"):
+            mapping = getattr(self, name)
+            if not isinstance(mapping, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(mapping)))
 
     @property
     def control_path(self) -> Path:
@@ -429,36 +529,59 @@ class ServerConfig(_Values):
 # ---------------------------------------------------------------- the command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting that has flags.  Defaults stay ``None`` so that
-    precedence can be applied in ``load``."""
+    """One flag per setting that has flags, and one per alias of it (its own
+    ``dest``, so that ``load`` can tell which name was given).  Defaults stay
+    ``None`` so that precedence can be applied in ``load``."""
     for setting in SETTINGS:
         if not setting.flags:
             continue
-        if setting.type == "bool":
-            parser.add_argument(*setting.flags, dest=setting.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=setting.help)
-        elif setting.type == "list":
-            parser.add_argument(*setting.flags, dest=setting.name, default=None,
-                                action="append", metavar=setting.metavar, help=setting.help)
-        else:
-            parser.add_argument(*setting.flags, dest=setting.name, default=None,
-                                metavar=setting.metavar, help=setting.help)
+        for name in setting.names:
+            flags = setting.flags if name == setting.name else (alias_flag(name),)
+            text = setting.help if name == setting.name else (
+                f"The former name of {setting.cli} (still accepted).")
+            if setting.type == "bool":
+                parser.add_argument(*flags, dest=name, default=None,
+                                    action=argparse.BooleanOptionalAction, help=text)
+            elif setting.type == "list":
+                parser.add_argument(*flags, dest=name, default=None, action="append",
+                                    metavar=setting.metavar, help=text)
+            else:
+                parser.add_argument(*flags, dest=name, default=None,
+                                    metavar=setting.metavar, help=text)
+
+
+def _one_name(setting: Setting, given: Sequence[str]) -> str | None:
+    """The one name (of ``given``, as the operator wrote them) a setting was
+    given under in one place, or None; two names is an error naming both."""
+    if len(given) > 1:
+        raise ConfigError(f"{given[0]} and {given[1]} are the same setting "
+                          f"({setting.name}, formerly {' and '.join(setting.aliases)}): "
+                          "give only one")
+    return given[0] if given else None
 
 
 def _given(setting: Setting, cli: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
-    """The flag's or the environment's value, or None when neither is set."""
-    raw = cli.get(setting.name)
-    if raw is not None:
+    """The flag's or the environment's value (under the name or an alias), or
+    None when neither is set."""
+    flags = {setting.flag_for(name): cli[name] for name in setting.names
+             if cli.get(name) is not None}
+    flag = _one_name(setting, list(flags))
+    if flag is not None:
+        raw = flags[flag]
         if setting.type == "bool":
             return bool(raw)
         if setting.type == "list":
             values = []
             for item in raw:
-                values.extend(setting.from_text(item, setting.cli))
+                values.extend(setting.from_text(item, flag))
             return values
-        return setting.from_text(raw, setting.cli)
-    if setting.env_var and setting.env in environ:
-        return setting.from_text(environ[setting.env], setting.env)
+        return setting.from_text(raw, flag)
+    if not setting.env_var:
+        return None
+    env = _one_name(setting, [env_name(name) for name in setting.names
+                              if env_name(name) in environ])
+    if env is not None:
+        return setting.from_text(environ[env], env)
     return None
 
 
@@ -500,15 +623,20 @@ def _table(data: Any, where: str) -> dict[str, Any]:
 
 
 def _read_table(table: dict[str, Any], allowed: Sequence[Setting], where: str) -> dict[str, Any]:
-    """Type-check one TOML table against the rows allowed there."""
-    by_name = {s.name: s for s in allowed}
+    """Type-check one TOML table against the rows allowed there; the values
+    are keyed by the rows' names (a key may be an alias)."""
+    by_name = {name: s for s in allowed for name in s.names}
     values: dict[str, Any] = {}
+    keys: dict[str, str] = {}     # the key each value was given under
     for key, raw in table.items():
         setting = by_name.get(key)
         if setting is None:
-            known = ", ".join(sorted(by_name))
+            known = ", ".join(sorted(s.name for s in allowed))
             raise ConfigError(f"{where}: unknown key {key!r} (known keys: {known})")
-        values[key] = setting.from_file(raw, f"{where} {key}")
+        if setting.name in keys:
+            _one_name(setting, [f"{where} {keys[setting.name]}".strip(), key])
+        keys[setting.name] = key
+        values[setting.name] = setting.from_file(raw, f"{where} {key}")
     return values
 
 
@@ -542,8 +670,10 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                               "[group.NAME] or [process.NAME])")
         raise ConfigError(f"{label}: unknown key {key!r} at the top level (settings go in "
                           "[server] or a [group.NAME] table)")
-    result, server_table = _server(cli, environ, path, data, label)
-    values = result.values
+    server, server_table = _server(cli, environ, path, data, label)
+    values = server.values
+    group_configs: dict[str, GroupConfig] = {}
+    process_configs: dict[str, ProcessConfig] = {}
 
     groups = _table(data.get("group", {}), f"{label} [group]")
     processes = _table(data.get("process", {}), f"{label} [process]")
@@ -573,8 +703,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             # The documented default: the server's host and port (127.0.0.1:8000).
             resolved["listen"] = [host_port(values["host"], values["port"])]
             source = "default"
-        result.groups[name] = GroupConfig(name, resolved, source)
-    _check_routes(result, label)
+        group_configs[name] = GroupConfig(name, resolved, source)
+    _check_routes(group_configs, label)
 
     for name, table in processes.items():
         where = f"{label}: [process.{name}]"
@@ -586,8 +716,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
         for setting in PROCESS_SETTINGS:
             if resolved[setting.name] is None:
                 resolved[setting.name] = setting.resolve_default()
-        result.processes[name] = ProcessConfig(name, resolved)
-    return result
+        process_configs[name] = ProcessConfig(name, resolved)
+    return dataclasses.replace(server, groups=group_configs, processes=process_configs)
 
 
 def load_server(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
@@ -622,17 +752,17 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
     return ServerConfig(values=values, path=path), server_table
 
 
-def _check_routes(config: ServerConfig, label: str) -> None:
+def _check_routes(groups: Mapping[str, GroupConfig], label: str) -> None:
     """Each prefix belongs to one group, and someone listens."""
     owners: dict[str, str] = {}
-    for name, group in config.groups.items():
+    for name, group in groups.items():
         for prefix in group.routes:
             key = "/" + "/".join(part for part in prefix.split("/") if part)
             if key in owners and owners[key] != name:
                 raise ConfigError(f"{label}: route {prefix!r} is claimed by both "
                                   f"[group.{owners[key]}] and [group.{name}]".lstrip(": "))
             owners[key] = name
-    if owners and not any(group.listen for group in config.groups.values()):
+    if owners and not any(group.listen for group in groups.values()):
         raise ConfigError(f"{label}: no group has a listen address; routes need at least "
                           "one group that accepts connections".lstrip(": "))
 
@@ -661,6 +791,13 @@ def markdown_table(settings: Sequence[Setting] = SETTINGS) -> str:
         else:
             flag = " ".join(f"`{f}`" for f in s.flags) or "—"
         env = f"`{s.env}`" if s.env_var else "—"
+        name = s.name
+        if s.aliases:
+            name += "".join(f" (alias {alias})" for alias in s.aliases)
+            if s.flags:
+                flag += "".join(f" (alias `{alias_flag(alias)}`)" for alias in s.aliases)
+            if s.env_var:
+                env += "".join(f" (alias `{env_name(alias)}`)" for alias in s.aliases)
         if s.default_doc is not None:
             default = s.default_doc
         elif s.default is None or s.default == []:
@@ -669,7 +806,7 @@ def markdown_table(settings: Sequence[Setting] = SETTINGS) -> str:
             default = f"`{str(s.default).lower()}`"
         else:
             default = f"`{s.default!r}`" if isinstance(s.default, str) else f"`{s.default}`"
-        lines.append(f"| {s.name} | {where_text[s.scope]} | {flag} | {env} | {default} | "
+        lines.append(f"| {name} | {where_text[s.scope]} | {flag} | {env} | {default} | "
                      f"{s.help} |")
     return "\n".join(lines)
 
@@ -686,10 +823,61 @@ def update_readme(path: Path) -> None:
     path.write_text(f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}")
 
 
-if __name__ == "__main__":
-    # python -m fastpool.settings                        print the README table
-    # python -m fastpool.settings --update-readme FILE   rewrite it in FILE
-    if len(sys.argv) == 3 and sys.argv[1] == "--update-readme":
-        update_readme(Path(sys.argv[2]))
-    else:
+TYPES_PATH = Path(__file__).with_name("settings_types.py")
+PYTHON_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str",
+                "list": "tuple[str, ...]", "ints": "tuple[int, ...]"}
+
+
+def settings_types() -> str:
+    """The text of fastpool/settings_types.py: each config's settings as typed
+    attributes (a test checks the file is current)."""
+    classes = (
+        ("GroupSettings", "GroupConfig", GROUP_SETTINGS),
+        ("ServerSettings", "ServerConfig", SERVER_SETTINGS),
+        ("ProcessSettings", "ProcessConfig", PROCESS_SETTINGS),
+    )
+    lines = [
+        '"""The settings as typed attributes of the configs, generated from the table.',
+        "",
+        "Do not edit: ``python -m fastpool.settings --write-types`` writes this file from",
+        "the rows of ``fastpool.settings.SETTINGS`` (a test checks that it is current).",
+        "Type checkers read these declarations; at run time each value comes from the",
+        "config's read-only ``values``.",
+        '"""',
+        "",
+        "from __future__ import annotations",
+    ]
+    for class_name, config_name, rows in classes:
+        lines += ["", "", f"class {class_name}:",
+                  f'    """Every {config_name} setting, as an attribute."""', ""]
+        for row in rows:
+            annotation = PYTHON_TYPES[row.type]
+            if row.default is None and not row.always_set:
+                annotation += " | None"
+            lines.append(f"    {row.name}: {annotation}")
+            for alias in row.aliases:
+                lines.append(f"    {alias}: {annotation}    # alias of {row.name}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m fastpool.settings``: print the README table;
+    ``--update-readme FILE``: rewrite it in FILE; ``--types``: print
+    settings_types.py; ``--write-types``: rewrite it."""
+    if len(argv) == 2 and argv[0] == "--update-readme":
+        update_readme(Path(argv[1]))
+    elif list(argv) == ["--types"]:
+        print(settings_types(), end="")
+    elif list(argv) == ["--write-types"]:
+        TYPES_PATH.write_text(settings_types())
+    elif not argv:
         print(markdown_table())
+    else:
+        print("usage: python -m fastpool.settings [--update-readme FILE | --types | "
+              "--write-types]", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,20 +1,22 @@
-"""The life of a forked child: a group's worker, or a supervised process.
+"""The life of a forked worker of a group (a supervised process's is in
+``fastpool.process``, which shares ``child_setup`` and ``set_title``).
 
 Rules of this module:
 
-* It runs only in a forked child, and its entry points return the exit code
+* It runs only in a forked child, and its entry point returns the exit code
   for the master's fork code to pass to ``os._exit``; nothing returns into
   the master's stack.
-* The child tells the master about itself through the notify pipe, one
-  atomic record per event (``fastpool.master.read_notices`` parses them):
-  ``READY`` once it serves, or a boot failure message.  Exit codes say which
-  failure: ``APP_LOAD_ERROR`` (the app cannot be imported) or
-  ``WORKER_BOOT_ERROR`` (anything else before serving).
-* Signals in a worker: TERM = graceful stop, USR2 = retire (graceful, idle
-  keep-alive connections are not cut), QUIT = immediate exit, USR1 = reopen
-  the access log; INT, HUP, TTIN, TTOU are the master's business (a Ctrl-C
-  reaches the whole process group; the master then stops the workers in
-  order).  From its first instruction (the master blocks these signals
+* A worker tells the master about itself through the notify pipe, one
+  atomic record per event, written by ``notify`` and read back by
+  ``parse_notices`` (the master's ``read_notices``): ``READY`` once it serves,
+  or a boot failure whose kind says which (``APP_LOAD_ERROR``: the app cannot
+  be imported; ``BOOT_ERROR``: anything else before serving) with the one
+  message the operator sees.  ``EXIT_CODES`` gives each failure its exit code
+  (4 and 3): the worker's, and the server's when it stops at start-up.
+* Signals in a worker mean what ``fastpool.signals`` says (TERM = graceful
+  stop, USR2 = retire, QUIT = immediate exit, USR1 = reopen the access log;
+  the master's signals are ignored), and the handlers are installed from
+  that table.  From its first instruction (the master blocks these signals
   across the fork, ``catch_boot_signals`` takes them in the child) a worker
   that is still booting keeps a TERM or USR2 as "stop requested" and, once
   its boot is done, exits 0 without serving; a QUIT exits at once, with 0; a
@@ -29,6 +31,7 @@ Rules of this module:
 from __future__ import annotations
 
 import ctypes
+import enum
 import faulthandler
 import gc
 import logging
@@ -37,26 +40,36 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastpool import core
+from fastpool import core, signals
 from fastpool.lifespan import LifespanFailure
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.log import AccessLog
-from fastpool.settings import GroupConfig, ProcessConfig
+from fastpool.settings import GroupConfig
 from fastpool.sockets import BoundSocket
+
+if TYPE_CHECKING:
+    from fastpool.handoff import Routing  # imports the compiled core
 
 WORKER_BOOT_ERROR = 3
 APP_LOAD_ERROR = 4
 
+
+class Notice(enum.Enum):
+    """The kind of a record in the notify pipe."""
+
+    READY = "READY"                      # the worker serves
+    APP_LOAD_ERROR = "APP_LOAD_ERROR"    # boot failed: the app cannot be imported
+    BOOT_ERROR = "BOOT_ERROR"            # boot failed: anything else
+
+
+# A boot failure's exit code: the worker's, and the server's when it stops at start-up.
+EXIT_CODES = {Notice.APP_LOAD_ERROR: APP_LOAD_ERROR, Notice.BOOT_ERROR: WORKER_BOOT_ERROR}
+
 PR_SET_PDEATHSIG = 1
-MASTERS_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-# What the master sends a worker to end it (graceful stop, retire, immediate).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGQUIT)
-# Caught from a worker's first instruction: the stop signals and USR1 (reopen logs).
-BOOT_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
 
 # What a booting worker was asked (read once it has booted): the stop signal
 # it received (0: none), and whether to reopen its access log.
@@ -83,25 +96,26 @@ def catch_boot_signals() -> None:
     """The first thing a forked worker does (while the master still blocks
     its signals): what the master asks during the boot is kept for when the
     worker has booted, never fatal; the master's own signals are ignored."""
-    for signum in BOOT_SIGNALS:
+    for signum in signals.WORKER_SIGNALS:
         signal.signal(signum, _while_booting)
-    for signum in MASTERS_SIGNALS:
+    for signum in signals.MASTERS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
 def _while_booting(signum: int, frame: Any) -> None:
     global _stop_requested, _reopen_requested
-    if signum == signal.SIGUSR1:
+    action = signals.WORKER_ACTIONS[signal.Signals(signum)]
+    if action == signals.REOPEN_LOG:
         _reopen_requested = True
         return
     _stop_requested = signum
-    if signum == signal.SIGQUIT:
+    if action == signals.QUIT:
         raise SystemExit(0)    # QUIT means now, booted or not
 
 
-def notify(fd: int, kind: str, message: str = "") -> None:
+def notify(fd: int, kind: Notice, message: str = "") -> None:
     """One record to the master: ``PID\\0KIND\\0MESSAGE\\x1e`` in one write (<= PIPE_BUF)."""
-    record = f"{os.getpid()}\0{kind}\0{message[:3900]}\x1e".encode("utf-8", "replace")
+    record = f"{os.getpid()}\0{kind.value}\0{message[:3900]}\x1e".encode("utf-8", "replace")
     try:
         os.write(fd, record)
     except OSError:
@@ -109,7 +123,30 @@ def notify(fd: int, kind: str, message: str = "") -> None:
             sys.stderr.write(message + "\n")
 
 
-def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
+def parse_notices(data: bytes) -> Iterator[tuple[int, Notice, str]]:
+    """The records in ``data`` (what the master read from the notify pipe) as
+    ``(pid, kind, message)``; anything unreadable is skipped."""
+    for record in data.decode("utf-8", "replace").split("\x1e"):
+        pid_text, _, rest = record.partition("\0")
+        kind_text, _, message = rest.partition("\0")
+        if not pid_text.strip().isdigit():
+            continue
+        try:
+            kind = Notice(kind_text)
+        except ValueError:
+            continue
+        yield int(pid_text), kind, message
+
+
+def boot_failed(fd: int, kind: Notice, message: str) -> int:
+    """Tell the master why this worker cannot boot; return its exit code."""
+    notify(fd, kind, message)
+    return EXIT_CODES[kind]
+
+
+def child_setup(master_pid: int, nice: int, cpus: Sequence[int]) -> None:
+    """What every forked child does first: die with the master, leave the
+    master's signals to it, take its niceness and CPUs."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -117,9 +154,10 @@ def _common_child_setup(master_pid: int, nice: int, cpus: list[int]) -> None:
         pass  # the loop's getppid check still catches an orphaned child
     if os.getppid() != master_pid:
         os._exit(0)   # the master died between fork and prctl
-    for signum in MASTERS_SIGNALS:
+    for signum in signals.MASTERS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum in signals.DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     if nice:
         os.nice(nice - os.nice(0))
     if cpus:
@@ -165,17 +203,17 @@ def run_worker(
     notify_fd: int,
     board: memoryview,
     max_requests: int,
-    routing: dict[str, Any] | None = None,
+    routing: Routing | None = None,
 ) -> int:
     """Boot and serve until told to stop; return the process exit code."""
     listening = ", ".join(str(b.address) for b in sockets)
     set_title(f"fastpool: {group.name} worker {slot} [{listening}]")
     try:
-        _common_child_setup(master_pid, group.nice, group.cpus)
+        child_setup(master_pid, group.nice, group.cpus)
         # No core files from the master's SIGABRT; the Python stack goes to stderr.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         faulthandler.enable(all_threads=True)
-        core.load()
+        core.check()
         from fastpool._worker import WorkerOptions
 
         if app is None:
@@ -191,16 +229,14 @@ def run_worker(
         else:
             loop = _wsgi_worker(group, sockets, app, options)
     except AppLoadError as exc:
-        notify(notify_fd, "ERROR", f"App failed to load: {exc}")
-        return APP_LOAD_ERROR
+        return boot_failed(notify_fd, Notice.APP_LOAD_ERROR, f"App failed to load: {exc}")
     except BootError as exc:
-        notify(notify_fd, "ERROR", str(exc))
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR, str(exc))
     except Exception:
-        notify(notify_fd, "ERROR", f"Worker failed to boot:\n{traceback.format_exc()}")
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR,
+                           f"Worker failed to boot:\n{traceback.format_exc()}")
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_shutdown(signum: int, frame: Any) -> None:
         loop.stop(graceful=True, close_idle=True)
 
     def on_retire(signum: int, frame: Any) -> None:
@@ -214,10 +250,10 @@ def run_worker(
         if access_log is not None:
             access_log.reopen()
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGUSR2, on_retire)
-    signal.signal(signal.SIGQUIT, on_quit)
-    signal.signal(signal.SIGUSR1, on_reopen)
+    handlers = {signals.SHUTDOWN: on_shutdown, signals.RETIRE: on_retire,
+                signals.QUIT: on_quit, signals.REOPEN_LOG: on_reopen}
+    for signum, action in signals.WORKER_ACTIONS.items():
+        signal.signal(signum, handlers[action])
     if _reopen_requested and access_log is not None:
         access_log.reopen()
     if _stop_requested:
@@ -236,29 +272,27 @@ def run_worker(
     log.info("Booting worker %d with pid: %d (group %s) [%s]", slot, os.getpid(), group.name,
              interface.upper())
     if interface == "wsgi":
-        notify(notify_fd, "READY")
+        notify(notify_fd, Notice.READY)
         loop.run()
         return 0
     # ASGI: ready once the lifespan startup is done and the listeners accept.
     try:
-        loop.run(on_ready=lambda: notify(notify_fd, "READY"))
+        loop.run(on_ready=lambda: notify(notify_fd, Notice.READY))
     except LifespanFailure as exc:
-        notify(notify_fd, "ERROR", str(exc))
-        return WORKER_BOOT_ERROR
+        return boot_failed(notify_fd, Notice.BOOT_ERROR, str(exc))
     return 0
 
 
-def _router(group: GroupConfig, routing: dict[str, Any] | None) -> tuple[Any, Any] | None:
+def _router(group: GroupConfig, routing: Routing | None) -> tuple[Any, Any] | None:
     """(Router, Handoff) for a worker of a server with routes, else None."""
     if routing is None:
         return None
     from fastpool._http import Router
     from fastpool.handoff import Handoff
 
-    queues = routing["queues"]
     # Only this group's queue is read here; the master keeps the other ends.
-    handoff = Handoff(queues, routing["local"], routing["admission"], group.max_queue_wait)
-    return Router(routing["routes"], handoff.local, group.health_path), handoff
+    handoff = Handoff(routing.queues, routing.local, routing.admission, group.max_queue_wait)
+    return Router(routing.routes, handoff.local, group.health_path), handoff
 
 
 def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
@@ -342,22 +376,3 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
         app, listeners, built,
         # Connections other groups hand over: no listener of this group took them.
         handoff_scope=base_scope(None, group) if built.router is not None else None)
-
-
-def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:
-    """A supervised custom process: call its target; its return ends the process."""
-    set_title(f"fastpool: {process.name} process {index}")
-    _common_child_setup(master_pid, process.nice, process.cpus)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    log.info("Starting process %s %d with pid: %d", process.name, index, os.getpid())
-    try:
-        target = import_app(process.target, callable_kind="a process target")
-        target()
-    except AppLoadError as exc:
-        log.error("process %s: %s", process.name, exc)
-        return APP_LOAD_ERROR
-    except Exception:
-        log.exception("process %s %d (pid %d) raised", process.name, index, os.getpid())
-        return 1
-    return 0

@@ -1,0 +1,71 @@
+"""The settings as typed attributes of the configs, generated from the table.
+
+Do not edit: ``python -m fastpool.settings --write-types`` writes this file from
+the rows of ``fastpool.settings.SETTINGS`` (a test checks that it is current).
+Type checkers read these declarations; at run time each value comes from the
+config's read-only ``values``.
+"""
+
+from __future__ import annotations
+
+
+class GroupSettings:
+    """Every GroupConfig setting, as an attribute."""
+
+    app: str
+    interface: str
+    loop: str
+    lifespan: str
+    ws_max_size: int
+    ws_ping_interval: float
+    ws_ping_timeout: float
+    ws_per_message_deflate: bool
+    listen: tuple[str, ...]
+    workers: int
+    threads: int
+    reuse_port: bool
+    backlog: int
+    preload: bool
+    root_path: str
+    timeout: float
+    graceful_timeout: float
+    keep_alive: float
+    client_timeout: float
+    header_timeout: float    # alias of client_timeout
+    max_requests: int
+    max_requests_jitter: int
+    limit_request_line: int
+    limit_request_fields: int
+    limit_request_field_size: int
+    limit_request_body: int
+    nice: int
+    cpus: tuple[int, ...]
+    crash_limit: int
+    on_crash_loop: str
+    routes: tuple[str, ...]
+    max_pending: int
+    retry_after: int
+    max_queue_wait: float
+    health_path: str | None
+    forwarded_allow_ips: tuple[str, ...]
+    access_log: str | None
+
+
+class ServerSettings:
+    """Every ServerConfig setting, as an attribute."""
+
+    host: str
+    port: int
+    chdir: str | None
+    log_level: str
+    control_socket: str
+
+
+class ProcessSettings:
+    """Every ProcessConfig setting, as an attribute."""
+
+    target: str
+    count: int
+    nice: int
+    cpus: tuple[int, ...]
+    graceful_timeout: float

@@ -239,8 +239,8 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture
 def clusters(tmp_path: Path) -> Iterator[object]:
-    """Config-file servers (see apps_groups_support.Clusters)."""
-    from apps_groups_support import Clusters
+    """Config-file servers (see clusters.Clusters)."""
+    from clusters import Clusters
 
     factory = Clusters(tmp_path)
     yield factory

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import apps_asgi
 import pytest
-from apps_groups_support import fastpool, group, ports, render
+from clusters import fastpool, group, ports, render
 from conftest import (
     TESTS,
     Server,

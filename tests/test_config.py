@@ -2,7 +2,7 @@
 [server] defaults vs per-group settings vs flags, and the errors a bad file
 gets before any process starts.
 
-Servers are the real ``python -m fastpool serve`` (apps_groups_support); the
+Servers are the real ``python -m fastpool serve`` (clusters.py); the
 app is apps_groups.py.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from apps_groups_support import Clusters, fastpool, fetch, group, ports, render
+from clusters import Clusters, fastpool, fetch, group, ports, render
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apps_groups_support import Cluster, Clusters, ports, render
+from clusters import Cluster, Clusters, ports, render
 from conftest import Response, Server, Stream, start_server, stop_server
 from corpus_cases import LIMIT_REQUEST_BODY, Case, header_values, load_cases
 

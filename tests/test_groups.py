@@ -2,7 +2,7 @@
 their per-group settings, and the control socket (status, reload, scale).
 
 Every server is the real ``python -m fastpool serve --config FILE`` (started by
-apps_groups_support.Clusters); the app is apps_groups.py.
+clusters.Clusters); the app is apps_groups.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from apps_groups_support import (
+from clusters import (
     children,
     cmdline,
     fastpool,

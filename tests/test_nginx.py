@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from apps_groups_support import fastpool, group, ports, render
+from clusters import fastpool, group, ports, render
 from conftest import free_port, wait_for
 from test_routes import exchange, new_clusters, routed_group, served
 

@@ -4,7 +4,7 @@ workers; ``max_pending`` and ``max_queue_wait`` answer 503 with Retry-After;
 ``fastpool status`` counts the handoffs; bad route configs are refused.
 
 Every server is the real ``python -m fastpool serve --config FILE``
-(apps_groups_support.Clusters); the apps are apps_routes.py (every response
+(clusters.Clusters); the apps are apps_routes.py (every response
 says, as JSON, which group served it and on which client port).
 """
 
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from apps_groups_support import Clusters, Load, fastpool, group, ports, render
+from clusters import Clusters, Load, fastpool, group, ports, render
 from conftest import Response, Stream, alive, wait_for
 
 # ---------------------------------------------------------------- helpers

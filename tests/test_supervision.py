@@ -3,8 +3,8 @@ workers, rolling reloads under load, request timeouts, max_requests, crash
 loops, supervised processes, graceful stop.
 
 Every server is the real ``python -m fastpool serve --config FILE`` (started by
-apps_groups_support.Clusters); the apps are apps_groups.py and
-apps_groups_crash.py.  Load comes from apps_groups_support.Load: client
+clusters.Clusters); the apps are apps_groups.py and
+apps_groups_crash.py.  Load comes from clusters.Load: client
 threads for a bounded time, each request checked for a 200 and the pid of the
 worker that served it.
 """
@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from apps_groups_support import (
+from clusters import (
     Load,
     children,
     fetch,

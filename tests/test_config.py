@@ -11,15 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from clusters import Clusters, fastpool, fetch, group, ports, render
-
-
-@pytest.fixture
-def clusters(tmp_path):
-    factory = Clusters(tmp_path)
-    yield factory
-    factory.close()
-
+from clusters import fastpool, fetch, group, ports, render
 
 # ---------------------------------------------------------------- bad configs
 

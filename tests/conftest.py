@@ -230,9 +230,11 @@ def start_server(app: str, directory: Path, *args: str,
         raise
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
+    """Stop ``server`` with ``sig`` (10 s at the most), killed if it does not stop:
+    the teardown of every fixture."""
     try:
-        server.stop(timeout=10)
+        server.stop(sig, timeout=10)
     except AssertionError:
         server.kill()
 

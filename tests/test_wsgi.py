@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import apps_wsgi
 import pytest
-from conftest import Server, free_port, raw_request, wait_for
+from conftest import Server, raw_request, start_server, stop_server, wait_for
 
 # ---------------------------------------------------------------- helpers
 
@@ -141,37 +141,18 @@ def closed_with(server: Server, tag: str) -> list[str]:
                     timeout=10, what=f"close() of {tag}")
 
 
-def start_shared(tmp_path_factory, app: str, *args: str) -> Server:
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    server = Server([app, "--port", str(port), "--workers", "1", *args], port=port,
-                    workers=1, env=None, cwd=tmp, log_path=tmp / "server.log")
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-
-
-def stop_shared(server: Server) -> None:
-    try:
-        server.stop(signal.SIGQUIT, timeout=10)
-    except AssertionError:
-        server.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_shared(tmp_path_factory, "apps_wsgi:main")
+    srv = start_server("apps_wsgi:main", tmp_path_factory.mktemp("server"))
     yield srv
-    stop_shared(srv)
+    stop_server(srv, signal.SIGQUIT)
 
 
 @pytest.fixture(scope="module")
 def flask_server(tmp_path_factory):
-    srv = start_shared(tmp_path_factory, "apps_wsgi_flask:app")
+    srv = start_server("apps_wsgi_flask:app", tmp_path_factory.mktemp("server"))
     yield srv
-    stop_shared(srv)
+    stop_server(srv, signal.SIGQUIT)
 
 
 # ---------------------------------------------------------------- environ

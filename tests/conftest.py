@@ -267,6 +267,14 @@ def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
 HTTP_APPS = {"wsgi": "apps_http:app", "asgi": "apps_http_asgi:app"}
 
 
+@pytest.fixture(scope="module", params=list(HTTP_APPS))
+def interface(request: pytest.FixtureRequest) -> str:
+    """Every test that takes ``interface`` runs against ``--interface wsgi``
+    (apps_http.py) and ``--interface asgi`` (apps_http_asgi.py), unless it is
+    parametrised (``indirect=True``) to one of them."""
+    return request.param
+
+
 def start_http_server(interface: str, directory: Path, *args: str,
                       env: dict[str, str] | None = None) -> Server:
     """``start_server`` of the HTTP test app of ``interface``, with ``--interface`` set."""

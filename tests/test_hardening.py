@@ -25,9 +25,7 @@ FAST = 0.1           # seconds: a request to a free worker takes about a millise
 HEADER_TIMEOUT = 2   # --header-timeout of the servers below
 
 
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    return request.param
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")

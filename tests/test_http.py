@@ -17,32 +17,21 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import conftest
 import pytest
 from apps_http import pattern
-from conftest import Server, Stream, stop_server
+from conftest import Server, Stream, start_http_server, stop_server
 
 # ---------------------------------------------------------------- servers
 
 
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    """Every test runs against ``--interface wsgi`` (apps_http.py) and ``--interface
-    asgi`` (apps_http_asgi.py), unless it is parametrised to one of them."""
-    return request.param
-
-
-def start_server(directory: Path, interface: str, *args: str,
-                 env: dict[str, str] | None = None) -> Server:
-    return conftest.start_http_server(interface, directory, *args, env=env)
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
     """One worker, default settings; shared by the tests that need no flags."""
-    srv = start_server(tmp_path_factory.mktemp(f"http-{interface}"), interface)
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"http-{interface}"))
     yield srv
     stop_server(srv)
 
@@ -51,8 +40,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator
 def timeouts_server(tmp_path_factory: pytest.TempPathFactory,
                     interface: str) -> Iterator[Server]:
     """One worker with short keep-alive and header timeouts."""
-    srv = start_server(tmp_path_factory.mktemp(f"http-timeouts-{interface}"), interface,
-                       "--keep-alive", "1", "--header-timeout", "2")
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"http-timeouts-{interface}"),
+                            "--keep-alive", "1", "--header-timeout", "2")
     yield srv
     stop_server(srv)
 

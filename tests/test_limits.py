@@ -12,11 +12,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import conftest
 import pytest
-from conftest import Server, stop_server
+from conftest import Server, start_http_server, stop_server
 
 DEFAULT_LINE = 4094
 DEFAULT_FIELDS = 100
@@ -35,19 +34,12 @@ CUSTOM = {
 }
 
 
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def start_server(directory: Path, interface: str, *args: str,
-                 env: dict[str, str] | None = None) -> Server:
-    return conftest.start_http_server(interface, directory, *args, env=env)
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp(f"limits-default-{interface}"), interface)
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"limits-default-{interface}"))
     yield srv
     stop_server(srv)
 
@@ -58,11 +50,11 @@ def custom_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     directory = tmp_path_factory.mktemp(f"limits-{request.param}-{interface}")
     if request.param == "flags":
         args = [item for name, value in CUSTOM.items() for item in (f"--{name}", str(value))]
-        srv = start_server(directory, interface, *args)
+        srv = start_http_server(interface, directory, *args)
     else:
         env = {"FASTPOOL_" + name.upper().replace("-", "_"): str(value)
                for name, value in CUSTOM.items()}
-        srv = start_server(directory, interface, env=env)
+        srv = start_http_server(interface, directory, env=env)
     yield srv
     stop_server(srv)
 
@@ -212,7 +204,7 @@ def test_request_line_that_never_ends_is_414(default_server):
 
 
 def test_request_line_limit_zero_means_unlimited(tmp_path, interface):
-    server = start_server(tmp_path, interface, "--limit-request-line", "0")
+    server = start_http_server(interface, tmp_path, "--limit-request-line", "0")
     try:
         line = request_line(20000)
         # Sent in pieces, so that no single read holds the whole line.
@@ -343,7 +335,7 @@ def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path, interfa
     (WSGI: the blocking path; ASGI: awaiting receive()) when the limit is crossed:
     still a 413."""
     limit = 300000
-    server = start_server(tmp_path, interface, "--limit-request-body", str(limit))
+    server = start_http_server(interface, tmp_path, "--limit-request-body", str(limit))
     try:
         body = bytes(range(256)) * (limit // 256)
         pieces = [body[i:i + 50000] for i in range(0, len(body), 50000)]
@@ -374,8 +366,8 @@ def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path, interfa
 
 
 def test_env_variable_is_overridden_by_flag(tmp_path, interface):
-    server = start_server(tmp_path, interface, "--limit-request-line", "4094",
-                          env={"FASTPOOL_LIMIT_REQUEST_LINE": "100"})
+    server = start_http_server(interface, tmp_path, "--limit-request-line", "4094",
+                               env={"FASTPOOL_LIMIT_REQUEST_LINE": "100"})
     try:
         ok(server, request_line(1000) + b"\r\nHost: test\r\n\r\n")
         rejected(server, request_line(DEFAULT_LINE + 1) + b"\r\nHost: test\r\n\r\n", 414)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import DEADLINE, TESTS, Server, alive, free_port, wait_for
+from conftest import DEADLINE, Server, alive, child_env, free_port, stop_server, wait_for
 
 from fastpool.control import request as control_request
 
@@ -62,39 +61,11 @@ def group(port: int, workers: int = 1, app: str = "apps_groups:app", **more: Any
 # ---------------------------------------------------------------- the fastpool command
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPOOL_")}
-    env.pop("WEB_CONCURRENCY", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(extra or {})
-    return env
-
-
 def fastpool(*args: str, cwd: Path, timeout: float = 30.0,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fastpool ARGS`` to completion."""
     return subprocess.run([sys.executable, "-m", "fastpool", *args], cwd=cwd,
                           env=child_env(env), capture_output=True, text=True, timeout=timeout)
-
-
-# ---------------------------------------------------------------- processes
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return sorted(int(token) for token in text.split())
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------- HTTP
@@ -310,11 +281,7 @@ class Clusters:
 
     def close(self) -> None:
         for server in self.servers:
-            if server.proc.poll() is None:
-                try:
-                    server.stop(signal.SIGQUIT, timeout=10)
-                except AssertionError:
-                    server.kill()
+            stop_server(server, signal.SIGQUIT)
             server._log.close()
 
 

@@ -7,6 +7,7 @@ the test, killed if it does not stop in time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +46,51 @@ def wait_for(predicate: Callable[[], object], timeout: float = DEADLINE,
         time.sleep(interval)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process a test starts: this one's, less the
+    settings a developer may have exported (``FASTPOOL_*``, ``WEB_CONCURRENCY``),
+    with tests/ first on PYTHONPATH (the apps), then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FASTPOOL_") and k != "WEB_CONCURRENCY"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
+    return env
+
+
+# ---------------------------------------------------------------- processes
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s live children, sorted (read from /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return sorted(int(token) for token in text.split())
+
+
+def cmdline(pid: int) -> str:
+    """``pid``'s command line (its process title), "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- the server
+
+
 class Server:
     """A running ``fastpool serve`` process."""
 
@@ -55,12 +102,6 @@ class Server:
         self.workers = workers
         self.log_path = log_path
         self.args = args
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
-        full_env.pop("WEB_CONCURRENCY", None)
-        if env:
-            full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115
         # stdout_closed: stdout is a pipe whose reader has gone (``serve | head``);
         # the log then has stderr only.
@@ -71,7 +112,7 @@ class Server:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fastpool", "serve", *args],
-                stdout=stdout, stderr=self._log, cwd=cwd, env=full_env,
+                stdout=stdout, stderr=self._log, cwd=cwd, env=child_env(env),
                 start_new_session=True,
                 # nofile: the descriptor limit of the server (and its workers).
                 preexec_fn=None if nofile is None else lambda: resource.setrlimit(
@@ -91,15 +132,7 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """Pids of the master's live children (read from /proc)."""
-        pids = []
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            text = children.read_text()
-        except OSError:
-            return []
-        for token in text.split():
-            pids.append(int(token))
-        return sorted(pids)
+        return children(self.pid)
 
     def booted_workers(self) -> list[int]:
         return [int(p) for p in re.findall(r"Booting worker \d+ with pid: (\d+)", self.log)]
@@ -182,20 +215,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in servers:
-        if server.proc.poll() is None:
-            try:
-                server.stop(signal.SIGQUIT, timeout=10)
-            except AssertionError:
-                server.kill()
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        stop_server(server, signal.SIGQUIT)
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
@@ -239,6 +259,26 @@ def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
         server.kill()
 
 
+def wait_exit(server: Server, timeout: float = DEADLINE) -> tuple[int, float]:
+    """The master's exit code and how long it took to exit (killed, and the test
+    failed, past ``timeout``)."""
+    start = time.monotonic()
+    try:
+        code = server.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
+    return code, time.monotonic() - start
+
+
+def record(server: Server, name: str, timeout: float = 10.0) -> Any:
+    """The JSON record ``name`` that the app writes next to the server's log
+    (facts the wire does not show), once it exists."""
+    path = server.log_path.parent / name
+    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
+    return json.loads(path.read_text())
+
+
 @pytest.fixture
 def clusters(tmp_path: Path) -> Iterator[object]:
     """Config-file servers (see clusters.Clusters)."""
@@ -247,6 +287,14 @@ def clusters(tmp_path: Path) -> Iterator[object]:
     factory = Clusters(tmp_path)
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="module")
+def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``apps_asgi_starlette:app`` (HTTP and WebSocket routes), one worker."""
+    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("starlette"))
+    yield srv
+    stop_server(srv)
 
 
 def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:

@@ -36,13 +36,16 @@ from conftest import (
     TESTS,
     Server,
     Stream,
+    record,
     start_server,
     stop_server,
+    wait_exit,
     wait_for,
 )
 from test_http import connect, get, post
 
 # ---------------------------------------------------------------- servers
+# (``starlette_server``, apps_asgi_starlette:app, is conftest's)
 
 
 @pytest.fixture(scope="module")
@@ -53,26 +56,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(srv)
 
 
-@pytest.fixture(scope="module")
-def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("starlette"))
-    yield srv
-    stop_server(srv)
-
-
 # ---------------------------------------------------------------- helpers
 
 
 def workdir(server: Server) -> Path:
     """The server's working directory, where the apps write their records."""
     return server.log_path.parent
-
-
-def record(server: Server, name: str, timeout: float = 10.0):
-    """The JSON record ``name`` the app writes, once it exists."""
-    path = workdir(server) / name
-    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
-    return json.loads(path.read_text())
 
 
 def chunked_post(path: str, *parts: bytes) -> bytes:
@@ -107,17 +96,6 @@ def worker_pid(server: Server) -> int:
 def b(text: str) -> dict[str, str]:
     """How apps_asgi.jsonable shows a bytes value."""
     return {"bytes": text}
-
-
-def wait_exit(server: Server, timeout: float) -> tuple[int, float]:
-    """The master's exit code and how long it took to exit."""
-    start = time.monotonic()
-    try:
-        code = server.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
-    return code, time.monotonic() - start
 
 
 # ---------------------------------------------------------------- interface, loop, flags

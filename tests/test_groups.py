@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 from clusters import (
-    children,
-    cmdline,
     fastpool,
     fetch,
     group,
@@ -31,7 +29,7 @@ from clusters import (
     start_sleeper,
     timed_fetch,
 )
-from conftest import DEADLINE, alive, wait_for
+from conftest import DEADLINE, alive, children, cmdline, wait_for
 
 # ---------------------------------------------------------------- the example config
 

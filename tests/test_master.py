@@ -12,13 +12,12 @@ import os
 import re
 import signal
 import socket
-import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Server, alive, free_port, wait_for
+from conftest import Server, alive, free_port, wait_exit, wait_for
 
 # ---------------------------------------------------------------- helpers
 
@@ -49,17 +48,6 @@ def start_sleeper(pool: ThreadPoolExecutor, server: Server, seconds: float,
              what="the app to start sleeping")
     assert not future.done(), future.result()
     return future, tag
-
-
-def wait_exit(server: Server, timeout: float) -> tuple[int, float]:
-    """The master's exit code and how long it took to exit."""
-    start = time.monotonic()
-    try:
-        code = server.proc.wait(timeout)
-    except Exception:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
-    return code, time.monotonic() - start
 
 
 def assert_cut_off(future: Future) -> None:

@@ -22,22 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from clusters import (
     Load,
-    children,
     fetch,
     group,
     ports,
     render,
     start_sleeper,
 )
-from conftest import alive, wait_for
-
-
-def wait_exit(server, timeout: float = 20) -> int:
-    try:
-        return server.proc.wait(timeout)
-    except Exception:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
+from conftest import alive, children, wait_exit, wait_for
 
 
 def describe(failures) -> str:
@@ -217,7 +208,7 @@ def test_crash_loop_with_stop_server_stops_the_server(clusters, tmp_path):
                             workers=2, ports=chosen)
     (web,) = server.wait_group("web", 1)
     start_crash_loop(server, tmp_path)
-    code = wait_exit(server, 20)
+    code, _ = wait_exit(server, 20)
     assert code != 0, server.log
     assert "Group task is crash-looping" in server.log
     assert not alive(web)
@@ -350,7 +341,7 @@ def test_stopping_a_server_whose_workers_boot_is_a_clean_stop(clusters, tmp_path
              what="the stop")
     if sig == signal.SIGTERM:
         gate.unlink()    # graceful: they stop once booted; QUIT ends them in their boot
-    assert wait_exit(server, 15) == 0, server.log
+    assert wait_exit(server, 15)[0] == 0, server.log
     assert not any(map(alive, pids))
     for pid in pids:
         assert_ordinary_stop(server, pid, booted=sig == signal.SIGTERM)
@@ -454,6 +445,6 @@ def test_term_lets_an_in_flight_request_finish_in_a_multi_group_server(clusters)
         server.proc.send_signal(signal.SIGTERM)
         code, body, _ = future.result(timeout=15)
     assert code == 200 and body.startswith(b"slept "), body
-    assert wait_exit(server, 15) == 0, server.log
+    assert wait_exit(server, 15)[0] == 0, server.log
     wait_for(lambda: not any(map(alive, everyone)), timeout=5, what="every child to exit")
     assert "Shutting down: master" in server.log

@@ -1,8 +1,17 @@
-"""Shared fixtures: start the real ``fastpool serve`` in a subprocess.
+"""Fixtures and the server under test: the real ``fastpool serve`` in a subprocess.
+
+What it holds: ``Server`` (one ``python -m fastpool serve`` process) and the
+fixtures that start it (``serve``, ``clusters``, ``interface``,
+``starlette_server``), ``start_server``/``stop_server`` for module-scoped
+fixtures, the environment of every child process (``child_env``), and the
+process helpers (``wait_for``, ``wait_exit``, ``alive``, ``children``,
+``cmdline``, ``record``).  Requests are in client.py; config-file servers
+(worker groups) in clusters.py.
 
 Rules: every server is started through the CLI (``python -m fastpool serve``),
 waited for with a deadline (never a fixed sleep), and stopped at the end of
-the test, killed if it does not stop in time.
+the test, killed if it does not stop in time.  Test modules import helpers from
+here, client.py and clusters.py, never from another test module.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,24 +226,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         stop_server(server, signal.SIGQUIT)
 
 
-def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes; fails if it does not close."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(
-                f"server did not close the connection; got {b''.join(chunks)[:300]!r}") from None
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
-
-
 def start_server(app: str, directory: Path, *args: str,
                  env: dict[str, str] | None = None) -> Server:
     """One worker on a free port, for module-scoped fixtures (which cannot use ``serve``)."""
@@ -297,17 +287,6 @@ def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     stop_server(srv)
 
 
-def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data`` on a new connection, half-close, and return all the server sent."""
-    with server.connect(timeout) as sock:
-        sock.sendall(data)
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        return read_response(sock, timeout)
-
-
 # ---------------------------------------------------------------- both interfaces
 
 # The apps of the HTTP protocol and limit tests, one per interface, with the same
@@ -328,119 +307,3 @@ def start_http_server(interface: str, directory: Path, *args: str,
     """``start_server`` of the HTTP test app of ``interface``, with ``--interface`` set."""
     return start_server(HTTP_APPS[interface], directory, "--interface", interface, *args,
                         env=env)
-
-
-# ---------------------------------------------------------------- a small HTTP client
-
-
-@dataclass
-class Response:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    chunks: list[int] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return ", ".join(values) if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-class Stream:
-    """Reads responses one by one from a socket that may stay open."""
-
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
-        self.sock = sock
-        self.sock.settimeout(timeout)
-        self.buf = bytearray()
-        self.eof = False
-
-    def _more(self) -> None:
-        data = self.sock.recv(262144)
-        if not data:
-            self.eof = True
-            raise EOFError(f"server closed the connection; unparsed: {bytes(self.buf)[:200]!r}")
-        self.buf += data
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            self._more()
-        out = bytes(self.buf[:end])
-        del self.buf[:end + 2]
-        return out
-
-    def exact(self, size: int) -> bytes:
-        while len(self.buf) < size:
-            self._more()
-        out = bytes(self.buf[:size])
-        del self.buf[:size]
-        return out
-
-    def until_eof(self) -> bytes:
-        try:
-            while True:
-                self._more()
-        except (EOFError, ConnectionResetError):
-            pass
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
-
-    def head(self) -> Response:
-        version, status, reason = (self.line().split(b" ", 2) + [b""])[:3]
-        assert version.startswith(b"HTTP/1."), f"not a status line: {version!r}"
-        headers = []
-        while line := self.line():
-            name, _, value = line.partition(b":")
-            headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
-        return Response(version, int(status), reason, headers)
-
-    def response(self, method: str = "GET") -> Response:
-        response = self.head()
-        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
-            return response
-        if (response.header("transfer-encoding") or "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.line().split(b";")[0], 16)
-                if size == 0:
-                    while self.line():   # trailers
-                        pass
-                    break
-                parts.append(self.exact(size))
-                response.chunks.append(size)
-                assert self.exact(2) == b"\r\n", "chunk not followed by CRLF"
-            response.body = b"".join(parts)
-        elif response.header("content-length") is not None:
-            response.body = self.exact(int(response.header("content-length")))
-        else:
-            response.body = self.until_eof()
-        return response
-
-    def assert_closed(self, timeout: float = 5.0) -> None:
-        """The server closes the connection within ``timeout`` and sends nothing more."""
-        assert not self.buf, f"unexpected bytes after the response: {bytes(self.buf)[:200]!r}"
-        if self.eof:
-            return
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s") from None
-        assert data == b"", f"unexpected bytes after the response: {data[:200]!r}"
-
-    def assert_open(self, quiet: float) -> None:
-        """Nothing arrives and the connection stays open for ``quiet`` seconds."""
-        assert not self.buf
-        self.sock.settimeout(quiet)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected an idle open connection, got {data[:200]!r}")

@@ -26,7 +26,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from conftest import Response, Server, Stream, record, start_server, stop_server, wait_for
+from client import Response, Stream
+from conftest import Server, record, start_server, stop_server, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from clusters import fastpool, fetch, group, ports, render
+from client import fetch
+from clusters import fastpool, group, ports, render
 
 # ---------------------------------------------------------------- bad configs
 
@@ -158,8 +159,8 @@ def test_a_one_group_config_without_listen_serves(clusters, how):
     args = ("--port", str(chosen["web"])) if how == "flag" else ()
     server = clusters.start(text, workers=1, ports=chosen, args=args)
     (worker,) = server.wait_group("web", 1)
-    code, _, pid = fetch(chosen["web"])
-    assert (code, pid) == (200, worker)
+    reply = fetch(chosen["web"], "/pid")
+    assert (reply.status, reply.pid) == (200, worker)
     assert server.group_status("web")["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
 
 
@@ -182,9 +183,9 @@ def test_pyproject_tool_table_is_used_without_config(clusters, tmp_path):
     web = server.wait_group("web", 2)
     task = server.wait_group("task", 1)
     for name, pids in (("web", web), ("task", task)):
-        code, body, pid = fetch(chosen[name], "/shop/environ")
-        assert code == 200 and pid in pids
-        assert json.loads(body)["SCRIPT_NAME"] == "/shop"
+        reply = fetch(chosen[name], "/shop/environ")
+        assert reply.status == 200 and reply.pid in pids
+        assert json.loads(reply.body)["SCRIPT_NAME"] == "/shop"
     status = fastpool("status", "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["web", "task"]
@@ -201,7 +202,7 @@ def test_pyproject_tool_table_is_used_without_config(clusters, tmp_path):
 def script_names(server, chosen: dict[str, int], prefixes: dict[str, str]) -> dict[str, str]:
     names = {}
     for name, port in chosen.items():
-        code, body, _ = fetch(port, f"{prefixes[name]}/environ")
+        code, _, body = fetch(port, f"{prefixes[name]}/environ")
         assert code == 200, body
         names[name] = json.loads(body)["SCRIPT_NAME"]
     return names

@@ -11,7 +11,7 @@ Every response is JSON: ``group``, ``pid``, ``method``, ``path`` (as the app
 got it), ``query``, ``client_port`` (the client's TCP port: the same on every
 request of one connection, whichever group serves it), ``length`` and
 ``sha256`` of the request body, and the body itself when it is short.  The
-worker's pid is also in an ``X-Pid`` header (for apps_groups_support.Load).
+worker's pid is also in an ``X-Pid`` header (for clusters.Load).
 
 A path whose last segment is ``sleep`` (``/sleep``, ``/tast/sleep`` ...)
 takes ``?s=SECONDS&tag=TAG``: it writes ``sleeping TAG PID`` to the server log

@@ -1,12 +1,22 @@
-"""Shared fixtures: start the real ``fastpool serve`` in a subprocess.
+"""Fixtures and the server under test: the real ``fastpool serve`` in a subprocess.
+
+What it holds: ``Server`` (one ``python -m fastpool serve`` process) and the
+fixtures that start it (``serve``, ``clusters``, ``interface``,
+``starlette_server``), ``start_server``/``stop_server`` for module-scoped
+fixtures, the environment of every child process (``child_env``), and the
+process helpers (``wait_for``, ``wait_exit``, ``alive``, ``children``,
+``cmdline``, ``record``).  Requests are in client.py; config-file servers
+(worker groups) in clusters.py.
 
 Rules: every server is started through the CLI (``python -m fastpool serve``),
 waited for with a deadline (never a fixed sleep), and stopped at the end of
-the test, killed if it does not stop in time.
+the test, killed if it does not stop in time.  Test modules import helpers from
+here, client.py and clusters.py, never from another test module.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -16,8 +26,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +54,51 @@ def wait_for(predicate: Callable[[], object], timeout: float = DEADLINE,
         time.sleep(interval)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process a test starts: this one's, less the
+    settings a developer may have exported (``FASTPOOL_*``, ``WEB_CONCURRENCY``),
+    with tests/ first on PYTHONPATH (the apps), then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FASTPOOL_") and k != "WEB_CONCURRENCY"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
+    return env
+
+
+# ---------------------------------------------------------------- processes
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s live children, sorted (read from /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return sorted(int(token) for token in text.split())
+
+
+def cmdline(pid: int) -> str:
+    """``pid``'s command line (its process title), "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- the server
+
+
 class Server:
     """A running ``fastpool serve`` process."""
 
@@ -55,12 +110,6 @@ class Server:
         self.workers = workers
         self.log_path = log_path
         self.args = args
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
-        full_env.pop("WEB_CONCURRENCY", None)
-        if env:
-            full_env.update(env)
         self._log = open(log_path, "wb")  # noqa: SIM115
         # stdout_closed: stdout is a pipe whose reader has gone (``serve | head``);
         # the log then has stderr only.
@@ -71,7 +120,7 @@ class Server:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fastpool", "serve", *args],
-                stdout=stdout, stderr=self._log, cwd=cwd, env=full_env,
+                stdout=stdout, stderr=self._log, cwd=cwd, env=child_env(env),
                 start_new_session=True,
                 # nofile: the descriptor limit of the server (and its workers).
                 preexec_fn=None if nofile is None else lambda: resource.setrlimit(
@@ -91,15 +140,7 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """Pids of the master's live children (read from /proc)."""
-        pids = []
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            text = children.read_text()
-        except OSError:
-            return []
-        for token in text.split():
-            pids.append(int(token))
-        return sorted(pids)
+        return children(self.pid)
 
     def booted_workers(self) -> list[int]:
         return [int(p) for p in re.findall(r"Booting worker \d+ with pid: (\d+)", self.log)]
@@ -182,38 +223,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in servers:
-        if server.proc.poll() is None:
-            try:
-                server.stop(signal.SIGQUIT, timeout=10)
-            except AssertionError:
-                server.kill()
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes; fails if it does not close."""
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        except TimeoutError:
-            raise AssertionError(
-                f"server did not close the connection; got {b''.join(chunks)[:300]!r}") from None
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
+        stop_server(server, signal.SIGQUIT)
 
 
 def start_server(app: str, directory: Path, *args: str,
@@ -230,32 +240,51 @@ def start_server(app: str, directory: Path, *args: str,
         raise
 
 
-def stop_server(server: Server) -> None:
+def stop_server(server: Server, sig: int = signal.SIGTERM) -> None:
+    """Stop ``server`` with ``sig`` (10 s at the most), killed if it does not stop:
+    the teardown of every fixture."""
     try:
-        server.stop(timeout=10)
+        server.stop(sig, timeout=10)
     except AssertionError:
         server.kill()
 
 
+def wait_exit(server: Server, timeout: float = DEADLINE) -> tuple[int, float]:
+    """The master's exit code and how long it took to exit (killed, and the test
+    failed, past ``timeout``)."""
+    start = time.monotonic()
+    try:
+        code = server.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
+    return code, time.monotonic() - start
+
+
+def record(server: Server, name: str, timeout: float = 10.0) -> Any:
+    """The JSON record ``name`` that the app writes next to the server's log
+    (facts the wire does not show), once it exists."""
+    path = server.log_path.parent / name
+    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
+    return json.loads(path.read_text())
+
+
 @pytest.fixture
 def clusters(tmp_path: Path) -> Iterator[object]:
-    """Config-file servers (see apps_groups_support.Clusters)."""
-    from apps_groups_support import Clusters
+    """Config-file servers (see clusters.Clusters)."""
+    from clusters import Clusters
 
     factory = Clusters(tmp_path)
     yield factory
     factory.close()
 
 
-def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data`` on a new connection, half-close, and return all the server sent."""
-    with server.connect(timeout) as sock:
-        sock.sendall(data)
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        return read_response(sock, timeout)
+@pytest.fixture(scope="module")
+def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``apps_asgi_starlette:app`` (HTTP and WebSocket routes), one worker."""
+    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("starlette"))
+    yield srv
+    stop_server(srv)
 
 
 # ---------------------------------------------------------------- both interfaces
@@ -265,124 +294,16 @@ def raw_request(server: Server, data: bytes, timeout: float = 10.0) -> bytes:
 HTTP_APPS = {"wsgi": "apps_http:app", "asgi": "apps_http_asgi:app"}
 
 
+@pytest.fixture(scope="module", params=list(HTTP_APPS))
+def interface(request: pytest.FixtureRequest) -> str:
+    """Every test that takes ``interface`` runs against ``--interface wsgi``
+    (apps_http.py) and ``--interface asgi`` (apps_http_asgi.py), unless it is
+    parametrised (``indirect=True``) to one of them."""
+    return request.param
+
+
 def start_http_server(interface: str, directory: Path, *args: str,
                       env: dict[str, str] | None = None) -> Server:
     """``start_server`` of the HTTP test app of ``interface``, with ``--interface`` set."""
     return start_server(HTTP_APPS[interface], directory, "--interface", interface, *args,
                         env=env)
-
-
-# ---------------------------------------------------------------- a small HTTP client
-
-
-@dataclass
-class Response:
-    version: bytes
-    status: int
-    reason: bytes
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    chunks: list[int] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        return ", ".join(values) if values else None
-
-    def all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-class Stream:
-    """Reads responses one by one from a socket that may stay open."""
-
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
-        self.sock = sock
-        self.sock.settimeout(timeout)
-        self.buf = bytearray()
-        self.eof = False
-
-    def _more(self) -> None:
-        data = self.sock.recv(262144)
-        if not data:
-            self.eof = True
-            raise EOFError(f"server closed the connection; unparsed: {bytes(self.buf)[:200]!r}")
-        self.buf += data
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            self._more()
-        out = bytes(self.buf[:end])
-        del self.buf[:end + 2]
-        return out
-
-    def exact(self, size: int) -> bytes:
-        while len(self.buf) < size:
-            self._more()
-        out = bytes(self.buf[:size])
-        del self.buf[:size]
-        return out
-
-    def until_eof(self) -> bytes:
-        try:
-            while True:
-                self._more()
-        except (EOFError, ConnectionResetError):
-            pass
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
-
-    def head(self) -> Response:
-        version, status, reason = (self.line().split(b" ", 2) + [b""])[:3]
-        assert version.startswith(b"HTTP/1."), f"not a status line: {version!r}"
-        headers = []
-        while line := self.line():
-            name, _, value = line.partition(b":")
-            headers.append((name.decode("latin-1").lower(), value.strip().decode("latin-1")))
-        return Response(version, int(status), reason, headers)
-
-    def response(self, method: str = "GET") -> Response:
-        response = self.head()
-        if method == "HEAD" or response.status < 200 or response.status in (204, 304):
-            return response
-        if (response.header("transfer-encoding") or "").lower() == "chunked":
-            parts = []
-            while True:
-                size = int(self.line().split(b";")[0], 16)
-                if size == 0:
-                    while self.line():   # trailers
-                        pass
-                    break
-                parts.append(self.exact(size))
-                response.chunks.append(size)
-                assert self.exact(2) == b"\r\n", "chunk not followed by CRLF"
-            response.body = b"".join(parts)
-        elif response.header("content-length") is not None:
-            response.body = self.exact(int(response.header("content-length")))
-        else:
-            response.body = self.until_eof()
-        return response
-
-    def assert_closed(self, timeout: float = 5.0) -> None:
-        """The server closes the connection within ``timeout`` and sends nothing more."""
-        assert not self.buf, f"unexpected bytes after the response: {bytes(self.buf)[:200]!r}"
-        if self.eof:
-            return
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout}s") from None
-        assert data == b"", f"unexpected bytes after the response: {data[:200]!r}"
-
-    def assert_open(self, quiet: float) -> None:
-        """Nothing arrives and the connection stays open for ``quiet`` seconds."""
-        assert not self.buf
-        self.sock.settimeout(quiet)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return
-        raise AssertionError(f"expected an idle open connection, got {data[:200]!r}")

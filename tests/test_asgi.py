@@ -13,7 +13,6 @@ HTTP framing and limits for both interfaces: test_http.py and test_limits.py.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -32,31 +31,35 @@ from pathlib import Path
 
 import apps_asgi
 import pytest
-from apps_groups_support import fastpool, group, ports, render
+from client import (
+    Stream,
+    chunked_post,
+    connect,
+    fetch,
+    fetch_json,
+    get,
+    post,
+    worker_pid,
+)
+from clusters import fastpool, group, ports, render
 from conftest import (
     TESTS,
     Server,
-    Stream,
+    record,
     start_server,
     stop_server,
+    wait_exit,
     wait_for,
 )
-from test_http import connect, get, post
 
 # ---------------------------------------------------------------- servers
+# (``starlette_server``, apps_asgi_starlette:app, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``apps_asgi:app``, one worker, every ASGI setting at its default."""
     srv = start_server("apps_asgi:app", tmp_path_factory.mktemp("asgi"))
-    yield srv
-    stop_server(srv)
-
-
-@pytest.fixture(scope="module")
-def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("starlette"))
     yield srv
     stop_server(srv)
 
@@ -69,56 +72,9 @@ def workdir(server: Server) -> Path:
     return server.log_path.parent
 
 
-def record(server: Server, name: str, timeout: float = 10.0):
-    """The JSON record ``name`` the app writes, once it exists."""
-    path = workdir(server) / name
-    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
-    return json.loads(path.read_text())
-
-
-def chunked_post(path: str, *parts: bytes) -> bytes:
-    encoded = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n\r\n"
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-            .encode("latin-1") + encoded)
-
-
-def fetch(server: Server, path: str, method: str = "GET", body: bytes | None = None,
-          timeout: float = 10.0) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body)
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def fetch_json(server: Server, path: str, **kwargs):
-    status, _, body = fetch(server, path, **kwargs)
-    assert status == 200, body
-    return json.loads(body)
-
-
-def worker_pid(server: Server) -> int:
-    status, _, body = fetch(server, "/pid")
-    assert status == 200, body
-    return int(body)
-
-
 def b(text: str) -> dict[str, str]:
     """How apps_asgi.jsonable shows a bytes value."""
     return {"bytes": text}
-
-
-def wait_exit(server: Server, timeout: float) -> tuple[int, float]:
-    """The master's exit code and how long it took to exit."""
-    start = time.monotonic()
-    try:
-        code = server.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
-    return code, time.monotonic() - start
 
 
 # ---------------------------------------------------------------- interface, loop, flags
@@ -187,7 +143,7 @@ def test_loop_flag_picks_the_event_loop(serve, loop):
     assert status == 200, body
     module = body.decode().split(".")[0]
     assert module == loop, f"--loop {loop} runs {body.decode()}"
-    assert fetch(server, "/sleep?s=0.01")[2] == b"slept 0.01"
+    assert fetch(server, "/sleep?s=0.01").body == b"slept 0.01"
 
 
 def test_loop_auto_is_uvloop_when_installed(server):
@@ -245,14 +201,9 @@ def test_interface_per_group_in_a_config_file(clusters):
     })
     cluster = clusters.start(text, workers=2, ports=chosen)
     for name, port in chosen.items():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        try:
-            conn.request("GET", "/scope")
-            response = conn.getresponse()
-            body = json.loads(response.read())
-        finally:
-            conn.close()
-        assert response.status == 200, (name, body, cluster.log)
+        status, _, raw = fetch(port, "/scope")
+        body = json.loads(raw)
+        assert status == 200, (name, body, cluster.log)
         if name == "sync":
             assert body == {"app": "wsgi", "SERVER_PROTOCOL": "HTTP/1.1"}
         else:
@@ -534,7 +485,7 @@ def test_exception_before_response_start_is_a_500_and_the_worker_survives(server
     assert response.status == 500
     assert b"boom" not in response.body and b"Traceback" not in response.body
     assert worker_pid(server) == pid
-    assert fetch(server, "/next")[2] == b"GET /next"
+    assert fetch(server, "/next").body == b"GET /next"
 
 
 @pytest.mark.parametrize("kind", sorted(apps_asgi.MISUSES))
@@ -551,7 +502,7 @@ def test_messages_in_the_wrong_order_or_shape_are_refused(server, kind):
     assert response.status == expected
     wait_for(lambda: f"/misuse?kind={kind}" in server.log, what="the misuse to be logged")
     assert worker_pid(server) == pid
-    assert fetch(server, "/next")[2] == b"GET /next"
+    assert fetch(server, "/next").body == b"GET /next"
 
 
 def test_exception_after_response_start_closes_the_connection(server):
@@ -722,13 +673,13 @@ def test_lifespan_startup_failure_stops_the_server_once(serve, tmp_path, app, ne
 
 def test_lifespan_auto_serves_an_app_that_raises_on_the_lifespan_scope(serve):
     server = serve("apps_asgi:no_lifespan")
-    assert fetch(server, "/hello")[2] == b"GET /hello"
+    assert fetch(server, "/hello").body == b"GET /hello"
     assert fetch_json(server, "/lifespan") == []
 
 
 def test_lifespan_off_never_calls_the_app_with_a_lifespan_scope(serve, tmp_path):
     server = serve("apps_asgi:app", "--lifespan", "off")
-    assert fetch(server, "/hello")[2] == b"GET /hello"
+    assert fetch(server, "/hello").body == b"GET /hello"
     assert fetch_json(server, "/lifespan") == []
     server.proc.send_signal(signal.SIGTERM)
     code, _ = wait_exit(server, 15)
@@ -802,9 +753,9 @@ def test_starlette_background_task(starlette_server):
     took = time.monotonic() - started
     assert (status, body) == (200, b"accepted")
     assert took < 0.8, f"the response waited {took:.2f}s for its background task"
-    assert fetch(starlette_server, f"/background-result?tag={tag}")[2] in (b"pending",
-                                                                         b"running")
-    wait_for(lambda: fetch(starlette_server, f"/background-result?tag={tag}")[2] == b"done",
+    assert fetch(starlette_server, f"/background-result?tag={tag}").body in (b"pending",
+                                                                           b"running")
+    wait_for(lambda: fetch(starlette_server, f"/background-result?tag={tag}").body == b"done",
              timeout=10, interval=0.1, what="the background task to finish")
 
 

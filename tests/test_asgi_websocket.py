@@ -26,7 +26,8 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from conftest import Response, Server, Stream, start_server, stop_server, wait_for
+from client import Response, Stream
+from conftest import Server, record, start_server, stop_server, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -44,13 +45,6 @@ def ws_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server("apps_asgi:app", tmp_path_factory.mktemp("ws"),
                        "--ws-max-size", str(MAX_SIZE), "--ws-ping-interval", str(PING_INTERVAL),
                        "--ws-ping-timeout", str(PING_TIMEOUT))
-    yield srv
-    stop_server(srv)
-
-
-@pytest.fixture(scope="module")
-def starlette_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server("apps_asgi_starlette:app", tmp_path_factory.mktemp("ws-starlette"))
     yield srv
     stop_server(srv)
 
@@ -92,12 +86,6 @@ def send_then_close_frame(ws: ClientConnection, message) -> object:
         assert exc.rcvd is not None, f"closed without a Close frame: {exc!r}"
         return exc.rcvd
     return close_frame(ws)
-
-
-def record(server: Server, name: str, timeout: float = 10.0):
-    path = server.log_path.parent / name
-    wait_for(path.exists, timeout, what=f"the app to write {name}:\n{server.log}")
-    return json.loads(path.read_text())
 
 
 def assert_worker_still_serves(server: Server, log_from: int = 0) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, free_port
+from conftest import TESTS, child_env, free_port
 
 import fastpool
 
@@ -27,13 +27,6 @@ def run_cli(args: list[str], env: dict[str, str] | None = None,
 
     ``stdout_closed``: stdout is a pipe whose reader has already gone (what
     ``fastpool status | head -1`` meets once head has its line)."""
-    full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS)] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
-    for name in list(full_env):
-        if name.startswith("FASTPOOL_") or name == "WEB_CONCURRENCY":
-            del full_env[name]
-    full_env.update(env or {})
     stdout: int | None = subprocess.PIPE
     if stdout_closed:
         reader, stdout = os.pipe()
@@ -41,7 +34,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None,
     try:
         proc = subprocess.Popen((command or [sys.executable, "-m", "fastpool"]) + args,
                                 stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                env=full_env, cwd=cwd, start_new_session=True)
+                                env=child_env(env), cwd=cwd, start_new_session=True)
     finally:
         if stdout_closed:
             os.close(stdout)

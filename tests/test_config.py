@@ -2,7 +2,7 @@
 [server] defaults vs per-group settings vs flags, and the errors a bad file
 gets before any process starts.
 
-Servers are the real ``python -m fastpool serve`` (apps_groups_support); the
+Servers are the real ``python -m fastpool serve`` (clusters.py); the
 app is apps_groups.py.
 """
 
@@ -14,17 +14,10 @@ import socket
 import time
 
 import pytest
-from apps_groups_support import Clusters, fastpool, fetch, group, ports, render
+from client import fetch
+from clusters import fastpool, group, ports, render
 
 from fastpool import settings
-
-
-@pytest.fixture
-def clusters(tmp_path):
-    factory = Clusters(tmp_path)
-    yield factory
-    factory.close()
-
 
 # ---------------------------------------------------------------- bad configs
 
@@ -182,8 +175,8 @@ def test_a_one_group_config_without_listen_serves(clusters, how):
     args = ("--port", str(chosen["web"])) if how == "flag" else ()
     server = clusters.start(text, workers=1, ports=chosen, args=args)
     (worker,) = server.wait_group("web", 1)
-    code, _, pid = fetch(chosen["web"])
-    assert (code, pid) == (200, worker)
+    reply = fetch(chosen["web"], "/pid")
+    assert (reply.status, reply.pid) == (200, worker)
     assert server.group_status("web")["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
 
 
@@ -206,9 +199,9 @@ def test_pyproject_tool_table_is_used_without_config(clusters, tmp_path):
     web = server.wait_group("web", 2)
     task = server.wait_group("task", 1)
     for name, pids in (("web", web), ("task", task)):
-        code, body, pid = fetch(chosen[name], "/shop/environ")
-        assert code == 200 and pid in pids
-        assert json.loads(body)["SCRIPT_NAME"] == "/shop"
+        reply = fetch(chosen[name], "/shop/environ")
+        assert reply.status == 200 and reply.pid in pids
+        assert json.loads(reply.body)["SCRIPT_NAME"] == "/shop"
     status = fastpool("status", "--json", cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert [g["name"] for g in json.loads(status.stdout)["groups"]] == ["web", "task"]
@@ -225,7 +218,7 @@ def test_pyproject_tool_table_is_used_without_config(clusters, tmp_path):
 def script_names(server, chosen: dict[str, int], prefixes: dict[str, str]) -> dict[str, str]:
     names = {}
     for name, port in chosen.items():
-        code, body, _ = fetch(port, f"{prefixes[name]}/environ")
+        code, _, body = fetch(port, f"{prefixes[name]}/environ")
         assert code == 200, body
         names[name] = json.loads(body)["SCRIPT_NAME"]
     return names

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apps_groups_support import Cluster, Clusters, ports, render
-from conftest import Response, Server, Stream, start_server, stop_server
+from client import Response, Stream
+from clusters import Cluster, Clusters, ports, render
+from conftest import Server, start_server, stop_server
 from corpus_cases import LIMIT_REQUEST_BODY, Case, header_values, load_cases
 
 CASES = load_cases()

@@ -2,7 +2,7 @@
 their per-group settings, and the control socket (status, reload, scale).
 
 Every server is the real ``python -m fastpool serve --config FILE`` (started by
-apps_groups_support.Clusters); the app is apps_groups.py.
+clusters.Clusters); the app is apps_groups.py.
 """
 
 from __future__ import annotations
@@ -20,18 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from apps_groups_support import (
-    children,
-    cmdline,
-    fastpool,
-    fetch,
-    group,
-    ports,
-    render,
-    start_sleeper,
-    timed_fetch,
-)
-from conftest import DEADLINE, alive, wait_for
+from client import fetch, start_sleeper, timed
+from clusters import fastpool, group, ports, render
+from conftest import DEADLINE, alive, children, cmdline, wait_for
 
 # ---------------------------------------------------------------- the example config
 
@@ -81,9 +72,9 @@ def test_example_config_serves_each_group_from_its_own_workers(clusters, tmp_pat
     for name in ("web", "task"):
         seen = set()
         for _ in range(30):
-            code, body, pid = fetch(chosen[name], "/pid")
-            assert code == 200 and int(body) == pid
-            seen.add(pid)
+            reply = fetch(chosen[name], "/pid")
+            assert reply.status == 200 and int(reply.body) == reply.pid
+            seen.add(reply.pid)
         assert seen <= set(pids[name]), (name, seen, pids)
     # The custom processes run, print into the log, and are the master's children.
     (mailer,) = status["processes"]
@@ -122,21 +113,21 @@ def test_a_busy_group_does_not_slow_down_another(clusters):
                           "task": group(chosen["task"], 2, reuse_port=False)})
     server = clusters.start(text, workers=3, ports=chosen)
     task_pids = server.wait_group("task", 2)
-    fetch(chosen["web"])   # warm up
+    fetch(chosen["web"], "/pid")   # warm up
     with ThreadPoolExecutor(2) as pool:
-        sleepers = [start_sleeper(pool, server, chosen["task"], 2) for _ in range(2)]
+        sleepers = [start_sleeper(pool, server, 2, port=chosen["task"]) for _ in range(2)]
         busy = server.group_status("task")["workers"]
         assert all(w["current_request_s"] is not None for w in busy), busy
         latencies = []
         for _ in range(5):
-            took, code, pid = timed_fetch(chosen["web"])
-            assert code == 200
+            took, reply = timed(fetch, chosen["web"], "/pid")
+            assert reply.status == 200
             latencies.append(took)
         assert not any(f.done() for f in sleepers), "the slow requests ended too early"
         results = [f.result(timeout=20) for f in sleepers]
     assert max(latencies) < 0.1, latencies
-    assert {r[0] for r in results} == {200}
-    assert {r[2] for r in results} == set(task_pids)
+    assert {r.status for r in results} == {200}
+    assert {r.pid for r in results} == set(task_pids)
 
 
 # ---------------------------------------------------------------- threads
@@ -147,7 +138,7 @@ def test_threads_serve_concurrent_requests_in_one_worker(clusters):
     text = render(groups={"io": group(chosen["io"], 1, threads=4)})
     server = clusters.start(text, workers=1, ports=chosen)
     (worker,) = server.wait_group("io", 1)
-    code, body, _ = fetch(chosen["io"], "/environ")
+    code, _, body = fetch(chosen["io"], "/environ")
     assert code == 200
     assert json.loads(body)["wsgi.multithread"] is True
     assert server.group_status("io")["threads"] == 4
@@ -156,8 +147,8 @@ def test_threads_serve_concurrent_requests_in_one_worker(clusters):
         futures = [pool.submit(fetch, chosen["io"], "/sleep?s=0.5&tag=t") for _ in range(4)]
         results = [f.result(timeout=15) for f in futures]
         took = time.monotonic() - start
-    assert [r[0] for r in results] == [200] * 4
-    assert {r[2] for r in results} == {worker}
+    assert [r.status for r in results] == [200] * 4
+    assert {r.pid for r in results} == {worker}
     assert took < 1.5, f"4 concurrent 0.5 s requests took {took:.2f} s on 4 threads"
 
 
@@ -193,8 +184,8 @@ def test_threads_keep_a_fast_endpoint_answering_under_a_flood(clusters, flooders
         wait_for(lambda: len(flooded) >= flooders, what="the flood to run")
         latencies = []
         for _ in range(6):
-            took, code, pid = timed_fetch(chosen["io"], "/pid")
-            assert code == 200 and pid == worker
+            took, reply = timed(fetch, chosen["io"], "/pid")
+            assert reply.status == 200 and reply.pid == worker
             latencies.append(took)
         busy = server.group_status("io")["workers"][0]["current_request_s"]
     finally:
@@ -254,17 +245,17 @@ def test_status_shows_groups_workers_and_processes(clusters):
     (task,) = server.wait_group("task", 1)
     assert stat.S_IMODE(os.stat(server.control).st_mode) == 0o600
     for _ in range(3):
-        assert fetch(chosen["web"])[0] == 200
+        assert fetch(chosen["web"], "/pid").status == 200
     os.kill(web, signal.SIGKILL)
     (web,) = server.wait_group("web", 1, exclude={web})
     for _ in range(2):
-        assert fetch(chosen["web"])[0] == 200
+        assert fetch(chosen["web"], "/pid").status == 200
     with ThreadPoolExecutor(1) as pool:
-        slow = start_sleeper(pool, server, chosen["task"], 2)
+        slow = start_sleeper(pool, server, 2, port=chosen["task"])
         result = server.fastpool("status", "--json")
         text_result = server.fastpool("status")
         assert not slow.done()
-        assert slow.result(timeout=15)[0] == 200
+        assert slow.result(timeout=15).status == 200
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["master"] == server.pid
@@ -391,8 +382,8 @@ def test_reload_of_one_group_replaces_only_its_workers(clusters):
     wait_for(lambda: not any(map(alive, task)), what="the old task workers to exit")
     assert server.group_pids("web") == web
     assert all(map(alive, web))
-    assert {fetch(chosen["task"])[2] for _ in range(10)} <= set(new_task)
-    assert {fetch(chosen["web"])[2] for _ in range(10)} <= set(web)
+    assert {fetch(chosen["task"], "/pid").pid for _ in range(10)} <= set(new_task)
+    assert {fetch(chosen["web"], "/pid").pid for _ in range(10)} <= set(web)
 
 
 def test_reload_keeps_the_listen_addresses_and_applies_the_rest(clusters):
@@ -436,7 +427,7 @@ def test_scale_a_group_up_and_down(clusters):
     two = server.wait_group("web", 2)
     assert web in two
     wait_for(lambda: len(children(server.pid)) == 3, what="3 children of the master")
-    assert {fetch(chosen["web"])[2] for _ in range(20)} <= set(two)
+    assert {fetch(chosen["web"], "/pid").pid for _ in range(20)} <= set(two)
     result = server.fastpool("scale", "web", "-1")
     assert result.returncode == 0, result.stderr
     (left,) = server.wait_group("web", 1)

@@ -16,25 +16,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import conftest
 import pytest
-from conftest import Server, Stream, read_response, stop_server, wait_for
-from test_http import get, worker_pid
+from client import Stream, connect, get, read_until_close, worker_pid
+from conftest import HTTP_APPS, Server, start_http_server, stop_server, wait_for
 
 FAST = 0.1           # seconds: a request to a free worker takes about a millisecond
 CLIENT_TIMEOUT = 2   # --client-timeout of the servers below
 
 
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    return request.param
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
-    srv = conftest.start_http_server(interface, tmp_path_factory.mktemp(f"hard-{interface}"),
-                                     "--client-timeout", str(CLIENT_TIMEOUT),
-                                     "--limit-request-body", "100000")
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"hard-{interface}"),
+                            "--client-timeout", str(CLIENT_TIMEOUT),
+                            "--limit-request-body", "100000")
     yield srv
     stop_server(srv)
 
@@ -42,9 +39,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator
 def answered_fast(server: Server, path: str = "/fast") -> float:
     """A second client's request is answered within FAST; returns its time."""
     started = time.monotonic()
-    with server.connect() as sock:
+    sock, stream = connect(server)
+    with sock:
         sock.sendall(get(path))
-        response = Stream(sock).response()
+        response = stream.response()
     elapsed = time.monotonic() - started
     assert response.status == 200
     assert elapsed < FAST, f"the other client waited {elapsed * 1000:.0f} ms"
@@ -87,7 +85,7 @@ def test_a_client_that_stops_reading_holds_nobody(server):
         wait_for(lambda: server.log.count("took no response bytes") > before,
                  timeout=CLIENT_TIMEOUT + 3, what="the stalled reader to be closed")
         # What the client had not read ends in a close.
-        read_response(sock, 10)
+        read_until_close(sock, 10)
     assert server.log.count("took no response bytes") == before + 1
     assert worker_pid(server) == pid
 
@@ -125,7 +123,7 @@ def test_a_body_that_stops_arriving_holds_nobody_and_gets_408(server):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n12345")
         for _ in range(5):
             answered_fast(server)
-        answer = read_response(sock, CLIENT_TIMEOUT + 5)
+        answer = read_until_close(sock, CLIENT_TIMEOUT + 5)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
     assert worker_pid(server) == pid
 
@@ -139,7 +137,7 @@ def test_half_close_in_the_middle_of_a_body_holds_nobody(server):
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n12345")
         answered_fast(server)
         sock.shutdown(socket.SHUT_WR)
-        assert read_response(sock, 5) == b""
+        assert read_until_close(sock, 5) == b""
         answered_fast(server)
     new_lines = server.log[len(log_before):]
     assert "Error" not in new_lines and "Traceback" not in new_lines, new_lines
@@ -205,7 +203,7 @@ def test_an_error_answered_while_the_client_still_sends_is_not_destroyed(server)
                 sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
         except (BrokenPipeError, ConnectionResetError):
             pass
-        answer = read_response(sock, 10)
+        answer = read_until_close(sock, 10)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
     assert answer.endswith(b"request body too large\n"), answer[-100:]
 
@@ -220,7 +218,7 @@ def test_upgrade_request_with_a_body_in_a_later_read_never_kills_the_worker(serv
                          b"Upgrade: x\r\nContent-Length: 5\r\n\r\n")
             time.sleep(0.01)   # the body must come in a read of its own
             sock.sendall(b"hello")
-            answer = read_response(sock, 5)
+            answer = read_until_close(sock, 5)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         assert answer.endswith(b"hello")
     assert worker_pid(server) == pid
@@ -245,7 +243,7 @@ def test_running_out_of_descriptors_pauses_accepting(serve, interface, tmp_path:
     """At the descriptor limit the worker stops accepting for a second at a time
     (one log line each), keeps serving the connections it has, and accepts
     again once descriptors are free."""
-    srv = serve(conftest.HTTP_APPS[interface], "--interface", interface,
+    srv = serve(HTTP_APPS[interface], "--interface", interface,
                 "--client-timeout", "30", nofile=80)
     held = [srv.connect() for _ in range(100)]
     try:

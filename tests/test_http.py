@@ -17,32 +17,20 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import conftest
 import pytest
 from apps_http import pattern
-from conftest import Server, Stream, stop_server
+from client import Stream, chunked_post, connect, get, post, worker_pid
+from conftest import Server, start_http_server, stop_server
 
 # ---------------------------------------------------------------- servers
-
-
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    """Every test runs against ``--interface wsgi`` (apps_http.py) and ``--interface
-    asgi`` (apps_http_asgi.py), unless it is parametrised to one of them."""
-    return request.param
-
-
-def start_server(directory: Path, interface: str, *args: str,
-                 env: dict[str, str] | None = None) -> Server:
-    return conftest.start_http_server(interface, directory, *args, env=env)
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
     """One worker, default settings; shared by the tests that need no flags."""
-    srv = start_server(tmp_path_factory.mktemp(f"http-{interface}"), interface)
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"http-{interface}"))
     yield srv
     stop_server(srv)
 
@@ -51,44 +39,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator
 def timeouts_server(tmp_path_factory: pytest.TempPathFactory,
                     interface: str) -> Iterator[Server]:
     """One worker with short keep-alive and header timeouts."""
-    srv = start_server(tmp_path_factory.mktemp(f"http-timeouts-{interface}"), interface,
-                       "--keep-alive", "1", "--header-timeout", "2")
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"http-timeouts-{interface}"),
+                            "--keep-alive", "1", "--header-timeout", "2")
     yield srv
     stop_server(srv)
 
 
 WSGI_ONLY = pytest.mark.parametrize("interface", ["wsgi"], indirect=True)
-
-
-# ---------------------------------------------------------------- a small HTTP client
-# (Response and Stream are in conftest.py)
-
-
-def connect(server: Server, timeout: float = 10.0) -> tuple[socket.socket, Stream]:
-    sock = server.connect(timeout)
-    return sock, Stream(sock, timeout)
-
-
-def get(path: str, version: str = "1.1", method: str = "GET", extra: str = "") -> bytes:
-    return f"{method} {path} HTTP/{version}\r\nHost: test\r\n{extra}\r\n".encode("latin-1")
-
-
-def post(path: str, body: bytes, extra: str = "") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
-            .encode("latin-1") + body)
-
-
-def chunked(*parts: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n\r\n"
-
-
-def worker_pid(server: Server) -> int:
-    sock, stream = connect(server)
-    with sock:
-        sock.sendall(get("/pid", extra="Connection: close\r\n"))
-        response = stream.response()
-    assert response.status == 200
-    return int(response.body)
 
 
 # ---------------------------------------------------------------- keep-alive
@@ -194,8 +151,7 @@ def test_pipelined_posts_with_bodies(server):
     bodies = [b"", b"x", b"hello world", bytes(range(256)) * 40, b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",
               pattern(100000)]
     data = b"".join(post("/echo", body) for body in bodies)
-    data += (b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-             + chunked(b"chunked ", b"in the ", b"middle"))
+    data += chunked_post("/echo", b"chunked ", b"in the ", b"middle")
     data += post("/echo", b"last")
     sock, stream = connect(server)
     with sock:
@@ -213,14 +169,12 @@ def test_pipelined_posts_with_bodies(server):
 def test_chunked_request_body_is_dechunked(server):
     sock, stream = connect(server)
     with sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunked(b"Hello", b", ", b"chunked ", b"world", b"!" * 300))
+        sock.sendall(chunked_post("/echo", b"Hello", b", ", b"chunked ", b"world", b"!" * 300))
         response = stream.response()
         assert response.status == 200
         assert response.body == b"Hello, chunked world" + b"!" * 300
         # The app sees no Content-Length and the environ says chunked.
-        sock.sendall(b"POST /env HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + chunked(b"abc"))
+        sock.sendall(chunked_post("/env", b"abc"))
         response = stream.response()
         assert response.status == 200
         assert b'"CONTENT_LENGTH"' not in response.body
@@ -332,8 +286,7 @@ def test_large_chunked_request_body_read_in_pieces(server):
     pieces = [body[i:i + 100003] for i in range(0, len(body), 100003)]
     sock, stream = connect(server, timeout=30)
     with sock:
-        sock.sendall(b"POST /echo-chunks HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked"
-                     b"\r\n\r\n" + chunked(*pieces))
+        sock.sendall(chunked_post("/echo-chunks", *pieces))
         response = stream.response()
         assert response.status == 200
         assert hashlib.sha256(response.body).digest() == hashlib.sha256(body).digest()

@@ -12,11 +12,18 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import conftest
 import pytest
-from conftest import Server, stop_server
+from client import (
+    Response,
+    Stream,
+    chunked_post,
+    exchange,
+    get,
+    read_until_close,
+    worker_pid,
+)
+from conftest import Server, start_http_server, stop_server
 
 DEFAULT_LINE = 4094
 DEFAULT_FIELDS = 100
@@ -35,19 +42,12 @@ CUSTOM = {
 }
 
 
-@pytest.fixture(scope="module", params=list(conftest.HTTP_APPS))
-def interface(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-def start_server(directory: Path, interface: str, *args: str,
-                 env: dict[str, str] | None = None) -> Server:
-    return conftest.start_http_server(interface, directory, *args, env=env)
+# (the ``interface`` fixture, wsgi and asgi, is conftest's)
 
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory, interface: str) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp(f"limits-default-{interface}"), interface)
+    srv = start_http_server(interface, tmp_path_factory.mktemp(f"limits-default-{interface}"))
     yield srv
     stop_server(srv)
 
@@ -58,11 +58,11 @@ def custom_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     directory = tmp_path_factory.mktemp(f"limits-{request.param}-{interface}")
     if request.param == "flags":
         args = [item for name, value in CUSTOM.items() for item in (f"--{name}", str(value))]
-        srv = start_server(directory, interface, *args)
+        srv = start_http_server(interface, directory, *args)
     else:
         env = {"FASTPOOL_" + name.upper().replace("-", "_"): str(value)
                for name, value in CUSTOM.items()}
-        srv = start_server(directory, interface, env=env)
+        srv = start_http_server(interface, directory, env=env)
     yield srv
     stop_server(srv)
 
@@ -89,75 +89,34 @@ def field_of_size(size: int) -> bytes:
     return name + b": " + b"v" * (size - len(name) - 2)
 
 
-read_until_close = conftest.read_response
-
-
-def read_one(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """One response with a Content-Length, on a connection that may stay open."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response head: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status, headers = parse_head(head)
-    length = int(headers["content-length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed in the middle of a body"
-        body += chunk
-    assert len(body) == length, "more bytes than the response's Content-Length"
-    return status, headers, body
-
-
-def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers
-
-
-def exchange(server: Server, data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send ``data`` (no half-close); the server answers and closes the connection."""
-    with server.connect() as sock:
-        sock.sendall(data)
-        raw = read_until_close(sock)
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    assert sep, f"no complete response: {raw[:300]!r}"
-    status, headers = parse_head(head)
-    return status, headers, body
+def read_sized(stream: Stream) -> Response:
+    """One response framed by a Content-Length, and nothing after it yet, on a
+    connection that may stay open."""
+    response = stream.response()
+    assert response.header("content-length") is not None, f"no Content-Length: {response}"
+    assert not stream.buf, "more bytes than the response's Content-Length"
+    return response
 
 
 def ok(server: Server, data: bytes) -> bytes:
     """Send one request that must succeed; the connection stays usable."""
     with server.connect() as sock:
+        stream = Stream(sock)
         sock.sendall(data)
-        status, _, body = read_one(sock)
-        assert status == 200, body
-        sock.sendall(b"GET /still-open HTTP/1.1\r\nHost: test\r\n\r\n")
-        assert read_one(sock)[2] == b"GET /still-open"
-    return body
+        response = read_sized(stream)
+        assert response.status == 200, response.body
+        sock.sendall(get("/still-open"))
+        assert read_sized(stream).body == b"GET /still-open"
+    return response.body
 
 
 def rejected(server: Server, data: bytes, status: int) -> None:
     """``data`` gets ``status`` and a closed connection; then the same worker still serves."""
     pid = worker_pid(server)
-    got, headers, body = exchange(server, data)
-    assert got == status, body
-    assert headers.get("connection", "").lower() == "close"
+    (response,) = exchange(server, data, half_close=False)
+    assert response.status == status, response.body
+    assert (response.header("connection") or "").lower() == "close"
     assert worker_pid(server) == pid
-
-
-def worker_pid(server: Server) -> int:
-    with server.connect() as sock:
-        sock.sendall(b"GET /pid HTTP/1.1\r\nHost: test\r\n\r\n")
-        status, _, body = read_one(sock)
-    assert status == 200
-    return int(body)
 
 
 def trickle(server: Server, first: bytes, piece: bytes, limit_bytes: int) -> int:
@@ -185,7 +144,7 @@ def trickle(server: Server, first: bytes, piece: bytes, limit_bytes: int) -> int
             break
         assert answer, f"no answer after {sent} bytes of a head that never ends"
         answer += read_until_close(sock)
-    return int(answer.split(b" ", 2)[1])
+    return Stream.of(answer).head().status
 
 
 # ---------------------------------------------------------------- request line
@@ -212,7 +171,7 @@ def test_request_line_that_never_ends_is_414(default_server):
 
 
 def test_request_line_limit_zero_means_unlimited(tmp_path, interface):
-    server = start_server(tmp_path, interface, "--limit-request-line", "0")
+    server = start_http_server(interface, tmp_path, "--limit-request-line", "0")
     try:
         line = request_line(20000)
         # Sent in pieces, so that no single read holds the whole line.
@@ -227,9 +186,9 @@ def test_request_line_limit_zero_means_unlimited(tmp_path, interface):
                     continue
                 raise AssertionError(f"answered before the request ended: {early[:200]!r}")
             sock.sendall(b"\r\nHost: test\r\n\r\n")
-            status, _, body = read_one(sock)
-        assert status == 200, body
-        assert body == line[:-9]
+            response = read_sized(Stream(sock))
+        assert response.status == 200, response.body
+        assert response.body == line[:-9]
     finally:
         stop_server(server)
 
@@ -343,23 +302,20 @@ def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path, interfa
     (WSGI: the blocking path; ASGI: awaiting receive()) when the limit is crossed:
     still a 413."""
     limit = 300000
-    server = start_server(tmp_path, interface, "--limit-request-body", str(limit))
+    server = start_http_server(interface, tmp_path, "--limit-request-body", str(limit))
     try:
         body = bytes(range(256)) * (limit // 256)
         pieces = [body[i:i + 50000] for i in range(0, len(body), 50000)]
-        encoded = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-        head = b"POST /echo-chunks HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
         with server.connect() as sock:
-            sock.sendall(head + encoded)
-            status, _, echoed = read_one(sock)
-        assert status == 200 and echoed == body
+            sock.sendall(chunked_post("/echo-chunks", *pieces))
+            response = read_sized(Stream(sock))
+        assert response.status == 200 and response.body == body
         over = body + b"x" * 100000
         pieces = [over[i:i + 50000] for i in range(0, len(over), 50000)]
-        encoded = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
         pid = worker_pid(server)
         with server.connect() as sock:
             try:
-                sock.sendall(head + encoded)
+                sock.sendall(chunked_post("/echo-chunks", *pieces))
             except (BrokenPipeError, ConnectionResetError):
                 pass
             raw = read_until_close(sock)
@@ -367,15 +323,15 @@ def test_large_chunked_body_over_the_limit_while_the_app_reads(tmp_path, interfa
         assert worker_pid(server) == pid
         # And a Content-Length over the limit is refused before the app runs.
         too_long = b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % (limit + 1)
-        status, _, _ = exchange(server, too_long)
-        assert status == 413
+        (response,) = exchange(server, too_long, half_close=False)
+        assert response.status == 413
     finally:
         stop_server(server)
 
 
 def test_env_variable_is_overridden_by_flag(tmp_path, interface):
-    server = start_server(tmp_path, interface, "--limit-request-line", "4094",
-                          env={"FASTPOOL_LIMIT_REQUEST_LINE": "100"})
+    server = start_http_server(interface, tmp_path, "--limit-request-line", "4094",
+                               env={"FASTPOOL_LIMIT_REQUEST_LINE": "100"})
     try:
         ok(server, request_line(1000) + b"\r\nHost: test\r\n\r\n")
         rejected(server, request_line(DEFAULT_LINE + 1) + b"\r\nHost: test\r\n\r\n", 414)

@@ -12,54 +12,14 @@ import os
 import re
 import signal
 import socket
-import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Server, alive, free_port, wait_for
+from client import Reply, fetch, start_sleeper, worker_pid
+from conftest import Server, alive, free_port, wait_exit, wait_for
 
 # ---------------------------------------------------------------- helpers
-
-
-def fetch(server: Server, path: str, timeout: float = 10.0,
-          headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def served_pid(server: Server) -> int:
-    status, body = fetch(server, "/pid")
-    assert status == 200, body
-    return int(body)
-
-
-def start_sleeper(pool: ThreadPoolExecutor, server: Server, seconds: float,
-                  timeout: float = 15.0) -> tuple[Future, str]:
-    """Send ``/sleep`` on its own thread; return once the app is sleeping."""
-    tag = uuid.uuid4().hex
-    future = pool.submit(fetch, server, f"/sleep?s={seconds}&tag={tag}", timeout)
-    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
-             what="the app to start sleeping")
-    assert not future.done(), future.result()
-    return future, tag
-
-
-def wait_exit(server: Server, timeout: float) -> tuple[int, float]:
-    """The master's exit code and how long it took to exit."""
-    start = time.monotonic()
-    try:
-        code = server.proc.wait(timeout)
-    except Exception:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
-    return code, time.monotonic() - start
 
 
 def assert_cut_off(future: Future) -> None:
@@ -84,7 +44,7 @@ def test_workers_spread_new_connections_with_reuse_port(serve):
                        what="3 workers")
     assert sorted(server.booted_workers()) == workers
     assert server.pid not in workers
-    seen = {served_pid(server) for _ in range(40)}
+    seen = {worker_pid(server) for _ in range(40)}
     assert seen <= set(workers)
     assert len(seen) > 1, "every new connection went to the same worker"
     assert len(server.worker_pids()) == 3
@@ -95,13 +55,13 @@ def test_workers_share_one_socket_with_no_reuse_port(serve):
     workers = wait_for(lambda: len(server.worker_pids()) == 3 and server.worker_pids(),
                        what="3 workers")
     assert sorted(server.booted_workers()) == workers
-    assert {served_pid(server) for _ in range(10)} <= set(workers)
+    assert {worker_pid(server) for _ in range(10)} <= set(workers)
     # While two workers are busy, a third connection must reach the idle one.
     with ThreadPoolExecutor(3) as pool:
-        sleepers = [start_sleeper(pool, server, 0.5)[0] for _ in range(3)]
+        sleepers = [start_sleeper(pool, server, 0.5) for _ in range(3)]
         results = [future.result(timeout=15) for future in sleepers]
     pids = set()
-    for status, body in results:
+    for status, _, body in results:
         assert status == 200
         pids.add(int(body.split()[1]))
     assert pids == set(workers)
@@ -120,7 +80,7 @@ def test_killed_worker_is_replaced(serve):
     wait_for(lambda: replacement in server.booted_workers(), what="the replacement to boot")
     assert error_lines(server.log, f"pid {victim}"), server.log
     assert any("SIGKILL" in line for line in error_lines(server.log, f"pid {victim}"))
-    seen = {served_pid(server) for _ in range(30)}
+    seen = {worker_pid(server) for _ in range(30)}
     assert seen <= set(after)
     assert victim not in seen
     assert replacement in seen
@@ -134,9 +94,9 @@ def test_graceful_stop_finishes_in_flight_request(serve, sig):
     server = serve("apps_wsgi:main", "--workers", "2")
     workers = server.worker_pids()
     with ThreadPoolExecutor(1) as pool:
-        future, _ = start_sleeper(pool, server, 1)
+        future = start_sleeper(pool, server, 1)
         server.proc.send_signal(sig)
-        status, body = future.result(timeout=15)
+        status, _, body = future.result(timeout=15)
     assert status == 200
     assert body.startswith(b"slept ")
     code, _ = wait_exit(server, 15)
@@ -149,7 +109,7 @@ def test_quit_stops_immediately(serve):
     server = serve("apps_wsgi:main", "--workers", "2")
     workers = server.worker_pids()
     with ThreadPoolExecutor(1) as pool:
-        future, _ = start_sleeper(pool, server, 30)
+        future = start_sleeper(pool, server, 30)
         server.proc.send_signal(signal.SIGQUIT)
         code, took = wait_exit(server, 10)
         assert_cut_off(future)
@@ -163,7 +123,7 @@ def test_second_int_during_graceful_stop_is_immediate(serve):
     server = serve("apps_wsgi:main", "--workers", "1")
     workers = server.worker_pids()
     with ThreadPoolExecutor(1) as pool:
-        future, _ = start_sleeper(pool, server, 30)
+        future = start_sleeper(pool, server, 30)
         server.proc.send_signal(signal.SIGINT)
         wait_for(lambda: "SIGINT" in server.log, timeout=10, what="the first SIGINT")
         assert server.proc.poll() is None and not future.done(), "first INT was not graceful"
@@ -179,7 +139,7 @@ def test_graceful_timeout_kills_a_stuck_request(serve):
     server = serve("apps_wsgi:main", "--workers", "1", "--graceful-timeout", "1")
     (worker,) = server.worker_pids()
     with ThreadPoolExecutor(1) as pool:
-        future, _ = start_sleeper(pool, server, 30)
+        future = start_sleeper(pool, server, 30)
         server.proc.send_signal(signal.SIGTERM)
         _, took = wait_exit(server, 10)
         assert_cut_off(future)
@@ -256,12 +216,14 @@ def test_app_that_cannot_load_stops_the_server_once(serve, tmp_path, case, prelo
 
 def test_app_factory(serve):
     server = serve("apps_wsgi:create_app()")
-    assert fetch(server, "/") == (200, b"greeting=factory default")
+    status, _, body = fetch(server, "/")
+    assert (status, body) == (200, b"greeting=factory default")
 
 
 def test_app_factory_with_a_literal_argument(serve):
     server = serve("apps_wsgi:create_app('x')")
-    assert fetch(server, "/") == (200, b"greeting=x")
+    status, _, body = fetch(server, "/")
+    assert (status, body) == (200, b"greeting=x")
 
 
 # ---------------------------------------------------------------- access log
@@ -273,8 +235,8 @@ ACCESS_LINE = re.compile(
 
 def test_access_log_to_stdout(serve):
     server = serve("apps_wsgi:main", "--access-log", "-")
-    assert fetch(server, "/hello?q", headers={"User-Agent": "ua-test/1.0"}) == (
-        200, b"Hello, WSGI!\n")
+    status, _, body = fetch(server, "/hello?q", headers={"User-Agent": "ua-test/1.0"})
+    assert (status, body) == (200, b"Hello, WSGI!\n")
     fetch(server, "/pid?x=1&y=2", headers={"User-Agent": "second agent",
                                            "Referer": "http://example.test/"})
     lines = wait_for(lambda: len(ACCESS_LINE.findall(server.log)) >= 2 and [
@@ -291,7 +253,7 @@ def test_access_log_to_stdout(serve):
 def test_no_access_log_by_default(serve):
     server = serve("apps_wsgi:main")
     for _ in range(3):
-        assert fetch(server, "/hello?q", headers={"User-Agent": "ua-test/1.0"})[0] == 200
+        assert fetch(server, "/hello?q", headers={"User-Agent": "ua-test/1.0"}).status == 200
     assert server.stop() == 0
     assert "GET /hello" not in server.log
     assert not ACCESS_LINE.findall(server.log)
@@ -304,7 +266,8 @@ def test_access_log_to_a_closed_stdout_is_switched_off_and_the_worker_serves_on(
     server = serve(app, "--access-log", "-", stdout_closed=True)
     (worker,) = server.booted_workers()
     for _ in range(3):
-        assert fetch(server, "/pid") == (200, str(worker).encode())
+        status, _, body = fetch(server, "/pid")
+        assert (status, body) == (200, str(worker).encode())
     warnings = error_lines(server.log, "access log: stdout is closed")
     assert len(warnings) == 1 and f"[{worker}] [WARNING]" in warnings[0], server.log
     assert server.stop() == 0
@@ -338,12 +301,11 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.unix_path)
 
 
-def fetch_unix(path: str, target: str) -> tuple[int, bytes]:
+def fetch_unix(path: str, target: str) -> Reply:
+    """``fetch`` through the Unix socket at ``path``."""
     conn = UnixHTTPConnection(path)
     try:
-        conn.request("GET", target)
-        response = conn.getresponse()
-        return response.status, response.read()
+        return fetch(conn, target)
     finally:
         conn.close()
 
@@ -352,8 +314,9 @@ def test_unix_socket(serve, tmp_path):
     path = str(tmp_path / "fastpool.sock")
     server = serve("apps_wsgi:main", "--bind", f"unix:{path}", "--workers", "2")
     assert f"unix:{path}" in server.log
-    assert fetch_unix(path, "/hello") == (200, b"Hello, WSGI!\n")
-    pids = {int(fetch_unix(path, "/pid")[1]) for _ in range(5)}
+    status, _, body = fetch_unix(path, "/hello")
+    assert (status, body) == (200, b"Hello, WSGI!\n")
+    pids = {int(fetch_unix(path, "/pid").body) for _ in range(5)}
     assert pids <= set(server.worker_pids())
 
 
@@ -361,8 +324,10 @@ def test_tcp_and_unix_binds_together(serve, tmp_path):
     path = str(tmp_path / "both.sock")
     port = free_port()
     server = serve("apps_wsgi:main", "--bind", f"127.0.0.1:{port}", "--bind", f"unix:{path}")
-    assert fetch(server, "/hello") == (200, b"Hello, WSGI!\n")
-    assert fetch_unix(path, "/hello") == (200, b"Hello, WSGI!\n")
+    status, _, body = fetch(server, "/hello")
+    assert (status, body) == (200, b"Hello, WSGI!\n")
+    status, _, body = fetch_unix(path, "/hello")
+    assert (status, body) == (200, b"Hello, WSGI!\n")
     assert f"127.0.0.1:{port}" in server.log and f"unix:{path}" in server.log
 
 
@@ -380,7 +345,8 @@ def test_chdir(serve, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     server = serve("fastpool_chdir_probe:app", "--chdir", str(app_dir), cwd=elsewhere)
-    assert fetch(server, "/") == (200, str(app_dir).encode())
+    status, _, body = fetch(server, "/")
+    assert (status, body) == (200, str(app_dir).encode())
     # Control: the module is only importable from that directory.
     failed = serve("fastpool_chdir_probe:app", wait=False, cwd=elsewhere)
     code, _ = wait_exit(failed, 15)
@@ -396,7 +362,7 @@ def test_web_concurrency_sets_the_worker_count(tmp_path):
         server.wait_ready()
         assert len(server.worker_pids()) == 2
         assert len(server.booted_workers()) == 2
-        assert fetch(server, "/hello")[0] == 200
+        assert fetch(server, "/hello").status == 200
     finally:
         if server.proc.poll() is None:
             server.stop(signal.SIGQUIT)

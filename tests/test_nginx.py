@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from apps_groups_support import fastpool, group, ports, render
+from client import Client
+from clusters import fastpool, group, new_clusters, ports, render, routed_group, served
 from conftest import free_port, wait_for
-from test_routes import exchange, new_clusters, routed_group, served
 
 
 def nginx_binary() -> str:
@@ -74,7 +74,7 @@ http {{
             if proc.poll() is not None:
                 raise AssertionError(f"nginx exited: {proc.stdout.read().decode()}")
             try:
-                return exchange(nginx_port, "/").status == 200
+                return Client.once(nginx_port, "/").status == 200
             except OSError:
                 return False
         wait_for(nginx_up, timeout=20, what="nginx to answer")
@@ -105,13 +105,13 @@ def test_the_config_has_an_upstream_per_group_and_a_location_pair_per_route(behi
     ("/%74ast/x", "task"), ("/api/q?x=1", "api"), ("/apix", "web"),
 ])
 def test_requests_through_nginx_reach_their_group(behind_nginx, target, expected):
-    response = exchange(behind_nginx.nginx, target)
+    response = Client.once(behind_nginx.nginx, target)
     assert response.status == 200, response
     assert served(response)["group"] == expected
 
 
 def test_a_post_body_through_nginx_reaches_the_routed_group(behind_nginx):
     body = bytes(range(256)) * 600
-    response = exchange(behind_nginx.nginx, "/tast/upload", "POST", body)
+    response = Client.once(behind_nginx.nginx, "/tast/upload", "POST", body)
     info = served(response)
     assert info["group"] == "task" and info["length"] == len(body)

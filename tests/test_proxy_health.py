@@ -8,17 +8,8 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from client import fetch, start_sleeper
 from conftest import wait_for
-from test_master import start_sleeper
-
-
-def get(server, path: str, headers: dict[str, str] | None = None,
-        conn: http.client.HTTPConnection | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = conn or http.client.HTTPConnection(server.host, server.port, timeout=10)
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-
 
 # ---------------------------------------------------------------- health_path
 
@@ -26,15 +17,15 @@ def get(server, path: str, headers: dict[str, str] | None = None,
 def test_health_path_is_answered_without_the_app(serve):
     # apps_wsgi:main answers any other path with the request's environ as JSON.
     server = serve("apps_wsgi:main", "--health-path", "/healthz", "--access-log", "-")
-    status, headers, body = get(server, "/healthz")
+    status, headers, body = fetch(server, "/healthz")
     assert (status, body) == (200, b"OK\n")
     assert headers["content-type"] == "text/plain"
     assert headers["server"] == "fastpool"
-    status, _, body = get(server, "/healthz?probe=1")
+    status, _, body = fetch(server, "/healthz?probe=1")
     assert (status, body) == (200, b"OK\n")
     # Only the exact path: /healthzz and /healthz/x go to the app.
     for path in ("/healthzz", "/healthz/x"):
-        status, _, body = get(server, path)
+        status, _, body = fetch(server, path)
         assert status == 200
         assert json.loads(body)["PATH_INFO"] == path
     wait_for(lambda: '"GET /healthz HTTP/1.1" 200 3' in server.log, what="an access log line")
@@ -43,17 +34,17 @@ def test_health_path_is_answered_without_the_app(serve):
 def test_health_path_says_503_once_a_graceful_stop_begins(serve):
     server = serve("apps_wsgi:main", "--health-path", "/healthz", "--workers", "1")
     keep_alive = http.client.HTTPConnection(server.host, server.port, timeout=10)
-    assert get(server, "/healthz", conn=keep_alive)[0] == 200
+    assert fetch(keep_alive, "/healthz").status == 200
     with ThreadPoolExecutor(1) as pool:
-        future, _ = start_sleeper(pool, server, 1.5)
+        future = start_sleeper(pool, server, 1.5)
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "SIGTERM" in server.log, what="the master to get TERM")
         # The worker is busy in the app; the health request on the open
         # keep-alive connection is answered as soon as it is free, with 503.
-        status, headers, body = get(server, "/healthz", conn=keep_alive)
+        status, headers, body = fetch(keep_alive, "/healthz")
         assert (status, body) == (503, b"stopping\n")
         assert headers["connection"] == "close"
-        assert future.result(timeout=15)[0] == 200     # the in-flight request still completes
+        assert future.result(timeout=15).status == 200     # the in-flight request still completes
     assert server.proc.wait(15) == 0
 
 
@@ -61,13 +52,13 @@ def test_health_is_not_queued_behind_busy_app_threads(serve):
     server = serve("apps_wsgi:main", "--health-path", "/healthz", "--workers", "1",
                    "--threads", "2")
     with ThreadPoolExecutor(2) as pool:
-        sleepers = [start_sleeper(pool, server, 2)[0] for _ in range(2)]   # every thread busy
+        sleepers = [start_sleeper(pool, server, 2) for _ in range(2)]   # every thread busy
         started = time.monotonic()
-        status, _, body = get(server, "/healthz")
+        status, _, body = fetch(server, "/healthz")
         took = time.monotonic() - started
         assert (status, body) == (200, b"OK\n")
         assert took < 0.5, f"the health check waited {took:.2f}s behind the app threads"
-        assert all(f.result(timeout=15)[0] == 200 for f in sleepers)
+        assert all(f.result(timeout=15).status == 200 for f in sleepers)
 
 
 def test_health_path_must_be_a_path(serve):
@@ -80,7 +71,7 @@ def test_health_path_must_be_a_path(serve):
 
 
 def environ_of(server, headers: dict[str, str]) -> dict:
-    status, _, body = get(server, "/", headers)
+    status, _, body = fetch(server, "/", headers=headers)
     assert status == 200
     return json.loads(body)
 

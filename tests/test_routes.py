@@ -4,7 +4,7 @@ workers; ``max_pending`` and ``max_queue_wait`` answer 503 with Retry-After;
 ``fastpool status`` counts the handoffs; bad route configs are refused.
 
 Every server is the real ``python -m fastpool serve --config FILE``
-(apps_groups_support.Clusters); the apps are apps_routes.py (every response
+(clusters.Clusters); the apps are apps_routes.py (every response
 says, as JSON, which group served it and on which client port).
 """
 
@@ -17,76 +17,24 @@ import signal
 import socket
 import struct
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from apps_groups_support import Clusters, Load, fastpool, group, ports, render
-from conftest import Response, Stream, alive, wait_for
+from client import Client, connect, get, post, start_sleeper, timed
+from clusters import (
+    Clusters,
+    Load,
+    fastpool,
+    group,
+    new_clusters,
+    ports,
+    render,
+    routed_group,
+    served,
+)
+from conftest import alive, wait_for
 
 # ---------------------------------------------------------------- helpers
-
-
-def request_bytes(target: str, method: str = "GET", body: bytes = b"",
-                  headers: tuple[str, ...] = ()) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: routes.test", *headers]
-    if body or method in ("POST", "PUT"):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def served(response: Response) -> dict:
-    """The app's JSON description of a 200 response."""
-    assert response.status == 200, (response.status, response.body[:300])
-    return json.loads(response.body)
-
-
-def exchange(port: int, target: str, method: str = "GET", body: bytes = b"",
-             timeout: float = 10.0) -> Response:
-    """One request on a new connection (``Connection: close``)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request_bytes(target, method, body, ("Connection: close",)))
-        return Stream(sock, timeout).response(method)
-
-
-def timed_exchange(port: int, target: str) -> tuple[float, Response]:
-    """Seconds from connecting to the whole response, and the response."""
-    start = time.monotonic()
-    response = exchange(port, target)
-    return time.monotonic() - start, response
-
-
-class Client:
-    """One keep-alive connection: requests one at a time."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.stream = Stream(self.sock, timeout)
-        self.port = self.sock.getsockname()[1]
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, target: str, method: str = "GET", body: bytes = b"",
-             headers: tuple[str, ...] = ()) -> Response:
-        self.sock.sendall(request_bytes(target, method, body, headers))
-        return self.stream.response(method)
-
-
-def start_slow(pool: ThreadPoolExecutor, server, port: int, route: str, seconds: float):
-    """A slow request (``ROUTE/sleep``) on its own thread and connection;
-    returns its future once the app is inside it (the log says so)."""
-    tag = uuid.uuid4().hex[:12]
-    future = pool.submit(exchange, port, f"{route}/sleep?s={seconds}&tag={tag}",
-                         "GET", b"", seconds + 15)
-    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
-             what=f"the app to start sleeping:\n{server.log}")
-    assert not future.done(), future.result()
-    return future
 
 
 def counts(server, cli: bool = True) -> dict[str, dict[str, object]]:
@@ -101,15 +49,6 @@ def counts(server, cli: bool = True) -> dict[str, dict[str, object]]:
     return {g["name"]: {key: g[key] for key in
                         ("routes", "handed_in", "handed_out", "shed", "pending")}
             for g in groups}
-
-
-def new_clusters(tmp_path_factory, name: str) -> tuple[Clusters, Path]:
-    directory = tmp_path_factory.mktemp(name)
-    return Clusters(directory), directory
-
-
-def routed_group(app: str, routes: list[str], workers: int = 1, **more) -> dict:
-    return {"app": app, "routes": routes, "workers": workers, **more}
 
 
 # ---------------------------------------------------------------- the routed server
@@ -164,7 +103,7 @@ ROUTING = [
 @pytest.mark.parametrize(("target", "expected", "why"), ROUTING,
                          ids=[f"{t}->{g}" for t, g, _ in ROUTING])
 def test_routing_by_prefix(routed, target, expected, why):
-    described = served(exchange(routed.web, target))
+    described = served(Client.once(routed.web, target))
     assert described["group"] == expected, (target, why, described)
     assert described["query"] == (target.split("?", 1)[1] if "?" in target else "")
 
@@ -184,14 +123,14 @@ def test_keep_alive_moves_between_groups_on_one_connection(routed):
 
 def test_pipelined_requests_across_groups_stay_in_order(routed):
     body = b"pipelined body \x00\xff " * 5
-    data = (request_bytes("/one")
-            + request_bytes("/tast/p", "POST", body)
-            + request_bytes("/api/z")
-            + request_bytes("/tast/q", "POST", b"second")
-            + request_bytes("/last", headers=("Connection: close",)))
-    with socket.create_connection(("127.0.0.1", routed.web), timeout=10) as sock:
+    data = (get("/one")
+            + post("/tast/p", body)
+            + get("/api/z")
+            + post("/tast/q", b"second")
+            + get("/last", extra="Connection: close\r\n"))
+    sock, stream = connect(routed.web)
+    with sock:
         sock.sendall(data)
-        stream = Stream(sock)
         responses = [stream.response() for _ in range(5)]
         stream.assert_closed()
     described = [served(r) for r in responses]
@@ -222,12 +161,12 @@ def test_large_post_body_crosses_a_handoff_intact(routed, route, first):
 
 def test_large_post_pipelined_with_requests_for_other_groups(routed):
     body = os.urandom(300 * 1024)
-    data = (request_bytes("/tast/upload", "POST", body)
-            + request_bytes("/api/next", "POST", b"small")
-            + request_bytes("/", headers=("Connection: close",)))
-    with socket.create_connection(("127.0.0.1", routed.web), timeout=10) as sock:
+    data = (post("/tast/upload", body)
+            + post("/api/next", b"small")
+            + get("/", extra="Connection: close\r\n"))
+    sock, stream = connect(routed.web)
+    with sock:
         sock.sendall(data)
-        stream = Stream(sock)
         described = [served(stream.response()) for _ in range(3)]
         stream.assert_closed()
     assert [d["group"] for d in described] == ["task", "api", "web"]
@@ -237,7 +176,7 @@ def test_large_post_pipelined_with_requests_for_other_groups(routed):
 
 
 def test_health_path_is_answered_in_every_group_and_never_routed(routed):
-    response = exchange(routed.web, "/healthz")
+    response = Client.once(routed.web, "/healthz")
     assert (response.status, response.body) == (200, b"OK\n")
     before = counts(routed)
     with Client(routed.web) as client:
@@ -304,8 +243,8 @@ def test_a_draining_worker_still_hands_over_the_request_it_reads(routed):
     old = routed.group_pids("web")
     with Client(port) as client, ThreadPoolExecutor(1) as pool:
         assert served(client.send("/"))["group"] == "web"     # idle in the web worker
-        slow = start_slow(pool, routed, port, "", 2.0)
-        client.sock.sendall(request_bytes("/tast/after"))
+        slow = start_sleeper(pool, routed, 2.0, port=port)
+        client.sock.sendall(get("/tast/after"))
         result = routed.fastpool("reload", "--group", "web")
         assert result.returncode == 0, result.stderr
         wait_for(lambda: any(w["pid"] in old and w["state"] in ("retiring", "draining")
@@ -345,7 +284,7 @@ def admission(tmp_path_factory):
             server.wait_group(name, 1)
         server.web = chosen["web"]
         for target in ("/", "/tast/warm", "/queue/warm"):   # every worker has served
-            served(exchange(server.web, target))
+            served(Client.once(server.web, target))
         yield server
     finally:
         factory.close()
@@ -354,12 +293,13 @@ def admission(tmp_path_factory):
 def test_a_full_group_sheds_at_once_and_others_still_answer(admission):
     port = admission.web
     with ThreadPoolExecutor(2) as pool:
-        busy = start_slow(pool, admission, port, "/tast", 2.0)      # the task worker
-        queued = pool.submit(exchange, port, "/tast/queued", "GET", b"", 20)
+        # keeps the task group's only worker busy
+        busy = start_sleeper(pool, admission, 2.0, port=port, route="/tast/sleep")
+        queued = pool.submit(Client.once, port, "/tast/queued", "GET", b"", 20)
         wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 1,
                  what="one handoff waiting for the task group")
-        shed = [timed_exchange(port, "/tast/more") for _ in range(3)]
-        others = [timed_exchange(port, target) for target in ("/", "/queue/x", "/")]
+        shed = [timed(Client.once, port, "/tast/more") for _ in range(3)]
+        others = [timed(Client.once, port, target) for target in ("/", "/queue/x", "/")]
         assert not busy.done() and not queued.done(), "the flood ended too early"
         slow_result = busy.result(timeout=20)
         queued_result = queued.result(timeout=20)
@@ -383,9 +323,9 @@ def test_a_handoff_whose_client_left_while_queued_costs_nothing(admission):
     group's queue: the worker that takes it later finds it gone, and serves on."""
     port = admission.web
     with ThreadPoolExecutor(2) as pool:
-        busy = start_slow(pool, admission, port, "/tast", 1.0)
+        busy = start_sleeper(pool, admission, 1.0, port=port, route="/tast/sleep")
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(request_bytes("/tast/gone", headers=("Connection: close",)))
+        sock.sendall(get("/tast/gone", extra="Connection: close\r\n"))
         wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 1,
                  what="the handoff waiting for the task group")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -393,16 +333,16 @@ def test_a_handoff_whose_client_left_while_queued_costs_nothing(admission):
         assert served(busy.result(timeout=20))["group"] == "task"
     wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 0,
              what="the gone client's handoff to be taken")
-    assert served(exchange(port, "/tast/after"))["group"] == "task"
+    assert served(Client.once(port, "/tast/after"))["group"] == "task"
     assert "Traceback" not in admission.log
 
 
 def test_max_queue_wait_answers_503_to_a_handoff_that_waited_too_long(admission):
     port = admission.web
     with ThreadPoolExecutor(2) as pool:
-        busy = start_slow(pool, admission, port, "/queue", 1.0)
+        busy = start_sleeper(pool, admission, 1.0, port=port, route="/queue/sleep")
         start = time.monotonic()
-        late = pool.submit(exchange, port, "/queue/late", "GET", b"", 20)
+        late = pool.submit(Client.once, port, "/queue/late", "GET", b"", 20)
         response = late.result(timeout=20)
         took = time.monotonic() - start
         assert served(busy.result(timeout=20))["group"] == "queue"
@@ -411,20 +351,20 @@ def test_max_queue_wait_answers_503_to_a_handoff_that_waited_too_long(admission)
     # Answered by the queue group's worker once it was free, not by the sender.
     assert took > 0.3, took
     # A handoff that is taken at once is served.
-    assert served(exchange(port, "/queue/fresh"))["group"] == "queue"
+    assert served(Client.once(port, "/queue/fresh"))["group"] == "queue"
 
 
 def test_status_counts_handoffs_and_shed_requests(admission):
     port = admission.web
     before = counts(admission)
     for target in ("/tast/1", "/tast/2", "/queue/1", "/plain"):
-        exchange(port, target)
+        Client.once(port, target)
     with ThreadPoolExecutor(2) as pool:
-        busy = start_slow(pool, admission, port, "/tast", 2.0)
-        queued = pool.submit(exchange, port, "/tast/queued", "GET", b"", 20)
+        busy = start_sleeper(pool, admission, 2.0, port=port, route="/tast/sleep")
+        queued = pool.submit(Client.once, port, "/tast/queued", "GET", b"", 20)
         wait_for(lambda: counts(admission, cli=False)["task"]["pending"] == 1,
                  what="one handoff waiting for the task group")
-        assert exchange(port, "/tast/shed").status == 503
+        assert Client.once(port, "/tast/shed").status == 503
         full = counts(admission)
         text = admission.fastpool("status")
         assert not busy.done(), "the slow request ended before the status was read"
@@ -480,10 +420,11 @@ def test_health_path_answers_503_once_the_graceful_stop_began(tmp_path):
             response = in_task.send("/healthz")
             assert (response.status, response.body) == (200, b"OK\n")
             # task first: the web worker hands it over before it is busy itself.
-            slow = [start_slow(pool, server, port, route, 1.5) for route in ("/tast", "")]
+            slow = [start_sleeper(pool, server, 1.5, port=port, route=f"{route}/sleep")
+                    for route in ("/tast", "")]
             server.proc.send_signal(signal.SIGTERM)
             for client in (in_web, in_task):
-                client.sock.sendall(request_bytes("/healthz"))
+                client.sock.sendall(get("/healthz"))
             for name, client in (("web", in_web), ("task", in_task)):
                 health = client.stream.response()
                 assert (health.status, health.body) == (503, b"stopping\n"), (name, health)

@@ -3,8 +3,8 @@ workers, rolling reloads under load, request timeouts, max_requests, crash
 loops, supervised processes, graceful stop.
 
 Every server is the real ``python -m fastpool serve --config FILE`` (started by
-apps_groups_support.Clusters); the apps are apps_groups.py and
-apps_groups_crash.py.  Load comes from apps_groups_support.Load: client
+clusters.Clusters); the apps are apps_groups.py and
+apps_groups_crash.py.  Load comes from clusters.Load: client
 threads for a bounded time, each request checked for a 200 and the pid of the
 worker that served it.
 """
@@ -20,24 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from apps_groups_support import (
-    Load,
-    children,
-    fetch,
-    group,
-    ports,
-    render,
-    start_sleeper,
-)
-from conftest import alive, wait_for
-
-
-def wait_exit(server, timeout: float = 20) -> int:
-    try:
-        return server.proc.wait(timeout)
-    except Exception:
-        server.kill()
-        raise AssertionError(f"server did not exit within {timeout}s:\n{server.log}") from None
+from client import fetch, start_sleeper
+from clusters import Load, group, ports, render
+from conftest import alive, children, wait_exit, wait_for
 
 
 def describe(failures) -> str:
@@ -116,13 +101,13 @@ def test_timeout_aborts_and_replaces_a_stuck_worker(clusters, route):
     (web,) = server.wait_group("web", 1)
     started = time.monotonic()
     with ThreadPoolExecutor(1) as pool:
-        future = start_sleeper(pool, server, chosen["slow"], 30, route)
+        future = start_sleeper(pool, server, 30, port=chosen["slow"], route=route)
         try:
             result = future.result(timeout=20)
         except (ConnectionError, http.client.HTTPException):
             result = None
     took = time.monotonic() - started
-    assert result is None or result[0] >= 500, result
+    assert result is None or result.status >= 500, result
     assert took < 8, f"the stuck request was ended after {took:.1f}s with timeout = 1"
     (fresh,) = server.wait_group("slow", 1, exclude={stuck})
     log = server.log
@@ -134,7 +119,7 @@ def test_timeout_aborts_and_replaces_a_stuck_worker(clusters, route):
     assert "apps_groups.py" in dump, log
     assert re.search(rf"pid {stuck}\) of group slow was killed by signal SIGABRT", log) or \
         re.search(rf"pid {stuck}\) of group slow was killed by signal SIGKILL", log), log
-    assert fetch(chosen["slow"])[2] == fresh
+    assert fetch(chosen["slow"], "/pid").pid == fresh
     # The other group was never touched.
     assert server.group_pids("web") == [web]
 
@@ -163,7 +148,7 @@ def test_max_requests_recycles_workers_under_load_without_failures(clusters):
     assert set(first) & {int(pid) for _, pid, _ in served}
     # The replacements are new workers of the same group, and they serve.
     now = server.wait_group("web", 2)
-    assert fetch(chosen["web"])[2] in now
+    assert fetch(chosen["web"], "/pid").pid in now
     assert server.group_status("web")["state"] == "running"
     assert "crash-looping" not in server.log
 
@@ -202,11 +187,11 @@ def test_crash_loop_stops_the_group_and_the_others_keep_serving(clusters, tmp_pa
     assert server.proc.poll() is None
     wait_for(lambda: children(server.pid) == [web], what="only the web worker to be left")
     for _ in range(5):
-        code, _, pid = fetch(chosen["web"])
-        assert code == 200 and pid == web
+        reply = fetch(chosen["web"], "/pid")
+        assert reply.status == 200 and reply.pid == web
     # Stopped means stopped: no new task worker appears.
     booted = len(server.booted("task"))
-    assert fetch(chosen["web"])[0] == 200
+    assert fetch(chosen["web"], "/pid").status == 200
     assert len(server.booted("task")) == booted
     assert server.stop() == 0
 
@@ -217,7 +202,7 @@ def test_crash_loop_with_stop_server_stops_the_server(clusters, tmp_path):
                             workers=2, ports=chosen)
     (web,) = server.wait_group("web", 1)
     start_crash_loop(server, tmp_path)
-    code = wait_exit(server, 20)
+    code, _ = wait_exit(server, 20)
     assert code != 0, server.log
     assert "Group task is crash-looping" in server.log
     assert not alive(web)
@@ -240,7 +225,7 @@ def test_crash_loop_from_the_first_boot_while_another_group_still_boots(clusters
     assert server.proc.poll() is None, f"the server stopped:\n{server.log}"
     assert "Group task is crash-looping" in server.log, server.log
     (web,) = server.wait_group("web", 1)
-    assert fetch(chosen["web"])[2] == web
+    assert fetch(chosen["web"], "/pid").pid == web
     assert server.group_status("task")["state"] == "crash-loop"
 
 
@@ -253,12 +238,12 @@ def test_repeated_timeouts_are_not_a_crash_loop(clusters):
     aborted: set[int] = set()
     for _ in range(3):
         (worker,) = server.wait_group("slow", 1, exclude=aborted, timeout=10)
-        assert fetch(chosen["slow"])[2] == worker
+        assert fetch(chosen["slow"], "/pid").pid == worker
         with pytest.raises((ConnectionError, http.client.HTTPException)):
             fetch(chosen["slow"], "/sleep?s=30&tag=stuck", timeout=15)
         aborted.add(worker)
     (worker,) = server.wait_group("slow", 1, exclude=aborted, timeout=10)
-    assert fetch(chosen["slow"])[2] == worker
+    assert fetch(chosen["slow"], "/pid").pid == worker
     assert "crash-looping" not in server.log, server.log
     assert server.group_status("slow")["restarts"] == 3
 
@@ -319,7 +304,7 @@ def test_scale_down_of_a_booting_worker_is_an_ordinary_stop(clusters, tmp_path):
     status = server.group_status("web")
     assert status["state"] == "running" and status["restarts"] == 0, status
     assert [w["pid"] for w in status["workers"]] == [first]
-    assert {fetch(port)[2] for _ in range(5)} == {first}
+    assert {fetch(port, "/pid").pid for _ in range(5)} == {first}
 
 
 def test_ttou_while_the_server_boots_does_not_stop_it(clusters, tmp_path):
@@ -336,7 +321,7 @@ def test_ttou_while_the_server_boots_does_not_stop_it(clusters, tmp_path):
     assert server.proc.poll() is None, server.log
     assert_ordinary_stop(server, stopped)
     assert server.group_status("web")["restarts"] == 0
-    assert fetch(port)[2] == serving
+    assert fetch(port, "/pid").pid == serving
     assert server.stop() == 0, server.log
 
 
@@ -350,7 +335,7 @@ def test_stopping_a_server_whose_workers_boot_is_a_clean_stop(clusters, tmp_path
              what="the stop")
     if sig == signal.SIGTERM:
         gate.unlink()    # graceful: they stop once booted; QUIT ends them in their boot
-    assert wait_exit(server, 15) == 0, server.log
+    assert wait_exit(server, 15)[0] == 0, server.log
     assert not any(map(alive, pids))
     for pid in pids:
         assert_ordinary_stop(server, pid, booted=sig == signal.SIGTERM)
@@ -450,10 +435,10 @@ def test_term_lets_an_in_flight_request_finish_in_a_multi_group_server(clusters)
     everyone = wait_for(lambda: len(children(server.pid)) == 5 and children(server.pid),
                         what="4 workers and a process")
     with ThreadPoolExecutor(1) as pool:
-        future = start_sleeper(pool, server, chosen["task"], 1)
+        future = start_sleeper(pool, server, 1, port=chosen["task"])
         server.proc.send_signal(signal.SIGTERM)
-        code, body, _ = future.result(timeout=15)
+        code, _, body = future.result(timeout=15)
     assert code == 200 and body.startswith(b"slept "), body
-    assert wait_exit(server, 15) == 0, server.log
+    assert wait_exit(server, 15)[0] == 0, server.log
     wait_for(lambda: not any(map(alive, everyone)), timeout=5, what="every child to exit")
     assert "Shutting down: master" in server.log

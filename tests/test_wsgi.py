@@ -17,82 +17,14 @@ import signal
 import socket
 import struct
 import uuid
-from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import apps_wsgi
 import pytest
-from conftest import Server, free_port, raw_request, wait_for
+from client import chunked, exchange, fetch, fetch_json, parse_responses, raw_request
+from conftest import Server, start_server, stop_server, wait_for
 
 # ---------------------------------------------------------------- helpers
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytes = b""
-    complete: bool = True
-
-    def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return ", ".join(values) if values else None
-
-    def json(self):
-        return json.loads(self.body)
-
-
-def _parse_chunked(data: bytes) -> tuple[bytes, bytes, bool]:
-    """(body, rest, complete) for a chunked body at the start of ``data``."""
-    body = b""
-    while True:
-        line, sep, data = data.partition(b"\r\n")
-        if not sep:
-            return body, b"", False
-        size = int(line.split(b";")[0], 16)
-        if size == 0:
-            # Trailers (none expected) end with an empty line.
-            end = data.find(b"\r\n") if data.startswith(b"\r\n") else data.find(b"\r\n\r\n")
-            if end < 0:
-                return body, b"", False
-            return body, data[end + (2 if data.startswith(b"\r\n") else 4):], True
-        if len(data) < size + 2:
-            return body + data[:size], b"", False
-        body += data[:size]
-        assert data[size:size + 2] == b"\r\n", f"bad chunk framing: {data[size:size + 20]!r}"
-        data = data[size + 2:]
-
-
-def parse_responses(data: bytes) -> list[Response]:
-    """Split everything a server sent on one connection into responses."""
-    responses = []
-    while data:
-        head, sep, rest = data.partition(b"\r\n\r\n")
-        if not sep:
-            raise AssertionError(f"incomplete response head: {data[:300]!r}")
-        lines = head.decode("latin-1").split("\r\n")
-        version, code, *_ = lines[0].split(" ", 2)
-        assert version.startswith("HTTP/1."), lines[0]
-        response = Response(int(code))
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            assert colon, f"malformed header line {line!r}"
-            response.headers.append((name, value.strip()))
-        length = response.header("Content-Length")
-        if length is not None:
-            size = int(length)
-            response.body, data = rest[:size], rest[size:]
-            response.complete = len(response.body) == size
-        elif (response.header("Transfer-Encoding") or "").lower() == "chunked":
-            response.body, data, response.complete = _parse_chunked(rest)
-        else:
-            response.body, data = rest, b""
-        responses.append(response)
-    return responses
-
-
-def exchange(server: Server, data: bytes, timeout: float = 10.0) -> list[Response]:
-    return parse_responses(raw_request(server, data, timeout))
 
 
 def build(method: str, target: str, body: bytes | None = None, *,
@@ -103,7 +35,7 @@ def build(method: str, target: str, body: bytes | None = None, *,
     lines += [f"{k}: {v}" for k, v in headers]
     if chunks is not None:
         lines.append("Transfer-Encoding: chunked")
-        payload = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks if c) + b"0\r\n\r\n"
+        payload = chunked(*chunks)
     elif body is not None:
         lines.append(f"Content-Length: {len(body)}")
         payload = body
@@ -112,23 +44,6 @@ def build(method: str, target: str, body: bytes | None = None, *,
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
-
-
-def fetch(server: Server, path: str, method: str = "GET", body: bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
-def fetch_json(server: Server, path: str, **kwargs):
-    status, _, body = fetch(server, path, **kwargs)
-    assert status == 200, body
-    return json.loads(body)
 
 
 def closed_tags(server: Server) -> list[str]:
@@ -141,37 +56,18 @@ def closed_with(server: Server, tag: str) -> list[str]:
                     timeout=10, what=f"close() of {tag}")
 
 
-def start_shared(tmp_path_factory, app: str, *args: str) -> Server:
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    server = Server([app, "--port", str(port), "--workers", "1", *args], port=port,
-                    workers=1, env=None, cwd=tmp, log_path=tmp / "server.log")
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.kill()
-        raise
-
-
-def stop_shared(server: Server) -> None:
-    try:
-        server.stop(signal.SIGQUIT, timeout=10)
-    except AssertionError:
-        server.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_shared(tmp_path_factory, "apps_wsgi:main")
+    srv = start_server("apps_wsgi:main", tmp_path_factory.mktemp("server"))
     yield srv
-    stop_shared(srv)
+    stop_server(srv, signal.SIGQUIT)
 
 
 @pytest.fixture(scope="module")
 def flask_server(tmp_path_factory):
-    srv = start_shared(tmp_path_factory, "apps_wsgi_flask:app")
+    srv = start_server("apps_wsgi_flask:app", tmp_path_factory.mktemp("server"))
     yield srv
-    stop_shared(srv)
+    stop_server(srv, signal.SIGQUIT)
 
 
 # ---------------------------------------------------------------- environ

@@ -1,30 +1,35 @@
-"""Helpers of the worker-group tests: config files, servers started with
-``--config``, the ``fastpool`` command, the control socket, and a bounded
-load generator.
+"""Config-file servers (worker groups, routes), for the tests that need them.
+
+What it holds: config files (``render``, ``group``, ``routed_group``), free
+ports per group (``ports``), the ``fastpool`` command run to completion,
+servers started with ``--config`` (``Cluster``, and ``Clusters``, which starts
+them for one test and stops them all at its end; ``new_clusters`` for a
+module-scoped fixture), the bounded load generator ``Load``, and ``served``
+(the JSON that apps_routes.py answers with).
 
 conftest's ``serve`` fixture adds ``--port`` and ``--workers`` (which would
 override every group of a config file), so config-file servers are started
-here, on top of conftest's ``Server`` and ``wait_for``.
+here, on top of conftest's ``Server``.  Rules: every wait is a deadline
+(``conftest.wait_for``), never a fixed sleep; every ``Load`` stops within its
+``limit``; every server is stopped (killed if need be) by ``Clusters.close``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import DEADLINE, TESTS, Server, alive, free_port, wait_for
+from client import Reply, Response, fetch
+from conftest import DEADLINE, Server, alive, child_env, free_port, stop_server, wait_for
 
 from fastpool.control import request as control_request
 
@@ -56,19 +61,26 @@ def render(server: dict[str, Any] | None = None, groups: dict[str, dict[str, Any
 
 
 def group(port: int, workers: int = 1, app: str = "apps_groups:app", **more: Any) -> dict:
+    """A group table that listens on ``port``."""
     return {"app": app, "listen": [f"127.0.0.1:{port}"], "workers": workers, **more}
 
 
+def routed_group(app: str, routes: list[str], workers: int = 1, **more: Any) -> dict:
+    """A group table without a listener, reached through its ``routes``."""
+    return {"app": app, "routes": routes, "workers": workers, **more}
+
+
+def ports(*names: str) -> dict[str, int]:
+    """A free port per group name (distinct)."""
+    chosen: dict[str, int] = {}
+    while len(chosen) < len(names):
+        port = free_port()
+        if port not in chosen.values():
+            chosen[names[len(chosen)]] = port
+    return chosen
+
+
 # ---------------------------------------------------------------- the fastpool command
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTPOOL_")}
-    env.pop("WEB_CONCURRENCY", None)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(extra or {})
-    return env
 
 
 def fastpool(*args: str, cwd: Path, timeout: float = 30.0,
@@ -78,44 +90,7 @@ def fastpool(*args: str, cwd: Path, timeout: float = 30.0,
                           env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-# ---------------------------------------------------------------- processes
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return sorted(int(token) for token in text.split())
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-# ---------------------------------------------------------------- HTTP
-
-
-def fetch(port: int, path: str = "/pid", timeout: float = 10.0) -> tuple[int, bytes, int]:
-    """One request on a new connection: (status, body, pid of the worker)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-        return response.status, body, int(response.getheader("X-Pid") or 0)
-    finally:
-        conn.close()
-
-
-def timed_fetch(port: int, path: str = "/pid") -> tuple[float, int, int]:
-    start = time.monotonic()
-    status, _, pid = fetch(port, path)
-    return time.monotonic() - start, status, pid
+# ---------------------------------------------------------------- load
 
 
 @dataclass
@@ -170,25 +145,22 @@ class Load:
         with self._lock:
             self.outcomes.append(Outcome(ok, pid, started, time.monotonic(), detail))
 
-    def _check(self, started: float, response: http.client.HTTPResponse) -> None:
-        body = response.read()
-        pid = int(response.getheader("X-Pid") or 0)
-        if response.status == 200 and pid:
-            self._record(started, True, pid)
+    def _check(self, started: float, reply: Reply) -> None:
+        if reply.status == 200 and reply.pid:
+            self._record(started, True, reply.pid)
         else:
-            self._record(started, False, pid, f"status {response.status}: {body[:200]!r}")
+            self._record(started, False, reply.pid,
+                         f"status {reply.status}: {reply.body[:200]!r}")
 
     def _fresh_client(self) -> None:
         while self._running():
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             started = time.monotonic()
             try:
-                conn.request("GET", self.path)
-                self._check(started, conn.getresponse())
+                reply = fetch(self.port, self.path)
             except (OSError, http.client.HTTPException) as exc:
                 self._record(started, False, 0, f"new connection: {exc!r}")
-            finally:
-                conn.close()
+                continue
+            self._check(started, reply)
 
     def _keep_alive_client(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -196,11 +168,12 @@ class Load:
             while self._running():
                 started = time.monotonic()
                 try:
-                    conn.request("GET", self.path)
-                    self._check(started, conn.getresponse())
+                    reply = fetch(conn, self.path)
                 except (OSError, http.client.HTTPException) as exc:
                     self._record(started, False, 0, f"keep-alive: {exc!r}")
                     conn.close()
+                    continue
+                self._check(started, reply)
         finally:
             conn.close()
 
@@ -310,30 +283,18 @@ class Clusters:
 
     def close(self) -> None:
         for server in self.servers:
-            if server.proc.poll() is None:
-                try:
-                    server.stop(signal.SIGQUIT, timeout=10)
-                except AssertionError:
-                    server.kill()
+            stop_server(server, signal.SIGQUIT)
             server._log.close()
 
 
-def ports(*names: str) -> dict[str, int]:
-    """A free port per group name (distinct)."""
-    chosen: dict[str, int] = {}
-    while len(chosen) < len(names):
-        port = free_port()
-        if port not in chosen.values():
-            chosen[names[len(chosen)]] = port
-    return chosen
+def new_clusters(tmp_path_factory: Any, name: str) -> tuple[Clusters, Path]:
+    """``Clusters`` in a new directory, for a module-scoped fixture."""
+    directory = tmp_path_factory.mktemp(name)
+    return Clusters(directory), directory
 
 
-def start_sleeper(pool: ThreadPoolExecutor, server: Any, port: int, seconds: float,
-                  route: str = "/sleep"):
-    """A slow request on its own thread; returns once the app is inside it."""
-    tag = uuid.uuid4().hex
-    future = pool.submit(fetch, port, f"{route}?s={seconds}&tag={tag}", seconds + 15)
-    wait_for(lambda: f"sleeping {tag}" in server.log or future.done(), timeout=10,
-             what=f"the app to start sleeping:\n{server.log}")
-    assert not future.done(), future.result()
-    return future
+def served(response: Response | Reply) -> dict:
+    """The JSON description (apps_routes.py) of a 200 response."""
+    assert response.status == 200, (response.status, response.body[:300])
+    return json.loads(response.body)
+

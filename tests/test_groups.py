@@ -404,14 +404,14 @@ def test_reload_keeps_the_listen_addresses_and_applies_the_rest(clusters):
                  what=f"reload {turn} to warn about the moved listen address")
         pids = server.wait_group("web", 2, exclude=old)
         assert server.group_status("web")["listen"] == [f"http://127.0.0.1:{chosen['web']}"]
-        assert {fetch(chosen["web"])[2] for _ in range(10)} <= set(pids)
+        assert {fetch(chosen["web"], "/pid").pid for _ in range(10)} <= set(pids)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", chosen["moved"]), timeout=5).close()
         old = set(pids)
     server.config.write_text(render(groups={"web": group(chosen["web"], 1)}))
     assert server.fastpool("reload").returncode == 0
     (last,) = server.wait_group("web", 1, exclude=old)
-    assert fetch(chosen["web"])[2] == last
+    assert fetch(chosen["web"], "/pid").pid == last
     assert server.log.count(warning) == 2, server.log
 
 

@@ -16,7 +16,7 @@ def check() -> None:
     """Import the compiled modules (``_http``, ``_wsgi``, ``_asgi``); raise
     ``CompiledCoreMissing``, naming the import error, when one cannot be."""
     try:
-        from fastpool import _asgi, _http, _wsgi  # noqa: F401
+        from fastpool import _asgi, _http, _worker, _wsgi  # noqa: F401
     except ImportError as exc:
         raise CompiledCoreMissing(
             f"the compiled core of fastpool cannot be imported ({exc}); "

@@ -20,6 +20,7 @@ Routes:
 * ``/raise``         raises before start_response
 * ``/raise-stream``  yields one part of a streamed response, then raises
 * ``/nonbytes``      returns a list holding a str
+* ``/write-list``    two parts through write(), then a list of two more
 * ``/pid``           the worker's pid
 * ``/env``           a few environ keys as JSON
 * anything else      ``METHOD PATH?QUERY``
@@ -147,6 +148,11 @@ def app(environ, start_response):
     if path == "/nonbytes":
         start_response("200 OK", text)
         return ["not bytes"]
+    if path == "/write-list":
+        write = start_response("200 OK", text)
+        write(b"one,")
+        write(b"two,")
+        return [b"three,", b"four"]
     if path == "/pid":
         start_response("200 OK", text)
         return [str(os.getpid()).encode()]

@@ -427,6 +427,18 @@ def test_204_and_304_have_no_body(server, status):
         assert (following.status, following.body) == (200, b"GET /next")
 
 
+@WSGI_ONLY
+def test_write_then_a_list_is_one_response_and_the_connection_goes_on(server):
+    """PEP 3333's write() starts a chunked body; the list that follows ends it once."""
+    sock, stream = connect(server)
+    with sock:
+        sock.sendall(get("/write-list") + get("/after"))
+        response = stream.response()
+        assert (response.status, response.body) == (200, b"one,two,three,four")
+        assert stream.response().body == b"GET /after"
+        stream.assert_open(0.1)
+
+
 def test_an_apps_content_length_is_not_sent_with_204(server):
     """RFC 9110 8.6: no Content-Length in a 1xx or 204 response, whatever the app says."""
     sock, stream = connect(server)

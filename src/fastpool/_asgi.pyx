@@ -43,7 +43,8 @@ from fastpool._posix cimport (
     ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    peer_of, remember, Request, HttpConnection, OutBuffer, TargetCache, refresh_date,
+    peer_of, remember, take_first, target_parts,
+    Request, HttpConnection, OutBuffer, TargetCache, refresh_date,
     error_response, status_line_of, monotonic, Framing, framing_reset, queue_head, frame_body,
     end_body,
 )
@@ -513,7 +514,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef int finish_head(self, Request request) except -1:
         cdef ASGIRequest asgi_request = <ASGIRequest>request
         cdef dict scope = self.base_scope.copy()
-        cdef tuple parts = TARGETS.get(request.target)
+        cdef tuple parts = target_parts(TARGETS, request.target)
         cdef ASGIWorker worker = self.worker
         scope["http_version"] = "1.1" if request.http_minor else "1.0"
         scope["method"] = request.method
@@ -539,18 +540,18 @@ cdef class ASGIConnection(HttpConnection):
 
     cdef int apply_forwarded(self, dict scope, list headers) except -1:
         cdef ASGIWorker worker = self.worker
-        cdef str chain = None, proto = None
-        cdef tuple found
+        cdef str chain = None, proto = None, client, scheme
         for name, value in headers:
             if name == b"x-forwarded-for":
                 chain = value.decode("latin-1")
             elif name == b"x-forwarded-proto":
                 proto = value.decode("latin-1")
-        found = worker.forwarded(chain, proto)
-        if found[0] is not None:
-            scope["client"] = (found[0], 0)
-        if found[1] is not None:
-            scope["scheme"] = found[1]
+        client = worker.forwarded_client(chain)
+        scheme = worker.forwarded_scheme(proto)
+        if client is not None:
+            scope["client"] = (client, 0)
+        if scheme is not None:
+            scope["scheme"] = scheme
         return 0
 
     # ---- serving
@@ -567,7 +568,7 @@ cdef class ASGIConnection(HttpConnection):
         try:
             while self.cycle is None and not self.closing:
                 if self.pending:
-                    request = <ASGIRequest>self.pending.pop(0)
+                    request = <ASGIRequest>take_first(self.pending)
                     if worker.is_health(request.target):
                         self.answer_health(request)
                     elif request.upgrade and worker.websockets and is_websocket(request):

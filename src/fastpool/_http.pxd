@@ -112,6 +112,7 @@ cdef class HttpConnection:
     cdef int te_chunked
     cdef bint te_last_chunked
     cdef bint upgrade_field
+    cdef int llhttp_method             # llhttp's number of the method, -1 for a custom one
     # When non-zero, the stream can no longer be trusted: answer this status
     # after the requests before it, then close.
     cdef public int error_status
@@ -300,6 +301,13 @@ cdef inline object remember(dict cache, object key, object value, Py_ssize_t siz
     return value
 
 
+cdef inline object take_first(list items):
+    """``items.pop(0)`` without a method call (pending requests, in order)."""
+    cdef object item = items[0]
+    del items[0]
+    return item
+
+
 cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) except -1:
     """Append raw bytes to a bytearray (no buffer-protocol round trip)."""
     cdef Py_ssize_t old = PyByteArray_GET_SIZE(target)
@@ -316,6 +324,14 @@ cdef class TargetCache:
     cdef dict entries
     cdef tuple get(self, bytes target)
     cdef tuple convert(self, bytes target, tuple parts)
+
+
+cdef inline tuple target_parts(TargetCache cache, bytes target):
+    """``cache.get(target)``, with the hit inline (the common case)."""
+    cdef object cached = cache.entries.get(target)
+    if cached is not None:
+        return <tuple>cached
+    return cache.get(target)
 
 cdef tuple peer_of(sockaddr_storage *address)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)

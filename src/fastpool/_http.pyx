@@ -33,7 +33,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, realloc
-from libc.string cimport memchr, memcpy, memmove, memset
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
@@ -189,7 +189,7 @@ cdef class Request:
 
 # ---------------------------------------------------------------- parser glue
 
-cdef bint name_is(bytes name, const char *lower, Py_ssize_t length):
+cdef inline bint name_is(bytes name, const char *lower, Py_ssize_t length) noexcept:
     """Case-insensitive comparison of a header name with a lower-case C string."""
     cdef const char *raw
     cdef Py_ssize_t i
@@ -241,6 +241,7 @@ cdef struct LLHttp:
 
 cdef enum:
     HTTP_REQUEST = 1      # llhttp_type_t
+    HTTP_CONNECT = 5      # llhttp_method_t of CONNECT (stable since http_parser)
     STOP = 1              # an event method's "stop parsing" (0: go on; -1: exception)
     PAUSE = 2             # an event method's "pause here" (see feed)
 
@@ -528,7 +529,7 @@ cdef inline bint is_ows(unsigned char c) noexcept:
     return c == 32 or c == 9
 
 
-cdef bytes trim_ows(bytes value):
+cdef inline bytes trim_ows(bytes value):
     """A field value without its leading and trailing SP/HTAB (RFC 9110 5.5:
     they are not part of the value).  llhttp drops the leading ones; the
     trailing ones reach the callbacks."""
@@ -542,6 +543,21 @@ cdef bytes trim_ows(bytes value):
     while last > first and is_ows(raw[last - 1]):
         last -= 1
     return PyBytes_FromStringAndSize(<const char *>raw + first, last - first)
+
+
+# The last Host value found valid: clients send the same one request after
+# request, and comparing bytes costs less than checking or hashing them.
+cdef bytes LAST_HOST = b""
+
+
+cdef inline bint same_bytes(bytes a, bytes b) noexcept:
+    return (PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b)
+            and memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), PyBytes_GET_SIZE(a)) == 0)
+
+
+cdef void set_last_host(bytes value) noexcept:
+    global LAST_HOST
+    LAST_HOST = value
 
 
 cdef bint valid_host(const unsigned char *raw, Py_ssize_t size, bint need_host) noexcept:
@@ -854,12 +870,25 @@ cdef class HttpConnection:
         cdef Limits limits = self.limits
         cdef bytes name = self.field_name if self.field_name is not None else b""
         cdef bytes value = trim_ows(self.field_value) if self.field_value is not None else b""
+        cdef Py_ssize_t size
         self.field_name = None
         self.field_value = None
         self.header_count += 1
         if limits.request_fields and self.header_count > limits.request_fields:
             return self.fail(431, "too many header fields")
-        if name_is(name, b"content-length", 14):
+        # The fields the core reads, told apart by length first (one compare
+        # for most fields).
+        size = PyBytes_GET_SIZE(name)
+        if size == 4 and name_is(name, b"host", 4):
+            self.host_count += 1
+            if self.host_count > 1:
+                return self.fail(400, "more than one Host field")
+            if not same_bytes(value, LAST_HOST):
+                if not valid_host(<const unsigned char *>PyBytes_AS_STRING(value),
+                                  PyBytes_GET_SIZE(value), False):
+                    return self.fail(400, "invalid Host")
+                set_last_host(value)
+        elif size == 14 and name_is(name, b"content-length", 14):
             # llhttp has refused a second Content-Length, a list and any
             # Content-Length beside Transfer-Encoding.
             request.content_length = parse_length(value)
@@ -867,19 +896,12 @@ cdef class HttpConnection:
                 return self.fail(400, "invalid Content-Length")
             if limits.request_body and request.content_length > limits.request_body:
                 return self.fail(413, "request body too large")
-        elif name_is(name, b"transfer-encoding", 17):
+        elif size == 17 and name_is(name, b"transfer-encoding", 17):
             self.read_transfer_codings(value)
-        elif name_is(name, b"host", 4):
-            self.host_count += 1
-            if self.host_count > 1:
-                return self.fail(400, "more than one Host field")
-            if not valid_host(<const unsigned char *>PyBytes_AS_STRING(value),
-                              PyBytes_GET_SIZE(value), False):
-                return self.fail(400, "invalid Host")
-        elif name_is(name, b"expect", 6):
+        elif size == 6 and name_is(name, b"expect", 6):
             if value.lower() == b"100-continue":
                 request.expect_continue = True
-        elif name_is(name, b"upgrade", 7):
+        elif size == 7 and name_is(name, b"upgrade", 7):
             self.upgrade_field = True
         self.add_header(request, name, value)
         return 0
@@ -912,12 +934,22 @@ cdef class HttpConnection:
         if self.method_override is not None:
             request.method = self.method_override
             self.method_override = None
+            self.llhttp_method = -1
         else:
             request.method = method_of(state)
+            self.llhttp_method = llhttp.get_method(state)
         request.keep_alive = llhttp.should_keep_alive(state)
         request.target = self.url if self.url is not None else b""
         request.head_complete = True
-        if self.check_head(request):
+        # The common head (HTTP/1.1, one Host, no Transfer-Encoding, a known
+        # method other than CONNECT, an origin-form target without "%")
+        # passes check_head's rules as they are written there; only the rest
+        # goes through it.
+        if not (self.host_count == 1 and not self.te_present and request.http_minor == 1
+                and self.llhttp_method >= 0 and self.llhttp_method != HTTP_CONNECT
+                and PyBytes_GET_SIZE(request.target) and PyBytes_AS_STRING(request.target)[0] == 47
+                and memchr(PyBytes_AS_STRING(request.target), 37,
+                           PyBytes_GET_SIZE(request.target)) == NULL) and self.check_head(request):
             return STOP
         if self.router is not None and self.route(request):
             self.pause_reason = PAUSE_HANDOFF
@@ -935,7 +967,7 @@ cdef class HttpConnection:
     cdef int check_head(self, Request request) except -1:
         """The head's rules llhttp does not enforce; True (after fail) when
         the request is refused."""
-        if request.method == "CONNECT":
+        if self.llhttp_method == HTTP_CONNECT:
             # No tunnels here; the app never sees one (RFC 9110 9.3.6).
             return self.fail(501, "CONNECT is not supported")
         if self.te_present:
@@ -1159,7 +1191,11 @@ cdef class HttpConnection:
                         and self.limits.request_body:
                     self.error_status = 413    # larger than any limit, whatever its digits
             return self.parse_failed()
-        self.keep_head(start, size)
+        if self.current is None and self.mode == MODE_HEAD:
+            self.carry = None             # (the common case: every message of the read is whole)
+            self.message_offset = -1
+        else:
+            self.keep_head(start, size)
         return 0
 
     cdef int parse_failed(self) except -1:

@@ -83,7 +83,8 @@ cdef class WorkerBase:
     cdef bint master_gone(self) except -1
     cdef bint is_health(self, bytes target)
     cdef tuple health_answer(self)
-    cdef tuple forwarded(self, str chain, str proto)
+    cdef str forwarded_client(self, str chain)
+    cdef str forwarded_scheme(self, str proto)
     cdef Handover take_handoff(self)
     cdef bytes hand_off(self, HttpConnection conn, int fd)
     cdef int begin_stop(self, bint close_idle) except -1

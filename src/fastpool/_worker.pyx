@@ -26,8 +26,8 @@ Rules of this module:
 cimport cython
 from fastpool._consts cimport *
 from fastpool._http cimport (
-    HttpConnection, Limits, monotonic, is_health_target, forwarded_client,
-    forwarded_scheme,
+    HttpConnection, Limits, monotonic, is_health_target,
+    forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._posix cimport getppid
 
@@ -180,14 +180,18 @@ cdef class WorkerBase:
             return (200, b"OK\n")
         return (503, b"stopping\n")
 
-    cdef tuple forwarded(self, str chain, str proto):
-        """``(client, scheme)`` from a trusted proxy's X-Forwarded-For and
-        X-Forwarded-Proto (gunicorn's and uvicorn's forwarded_allow_ips): the
-        client is the nearest address of the chain that is not itself a
-        trusted proxy; each None when its header gives nothing usable."""
-        return (forwarded_client(chain, self.options.trusted_proxies,
-                                 self.options.trust_all_proxies),
-                forwarded_scheme(proto))
+    cdef str forwarded_client(self, str chain):
+        """The client from a trusted proxy's X-Forwarded-For (gunicorn's and
+        uvicorn's forwarded_allow_ips): the nearest address of the chain that
+        is not itself a trusted proxy; None when the header gives nothing."""
+        if not chain:
+            return None
+        return client_in_chain(chain, self.options.trusted_proxies,
+                               self.options.trust_all_proxies)
+
+    cdef str forwarded_scheme(self, str proto):
+        """``http`` or ``https`` from a trusted proxy's X-Forwarded-Proto, else None."""
+        return scheme_in(proto)
 
     # ---- routes: taking connections and handing them over
 

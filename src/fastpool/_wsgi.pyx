@@ -60,7 +60,8 @@ from fastpool._posix cimport (
     EMFILE, ENFILE, ENOBUFS, ENOMEM,
 )
 from fastpool._http cimport (
-    peer_of, remember, deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
+    peer_of, remember, take_first, target_parts,
+    deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
     refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
     queue_head, frame_body, end_body,
 )
@@ -316,7 +317,7 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int finish_head(self, Request request) except -1:
         cdef dict environ = (<WSGIRequest>request).environ
-        cdef tuple parts = TARGETS.get(request.target)
+        cdef tuple parts = target_parts(TARGETS, request.target)
         cdef str path = parts[0]
         cdef str root = self.worker.root_path
         environ["REQUEST_METHOD"] = request.method
@@ -334,14 +335,14 @@ cdef class WSGIConnection(HttpConnection):
         return 0
 
     cdef int apply_forwarded(self, dict environ) except -1:
-        """A trusted proxy's X-Forwarded-For / X-Forwarded-Proto (WorkerBase.forwarded)."""
-        cdef tuple found = self.worker.forwarded(environ.get("HTTP_X_FORWARDED_FOR"),
-                                                 environ.get("HTTP_X_FORWARDED_PROTO"))
-        if found[0] is not None:
-            environ["REMOTE_ADDR"] = found[0]
+        """A trusted proxy's X-Forwarded-For / X-Forwarded-Proto (WorkerBase)."""
+        cdef str client = self.worker.forwarded_client(environ.get("HTTP_X_FORWARDED_FOR"))
+        cdef str scheme = self.worker.forwarded_scheme(environ.get("HTTP_X_FORWARDED_PROTO"))
+        if client is not None:
+            environ["REMOTE_ADDR"] = client
             environ["REMOTE_PORT"] = "0"
-        if found[1] is not None:
-            environ["wsgi.url_scheme"] = found[1]
+        if scheme is not None:
+            environ["wsgi.url_scheme"] = scheme
         return 0
 
     cdef int answer_health(self, WSGIRequest request) except -1:
@@ -521,7 +522,6 @@ cdef class WSGIConnection(HttpConnection):
                     self.write_head(total)
                 for item in result:
                     self.write_body(item)
-                self.finish_body()
                 result = None
             else:
                 self.result = result
@@ -656,7 +656,8 @@ cdef class WSGIConnection(HttpConnection):
             return 0
         if complete:
             self.finish_body()
-        self.close_result(result)
+        if result is not None or self.streaming:
+            self.close_result(result)
         self.worker.request_done()
         return self.finish_response(request)
 
@@ -755,14 +756,14 @@ cdef class WSGIConnection(HttpConnection):
         if worker.threads is not None:
             # Health checks are answered here, never queued behind app threads.
             while self.has_ready_request() and worker.is_health((<Request>self.pending[0]).target):
-                self.answer_health(<WSGIRequest>self.pending.pop(0))
+                self.answer_health(<WSGIRequest>take_first(self.pending))
             if self.has_ready_request():
                 return worker.threads.submit(self)
             return self.settle()
         # Pipelined requests are answered into one buffer, sent at once --
         # unless the client is not reading it.
         while self.has_ready_request() and self.out.size <= HIGH_WATER:
-            request = <WSGIRequest>self.pending.pop(0)
+            request = <WSGIRequest>take_first(self.pending)
             if worker.is_health(request.target):
                 self.answer_health(request)
             else:
@@ -776,7 +777,7 @@ cdef class WSGIConnection(HttpConnection):
         socket as needed (the connection is this thread's alone)."""
         cdef WSGIRequest request
         while self.has_ready_request():
-            request = <WSGIRequest>self.pending.pop(0)
+            request = <WSGIRequest>take_first(self.pending)
             if self.worker.is_health(request.target):
                 self.answer_health(request)
             else:
@@ -805,7 +806,7 @@ cdef class WSGIConnection(HttpConnection):
                 self.closing = True
             elif not worker.alive and self.at_message_boundary() and self.handoff_group < 0:
                 self.closing = True  # (a request for another group is still handed over)
-        if not self.closing:
+        if self.pending and not self.closing:
             self.send_continue()
         if self.out.size:
             try:
@@ -1320,7 +1321,7 @@ cdef class WSGIWorker(WorkerBase):
                     self.adopt_handoff()
             PyErr_CheckSignals()
             self.retirement_due()
-            now = monotonic()
+            now = self.now          # (the wakeup's time: the sweep is a second coarse anyway)
             if now >= self.next_sweep:
                 self.sweep(now)
                 self.next_sweep = now + SWEEP_SECONDS

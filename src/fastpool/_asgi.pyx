@@ -49,7 +49,7 @@ from fastpool._http cimport (
     end_body,
 )
 from fastpool._worker cimport (
-    WorkerBase, WorkerOptions, Handover, SERVING, BOARD_BUSY_SINCE,
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE,
 )
 
 import asyncio
@@ -789,19 +789,6 @@ cdef bint is_websocket(ASGIRequest request):
 # ---------------------------------------------------------------- accepting
 
 @cython.final
-cdef class Listening:
-    """One listening socket this worker accepts from (the master owns it)."""
-    cdef readonly int fd
-    cdef readonly bint tcp
-    cdef readonly dict base_scope
-
-    def __init__(self, int fd, bint tcp, dict base_scope):
-        self.fd = fd
-        self.tcp = tcp
-        self.base_scope = base_scope
-
-
-@cython.final
 cdef class Adoption:
     """Drives ``loop.connect_accepted_socket`` (uvloop's way to make a
     transport of an accepted socket) to its end without a Task: the transport
@@ -832,7 +819,7 @@ cdef class ASGIWorker(WorkerBase):
 
     cdef readonly object loop
     cdef list listeners           # (fd, is_tcp, base_scope, shared)
-    cdef list sockets             # Listening: the listeners this worker accepts from
+    cdef list sockets             # Listener: the listeners this worker accepts from
     cdef bint accept_paused
     cdef object make_transport    # asyncio's selector loops make a transport at once
     cdef readonly set connections
@@ -934,8 +921,8 @@ cdef class ASGIWorker(WorkerBase):
             # sockets keep their backlog, and running out of descriptors
             # pauses accepting instead of spinning (asyncio) or resetting
             # clients (uvloop).
-            for fd, tcp, base_scope, _shared in self.listeners:
-                self.sockets.append(Listening(fd, tcp, base_scope))
+            for fd, tcp, base_scope, shared in self.listeners:
+                self.sockets.append(Listener(fd, tcp, shared, base_scope))
             self.watch_listeners(True)
             if self.handoff is not None:
                 loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
@@ -984,7 +971,7 @@ cdef class ASGIWorker(WorkerBase):
     # ---- accepting
 
     cdef int watch_listeners(self, bint on) except -1:
-        cdef Listening listening
+        cdef Listener listening
         for listening in self.sockets:
             if on:
                 self.loop.add_reader(listening.fd, self.accept, listening)
@@ -992,7 +979,7 @@ cdef class ASGIWorker(WorkerBase):
                 self.loop.remove_reader(listening.fd)
         return 0
 
-    def accept(self, Listening listening):
+    def accept(self, Listener listening):
         """A listener is readable: accept what waits (a batch at most)."""
         cdef sockaddr_storage address
         cdef socklen_t length
@@ -1013,7 +1000,7 @@ cdef class ASGIWorker(WorkerBase):
                     return
                 error_log.error("accept failed: %s", os.strerror(errno))
                 return
-            conn = ASGIConnection(self, listening.base_scope, listening.tcp)
+            conn = ASGIConnection(self, listening.base, listening.tcp)
             if listening.tcp:
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
                 conn.peer = peer_of(&address)

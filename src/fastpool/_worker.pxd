@@ -45,6 +45,14 @@ cdef class WorkerOptions:
     cdef readonly object websocket_options   # ASGI: fastpool.websocket.Options or None
 
 
+cdef class Listener:
+    """One listening socket a worker accepts from (the master owns it)."""
+    cdef readonly int fd
+    cdef readonly bint tcp
+    cdef readonly bint shared          # one socket for all the group's workers
+    cdef readonly dict base            # the environ (WSGI) or scope (ASGI) keys it gives
+
+
 cdef class Handover:
     """A connection taken from the group's handoff queue."""
     cdef readonly int fd

@@ -85,6 +85,18 @@ cdef class WorkerOptions:
         return options
 
 
+# ---------------------------------------------------------------- listeners
+
+@cython.final
+cdef class Listener:
+
+    def __init__(self, int fd, bint tcp, bint shared, dict base):
+        self.fd = fd
+        self.tcp = tcp
+        self.shared = shared
+        self.base = base
+
+
 # ---------------------------------------------------------------- handoffs
 
 @cython.final

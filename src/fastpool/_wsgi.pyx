@@ -65,7 +65,7 @@ from fastpool._http cimport (
     refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
     queue_head, frame_body, end_body,
 )
-from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, SERVING
+from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, Listener, SERVING
 
 import contextvars
 import logging
@@ -215,22 +215,6 @@ cdef class FileWrapper:
         closer = getattr(self.filelike, "close", None)
         if closer is not None:
             closer()
-
-
-# ---------------------------------------------------------------- listeners
-
-@cython.final
-cdef class Listener:
-    """One listening socket this worker accepts from."""
-
-    cdef readonly int fd
-    cdef readonly bint tcp
-    cdef readonly dict base_environ
-
-    def __init__(self, int fd, bint tcp, dict base_environ):
-        self.fd = fd
-        self.tcp = tcp
-        self.base_environ = base_environ
 
 
 # ---------------------------------------------------------------- connection
@@ -1081,7 +1065,7 @@ cdef class WSGIWorker(WorkerBase):
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
         for fd, tcp, base_environ, shared in listeners:
-            listener = Listener(fd, tcp, base_environ)
+            listener = Listener(fd, tcp, shared, base_environ)
             self.listeners.append(listener)
             self.register(fd, listener)
             # A socket shared by all workers wakes one of them, not all (no herd).
@@ -1104,40 +1088,37 @@ cdef class WSGIWorker(WorkerBase):
         self.table[fd] = obj
         return 0
 
-    cdef int add(self, int fd, unsigned int events) except -1:
+    cdef int ctl(self, int op, int fd, unsigned int events) except -2:
+        """epoll_ctl(2) for ``fd``; its result (-1 on failure, errno set)."""
         cdef epoll_event event
         memset(&event, 0, sizeof(event))
         event.events = events
         event.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event) < 0:
+        return epoll_ctl(self.epfd, op, fd, &event)
+
+    cdef int add(self, int fd, unsigned int events) except -1:
+        if self.ctl(EPOLL_CTL_ADD, fd, events) < 0:
             raise OSError(errno, "epoll_ctl failed")
         return 0
 
     cdef int watch(self, int fd, unsigned int events) except -1:
         """What a registered connection waits for now (EPOLLIN or EPOLLOUT)."""
-        cdef epoll_event event
-        memset(&event, 0, sizeof(event))
-        event.events = events
-        event.data.fd = fd
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &event)
+        self.ctl(EPOLL_CTL_MOD, fd, events)
         return 0
 
     cdef int unwatch(self, int fd) except -1:
         """Out of epoll for a while (its app thread has it)."""
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        self.ctl(EPOLL_CTL_DEL, fd, 0)
         return 0
 
     cdef int rewatch(self, int fd) except -1:
-        cdef epoll_event event
-        memset(&event, 0, sizeof(event))
-        event.events = EPOLLIN
-        event.data.fd = fd
-        epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event)
+        """Back in epoll (from its app thread)."""
+        self.ctl(EPOLL_CTL_ADD, fd, EPOLLIN)
         return 0
 
     cdef int forget(self, int fd) except -1:
         """A connection is closed (the caller closes the descriptor)."""
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        self.ctl(EPOLL_CTL_DEL, fd, 0)
         self.table[fd] = None
         self.connections -= 1
         return 0
@@ -1165,7 +1146,7 @@ cdef class WSGIWorker(WorkerBase):
                     self.pause_accepting()
                     return 0
                 raise OSError(errno, "accept4 failed")
-            base = listener.base_environ.copy()
+            base = listener.base.copy()
             if listener.tcp:
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
                 remote = peer_address(&address, base)
@@ -1184,13 +1165,9 @@ cdef class WSGIWorker(WorkerBase):
     cdef bint add_connection(self, WSGIConnection conn) except -1:
         """Watch a new connection (accepted, or handed over); False if epoll
         refused it (it is closed)."""
-        cdef epoll_event event
         conn.deadline = deadline_after(monotonic(), self.client_timeout)
         self.register(conn.fd, conn)
-        memset(&event, 0, sizeof(event))
-        event.events = EPOLLIN
-        event.data.fd = conn.fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, conn.fd, &event) < 0:
+        if self.ctl(EPOLL_CTL_ADD, conn.fd, EPOLLIN) < 0:
             self.table[conn.fd] = None
             close(conn.fd)
             return False
@@ -1203,7 +1180,7 @@ cdef class WSGIWorker(WorkerBase):
             return 0
         self.accept_paused = True
         for listener in self.listeners:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+            self.ctl(EPOLL_CTL_DEL, listener.fd, 0)
         return 0
 
     cdef int resume_accepting(self) except -1:
@@ -1212,7 +1189,7 @@ cdef class WSGIWorker(WorkerBase):
             return 0
         self.accept_paused = False
         for listener in self.listeners:
-            self.add(listener.fd, EPOLLIN)
+            self.add(listener.fd, EPOLLIN | (EPOLLEXCLUSIVE if listener.shared else 0))
         return 0
 
     # ---- routes: the group's queue
@@ -1226,7 +1203,7 @@ cdef class WSGIWorker(WorkerBase):
             # Wakes one waiting worker of the group per handoff, not all.
             self.add(self.handoff_fd, EPOLLIN | EPOLLEXCLUSIVE)
         else:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.handoff_fd, NULL)
+            self.ctl(EPOLL_CTL_DEL, self.handoff_fd, 0)
         return 0
 
     cdef int adopt_handoff(self) except -1:
@@ -1269,7 +1246,7 @@ cdef class WSGIWorker(WorkerBase):
     cdef int close_listeners(self) except -1:
         cdef Listener listener
         for listener in self.listeners:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+            self.ctl(EPOLL_CTL_DEL, listener.fd, 0)
             self.table[listener.fd] = None
         del self.listeners[:]
         return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -29,10 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -41,6 +42,26 @@ HOST = "127.0.0.1"
 
 class BenchError(Exception):
     """A server could not be started, failed a check, or wrk failed."""
+
+
+def load_apps() -> ModuleType:
+    """bench/apps.py, for the expected response bytes (loaded from its file:
+    no sys.path edit)."""
+    spec = importlib.util.spec_from_file_location("_bench_apps", BENCH / "apps.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(main: Callable[[], int], stopped: str = "all servers stopped") -> None:
+    """A harness's entry point: its exit code, and a quiet 130 on Ctrl-C
+    (the servers are stopped by ``running`` on the way out)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {stopped}", file=sys.stderr)
+        sys.exit(130)
 
 
 def server_env() -> dict[str, str]:

@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import queue
@@ -88,10 +87,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from common import BENCH, HOST, BenchError, die_with_parent, machine, raise_exit
+from common import (
+    BENCH,
+    HOST,
+    BenchError,
+    die_with_parent,
+    load_apps,
+    machine,
+    raise_exit,
+    run_main,
+)
 
 ROOT = BENCH.parent
 HOST_HEADER = "127.0.0.1:18080"  # run.py's default port: the bytes wrk sends there
@@ -99,16 +106,9 @@ DEPTH = 16  # requests per write for --request pipeline, as in run.py
 POST_SIZE = 1024
 
 
-def _load_apps() -> ModuleType:
-    """bench/apps.py, for the expected bodies (not imported by name: no sys.path edit)."""
-    spec = importlib.util.spec_from_file_location("_bench_apps", BENCH / "apps.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-APPS = _load_apps()
+APPS = load_apps()
 
 # The environment of every server, and nothing else.
 SERVER_ENV = {
@@ -1074,8 +1074,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -93,6 +93,7 @@ from common import (
     python_version,
     raise_exit,
     routing_counts,
+    run_main,
     run_wrk,
     running,
     toml_list,
@@ -872,8 +873,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shlex
@@ -60,7 +59,6 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from common import (
@@ -73,12 +71,14 @@ from common import (
     exchange,
     fmt_ms,
     http_request,
+    load_apps,
     machine,
     median_known,
     no_nan,
     port_in_use,
     python_version,
     raise_exit,
+    run_main,
     run_wrk,
     running,
 )
@@ -86,16 +86,9 @@ from common import (
 WRK_SCRIPTS = BENCH / "wrk"
 
 
-def _load_apps() -> ModuleType:
-    """bench/apps.py, for the expected response bytes (not imported by name: no sys.path edit)."""
-    spec = importlib.util.spec_from_file_location("_bench_apps", BENCH / "apps.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-APPS = _load_apps()
+APPS = load_apps()
 HELLO: bytes = APPS.HELLO
 JSON_BODY: bytes = APPS.JSON_BODY
 
@@ -781,9 +774,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; all servers stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
 

@@ -37,11 +37,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from fastpool._consts cimport *
-from fastpool._posix cimport (
-    sockaddr, sockaddr_storage, socklen_t, accept4, setsockopt, SOCK_NONBLOCK, SOCK_CLOEXEC,
-    IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO, EMFILE, ENFILE,
-    ENOBUFS, ENOMEM,
-)
+from fastpool._posix cimport sockaddr_storage
 from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
     Request, HttpConnection, OutBuffer, TargetCache, refresh_date,
@@ -982,27 +978,14 @@ cdef class ASGIWorker(WorkerBase):
     def accept(self, Listener listening):
         """A listener is readable: accept what waits (a batch at most)."""
         cdef sockaddr_storage address
-        cdef socklen_t length
-        cdef int fd, one = 1
+        cdef int fd
         cdef ASGIConnection conn
         for _ in range(ACCEPT_BATCH):
-            length = sizeof(address)
-            fd = accept4(listening.fd, <sockaddr *>&address, &length,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            fd = self.accept_next(listening, &address)
             if fd < 0:
-                if errno == EAGAIN:
-                    return
-                if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
-                    continue
-                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
-                    self.accept_failed(errno)
-                    self.pause_accepting()
-                    return
-                error_log.error("accept failed: %s", os.strerror(errno))
                 return
             conn = ASGIConnection(self, listening.base, listening.tcp)
             if listening.tcp:
-                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
                 conn.peer = peer_of(&address)
             self.start_transport(conn, socket.socket(address.ss_family, socket.SOCK_STREAM, 0,
                                                      fileno=fd))

@@ -3,6 +3,7 @@
 # runs its connections.
 
 from fastpool._http cimport HttpConnection, Limits, Router
+from fastpool._posix cimport sockaddr_storage
 
 
 # The scoreboard record of a worker: BOARD_SIZE doubles in memory shared with
@@ -98,4 +99,5 @@ cdef class WorkerBase:
     cdef int begin_stop(self, bint close_idle) except -1
     cdef int quit(self) except -1
     cdef int stop_accepting(self) except -1
-    cdef int accept_failed(self, int error) except -1
+    cdef int accept_next(self, Listener listener, sockaddr_storage *address) except -2
+    cdef int pause_accepting(self) except -1

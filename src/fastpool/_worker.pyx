@@ -29,7 +29,11 @@ from fastpool._http cimport (
     HttpConnection, Limits, monotonic, is_health_target,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
-from fastpool._posix cimport getppid
+from fastpool._posix cimport (
+    getppid, accept4, setsockopt, sockaddr, sockaddr_storage, socklen_t, SOCK_NONBLOCK,
+    SOCK_CLOEXEC, IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
+    EMFILE, ENFILE, ENOBUFS, ENOMEM,
+)
 
 import logging
 import os
@@ -277,8 +281,33 @@ cdef class WorkerBase:
     cdef int stop_accepting(self) except -1:
         raise NotImplementedError
 
-    cdef int accept_failed(self, int error) except -1:
-        """accept(2) ran out of descriptors or memory: the connections stay
-        queued in the kernel; the worker pauses accepting until its next sweep."""
-        error_log.error("accept failed: %s; pausing accepts for a second", os.strerror(error))
-        return 0
+    cdef int accept_next(self, Listener listener, sockaddr_storage *address) except -2:
+        """The next connection waiting on ``listener`` (non-blocking, with
+        TCP_NODELAY on TCP), its peer in ``address``; -1 when there is none
+        now.  Out of descriptors or memory, the connections stay queued in the
+        kernel and the worker pauses accepting until its next sweep, with one
+        log line."""
+        cdef socklen_t length
+        cdef int fd, one = 1
+        while True:
+            length = sizeof(sockaddr_storage)
+            fd = accept4(listener.fd, <sockaddr *>address, &length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd >= 0:
+                if listener.tcp:
+                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+                return fd
+            if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
+                continue          # (a client that left while queued)
+            if errno == EAGAIN:
+                return -1
+            if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                error_log.error("accept failed: %s; pausing accepts for a second",
+                                os.strerror(errno))
+                self.pause_accepting()
+            else:
+                error_log.error("accept failed: %s", os.strerror(errno))
+            return -1
+
+    cdef int pause_accepting(self) except -1:
+        raise NotImplementedError

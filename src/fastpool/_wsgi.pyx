@@ -54,10 +54,8 @@ from fastpool._consts cimport *
 from fastpool._posix cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
     EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
-    sockaddr, sockaddr_storage, socklen_t, accept4, recv, shutdown, setsockopt,
-    SOCK_NONBLOCK, SOCK_CLOEXEC, SHUT_WR, MSG_PEEK, MSG_DONTWAIT, IPPROTO_TCP, TCP_NODELAY,
-    sendfile, poll, pollfd, POLLOUT, close, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
-    EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    sockaddr_storage, recv, shutdown, SHUT_WR, MSG_PEEK, MSG_DONTWAIT, sendfile, poll,
+    pollfd, POLLOUT, close, errno, EAGAIN, EINTR,
 )
 from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
@@ -1127,28 +1125,16 @@ cdef class WSGIWorker(WorkerBase):
 
     cdef int accept(self, Listener listener) except -1:
         cdef sockaddr_storage address
-        cdef socklen_t length
-        cdef int fd, one = 1
+        cdef int fd
         cdef WSGIConnection conn
         cdef str remote
         cdef dict base
         for _ in range(ACCEPT_BATCH):
-            length = sizeof(address)
-            fd = accept4(listener.fd, <sockaddr *>&address, &length,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            fd = self.accept_next(listener, &address)
             if fd < 0:
-                if errno == EAGAIN:
-                    return 0
-                if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
-                    continue
-                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
-                    self.accept_failed(errno)
-                    self.pause_accepting()
-                    return 0
-                raise OSError(errno, "accept4 failed")
+                return 0
             base = listener.base.copy()
             if listener.tcp:
-                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
                 remote = peer_address(&address, base)
             else:
                 remote = ""

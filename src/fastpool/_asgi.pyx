@@ -598,7 +598,7 @@ cdef class ASGIConnection(HttpConnection):
         if self.closed or self.closing or self.handoff_group < 0:
             return
         if self.transport.get_write_buffer_size():
-            self.loop.call_later(0.001, self.hand_off)
+            self.loop.call_later(HANDOFF_RETRY_SECONDS, self.hand_off)
             return
         refusal = worker.hand_off(self, self.transport.get_extra_info("socket").fileno())
         if refusal is None:

@@ -26,6 +26,7 @@ cdef enum:
 
     # ---- closing
     LINGER_READS = 16               # reads per wakeup while draining a lingering connection
+    WAKE_PIPE_READ = 4096           # bytes read per drain of the app threads' wake-up pipe
 
     # ---- caches: each is cleared when it reaches its size (one rule, see remember())
     TARGET_CACHE_SIZE = 1024        # request-target -> its parts, per worker kind
@@ -54,8 +55,12 @@ cdef extern from *:
     /* A connection whose next request arrived while the worker was busy
        gets this long for the loop to read it (s). */
     #define FASTPOOL_READ_GRACE_SECONDS 1.0
+    /* ASGI: a handoff waits for the transport to send what precedes it,
+       looking again this often (s). */
+    #define FASTPOOL_HANDOFF_RETRY_SECONDS 0.001
     """
     const long long CHUNK_SIZE_LIMIT "FASTPOOL_CHUNK_SIZE_LIMIT"
     const double LINGER_SECONDS "FASTPOOL_LINGER_SECONDS"
     const double SWEEP_SECONDS "FASTPOOL_SWEEP_SECONDS"
     const double READ_GRACE_SECONDS "FASTPOOL_READ_GRACE_SECONDS"
+    const double HANDOFF_RETRY_SECONDS "FASTPOOL_HANDOFF_RETRY_SECONDS"

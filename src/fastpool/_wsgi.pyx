@@ -995,7 +995,7 @@ cdef class AppThreads:
         cdef WSGIConnection conn
         cdef list done
         try:
-            while os.read(self.wake_read, 4096):
+            while os.read(self.wake_read, WAKE_PIPE_READ):
                 pass
         except BlockingIOError:
             pass

@@ -44,6 +44,7 @@ from fastpool._http cimport (
     error_response, status_line_of, monotonic, Framing, framing_reset, queue_head, frame_body,
     end_body,
 )
+from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles
 from fastpool._worker cimport (
     WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE,
 )
@@ -285,6 +286,48 @@ cdef class Cycle:
                 worker.tasks.discard(self.task)
                 self.task = None    # no cycle -> task -> coroutine -> cycle loop
             worker.app_finished(None)
+
+    async def send_file(self, StaticAnswer answer):
+        """A static file's body (its head is queued): with the loop's sendfile
+        where asyncio has it natively (its selector loop), else read and
+        written SENDFILE_CHUNK at a time; either way it waits while the client
+        does not read, and the loop serves the other connections meanwhile."""
+        cdef ASGIConnection conn = self.conn
+        cdef long long offset = answer.offset
+        cdef long long remaining = answer.length
+        cdef bytes chunk
+        try:
+            conn.flush()
+            if isinstance(conn.loop, BaseSelectorEventLoop):
+                with open(answer.fd, "rb", buffering=0, closefd=False) as source:
+                    sent = await conn.loop.sendfile(conn.transport, source, offset, remaining)
+                self.framing.body_sent += sent
+            else:
+                while remaining > 0 and not conn.closed:
+                    chunk = os.pread(answer.fd, min(remaining, SENDFILE_CHUNK), offset)
+                    if not chunk:
+                        break           # the file shrank: end_body sees the short body
+                    offset += PyBytes_GET_SIZE(chunk)
+                    remaining -= PyBytes_GET_SIZE(chunk)
+                    frame_body(conn.out, &self.framing, chunk)
+                    conn.flush()
+                    if conn.flow.write_paused:
+                        await conn.flow.drain()
+                    else:
+                        await sleep0()
+        except (OSError, RuntimeError, CancelledError):
+            answer.close()
+            self.give_up()
+            return
+        finally:
+            if self.task is not None:
+                conn.worker.tasks.discard(self.task)
+                self.task = None
+        answer.close()
+        if conn.closed:
+            self.give_up()
+        else:
+            self.write_body(b"", False)
 
     cdef int give_up(self) except -1:
         """No answer for a request its client abandoned: the connection closes."""
@@ -567,6 +610,8 @@ cdef class ASGIConnection(HttpConnection):
                     request = <ASGIRequest>take_first(self.pending)
                     if worker.is_health(request.target):
                         self.answer_health(request)
+                    elif worker.static is not None and self.serve_static(request):
+                        pass
                     elif request.upgrade and worker.websockets and is_websocket(request):
                         upgrade = request
                         break
@@ -638,6 +683,49 @@ cdef class ASGIConnection(HttpConnection):
         cycle.status = answer[0]
         cycle.write_body(answer[1], False)
         return 0
+
+    cdef bint serve_static(self, ASGIRequest request) except -1:
+        """Answer ``request`` from the group's static files, without the app
+        (fastpool._static); False when it is not a file.  A small file goes
+        out with its head; a larger one is sent by a task (``Cycle.send_file``)
+        as the client takes it."""
+        cdef StaticFiles static = self.worker.static
+        cdef StaticFile found = static.find(request.method, request.target)
+        cdef StaticAnswer answer
+        cdef Cycle cycle
+        cdef ASGIWorker worker = self.worker
+        if found is None:
+            return False
+        wanted = {b"if-none-match": None, b"if-modified-since": None, b"range": None,
+                  b"if-range": None, b"accept-encoding": None}
+        for name, value in request.headers:
+            if name in wanted:
+                wanted[name] = value
+        answer = static.answer(found, request.method, wanted[b"if-none-match"],
+                               wanted[b"if-modified-since"], wanted[b"range"],
+                               wanted[b"if-range"], wanted[b"accept-encoding"])
+        cycle = Cycle.__new__(Cycle)
+        cycle.conn = self
+        cycle.request = request
+        framing_reset(&cycle.framing)
+        self.cycle = cycle
+        cycle.started = True
+        queue_head(self.out, &cycle.framing, request, status_line_of(answer.status),
+                   answer.status, answer.headers, True, answer.length,
+                   worker.alive and worker.keep_alive > 0)
+        if answer.fd < 0 or cycle.framing.body_suppressed or answer.length == 0:
+            answer.close()
+        elif answer.length <= SMALL_FILE:
+            frame_body(self.out, &cycle.framing, answer.read_all())
+            answer.close()
+        else:
+            # Not eager: the head must reach the transport (at the end of
+            # dispatch) before the file's bytes.
+            cycle.task = self.loop.create_task(cycle.send_file(answer))
+            worker.tasks.add(cycle.task)
+            return True
+        cycle.write_body(b"", False)
+        return True
 
     cdef int start_websocket(self, ASGIRequest request) except -1:
         from fastpool.websocket import WebSocketSession

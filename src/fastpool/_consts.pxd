@@ -20,6 +20,9 @@ cdef enum:
     SENDFILE_CHUNK = 1048576        # sendfile(2) per call, so one file does not hog the loop
     MAX_IOV = 64                    # iovecs per writev(2)
     SMALL_WRITE = 16384             # writes below this are copied into the output buffer
+    # A static file up to this size is read and sent with its head in one
+    # send(); a larger one goes out with sendfile(2).
+    SMALL_FILE = 16384
     OUT_BUFFER_LIMIT = 262144       # the output buffer's own memory; past it, writes queue
     OUT_BUFFER_SHRINK = 65536       # an emptied output buffer above this gives its memory back
     HEAD_STACK = 4096               # a response head is built in a stack buffer of this size first
@@ -35,6 +38,8 @@ cdef enum:
     STATUS_CACHE_SIZE = 512         # status -> status line
     RESPONSE_HEADER_NAMES = 256     # response header name -> {value -> encoded line}
     RESPONSE_HEADER_VALUES = 64     # values kept per response header name
+    STATIC_TYPE_CACHE_SIZE = 256    # static files: file name suffix -> Content-Type
+    STATIC_VALIDATOR_CACHE_SIZE = 4096   # static files: file version -> (ETag, Last-Modified)
 
     # ---- the parser
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)

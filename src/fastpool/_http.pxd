@@ -317,6 +317,7 @@ cdef inline int extend(bytearray target, const char *data, Py_ssize_t size) exce
 
 
 cdef tuple split_request_target(bytes target)
+cdef bytes normalise_path(bytes path)
 cdef bytes status_line_of(object code)
 
 

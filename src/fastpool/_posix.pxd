@@ -20,6 +20,7 @@ cdef extern from "<errno.h>" nogil:
         ECONNABORTED
         EPROTO
         EPERM
+        ENOSYS
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -155,3 +156,59 @@ cdef extern from "<time.h>" nogil:
 
     int clock_gettime(int clk_id, timespec *tp)
     time_t time(time_t *tloc)
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        O_RDONLY
+        O_CLOEXEC
+        O_NONBLOCK
+        O_NOCTTY
+        O_NOFOLLOW
+        O_DIRECTORY
+        O_PATH
+    int openat(int dirfd, const char *pathname, int flags)
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef unsigned long dev_t
+    ctypedef unsigned long ino_t
+    ctypedef unsigned int mode_t
+
+    struct stat:
+        dev_t st_dev
+        ino_t st_ino
+        mode_t st_mode
+        off_t st_size
+        timespec st_mtim
+
+    int fstat(int fd, stat *buf)
+    bint S_ISREG(mode_t mode)
+    bint S_ISDIR(mode_t mode)
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void *buf, size_t count, off_t offset)
+
+
+cdef extern from *:
+    """
+    #include <sys/syscall.h>
+    #include <stdint.h>
+    /* openat2(2) (Linux 5.6): the kernel resolves a path beneath a directory.
+       Declared here because older C libraries have no wrapper or header. */
+    struct fastpool_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
+    #define FASTPOOL_RESOLVE_NO_MAGICLINKS 0x02
+    #define FASTPOOL_RESOLVE_BENEATH 0x08
+    static inline long fastpool_openat2(int dirfd, const char *path, uint64_t flags,
+                                        uint64_t resolve) {
+        struct fastpool_open_how how = {flags, 0, resolve};
+        return syscall(437 /* SYS_openat2, the same on every architecture */,
+                       dirfd, path, &how, sizeof how);
+    }
+    """
+    long openat2 "fastpool_openat2"(int dirfd, const char *path, unsigned long long flags,
+                                    unsigned long long resolve) nogil
+    enum:
+        RESOLVE_NO_MAGICLINKS "FASTPOOL_RESOLVE_NO_MAGICLINKS"
+        RESOLVE_BENEATH "FASTPOOL_RESOLVE_BENEATH"

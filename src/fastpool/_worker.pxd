@@ -4,6 +4,7 @@
 
 from fastpool._http cimport HttpConnection, Limits, Router
 from fastpool._posix cimport sockaddr_storage
+from fastpool._static cimport StaticFiles
 
 
 # The scoreboard record of a worker: BOARD_SIZE doubles in memory shared with
@@ -39,6 +40,7 @@ cdef class WorkerOptions:
     cdef readonly object scoreboard
     cdef readonly Router router
     cdef readonly object handoff
+    cdef readonly StaticFiles static   # the group's static mounts, or None
     # one worker kind's own
     cdef readonly int threads          # WSGI
     cdef readonly str loop             # ASGI
@@ -82,6 +84,7 @@ cdef class WorkerBase:
     cdef readonly Router router        # routes (None without), this group's index, its queue
     cdef readonly int local_group
     cdef object handoff
+    cdef readonly StaticFiles static   # the group's static mounts, or None
     cdef bint master_reported          # the master's death is logged once
 
     cdef int set_state(self, WorkerState state) except -1

@@ -29,6 +29,7 @@ from fastpool._http cimport (
     HttpConnection, Limits, monotonic, is_health_target,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
+from fastpool._static cimport StaticFiles
 from fastpool._posix cimport (
     getppid, accept4, setsockopt, sockaddr, sockaddr_storage, socklen_t, SOCK_NONBLOCK,
     SOCK_CLOEXEC, IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
@@ -82,6 +83,10 @@ cdef class WorkerOptions:
         options.scoreboard = scoreboard
         if routing is not None:
             options.router, options.handoff = routing
+        if group.static:
+            options.static = StaticFiles(group.static, group.static_max_age,
+                                         group.static_precompressed,
+                                         group.static_follow_symlinks)
         options.threads = group.threads
         options.loop = group.loop
         options.lifespan = lifespan
@@ -127,6 +132,7 @@ cdef class WorkerBase:
         self.board = memoryview(self.board_owner).cast("B").cast("d")
         self.router = options.router
         self.handoff = options.handoff
+        self.static = options.static
         if self.router is not None:
             self.local_group = self.router.local_group
 

@@ -61,8 +61,9 @@ from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
     deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
     refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
-    queue_head, frame_body, end_body,
+    queue_head, frame_body, end_body, status_line_of,
 )
+from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles
 from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, Listener, SERVING
 
 import contextvars
@@ -109,6 +110,12 @@ cdef object header_key(bytes name):
 
 
 @cython.final
+cdef bytes header_bytes(dict environ, str key):
+    """A request header's value from the environ, as bytes (None when absent)."""
+    cdef object value = environ.get(key)
+    return None if value is None else (<str>value).encode("latin-1")
+
+
 cdef class WSGITargets(TargetCache):
     """Request-target -> (PATH_INFO, QUERY_STRING, RAW_URI) before root_path."""
 
@@ -338,6 +345,49 @@ cdef class WSGIConnection(HttpConnection):
         self.write_body(body)
         self.finish_body()
         return self.finish_response(request)
+
+    cdef bint serve_static(self, WSGIRequest request) except -1:
+        """Answer ``request`` from the group's static files, without the app
+        (fastpool._static); False when it is not a file.  The request leaves
+        ``pending`` only when it is answered here.  A small file goes out with
+        its head; a larger one is a streamed response that ``pump`` sends with
+        sendfile as the client takes it."""
+        cdef WSGIWorker worker = self.worker
+        cdef StaticFiles static = worker.static
+        cdef StaticFile found
+        cdef StaticAnswer answer
+        cdef dict environ
+        if static is None:
+            return False
+        found = static.find(request.method, request.target)
+        if found is None:
+            return False
+        if self.pending and self.pending[0] is request:
+            take_first(self.pending)
+        environ = request.environ
+        answer = static.answer(found, request.method, header_bytes(environ, "HTTP_IF_NONE_MATCH"),
+                               header_bytes(environ, "HTTP_IF_MODIFIED_SINCE"),
+                               header_bytes(environ, "HTTP_RANGE"),
+                               header_bytes(environ, "HTTP_IF_RANGE"),
+                               header_bytes(environ, "HTTP_ACCEPT_ENCODING"))
+        self.reset_response(request)
+        queue_head(self.out, &self.framing, request, status_line_of(answer.status),
+                   answer.status, answer.headers, True, answer.length,
+                   worker.alive and worker.keep_alive > 0)
+        if answer.fd < 0 or self.framing.body_suppressed or answer.length == 0:
+            answer.close()
+        elif answer.length <= SMALL_FILE:
+            frame_body(self.out, &self.framing, answer.read_all())
+            answer.close()
+        else:
+            self.result = answer
+            self.streaming = True
+            self.file_fd = answer.fd
+            self.file_offset = answer.offset
+            self.file_remaining = answer.length
+            return True
+        self.end_response(None, True)
+        return True
 
     cdef int finish_response(self, WSGIRequest request) except -1:
         """After a response is queued: its access-log line, and the close decision."""
@@ -736,11 +786,17 @@ cdef class WSGIConnection(HttpConnection):
         if self.streaming and self.pump(False):
             return self.wait_writable()
         if worker.threads is not None:
-            # Health checks are answered here, never queued behind app threads.
-            while self.has_ready_request() and worker.is_health((<Request>self.pending[0]).target):
-                self.answer_health(<WSGIRequest>take_first(self.pending))
-            if self.has_ready_request():
-                return worker.threads.submit(self)
+            # Health checks and static files are answered here, never queued
+            # behind app threads.
+            while self.has_ready_request():
+                request = <WSGIRequest>self.pending[0]
+                if worker.is_health(request.target):
+                    self.answer_health(<WSGIRequest>take_first(self.pending))
+                elif worker.static is not None and self.serve_static(request):
+                    if self.streaming and self.pump(False):
+                        return self.wait_writable()
+                else:
+                    return worker.threads.submit(self)
             return self.settle()
         # Pipelined requests are answered into one buffer, sent at once --
         # unless the client is not reading it.
@@ -748,10 +804,10 @@ cdef class WSGIConnection(HttpConnection):
             request = <WSGIRequest>take_first(self.pending)
             if worker.is_health(request.target):
                 self.answer_health(request)
-            else:
+            elif worker.static is None or not self.serve_static(request):
                 self.run_app(request)
-                if self.streaming and self.pump(False):
-                    return self.wait_writable()
+            if self.streaming and self.pump(False):
+                return self.wait_writable()
         return self.settle()
 
     cdef int serve_in_thread(self) except -1:
@@ -762,10 +818,10 @@ cdef class WSGIConnection(HttpConnection):
             request = <WSGIRequest>take_first(self.pending)
             if self.worker.is_health(request.target):
                 self.answer_health(request)
-            else:
+            elif not self.serve_static(request):
                 self.run_app(request)
-                if self.streaming:
-                    self.pump(True)
+            if self.streaming:
+                self.pump(True)
         return 0
 
     cdef int settle(self) except -1:

@@ -12,6 +12,12 @@ Rules of this module:
   match whole path segments, like fastpool (a bare ``location /tast`` would
   also take ``/tasty``).  nginx normalises the path (percent-decoding, dot
   segments, merged slashes) before it matches, as fastpool does.
+* Static mounts (``static``) become locations that serve the file when there
+  is one and hand everything else to the group, as fastpool does: ``alias``
+  (``root`` for ``/``) with ``try_files $uri $uri/index.html @group``; a method
+  other than GET/HEAD (nginx's 405) and dotfiles go to the group too.  A
+  mount under a route of another group is never reached in fastpool (the
+  route picks the group first), so it is left out, with a comment.
 * ``--upstream-hosts h1,h2`` puts every host's copy of each port in each
   upstream (several machines run the same config); without it the listen
   addresses are used as they are, with ``0.0.0.0``/``::`` read as loopback.
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastpool.settings import ServerConfig
+from fastpool.settings import GroupConfig, ServerConfig
 from fastpool.sockets import parse_address
 
 # Set once in the server block; the locations inherit them.
@@ -95,8 +101,50 @@ def render(config: ServerConfig, upstream_hosts: list[str] | None = None,
             lines.append(f"        proxy_pass http://fastpool_{name};")
             lines.append("    }")
     root = next((name for prefix, name in routes if prefix == "/"), default)
-    lines.append("    location / {")
-    lines.append(f"        proxy_pass http://fastpool_{root};")
-    lines.append("    }")
+    served: set[str] = set()
+    root_directory = None
+    for name, group in config.groups.items():
+        for prefix, directory in group.static:
+            path = "/" + "/".join(part for part in prefix.split("/") if part)
+            owner = next((routed for route, routed in routes
+                          if route != "/" and (path == route or path.startswith(route + "/"))),
+                         root)
+            if owner != name:
+                lines.append(f"    # static {path} of group {name}: under a route of group "
+                             f"{owner}, which fastpool picks first; not served")
+                continue
+            served.add(name)
+            if path == "/":
+                root_directory = directory
+                continue
+            lines += _static_location(f"^~ {path}/", f"alias {directory.rstrip('/')}/", name,
+                                      group)
+    if root_directory is not None:
+        lines += _static_location("/", f"root {root_directory}", root, config.groups[root])
+    else:
+        lines.append("    location / {")
+        lines.append(f"        proxy_pass http://fastpool_{root};")
+        lines.append("    }")
+    for name in sorted(served):
+        lines.append(f"    location @fastpool_{name} {{")
+        lines.append(f"        proxy_pass http://fastpool_{name};")
+        lines.append("    }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _static_location(match: str, directory: str, name: str, group: GroupConfig) -> list[str]:
+    """A static mount: the file if there is one, else the group (see the rules)."""
+    lines = [f"    location {match} {{", f"        {directory};"]
+    if group.static_max_age:
+        lines.append(f'        add_header Cache-Control "public, max-age={group.static_max_age}";')
+    if group.static_precompressed:
+        lines.append("        gzip_static on;     # NAME.gz beside a file (nginx has no .br one)")
+    return lines + [
+        f"        try_files $uri $uri/index.html @fastpool_{name};",
+        f"        error_page 405 = @fastpool_{name};",
+        "        location ~ /\\. {",
+        f"            proxy_pass http://fastpool_{name};",
+        "        }",
+        "    }",
+    ]

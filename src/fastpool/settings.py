@@ -87,6 +87,28 @@ def _routes(value: list[str]) -> list[str]:
     return value
 
 
+def _mount(text: str) -> tuple[str, str]:
+    """``PREFIX=DIR`` (a flag or an environment variable) as a pair."""
+    prefix, equals, directory = text.partition("=")
+    if not equals or not prefix.strip() or not directory.strip():
+        raise ValueError
+    return prefix.strip(), directory.strip()
+
+
+def _mounts(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    prefixes = set()
+    for prefix, directory in value:
+        if not prefix.startswith("/") or "?" in prefix or " " in prefix:
+            raise ValueError(f"expected URL prefixes starting with /, got {prefix!r}")
+        key = "/" + "/".join(part for part in prefix.split("/") if part)
+        if key in prefixes:
+            raise ValueError(f"expected each URL prefix once, got {prefix!r} twice")
+        prefixes.add(key)
+        if not directory:
+            raise ValueError(f"expected a directory for {prefix!r}")
+    return value
+
+
 def _nice(value: int) -> int:
     if not -20 <= value <= 19:
         raise ValueError(f"expected a niceness from -20 to 19, got {value!r}")
@@ -129,6 +151,7 @@ def _default_workers() -> int:
 TYPE_NAMES = {
     "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
     "list": "a list of strings", "ints": "a list of integers",
+    "mounts": "URL prefixes with their directories (PREFIX=DIR)",
 }
 
 
@@ -199,6 +222,8 @@ class Setting:
                 value = [part.strip() for part in text.split(",") if part.strip()]
             elif self.type == "ints":
                 value = [int(part) for part in text.replace(",", " ").split()]
+            elif self.type == "mounts":
+                value = [_mount(part.strip()) for part in text.split(",") if part.strip()]
             else:
                 value = text
         except ValueError:
@@ -217,6 +242,8 @@ class Setting:
             "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
             "ints": isinstance(value, list) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "mounts": isinstance(value, dict) and all(
+                isinstance(v, str) for v in value.values()),
         }[self.type]
         if self.type == "list" and isinstance(value, str):
             value, ok = [value], True
@@ -224,6 +251,8 @@ class Setting:
             raise ConfigError(f"{source}: expected {expected}, got {value!r}")
         if self.type == "float":
             value = float(value)
+        if self.type == "mounts":
+            value = [(prefix, directory) for prefix, directory in value.items()]
         return self._checked(value, source)
 
     def _checked(self, value: Any, source: str) -> Any:
@@ -389,6 +418,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("access_log", "str", None,
             "Write an access log line per request to this file ('-' is stdout). Off by "
             "default.", flags=("--access-log",), metavar="PATH"),
+    # ---- static files (fastpool._static)
+    Setting("static", "mounts", [],
+            "Static files served by the workers without calling the app: URL prefix = "
+            "directory (config: a table; flag: --static /static=public/static, repeatable). "
+            "GET and HEAD of a file under a mount are answered from it; anything else falls "
+            "through to the app. Directories are relative to the config file's directory "
+            "(or the current one).", flags=("--static",), metavar="PREFIX=DIR",
+            check=_mounts),
+    Setting("static_max_age", "int", 0,
+            "Cache-Control: public, max-age=N on static files (0: no Cache-Control).",
+            flags=("--static-max-age",), metavar="SECONDS", check=at_least(0)),
+    Setting("static_precompressed", "bool", True,
+            "Send NAME.br or NAME.gz beside a static file instead of it when the client's "
+            "Accept-Encoding allows (with Content-Encoding and Vary: Accept-Encoding).",
+            flags=("--static-precompressed",)),
+    Setting("static_follow_symlinks", "bool", False,
+            "Follow symlinks under a static directory that point outside it (by default "
+            "they are refused and the request goes to the app).",
+            flags=("--static-follow-symlinks",)),
     # ---- the server as a whole
     Setting("chdir", "str", None, "Change to this directory before loading the apps.",
             scope="server", flags=("--chdir",), metavar="DIR"),
@@ -542,7 +590,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if setting.type == "bool":
                 parser.add_argument(*flags, dest=name, default=None,
                                     action=argparse.BooleanOptionalAction, help=text)
-            elif setting.type == "list":
+            elif setting.type in ("list", "mounts"):
                 parser.add_argument(*flags, dest=name, default=None, action="append",
                                     metavar=setting.metavar, help=text)
             else:
@@ -570,7 +618,7 @@ def _given(setting: Setting, cli: Mapping[str, Any], environ: Mapping[str, str])
         raw = flags[flag]
         if setting.type == "bool":
             return bool(raw)
-        if setting.type == "list":
+        if setting.type in ("list", "mounts"):
             values = []
             for item in raw:
                 values.extend(setting.from_text(item, flag))
@@ -703,6 +751,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             # The documented default: the server's host and port (127.0.0.1:8000).
             resolved["listen"] = [host_port(values["host"], values["port"])]
             source = "default"
+        if resolved["static"]:
+            resolved["static"] = _static_directories(resolved["static"], path, where)
         group_configs[name] = GroupConfig(name, resolved, source)
     _check_routes(group_configs, label)
 
@@ -750,6 +800,22 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
             given = server_table.get(setting.name)
         values[setting.name] = setting.resolve_default() if given is None else given
     return ServerConfig(values=values, path=path), server_table
+
+
+def _static_directories(mounts: Sequence[tuple[str, str]], path: Path | None,
+                        where: str) -> list[tuple[str, str]]:
+    """Each mount's directory as an absolute path, relative ones taken from the
+    config file's directory (or the current one); each must be a directory."""
+    base = path.parent if path is not None else Path.cwd()
+    resolved = []
+    for prefix, directory in mounts:
+        full = (base / directory).resolve()
+        if not full.is_dir():
+            what = "not a directory" if full.exists() else "no such directory"
+            raise ConfigError(f"{where + ' ' if where else ''}static {prefix}: {directory}: "
+                              f"{what} ({full})".lstrip())
+        resolved.append((prefix, str(full)))
+    return resolved
 
 
 def _check_routes(groups: Mapping[str, GroupConfig], label: str) -> None:
@@ -825,7 +891,8 @@ def update_readme(path: Path) -> None:
 
 TYPES_PATH = Path(__file__).with_name("settings_types.py")
 PYTHON_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str",
-                "list": "tuple[str, ...]", "ints": "tuple[int, ...]"}
+                "list": "tuple[str, ...]", "ints": "tuple[int, ...]",
+                "mounts": "tuple[tuple[str, str], ...]"}
 
 
 def settings_types() -> str:

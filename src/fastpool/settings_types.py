@@ -49,6 +49,10 @@ class GroupSettings:
     health_path: str | None
     forwarded_allow_ips: tuple[str, ...]
     access_log: str | None
+    static: tuple[tuple[str, str], ...]
+    static_max_age: int
+    static_precompressed: bool
+    static_follow_symlinks: bool
 
 
 class ServerSettings:

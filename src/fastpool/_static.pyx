@@ -45,8 +45,8 @@ from fastpool._consts cimport *
 from fastpool._http cimport normalise_path, remember, split_request_target
 from fastpool._posix cimport (
     ENOSYS, EPERM, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NONBLOCK, O_PATH, O_RDONLY,
-    RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, S_ISDIR, S_ISREG, close, fstat, openat, openat2,
-    pread, stat,
+    RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, S_ISDIR, S_ISREG, close as close_fd, fstat, openat,
+    openat2, pread, stat,
 )
 
 import mimetypes
@@ -72,11 +72,11 @@ cdef class StaticFile:
 
     def __dealloc__(self):
         if self.fd >= 0:
-            close(self.fd)
+            close_fd(self.fd)
 
     cdef int close(self) except -1:
         if self.fd >= 0:
-            close(self.fd)
+            close_fd(self.fd)
             self.fd = -1
         return 0
 
@@ -88,13 +88,13 @@ cdef class StaticAnswer:
 
     def __dealloc__(self):
         if self.fd >= 0:
-            close(self.fd)
+            close_fd(self.fd)
 
     cpdef close(self):
         """Release the file (the worker calls it when the body is out, or not
         needed; PEP 3333's close() of a response iterable, for the WSGI worker)."""
         if self.fd >= 0:
-            close(self.fd)
+            close_fd(self.fd)
             self.fd = -1
 
     cpdef bytes read_all(self):
@@ -134,7 +134,7 @@ cdef class StaticFiles:
 
     def __dealloc__(self):
         for entry in self.mounts or ():
-            close(<int>entry[1])
+            close_fd(<int>entry[1])
 
     def lookup(self, str method, bytes target, dict headers=None):
         """For tests and tools: ``(status, headers, body)`` of the answer to a
@@ -184,27 +184,27 @@ cdef class StaticFiles:
         if fd < 0:
             return None
         if fstat(fd, &info) != 0:
-            close(fd)
+            close_fd(fd)
             return None
         found = StaticFile.__new__(StaticFile)
         found.root_fd = root_fd
         found.root_real = real
         if S_ISDIR(info.st_mode):
-            close(fd)
+            close_fd(fd)
             relative = b"index.html" if relative == b"." else relative + b"/index.html"
             fd = self.open_beneath(root_fd, real, relative)
             if fd < 0:
                 return None
             if fstat(fd, &info) != 0 or not S_ISREG(info.st_mode):
-                close(fd)
+                close_fd(fd)
                 return None
             if not path.endswith(b"/"):
-                close(fd)
+                close_fd(fd)
                 raw = <bytes>parts[1]
                 found.location = raw + b"/" + ((b"?" + <bytes>parts[2]) if parts[2] else b"")
                 return found
         elif not S_ISREG(info.st_mode):
-            close(fd)
+            close_fd(fd)
             return None
         found.fd = fd
         found.relative = relative
@@ -235,7 +235,7 @@ cdef class StaticFiles:
         except OSError:
             real = b""
         if real != root_real and not real.startswith(root_real + b"/"):
-            close(<int>fd)
+            close_fd(<int>fd)
             return -1
         return <int>fd
 
@@ -326,7 +326,7 @@ cdef class StaticFiles:
             if fd < 0:
                 continue
             if fstat(fd, &info) != 0 or not S_ISREG(info.st_mode):
-                close(fd)
+                close_fd(fd)
                 continue
             chosen = StaticFile.__new__(StaticFile)
             chosen.fd = fd

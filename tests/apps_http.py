@@ -21,6 +21,7 @@ Routes:
 * ``/raise-stream``  yields one part of a streamed response, then raises
 * ``/nonbytes``      returns a list holding a str
 * ``/write-list``    two parts through write(), then a list of two more
+* ``/file?path=P``   the file P through ``wsgi.file_wrapper`` (a download the app returns)
 * ``/pid``           the worker's pid
 * ``/env``           a few environ keys as JSON
 * anything else      ``METHOD PATH?QUERY``
@@ -94,6 +95,11 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     method = environ["REQUEST_METHOD"]
     text = [("Content-Type", "text/plain")]
+    if path == "/file":
+        name = _query(environ)["path"]
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(os.path.getsize(name)))])
+        return environ["wsgi.file_wrapper"](open(name, "rb"))    # noqa: SIM115 (closed by the server)
     if path == "/echo":
         body = environ["wsgi.input"].read()
         start_response("200 OK", [("Content-Type", "application/octet-stream")])

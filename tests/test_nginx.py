@@ -19,6 +19,8 @@ from client import Client
 from clusters import fastpool, group, new_clusters, ports, render, routed_group, served
 from conftest import free_port, wait_for
 
+HELLO = b"hello from public/\n"
+
 
 def nginx_binary() -> str:
     found = shutil.which("nginx") or next(
@@ -35,9 +37,14 @@ def behind_nginx(tmp_path_factory):
     binary = nginx_binary()
     factory, directory = new_clusters(tmp_path_factory, "nginx")
     chosen = ports("web")
+    (directory / "public/docs").mkdir(parents=True)
+    (directory / "public/hello.txt").write_bytes(HELLO)
+    (directory / "public/docs/index.html").write_bytes(b"<h1>docs</h1>\n")
+    (directory / "public/.env").write_bytes(b"SECRET=1\n")
     text = render(
         server={"control_socket": str(directory / ".fastpool.sock")},
-        groups={"web": group(chosen["web"], 1, app="apps_routes:web"),
+        groups={"web": group(chosen["web"], 1, app="apps_routes:web",
+                             static={"/": "public", "/api/docs": "public/docs"}),
                 "task": routed_group("apps_routes:task", ["/tast"], 1),
                 "api": routed_group("apps_routes:api", ["/api"], 1)})
     server = factory.start(text, workers=3, ports=chosen)
@@ -115,3 +122,33 @@ def test_a_post_body_through_nginx_reaches_the_routed_group(behind_nginx):
     response = Client.once(behind_nginx.nginx, "/tast/upload", "POST", body)
     info = served(response)
     assert info["group"] == "task" and info["length"] == len(body)
+
+
+# ---------------------------------------------------------------- static mounts (issue 13)
+
+def test_a_static_file_is_served_by_nginx_itself(behind_nginx):
+    response = Client.once(behind_nginx.nginx, "/hello.txt")
+    assert (response.status, response.body) == (200, HELLO)
+    assert response.header("server").startswith("nginx")
+    assert Client.once(behind_nginx.nginx, "/docs/").body == b"<h1>docs</h1>\n"
+
+
+@pytest.mark.parametrize(("method", "target"), [
+    ("GET", "/missing.txt"), ("POST", "/hello.txt"), ("GET", "/.env"), ("GET", "/"),
+])
+def test_what_is_not_a_file_reaches_the_group_through_nginx(behind_nginx, method, target):
+    response = Client.once(behind_nginx.nginx, target, method, b"x" if method == "POST" else b"")
+    assert response.status == 200, response
+    assert served(response)["group"] == "web"
+
+
+def test_a_directory_without_its_slash_is_redirected_as_fastpool_does(behind_nginx):
+    response = Client.once(behind_nginx.nginx, "/docs")
+    assert response.status == 301
+    assert response.header("location").endswith("/docs/")
+
+
+def test_a_mount_under_another_groups_route_is_left_out(behind_nginx):
+    assert "# static /api/docs of group web: under a route of group api" in \
+        behind_nginx.generated
+    assert served(Client.once(behind_nginx.nginx, "/api/docs/index.html"))["group"] == "api"

@@ -288,33 +288,47 @@ cdef class Cycle:
             worker.app_finished(None)
 
     async def send_file(self, StaticAnswer answer):
-        """A static file's body (its head is queued): with the loop's sendfile
-        where asyncio has it natively (its selector loop), else read and
-        written SENDFILE_CHUNK at a time; either way it waits while the client
-        does not read, and the loop serves the other connections meanwhile."""
+        """A static file's body (its head is queued).  While the transport has
+        nothing queued, sendfile(2) writes to the socket directly (the
+        transport's order is kept: it is empty); when the socket is full, the
+        next HIGH_WATER bytes are read and written through the transport,
+        which then watches for writability -- its pause is what the deadline
+        tick sees -- and the loop serves the other connections meanwhile."""
         cdef ASGIConnection conn = self.conn
+        cdef object transport = conn.transport
         cdef long long offset = answer.offset
         cdef long long remaining = answer.length
+        cdef object sent
         cdef bytes chunk
         try:
             conn.flush()
-            if isinstance(conn.loop, BaseSelectorEventLoop):
-                with open(answer.fd, "rb", buffering=0, closefd=False) as source:
-                    sent = await conn.loop.sendfile(conn.transport, source, offset, remaining)
-                self.framing.body_sent += sent
-            else:
-                while remaining > 0 and not conn.closed:
-                    chunk = os.pread(answer.fd, min(remaining, SENDFILE_CHUNK), offset)
-                    if not chunk:
-                        break           # the file shrank: end_body sees the short body
-                    offset += PyBytes_GET_SIZE(chunk)
-                    remaining -= PyBytes_GET_SIZE(chunk)
-                    frame_body(conn.out, &self.framing, chunk)
-                    conn.flush()
-                    if conn.flow.write_paused:
-                        await conn.flow.drain()
-                    else:
+            socket_fd = transport.get_extra_info("socket").fileno()
+            while remaining > 0 and not conn.closed:
+                if transport.get_write_buffer_size() == 0:
+                    try:
+                        sent = os.sendfile(socket_fd, answer.fd, offset,
+                                           min(remaining, SENDFILE_CHUNK))
+                    except BlockingIOError:
+                        sent = None
+                    if sent is not None:
+                        if sent == 0:
+                            break       # the file shrank: end_body sees the short body
+                        offset += sent
+                        remaining -= sent
+                        self.framing.body_sent += sent
                         await sleep0()
+                        continue
+                chunk = os.pread(answer.fd, min(remaining, HIGH_WATER), offset)
+                if not chunk:
+                    break
+                offset += PyBytes_GET_SIZE(chunk)
+                remaining -= PyBytes_GET_SIZE(chunk)
+                frame_body(conn.out, &self.framing, chunk)
+                conn.flush()
+                if conn.flow.write_paused:
+                    await conn.flow.drain()
+                else:
+                    await sleep0()
         except (OSError, RuntimeError, CancelledError):
             answer.close()
             self.give_up()

@@ -14,8 +14,12 @@ Rules of this module:
   segments, merged slashes) before it matches, as fastpool does.
 * Static mounts (``static``) become locations that serve the file when there
   is one and hand everything else to the group, as fastpool does: ``alias``
-  (``root`` for ``/``) with ``try_files $uri $uri/index.html @group``; a method
-  other than GET/HEAD (nginx's 405) and dotfiles go to the group too.  A
+  (``root`` for ``/``) with ``try_files`` falling back to ``@group``; a method
+  other than GET/HEAD (nginx's 405) and dotfiles go to the group too.  A path
+  ending in ``/`` is looked up as its ``index.html`` (the ``map`` of
+  ``$fastpool_static_file``), so a directory without one reaches the group, and
+  a directory named without its slash reaches it too -- fastpool then answers
+  the redirect, as it would alone.  A
   mount under a route of another group is never reached in fastpool (the
   route picks the group first), so it is left out, with a comment.
 * ``--upstream-hosts h1,h2`` puts every host's copy of each port in each
@@ -78,6 +82,14 @@ def render(config: ServerConfig, upstream_hosts: list[str] | None = None,
         "}",
         "",
     ]
+    if any(group.static for group in config.groups.values()):
+        lines += [
+            "map $uri $fastpool_static_file {",
+            "    ~/$      ${uri}index.html;",
+            "    default  $uri;",
+            "}",
+            "",
+        ]
     for name, group in config.groups.items():
         ports = listening[name] or listening[default]
         via = "" if listening[name] else f" (no listener: via group {default}, which routes it)"
@@ -141,7 +153,7 @@ def _static_location(match: str, directory: str, name: str, group: GroupConfig) 
     if group.static_precompressed:
         lines.append("        gzip_static on;     # NAME.gz beside a file (nginx has no .br one)")
     return lines + [
-        f"        try_files $uri $uri/index.html @fastpool_{name};",
+        f"        try_files $fastpool_static_file @fastpool_{name};",
         f"        error_page 405 = @fastpool_{name};",
         "        location ~ /\\. {",
         f"            proxy_pass http://fastpool_{name};",

@@ -251,19 +251,40 @@ def test_each_encoding_has_its_own_etag(site):
 
 # ---------------------------------------------------------------- nothing outside the mount
 
-@pytest.mark.parametrize("target", [
+ESCAPES = [
     "/../secret.txt", "/%2e%2e/secret.txt", "/%2E%2E/secret.txt", "/..%2fsecret.txt",
     "/%2e%2e%2fsecret.txt", "/docs/../../secret.txt", "/docs/%2e%2e/%2e%2e/secret.txt",
     "/%5c..%5csecret.txt", "/..%5csecret.txt", "/hello.txt%00.png", "/%00/../secret.txt",
     "/%c0%ae%c0%ae/secret.txt", "/%c0%af..%c0%afsecret.txt", "//secret.txt",
     "/link-outside", "/assets/../../secret.txt", "/assets/%2e%2e/%2e%2e/secret.txt",
     "http://localhost/../secret.txt",
-])
+]
+
+
+@pytest.mark.parametrize("target", ESCAPES)
 def test_nothing_outside_the_mounted_directory_is_served(site, target):
     raw = raw_request(site, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                       .encode())
     assert SECRET.strip() not in raw
     assert b"\r\nETag:" not in raw
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "openat-and-realpath"])
+def test_no_lookup_leaves_the_mount_with_or_without_openat2(tmp_path, openat2):
+    """The same escapes, in process, through the lookup both ways the kernel
+    may offer: openat2(RESOLVE_BENEATH), or openat and a real-path check."""
+    from fastpool._static import StaticFiles, use_openat2
+
+    make_tree(tmp_path)
+    static = StaticFiles([("/", str(tmp_path / "public"))])
+    use_openat2(openat2)
+    try:
+        for target in ESCAPES:
+            assert static.lookup("GET", target.encode()) is None, target
+        assert static.lookup("GET", b"/link-inside")[2] == HELLO
+        assert static.lookup("GET", b"/hello.txt")[2] == HELLO
+    finally:
+        use_openat2(True)
 
 
 def test_symlinks_out_of_the_mount_only_with_follow_symlinks(tmp_path):

@@ -44,7 +44,7 @@ from fastpool._http cimport (
     error_response, status_line_of, monotonic, Framing, framing_reset, queue_head, frame_body,
     end_body,
 )
-from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles
+from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
     WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE,
 )
@@ -724,21 +724,14 @@ cdef class ASGIConnection(HttpConnection):
         framing_reset(&cycle.framing)
         self.cycle = cycle
         cycle.started = True
-        queue_head(self.out, &cycle.framing, request, status_line_of(answer.status),
-                   answer.status, answer.headers, True, answer.length,
-                   worker.alive and worker.keep_alive > 0)
-        if answer.fd < 0 or cycle.framing.body_suppressed or answer.length == 0:
-            answer.close()
-        elif answer.length <= SMALL_FILE:
-            frame_body(self.out, &cycle.framing, answer.read_all())
-            answer.close()
-        else:
+        if queue_answer(answer, self.out, &cycle.framing, request,
+                        worker.alive and worker.keep_alive > 0):
             # Not eager: the head must reach the transport (at the end of
             # dispatch) before the file's bytes.
             cycle.task = self.loop.create_task(cycle.send_file(answer))
             worker.tasks.add(cycle.task)
-            return True
-        cycle.write_body(b"", False)
+        else:
+            cycle.write_body(b"", False)
         return True
 
     cdef int start_websocket(self, ASGIRequest request) except -1:

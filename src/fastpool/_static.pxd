@@ -1,6 +1,8 @@
 # Static files served by the worker itself, for every worker kind (see
 # _static.pyx for the rules): which request is a file, and the answer to it.
 
+from fastpool._http cimport Framing, OutBuffer, Request
+
 cdef class StaticFile:
     """A regular file found under a mount (open), or a directory's redirect."""
     cdef int fd                    # -1 for a redirect
@@ -49,3 +51,7 @@ cdef class StaticFiles:
     cdef int add_caching(self, list headers) except -1
     cdef bytes content_type(self, bytes name)
     cdef tuple validators_of(self, StaticFile found)
+
+
+cdef bint queue_answer(StaticAnswer answer, OutBuffer out, Framing *framing, Request request,
+                       bint reusable) except -1

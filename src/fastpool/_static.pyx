@@ -42,7 +42,10 @@ from libc.errno cimport errno
 from posix.types cimport off_t
 
 from fastpool._consts cimport *
-from fastpool._http cimport normalise_path, remember, split_request_target
+from fastpool._http cimport (
+    Framing, OutBuffer, Request, frame_body, normalise_path, queue_head, remember,
+    split_request_target, status_line_of,
+)
 from fastpool._posix cimport (
     ENOSYS, EPERM, O_CLOEXEC, O_DIRECTORY, O_NOCTTY, O_NONBLOCK, O_PATH, O_RDONLY,
     RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, S_ISDIR, S_ISREG, close as close_fd, fstat, openat,
@@ -63,6 +66,13 @@ cdef bint OPENAT2 = True
 cdef int OPEN_FLAGS = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY
 # (encoding, suffix) in the order a tie in Accept-Encoding is broken.
 cdef tuple ENCODINGS = ((b"br", b".br"), (b"gzip", b".gz"))
+
+
+def use_openat2(bint on):
+    """For tests: turn openat2 off (the fallback of old kernels: openat and a
+    real-path check) or back on where the kernel has it."""
+    global OPENAT2
+    OPENAT2 = on
 
 
 @cython.final
@@ -362,6 +372,23 @@ cdef class StaticFiles:
         value = (b'"%x-%x"' % (found.mtime, found.size),
                  formatdate(found.mtime, usegmt=True).encode("ascii"))
         return <tuple>remember(self.validators, key, value, STATIC_VALIDATOR_CACHE_SIZE)
+
+
+cdef bint queue_answer(StaticAnswer answer, OutBuffer out, Framing *framing, Request request,
+                       bint reusable) except -1:
+    """Queue an answer's head, and its body when that is empty or up to
+    SMALL_FILE bytes (then the file is closed).  True when a larger body is
+    still to be sent from ``answer.fd`` (the worker's own non-blocking way)."""
+    queue_head(out, framing, request, status_line_of(answer.status), answer.status,
+               answer.headers, True, answer.length, reusable)
+    if answer.fd < 0 or framing.body_suppressed or answer.length == 0:
+        answer.close()
+        return False
+    if answer.length <= SMALL_FILE:
+        frame_body(out, framing, answer.read_all())
+        answer.close()
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- header values

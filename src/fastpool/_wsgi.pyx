@@ -61,9 +61,9 @@ from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
     deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
     refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
-    queue_head, frame_body, end_body, status_line_of,
+    queue_head, frame_body, end_body,
 )
-from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles
+from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, Listener, SERVING
 
 import contextvars
@@ -371,22 +371,15 @@ cdef class WSGIConnection(HttpConnection):
                                header_bytes(environ, "HTTP_IF_RANGE"),
                                header_bytes(environ, "HTTP_ACCEPT_ENCODING"))
         self.reset_response(request)
-        queue_head(self.out, &self.framing, request, status_line_of(answer.status),
-                   answer.status, answer.headers, True, answer.length,
-                   worker.alive and worker.keep_alive > 0)
-        if answer.fd < 0 or self.framing.body_suppressed or answer.length == 0:
-            answer.close()
-        elif answer.length <= SMALL_FILE:
-            frame_body(self.out, &self.framing, answer.read_all())
-            answer.close()
-        else:
-            self.result = answer
-            self.streaming = True
-            self.file_fd = answer.fd
-            self.file_offset = answer.offset
-            self.file_remaining = answer.length
+        if not queue_answer(answer, self.out, &self.framing, request,
+                            worker.alive and worker.keep_alive > 0):
+            self.end_response(None, True)
             return True
-        self.end_response(None, True)
+        self.result = answer
+        self.streaming = True
+        self.file_fd = answer.fd
+        self.file_offset = answer.offset
+        self.file_remaining = answer.length
         return True
 
     cdef int finish_response(self, WSGIRequest request) except -1:

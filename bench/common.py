@@ -205,8 +205,9 @@ class Response:
 
 
 def http_request(method: str, path: str, port: int, body: bytes = b"",
-                 close: bool = False) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}"]
+                 close: bool = False, headers: tuple[str, ...] = ()) -> bytes:
+    """A request's bytes; ``headers``: extra ``Name: value`` lines."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", *headers]
     if method == "POST":
         lines += ["Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
     if close:

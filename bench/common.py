@@ -1,4 +1,5 @@
-"""Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``, ``routes.py``).
+"""Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``, ``routes.py``,
+``instructions.py``, ``static.py``).
 
 * Servers: each runs in its own process group with its output in a log file, is waited
   for with a deadline (polled until ``GET /`` answers 200, never a fixed sleep) and is
@@ -6,15 +7,17 @@
   does this in a ``finally`` block, so Ctrl-C, SIGTERM or an exception never leaves a
   server running. A server is also SIGKILLed if the harness itself dies.
 * A minimal blocking HTTP/1.1 client for checks (``exchange``), wrk's output parser and
-  runner, and formatting helpers.
+  runner, the median of a scenario's runs (``Result``), ``taskset`` pinning (``pin``), the
+  CPU time of a server's process tree (``tree_cpu_seconds``), and formatting helpers.
 * fastpool's control socket (``control_status``: the routing counts of a running server),
-  TOML values for the generated config files, and finding nginx.
+  TOML values for the generated config files, and finding and configuring nginx.
 
 Standard library only.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import importlib.util
@@ -107,17 +110,19 @@ def _group_alive(pgid: int) -> bool:
 class Server:
     """One running server: its own process group, output to a log file."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
+        self.env = env or {}  # on top of server_env()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=server_env(), cwd=BENCH, start_new_session=True,
+                env=server_env() | self.env, cwd=BENCH, start_new_session=True,
                 preexec_fn=die_with_parent)
 
     def log_tail(self, lines: int = 15) -> str:
@@ -200,8 +205,9 @@ class Response:
 
 
 def http_request(method: str, path: str, port: int, body: bytes = b"",
-                 close: bool = False) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}"]
+                 close: bool = False, headers: tuple[str, ...] = ()) -> bytes:
+    """A request's bytes; ``headers``: extra ``Name: value`` lines."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", *headers]
     if method == "POST":
         lines += ["Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
     if close:
@@ -236,6 +242,9 @@ class _Reader:
                 break
             name, _, value = raw.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
+        status = int(status_line[1])
+        if status in (204, 304) or status < 200:  # never a body, whatever the headers say
+            return Response(status, headers, b"")
         if "chunked" in headers.get("transfer-encoding", "").lower():
             chunks = []
             while True:
@@ -251,7 +260,7 @@ class _Reader:
             body = self.exact(int(headers["content-length"]))
         else:
             body = self.file.read()
-        return Response(int(status_line[1]), headers, body)
+        return Response(status, headers, body)
 
     def at_eof(self) -> bool:
         return self.file.read(1) == b""
@@ -342,6 +351,72 @@ def median_known(values: list[float]) -> float:
     """The median of the values that are not NaN (NaN if none is known)."""
     known = [v for v in values if v == v]
     return statistics.median(known) if known else float("nan")
+
+
+@dataclass
+class Result:
+    """A scenario's runs on one server, or why it was not measured; medians over the runs."""
+
+    scenario: str
+    server: str
+    runs: list[WrkRun] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(r.rps for r in self.runs)
+
+    @property
+    def p50(self) -> float:
+        return median_known([r.p50_ms for r in self.runs])
+
+    @property
+    def p99(self) -> float:
+        return median_known([r.p99_ms for r in self.runs])
+
+    def problems(self) -> str:
+        non2xx = sum(r.non_2xx for r in self.runs)
+        parts = [f"{non2xx} non-2xx"] if non2xx else []
+        for kind in ("connect", "read", "write", "timeout"):
+            n = sum(r.socket_errors[kind] for r in self.runs)
+            if n:
+                parts.append(f"{n} {kind}")
+        return ", ".join(parts)
+
+
+def pin(cpus: str, args: argparse.Namespace) -> list[str]:
+    """``taskset -c CPUS``, or nothing with ``--no-pin``."""
+    return [] if args.no_pin else ["taskset", "-c", cpus]
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and its descendants.
+
+    Read from /proc/PID/stat: utime and stime cover every thread of a process, dead ones
+    too; cutime and cstime add the children it has already reaped (which are no longer in
+    the tree, so nothing is counted twice). A process that exited unreaped by a member of
+    the tree is lost. Resolution: one clock tick (usually 10 ms).
+    """
+    ticks: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # after "pid (comm)": state ppid ...; utime stime cutime cstime are fields 14-17
+        fields = stat.rpartition(")")[2].split()
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = sum(int(x) for x in fields[11:15])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def fmt_ms(ms: float) -> str:
@@ -462,3 +537,15 @@ def find_nginx(nginx: str) -> str | None:
 def nginx_version(nginx: str) -> str:
     out = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
     return out.stderr.strip().rpartition("/")[2] or "?"
+
+
+def nginx_temp_paths(tmp: Path, prefix: str = "") -> str:
+    """The ``*_temp_path`` lines of an ``http`` block, all under ``tmp`` (indented 4)."""
+    return "\n".join(f"    {name}_temp_path {tmp / (prefix + name + '_temp')};"
+                     for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+
+
+def nginx_user() -> str:
+    """``user root;`` when run as root, where nginx would switch its workers to nobody, who
+    cannot use the temp dirs (or read the files) under a private temporary directory."""
+    return "user root;\n" if os.geteuid() == 0 else ""

@@ -96,6 +96,7 @@ from common import (
     die_with_parent,
     load_apps,
     machine,
+    nginx_temp_paths,
     raise_exit,
     run_main,
 )
@@ -232,8 +233,7 @@ def nginx_conf(tmp: Path, port: int) -> str:
     pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]  # 4 KiB token limit
     sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
     joined = "".join(f"$json{i}" for i in range(len(pieces)))
-    temps = "\n".join(f"    {name}_temp_path {tmp / (name + '_temp')};"
-                      for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = nginx_temp_paths(tmp)
     return f"""daemon off;
 master_process off;
 worker_processes 1;

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -86,6 +85,8 @@ from common import (
     http_request,
     machine,
     median_known,
+    nginx_temp_paths,
+    nginx_user,
     nginx_version,
     no_nan,
     parse_wrk,
@@ -227,10 +228,8 @@ def fastpool_routes_config(args: argparse.Namespace, layout: Layout, tmp: Path) 
 def nginx_conf(args: argparse.Namespace, tmp: Path, web_port: int, task_port: int) -> str:
     """nginx on --port: ``/tast/`` to the task gunicorn, the rest to the web one, over
     keep-alive upstream connections (HTTP/1.1, no Connection header passed on)."""
-    temps = "\n".join(f"    {name}_temp_path {tmp / ('nginx-' + name + '_temp')};"
-                      for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    # As root nginx would switch its workers to nobody, who cannot use the temp dirs here.
-    user = "user root;\n" if os.geteuid() == 0 else ""
+    temps = nginx_temp_paths(tmp, "nginx-")
+    user = nginx_user()
     keepalive = args.slow_connections + args.fast_connections
     proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
              "proxy_set_header Host $host;")

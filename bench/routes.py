@@ -77,6 +77,7 @@ from common import (
     machine,
     median_known,
     no_nan,
+    pin,
     port_in_use,
     python_version,
     raise_exit,
@@ -159,10 +160,6 @@ def server_command(setup: str, args: argparse.Namespace, tmp: Path) -> list[str]
         (tmp / "routes.toml").write_text(routes_config(args, sock))
         cmd = [py, "-m", "fastpool", "serve", "--config", str(tmp / "routes.toml")]
     return pin(args.server_cpus, args) + cmd
-
-
-def pin(cpus: str, args: argparse.Namespace) -> list[str]:
-    return [] if args.no_pin else ["taskset", "-c", cpus]
 
 
 def wrk_command(s: Scenario, args: argparse.Namespace, duration: int) -> list[str]:

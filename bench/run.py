@@ -35,8 +35,8 @@ Rules this harness keeps:
 * Standard library only; the exact server and wrk command lines are printed under the
   tables, and ``--json PATH`` saves every run's numbers and raw wrk output.
 
-Starting, waiting for and stopping servers, the HTTP checks' client and wrk's parser live in
-``common.py``, shared with ``isolation.py``.
+Starting, waiting for and stopping servers, the HTTP checks' client, wrk's parser and the
+medians of a scenario's runs live in ``common.py``, shared with the other harnesses.
 
 Usage (see bench/README.md)::
 
@@ -53,11 +53,10 @@ import os
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +65,16 @@ from common import (
     HOST,
     BenchError,
     Response,
+    Result,
     Server,
-    WrkRun,
     exchange,
     fmt_ms,
     http_request,
     load_apps,
     machine,
-    median_known,
+    nginx_temp_paths,
     no_nan,
+    pin,
     port_in_use,
     python_version,
     raise_exit,
@@ -212,9 +212,7 @@ def nginx_conf(tmp: Path, port: int, workers: int) -> str:
     pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]
     sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
     joined = "".join(f"$json{i}" for i in range(len(pieces)))
-    temps = "\n".join(
-        f"    {name}_temp_path {tmp / (name + '_temp')};"
-        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = nginx_temp_paths(tmp)
     return f"""daemon off;
 master_process on;
 worker_processes {workers};
@@ -353,40 +351,7 @@ def wrk_command(args: argparse.Namespace, scenario: Scenario, duration: int) -> 
     return pin(args.wrk_cpus, args) + cmd
 
 
-def pin(cpus: str, args: argparse.Namespace) -> list[str]:
-    return [] if args.no_pin else ["taskset", "-c", cpus]
-
-
 # --------------------------------------------------------------------------- results
-
-
-@dataclass
-class Result:
-    scenario: str
-    server: str
-    runs: list[WrkRun] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def rps(self) -> float:
-        return statistics.median(r.rps for r in self.runs)
-
-    @property
-    def p50(self) -> float:
-        return median_known([r.p50_ms for r in self.runs])
-
-    @property
-    def p99(self) -> float:
-        return median_known([r.p99_ms for r in self.runs])
-
-    def problems(self) -> str:
-        non2xx = sum(r.non_2xx for r in self.runs)
-        parts = [f"{non2xx} non-2xx"] if non2xx else []
-        for kind in ("connect", "read", "write", "timeout"):
-            n = sum(r.socket_errors[kind] for r in self.runs)
-            if n:
-                parts.append(f"{n} {kind}")
-        return ", ".join(parts)
 
 
 def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],

@@ -1,0 +1,733 @@
+"""Static files: fastpool's compiled-loop file serving against nginx and Python peers.
+
+Every server serves the same two files (generated in a temporary directory, fixed bytes and
+mtime) under ``/static/``, with one worker, on keep-alive connections (``wrk -t1 -c64``):
+
+Scenarios:
+
+* ``file-1k``: ``GET /static/file-1k.bin``, a 1 KiB file, 200.
+* ``file-1m``: ``GET /static/file-1m.bin``, a 1 MiB file, 200.
+* ``revalidate``: ``GET /static/file-1k.bin`` with ``If-None-Match`` set to the file's
+  current ETag (``wrk/if_none_match.lua``), 304. Every server makes its own ETag, so it is
+  read from each server (its 200 response) before the scenario, and its wrk command line
+  differs per server.
+
+Servers (``--workers``, default 1, each; the files' directory is ``DIR``):
+
+* ``fastpool``: ``fastpool serve apps:app --static /static=DIR`` (WSGI worker).
+* ``fastpool-asgi``: ``fastpool serve apps:asgi_app --interface asgi --loop uvloop
+  --static /static=DIR``.
+* ``nginx``: ``root`` in a generated nginx.conf, ``sendfile on; tcp_nopush on;`` (a
+  reference, not Python).
+* ``granian``: ``--interface wsgi --static-path-route /static --static-path-mount DIR``,
+  ``apps:app``.
+* ``gunicorn-whitenoise``: gunicorn (gthread, ``--gunicorn-threads``) serving
+  ``whitenoise.WhiteNoise(apps:app, root=DIR, prefix="static/")``
+  (``static_apps:whitenoise_app()``).
+* ``uvicorn-starlette``: uvicorn (httptools, uvloop) serving a Starlette app with
+  ``StaticFiles(directory=DIR)`` mounted at ``/static`` (``static_apps:starlette_app``).
+
+``apps.py`` answers everything else (``GET /`` is what the harness polls until a server is
+ready). The peer apps read DIR from ``$STATIC_BENCH_DIR``.
+
+Rules, as in run.py: the server (all its processes) is pinned to CPU 0 with ``taskset`` and
+wrk to CPU 1; every server is waited for with a deadline, then checked per scenario before
+anything is measured -- the exact bytes and a 200 (a ``Content-Length`` of the file's size,
+or chunked framing) twice on one keep-alive connection, and for ``revalidate`` an ETag in
+the 200 and a bodiless 304 for it, twice -- and re-checked after each scenario's load (the
+same ETag still answered with 304). A scenario whose check fails is not measured and the
+table says why. A 1 s warm-up, then ``--runs`` (3) runs of ``--duration`` (5) s; req/s,
+p50 and p99 are medians. Servers are stopped with SIGTERM to the process group, then
+SIGKILL, also on Ctrl-C.
+
+Besides wrk's figures, each run reads the CPU time (utime + stime, from /proc/PID/stat) of
+the server's whole process tree before and after wrk, and the table shows the median of
+server CPU seconds / requests (µs per request), and how busy the server and wrk were (CPU
+seconds / wall seconds; 100% is one core saturated; wrk's from getrusage of its process).
+Beside the tables, the targets for fastpool (printed, not asserted).
+
+Standard library only. Usage (see bench/README.md)::
+
+    python bench/static.py --peer-python /work/peers-venv/bin/python --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import (
+    BENCH,
+    HOST,
+    BenchError,
+    Response,
+    Result,
+    Server,
+    WrkRun,
+    exchange,
+    find_nginx,
+    fmt_ms,
+    http_request,
+    load_apps,
+    machine,
+    median_known,
+    nginx_temp_paths,
+    nginx_user,
+    nginx_version,
+    no_nan,
+    pin,
+    port_in_use,
+    python_version,
+    raise_exit,
+    run_main,
+    run_wrk,
+    running,
+    tree_cpu_seconds,
+)
+
+WRK_SCRIPTS = BENCH / "wrk"
+HELLO: bytes = load_apps().HELLO
+PREFIX = "/static"
+FILES = {"file-1k.bin": 1024, "file-1m.bin": 1 << 20}
+FILES_MTIME = 1_767_225_600  # 2026-01-01 00:00 UTC: the same ETags from run to run
+DIR_ENV = "STATIC_BENCH_DIR"  # read by static_apps.py
+BASE = "fastpool"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    file: str
+    revalidate: bool = False  # If-None-Match: the ETag, 304 expected
+
+    @property
+    def path(self) -> str:
+        return f"{PREFIX}/{self.file}"
+
+
+SCENARIOS = [
+    Scenario("file-1k", "GET a 1 KiB file, 200", "file-1k.bin"),
+    Scenario("file-1m", "GET a 1 MiB file, 200", "file-1m.bin"),
+    Scenario("revalidate", "GET the 1 KiB file with If-None-Match: its ETag, 304",
+             "file-1k.bin", revalidate=True),
+]
+SCENARIO_NAMES = [s.name for s in SCENARIOS]
+
+# (scenario, peer, least fastpool req/s / peer req/s): printed beside the tables, not
+# asserted. The granian and whitenoise targets hold for every scenario.
+TARGETS = ([("file-1k", "nginx", 0.8), ("file-1m", "nginx", 0.9)]
+           + [(s, "granian", 2.0) for s in SCENARIO_NAMES]
+           + [(s, "gunicorn-whitenoise", 10.0) for s in SCENARIO_NAMES])
+
+
+def make_files(directory: Path) -> dict[str, bytes]:
+    """Write the files (fixed pseudo-random bytes: nothing compresses; fixed mtime)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(20261204)
+    out = {}
+    for name, size in FILES.items():
+        data = rng.randbytes(size)
+        path = directory / name
+        path.write_bytes(data)
+        os.utime(path, (FILES_MTIME, FILES_MTIME))
+        out[name] = data
+    return out
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    python: str | None  # "fastpool" or "peer": which interpreter; None: nginx
+    imports: tuple[str, ...] = ()  # what that interpreter must import
+    dists: tuple[str, ...] = ()  # distributions whose versions are reported
+    note: str = ""
+
+
+SERVER_KINDS = [
+    ServerKind("fastpool", "fastpool", ("fastpool",), ("fastpool",),
+               "WSGI worker, `--static /static=DIR`, `apps:app`"),
+    ServerKind("fastpool-asgi", "fastpool", ("fastpool", "fastpool._asgi", "uvloop"),
+               ("fastpool",),
+               "ASGI worker (`--interface asgi --loop uvloop`), `--static /static=DIR`, "
+               "`apps:asgi_app`"),
+    ServerKind("nginx", None, note="reference, not Python: `root`, `sendfile on; "
+                                   "tcp_nopush on;`"),
+    ServerKind("granian", "peer", ("granian",), ("granian",),
+               "WSGI, `--static-path-route /static --static-path-mount DIR`, `apps:app`"),
+    ServerKind("gunicorn-whitenoise", "peer", ("gunicorn", "whitenoise"),
+               ("gunicorn", "whitenoise"),
+               "gthread worker, `WhiteNoise(apps:app, root=DIR, prefix=\"static/\")`"),
+    ServerKind("uvicorn-starlette", "peer", ("uvicorn", "uvloop", "httptools", "starlette"),
+               ("uvicorn", "starlette"),
+               "httptools + uvloop, Starlette `StaticFiles(directory=DIR)` at /static"),
+]
+SERVER_NAMES = [k.name for k in SERVER_KINDS]
+
+
+@dataclass
+class Available:
+    kind: ServerKind
+    path: str  # its interpreter, or the nginx binary
+    version: str
+
+
+def probe(kind: ServerKind, args: argparse.Namespace) -> Available | str:
+    """An ``Available`` if ``kind`` can be run, else why not."""
+    if kind.python is None:
+        nginx = find_nginx(args.nginx)
+        if nginx is None:
+            return f"{args.nginx} not found"
+        return Available(kind, nginx, nginx_version(nginx))
+    python = args.fastpool_python if kind.python == "fastpool" else args.peer_python
+    try:
+        versions = [python_version(python, list(kind.imports), dist) for dist in kind.dists]
+    except BenchError as exc:
+        return str(exc)
+    if len(versions) > 1:  # e.g. "gunicorn 27.0.1, whitenoise 6.12.0"
+        versions = [f"{dist} {v}" for dist, v in zip(kind.dists, versions, strict=True)]
+    return Available(kind, python, ", ".join(versions))
+
+
+def nginx_conf(tmp: Path, www: Path, port: int, workers: int) -> str:
+    hello = HELLO.decode().replace("\n", "\\n")
+    return f"""{nginx_user()}daemon off;
+master_process on;
+worker_processes {workers};
+pid {tmp / 'nginx.pid'};
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000000;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+{nginx_temp_paths(tmp)}
+    server {{
+        listen {HOST}:{port} backlog=2048;
+        root {www};
+        location = / {{ default_type text/plain; return 200 '{hello}'; }}
+        location {PREFIX}/ {{ }}
+    }}
+}}
+"""
+
+
+def server_command(av: Available, args: argparse.Namespace, tmp: Path,
+                   directory: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line (without taskset) that starts ``av``, and its extra environment."""
+    name, py, port, workers = av.kind.name, av.path, str(args.port), str(args.workers)
+    static = ["--static", f"{PREFIX}={directory}"]
+    if name == "fastpool":
+        return [py, "-m", "fastpool", "serve", "apps:app", "--host", HOST, "--port", port,
+                "--workers", workers, *static], {}
+    if name == "fastpool-asgi":
+        return [py, "-m", "fastpool", "serve", "apps:asgi_app", "--interface", "asgi",
+                "--loop", "uvloop", "--host", HOST, "--port", port, "--workers", workers,
+                *static], {}
+    if name == "nginx":
+        conf = tmp / "nginx.conf"
+        conf.write_text(nginx_conf(tmp, directory.parent, args.port, args.workers))
+        return [py, "-p", str(tmp), "-c", str(conf), "-e", "stderr"], {}
+    if name == "granian":
+        return [py, "-m", "granian", "--interface", "wsgi", "--host", HOST, "--port", port,
+                "--workers", workers, "--http", "1", "--no-ws", "--log-level", "warning",
+                "--static-path-route", PREFIX, "--static-path-mount", str(directory),
+                "apps:app"], {}
+    env = {DIR_ENV: str(directory)}
+    if name == "gunicorn-whitenoise":
+        return [py, "-m", "gunicorn", "-k", "gthread", "--threads", str(args.gunicorn_threads),
+                "--workers", workers, "--bind", f"{HOST}:{port}", "--log-level", "warning",
+                "static_apps:whitenoise_app()"], env
+    if name == "uvicorn-starlette":
+        return [py, "-m", "uvicorn", "--factory", "static_apps:starlette_app", "--host", HOST,
+                "--port", port, "--workers", workers, "--http", "httptools", "--loop",
+                "uvloop", "--no-access-log", "--log-level", "warning"], env
+    raise AssertionError(name)
+
+
+# --------------------------------------------------------------------------- HTTP checks
+
+
+@dataclass
+class Seen:
+    """What the checks saw of one server: its ETag for file-1k, framing, headers."""
+
+    etag: str | None = None
+    framing: dict[str, str] = field(default_factory=dict)  # file -> Content-Length/chunked
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)  # what -> headers
+
+
+def check_server(port: int, scenarios: list[Scenario], files: dict[str, bytes],
+                 seen: Seen) -> dict[str, str]:
+    """Check the server once per scenario; return {scenario: why it failed} for failures.
+
+    Fills ``seen`` (the ETag ``revalidate`` sends; if ``seen.etag`` is already set, the
+    server must still give that one).
+    """
+
+    def get_file(name: str, headers: tuple[str, ...] = ()) -> bytes:
+        return http_request("GET", f"{PREFIX}/{name}", port, headers=headers)
+
+    def expect_file(resp: Response, name: str, what: str) -> None:
+        data = files[name]
+        if resp.status != 200:
+            raise BenchError(f"{what}: status {resp.status}, expected 200")
+        length = resp.headers.get("content-length")
+        chunked = "chunked" in resp.headers.get("transfer-encoding", "").lower()
+        if length is not None and length != str(len(data)):
+            raise BenchError(f"{what}: Content-Length {length}, expected {len(data)}")
+        if length is None and not chunked:
+            raise BenchError(f"{what}: neither Content-Length nor chunked")
+        if resp.body != data:
+            raise BenchError(f"{what}: {len(resp.body)}-byte body differs from the "
+                             f"{len(data)}-byte file")
+        if "close" in resp.headers.get("connection", "").lower():
+            raise BenchError(f"{what}: Connection: close (no keep-alive)")
+        seen.framing[name] = "Content-Length" if length is not None else "chunked"
+
+    def file(s: Scenario) -> None:
+        what = f"GET {s.path}"
+        first, second = exchange(port, [get_file(s.file)] * 2)
+        expect_file(first, s.file, what)
+        expect_file(second, s.file, f"second {what} on a keep-alive connection")
+        seen.headers[s.file] = first.headers
+
+    def revalidate(s: Scenario) -> None:
+        what = f"GET {s.path}"
+        (resp,) = exchange(port, [get_file(s.file)])
+        expect_file(resp, s.file, what)
+        etag = resp.headers.get("etag")
+        if not etag:
+            raise BenchError(f"{what}: no ETag in the 200 response")
+        if seen.etag is not None and etag != seen.etag:
+            raise BenchError(f"{what}: ETag {etag}, but the load sent {seen.etag}")
+        seen.etag = etag
+        conditional = get_file(s.file, (f"If-None-Match: {etag}",))
+        for i, r in enumerate(exchange(port, [conditional] * 2)):
+            what = f"GET {s.path} with If-None-Match: {etag}" + (" (second)" if i else "")
+            if r.status != 304:
+                raise BenchError(f"{what}: status {r.status}, expected 304")
+            if "close" in r.headers.get("connection", "").lower():
+                raise BenchError(f"{what}: Connection: close (no keep-alive)")
+            seen.headers["304"] = r.headers
+
+    failures: dict[str, str] = {}
+    for s in scenarios:
+        try:
+            (revalidate if s.revalidate else file)(s)
+        except (BenchError, OSError) as exc:
+            failures[s.name] = (f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError)
+                                else str(exc))
+    return failures
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
+                etag: str | None) -> list[str]:
+    cmd = [args.wrk, f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{duration}s",
+           "--latency"]
+    if s.revalidate:
+        assert etag is not None
+        cmd += ["-s", str(WRK_SCRIPTS / "if_none_match.lua"),
+                f"http://{HOST}:{args.port}{s.path}", "--", etag]
+    else:
+        cmd.append(f"http://{HOST}:{args.port}{s.path}")
+    return pin(args.wrk_cpus, args) + cmd
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Cost:
+    """What one measured run cost: CPU seconds of the server's tree and of wrk, wall time."""
+
+    server_cpu_s: float
+    wrk_cpu_s: float
+    wall_s: float
+
+
+@dataclass
+class StaticResult(Result):
+    costs: list[Cost] = field(default_factory=list)  # one per run
+
+    def _median(self, values: list[float]) -> float:
+        return median_known(values) if values else float("nan")
+
+    @property
+    def cpu_us(self) -> float:
+        """Median server CPU microseconds per request."""
+        return self._median([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
+                             for r, c in zip(self.runs, self.costs, strict=True)])
+
+    @property
+    def server_busy(self) -> float:
+        return self._median([c.server_cpu_s / c.wall_s for c in self.costs])
+
+    @property
+    def wrk_busy(self) -> float:
+        return self._median([c.wrk_cpu_s / c.wall_s for c in self.costs])
+
+
+def measure(server: Server, cmd: list[str], duration: int) -> tuple[WrkRun, Cost]:
+    assert server.proc is not None
+    pid = server.proc.pid  # taskset execs the server: its pid is the tree's root
+    cpu0, wrk0, t0 = tree_cpu_seconds(pid), children_cpu_seconds(), time.monotonic()
+    run = run_wrk(cmd, duration)
+    t1, wrk1, cpu1 = time.monotonic(), children_cpu_seconds(), tree_cpu_seconds(pid)
+    return run, Cost(cpu1 - cpu0, wrk1 - wrk0, t1 - t0)
+
+
+def ratios(results: dict[tuple[str, str], StaticResult]) -> dict[tuple[str, str], float]:
+    """{(scenario, peer): fastpool req/s / peer req/s} where both were measured."""
+    out = {}
+    for (scenario, name), r in results.items():
+        base = results.get((scenario, BASE))
+        if name != BASE and r.runs and base is not None and base.runs and r.rps > 0:
+            out[(scenario, name)] = base.rps / r.rps
+    return out
+
+
+def targets(results: dict[tuple[str, str], StaticResult],
+            servers: list[Available], scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    names = {av.kind.name for av in servers}
+    ran = {s.name for s in scenarios}
+    got = ratios(results)
+    out = []
+    for scenario, peer, least in TARGETS:
+        if scenario in ran and peer in names and BASE in names:
+            ratio = got.get((scenario, peer))
+            out.append({"scenario": scenario, "peer": peer, "target": least, "ratio": ratio,
+                        "met": None if ratio is None else ratio >= least})
+    return out
+
+
+def fmt_pct(x: float) -> str:
+    return "?" if x != x else f"{x:.0%}"
+
+
+def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResult],
+           servers: list[Available], seen: dict[str, Seen], args: argparse.Namespace) -> str:
+    out: list[str] = []
+    for s in scenarios:
+        rows = [results[(s.name, av.kind.name)] for av in servers
+                if (s.name, av.kind.name) in results]
+        if not rows:
+            continue
+        base = results.get((s.name, BASE))
+        base_rps = base.rps if base is not None and base.runs else None
+        show_errors = any(r.problems() or r.error for r in rows)
+        out.append(f"### {s.name}: {s.title} (`{s.path}`)\n")
+        head = ["server", "req/s", "p50", "p99", f"vs {BASE}", "CPU/req", "server CPU",
+                "wrk CPU"]
+        if show_errors:
+            head.append("non-2xx / socket errors / not measured")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * 7 + ["---"] * show_errors) + "|")
+        for r in rows:
+            if r.runs:
+                ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
+                cpu = "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs"
+                cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio, cpu,
+                         fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)]
+            else:
+                cells = [r.server, "failed"] + ["—"] * 6
+            if show_errors:
+                cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+
+    lines = []
+    for t in targets(results, servers, scenarios):
+        verdict = ("not measured" if t["ratio"] is None else
+                   f"{t['ratio']:.2f}: {'met' if t['met'] else 'NOT met'}")
+        lines.append(f"- {t['scenario']}: {BASE} / {t['peer']} >= {t['target']:g}: {verdict}")
+    if lines:
+        caveat = []
+        if args.workers != 1:
+            caveat.append(f"this run used {args.workers} workers")
+        if args.no_pin:
+            caveat.append("this run was not pinned")
+        out.append(f"Targets ({BASE} req/s ÷ peer req/s; 1 worker pinned to one core, wrk on "
+                   "another" + (f"; {' and '.join(caveat)}" if caveat else "")
+                   + "; printed, not asserted):\n")
+        out += lines
+        out.append("")
+
+    pinning = ("not pinned" if args.no_pin else
+               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
+    out.append(
+        f"Median of {args.runs} run(s) of {args.duration} s each "
+        + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
+        + f"{args.connections} connections, {args.wrk_threads} wrk thread(s), "
+        f"{args.workers} worker(s) per server, {pinning}. CPU/req: the server's process "
+        "tree's CPU time (user + system) per request; server/wrk CPU: CPU time ÷ wall time "
+        f"(100% = one core). {machine()}.\n")
+    notes = []
+    for av in servers:
+        look = seen.get(av.kind.name)
+        framing = ""
+        if look is not None and "chunked" in look.framing.values():
+            framing = "; files sent chunked (no Content-Length)"
+        notes.append(f"- {av.kind.name} ({av.version}): {av.kind.note}"
+                     + (f", `--threads {args.gunicorn_threads}`"
+                        if av.kind.name == "gunicorn-whitenoise" else "") + framing)
+    out.append("Notes:\n" + "\n".join(notes) + "\n")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark static files: fastpool (--static) against nginx, granian, "
+                    "gunicorn + whitenoise and uvicorn + Starlette StaticFiles.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES,
+                   help="scenario to run (repeatable; default: all)")
+    p.add_argument("--server", action="append", choices=SERVER_NAMES,
+                   help="server to run (repeatable; default: all that are installed)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="seconds of discarded warm-up per scenario (0: none)")
+    p.add_argument("--connections", type=int, default=64, help="wrk -c")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for every server")
+    p.add_argument("--gunicorn-threads", type=int, default=1,
+                   help="gunicorn gthread --threads")
+    p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
+    p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument("--port", type=int, default=18180, help="port every server listens on")
+    p.add_argument("--fastpool-python", default=sys.executable,
+                   help="interpreter that runs fastpool and fastpool-asgi")
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="interpreter that runs granian, gunicorn + whitenoise and uvicorn + "
+                        "starlette")
+    p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
+    p.add_argument("--wrk", default="wrk", help="wrk binary")
+    p.add_argument("--start-timeout", type=float, default=30.0,
+                   help="seconds a server gets to answer its first request")
+    p.add_argument("--stop-grace", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping a server")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the raw results here")
+    p.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="keep the files, server logs and nginx.conf here (default: a "
+                        "temporary directory)")
+    args = p.parse_args(argv)
+    if min(args.runs, args.duration, args.connections, args.workers, args.wrk_threads,
+           args.gunicorn_threads) < 1:
+        p.error("--runs, --duration, --connections, --workers, --wrk-threads and "
+                "--gunicorn-threads must be positive")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    return args
+
+
+Commands = dict[str, str]  # server -> its command line
+
+
+def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namespace,
+                 tmp: Path, directory: Path, files: dict[str, bytes],
+                 results: dict[tuple[str, str], StaticResult], commands: Commands,
+                 wrk_cmds: dict[tuple[str, str], str], seen: Seen) -> None:
+    """Start ``av``, check it, measure ``scenarios``, stop it."""
+    name = av.kind.name
+    if port_in_use(args.port):
+        raise BenchError(f"port {args.port} is already in use; pass --port")
+    cmd, env = server_command(av, args, tmp, directory)
+    cmd = pin(args.server_cpus, args) + cmd
+    shown = ({"PYTHONPATH": str(BENCH)} if av.kind.python else {}) | env
+    prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in shown.items())
+    commands[name] = prefix + shlex.join(cmd)
+    server = Server(name, cmd, tmp / f"{name}.log", env)
+
+    def result(s: Scenario) -> StaticResult:
+        return results.setdefault((s.name, name), StaticResult(s.name, name))
+
+    with running(server, args.stop_grace):
+        try:
+            server.wait_ready(args.port, args.start_timeout)
+        except BenchError as exc:
+            print(f"  {name}: NOT MEASURED: {exc}", file=sys.stderr)
+            for s in scenarios:
+                result(s).error = f"not measured: {str(exc).splitlines()[0].rstrip(':')}"
+            return
+        failures = check_server(args.port, scenarios, files, seen)
+        for scenario_name, why in failures.items():
+            print(f"  {name}: {scenario_name} NOT MEASURED, check failed: {why}",
+                  file=sys.stderr)
+            results.setdefault((scenario_name, name), StaticResult(scenario_name, name)
+                               ).error = f"check failed: {why}"
+        print(f"  {name}: ready; checks passed for "
+              f"{', '.join(s.name for s in scenarios if s.name not in failures) or 'nothing'}"
+              + (f" (ETag {seen.etag})" if seen.etag else ""))
+        for s in scenarios:
+            if s.name in failures:
+                continue
+            r = result(s)
+            etag = seen.etag if s.revalidate else None
+            wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag))
+            try:
+                if args.warmup > 0:
+                    run_wrk(wrk_command(args, s, args.warmup, etag), args.warmup)
+                for i in range(args.runs):
+                    run, cost = measure(server, wrk_command(args, s, args.duration, etag),
+                                        args.duration)
+                    r.runs.append(run)
+                    r.costs.append(cost)
+                    cpu = (f"{cost.server_cpu_s / run.requests * 1e6:.1f} µs/req"
+                           if run.requests else "? µs/req")
+                    bad = run.non_2xx or any(run.socket_errors.values())
+                    print(f"  {name} {s.name} run {i + 1}: {run.rps:,.0f} req/s, "
+                          f"p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}, {cpu}, "
+                          f"server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
+                          f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
+                          + (f" [{StaticResult(s.name, name, [run]).problems()}]"
+                             if bad else ""))
+            except BenchError as exc:
+                r.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
+                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
+            if not server.alive():
+                print(f"  {name} exited during {s.name}:\n{server.log_tail()}",
+                      file=sys.stderr)
+                for other in scenarios:
+                    result(other).error = result(other).error or f"server exited during {s.name}"
+                return
+            # still answering, and correctly (the same ETag for revalidate), after the load?
+            after = check_server(args.port, [s], files, seen)
+            if after:
+                r.error = f"check failed after this scenario: {after[s.name]}"
+                print(f"  {name}: {r.error}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_exit)
+    signal.signal(signal.SIGHUP, raise_exit)
+    scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return 2
+    if not args.no_pin and (os.cpu_count() or 1) < 2:
+        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+
+    servers: list[Available] = []
+    for kind in SERVER_KINDS:
+        if args.server and kind.name not in args.server:
+            continue
+        found = probe(kind, args)
+        if isinstance(found, str):
+            if kind.name == BASE:
+                print(f"error: {BASE}: {found}; pass --fastpool-python, or --server to run "
+                      "the others alone", file=sys.stderr)
+                return 2
+            print(f"skipping {kind.name}: {found}")
+            continue
+        servers.append(found)
+
+    results: dict[tuple[str, str], StaticResult] = {}
+    commands: Commands = {}
+    wrk_cmds: dict[tuple[str, str], str] = {}
+    seen: dict[str, Seen] = {}
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            tmp = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="fastpool-static-")))
+        else:
+            tmp = args.workdir.resolve()
+            tmp.mkdir(parents=True, exist_ok=True)
+        directory = tmp / "www" / PREFIX.strip("/")
+        files = make_files(directory)
+        for av in servers:
+            print(f"{av.kind.name}: {av.version}")
+            seen[av.kind.name] = Seen()
+            try:
+                bench_server(av, scenarios, args, tmp, directory, files, results, commands,
+                             wrk_cmds, seen[av.kind.name])
+            except BenchError as exc:
+                print(f"  {av.kind.name}: {exc}", file=sys.stderr)
+        nginx_text = (tmp / "nginx.conf").read_text() if (tmp / "nginx.conf").exists() else None
+
+    print()
+    print(render(scenarios, results, servers, seen, args))
+    print(f"Commands (servers run with bench/ as working directory; DIR = {directory}, "
+          "deleted after the run unless --workdir; then wrk):\n")
+    print("```")
+    for name, cmd in commands.items():
+        print(f"# {name}\n{cmd}")
+    for s in scenarios:
+        by_cmd: dict[str, list[str]] = {}
+        for (scenario, name), cmd in wrk_cmds.items():
+            if scenario == s.name:
+                by_cmd.setdefault(cmd, []).append(name)
+        for cmd, names in by_cmd.items():
+            which = "" if len(by_cmd) == 1 else f" ({', '.join(names)})"
+            print(f"# wrk: {s.name}{which}\n{cmd}")
+    print("```")
+    if args.json:
+        payload: dict[str, Any] = {
+            "settings": {k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(args).items()},
+            "machine": machine(),
+            "files": {name: len(data) for name, data in files.items()},
+            "servers": {av.kind.name: {"version": av.version, "note": av.kind.note,
+                                       "command": commands.get(av.kind.name),
+                                       "seen": asdict(seen[av.kind.name])}
+                        for av in servers},
+            "nginx_conf": nginx_text,
+            "wrk_commands": {f"{scenario}/{name}": cmd
+                             for (scenario, name), cmd in wrk_cmds.items()},
+            "results": [
+                {"scenario": r.scenario, "server": r.server, "error": r.error,
+                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
+                             "cpu_us_per_request": r.cpu_us, "server_cpu": r.server_busy,
+                             "wrk_cpu": r.wrk_busy} if r.runs else None),
+                 "runs": [asdict(run) | {"cost": asdict(cost)}
+                          for run, cost in zip(r.runs, r.costs, strict=True)]}
+                for r in results.values()],
+            "ratios": {f"{scenario}/{peer}": ratio
+                       for (scenario, peer), ratio in ratios(results).items()},
+            "targets": targets(results, servers, scenarios),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
+        print(f"\nraw results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

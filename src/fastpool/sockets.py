@@ -19,7 +19,9 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastpool.settings import ConfigError, ServerConfig
 
@@ -169,13 +171,25 @@ def _check_not_in_use(address: Address, port: int) -> None:
 
 def _tcp_socket(address: Address, port: int, backlog: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(address.family, socket.SOCK_STREAM)
-    try:
+
+    def options() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, port))
+
+    return _listening(sock, address, (address.host, port), backlog, options)
+
+
+def _listening(sock: socket.socket, address: Address, target: Any, backlog: int,
+               options: Callable[[], None] | None = None) -> socket.socket:
+    """``sock`` with its ``options`` set, bound to ``target``, listening and
+    non-blocking; closed, and one ConfigError line, when any step fails."""
+    try:
+        if options is not None:
+            options()
+        sock.bind(target)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
@@ -190,15 +204,8 @@ def _unix_socket(address: Address, backlog: int) -> socket.socket:
             os.unlink(address.path)   # a stale socket left by an earlier run
     except FileNotFoundError:
         pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(address.path)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-    return sock
+    return _listening(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), address, address.path,
+                      backlog)
 
 
 @dataclass

@@ -287,6 +287,30 @@ def test_no_lookup_leaves_the_mount_with_or_without_openat2(tmp_path, openat2):
         use_openat2(True)
 
 
+def test_random_targets_and_headers_never_raise_nor_escape(tmp_path):
+    """A seeded random walk over targets and the five headers the lookup
+    reads: an exception there would be a 500 (never a dead worker), and the
+    secret beside the mount must never come back."""
+    from fastpool._static import StaticFiles
+
+    make_tree(tmp_path)
+    static = StaticFiles([("/", str(tmp_path / "public")), ("/assets", str(tmp_path / "assets"))])
+    rng = random.Random(2026)
+    pieces = [b"/", b"..", b".", b"%2e", b"%2f", b"%5c", b"%00", b"%c0%ae", b"\\", b"secret.txt",
+              b"hello.txt", b"docs", b"style.css", b"link-outside", b"link-inside", b"assets",
+              b"?", b"#", b"%", b"%zz", b"\xff", b";", b"//", b".git", b"index.html"]
+    values = [b"bytes=0-1", b"bytes=-", b"bytes=9999999999999999999-", b"bytes=1-0,2-3",
+              b"*", b'W/"x"', b'"', b"gzip;q=abc", b"br;q=-1, *;q=nan", b"Sun, 06 Nov 1994",
+              b"99999 99 99", b"\x00\xff", b"", b"  ", b"bytes=" + b"9" * 40]
+    names = (b"if-none-match", b"if-modified-since", b"range", b"if-range", b"accept-encoding")
+    for _ in range(3000):
+        target = b"/" + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+        headers = {name: rng.choice(values) for name in names if rng.random() < 0.5}
+        answer = static.lookup(rng.choice(["GET", "HEAD"]), target, headers)
+        if answer is not None:
+            assert SECRET.strip() not in answer[2], target
+
+
 def test_symlinks_out_of_the_mount_only_with_follow_symlinks(tmp_path):
     make_tree(tmp_path)
     server = start_server(HTTP_APPS["wsgi"], tmp_path, "--static", "/=public",

@@ -704,25 +704,34 @@ cdef class ASGIConnection(HttpConnection):
         out with its head; a larger one is sent by a task (``Cycle.send_file``)
         as the client takes it."""
         cdef StaticFiles static = self.worker.static
-        cdef StaticFile found = static.find(request.method, request.target)
+        cdef StaticFile found
         cdef StaticAnswer answer
-        cdef Cycle cycle
+        cdef Cycle cycle = Cycle.__new__(Cycle)
         cdef ASGIWorker worker = self.worker
-        if found is None:
-            return False
-        wanted = {b"if-none-match": None, b"if-modified-since": None, b"range": None,
-                  b"if-range": None, b"accept-encoding": None}
-        for name, value in request.headers:
-            if name in wanted:
-                wanted[name] = value
-        answer = static.answer(found, request.method, wanted[b"if-none-match"],
-                               wanted[b"if-modified-since"], wanted[b"range"],
-                               wanted[b"if-range"], wanted[b"accept-encoding"])
-        cycle = Cycle.__new__(Cycle)
+        try:
+            found = static.find(request.method, request.target)
+            if found is None:
+                return False
+            wanted = {b"if-none-match": None, b"if-modified-since": None, b"range": None,
+                      b"if-range": None, b"accept-encoding": None}
+            for name, value in request.headers:
+                if name in wanted:
+                    wanted[name] = value
+            answer = static.answer(found, request.method, wanted[b"if-none-match"],
+                                   wanted[b"if-modified-since"], wanted[b"range"],
+                                   wanted[b"if-range"], wanted[b"accept-encoding"])
+        except Exception:
+            # Never the worker's end: a 500 for this request, one log line.
+            error_log.exception("Error answering a static file (%s %s)", request.method,
+                                request.target.decode("latin-1"))
+            answer = None
         cycle.conn = self
         cycle.request = request
         framing_reset(&cycle.framing)
         self.cycle = cycle
+        if answer is None:
+            cycle.fail(500)
+            return True
         cycle.started = True
         if queue_answer(answer, self.out, &cycle.framing, request,
                         worker.alive and worker.keep_alive > 0):

@@ -413,7 +413,7 @@ cdef object http_date(bytes value):
     try:
         parsed = parsedate_tz(value.decode("latin-1"))
         return None if parsed is None else mktime_tz(parsed)
-    except (ValueError, OverflowError, TypeError):
+    except Exception:       # the email parser's errors on junk vary by version
         return None
 
 

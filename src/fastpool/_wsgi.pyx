@@ -369,17 +369,27 @@ cdef class WSGIConnection(HttpConnection):
         cdef dict environ
         if static is None:
             return False
-        found = static.find(request.method, request.target)
-        if found is None:
-            return False
+        environ = request.environ
+        try:
+            found = static.find(request.method, request.target)
+            if found is None:
+                return False
+            answer = static.answer(found, request.method,
+                                   header_bytes(environ, "HTTP_IF_NONE_MATCH"),
+                                   header_bytes(environ, "HTTP_IF_MODIFIED_SINCE"),
+                                   header_bytes(environ, "HTTP_RANGE"),
+                                   header_bytes(environ, "HTTP_IF_RANGE"),
+                                   header_bytes(environ, "HTTP_ACCEPT_ENCODING"))
+        except Exception:
+            # Never the worker's end: a 500 for this request, one log line.
+            if self.pending and self.pending[0] is request:
+                take_first(self.pending)
+            self.reset_response(request)
+            self.app_failed()
+            self.end_response(None, False)
+            return True
         if self.pending and self.pending[0] is request:
             take_first(self.pending)
-        environ = request.environ
-        answer = static.answer(found, request.method, header_bytes(environ, "HTTP_IF_NONE_MATCH"),
-                               header_bytes(environ, "HTTP_IF_MODIFIED_SINCE"),
-                               header_bytes(environ, "HTTP_RANGE"),
-                               header_bytes(environ, "HTTP_IF_RANGE"),
-                               header_bytes(environ, "HTTP_ACCEPT_ENCODING"))
         self.reset_response(request)
         if not queue_answer(answer, self.out, &self.framing, request,
                             worker.alive and worker.keep_alive > 0):

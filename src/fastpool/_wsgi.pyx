@@ -942,6 +942,17 @@ cdef class WSGIConnection(HttpConnection):
             return 0
         return self.close_connection()
 
+    cdef int fail_hard(self) noexcept:
+        """An unexpected error while serving this connection (a bug): one log
+        line with the traceback, and the connection closed, never the worker."""
+        try:
+            error_log.exception("Unexpected error on the connection of %s; closing it",
+                                self.remote_addr)
+            self.close_connection()
+        except BaseException:
+            pass
+        return 0
+
     cdef int close_connection(self) except -1:
         if self.state == CLOSED:
             return 0
@@ -1347,7 +1358,11 @@ cdef class WSGIWorker(WorkerBase):
                 if entry is None:
                     continue
                 if type(entry) is WSGIConnection:
-                    (<WSGIConnection>entry).on_event(events[i].events)
+                    try:
+                        (<WSGIConnection>entry).on_event(events[i].events)
+                    except Exception:
+                        # A bug for one connection must not end the others.
+                        (<WSGIConnection>entry).fail_hard()
                 elif type(entry) is Listener:
                     self.accept(<Listener>entry)
                 elif type(entry) is WakePipe:

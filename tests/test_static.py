@@ -395,6 +395,32 @@ def test_a_client_that_stops_reading_a_file_is_closed_at_the_deadline(tmp_path):
             stop_server(server)
 
 
+def test_with_app_threads_hits_are_answered_by_the_loop(tmp_path):
+    """threads > 1: a static hit never waits behind busy app threads, and a
+    pipeline mixing hits and app requests stays in order."""
+    make_tree(tmp_path)
+    server = start_server(HTTP_APPS["wsgi"], tmp_path, "--threads", "2", "--static", "/=public")
+    try:
+        slow = [connect(server) for _ in range(2)]
+        for sock, _ in slow:      # both app threads busy for ~2 s
+            sock.sendall(get("/events?n=2&every=1"))
+        for _, stream in slow:
+            stream.head()
+        start = time.monotonic()
+        assert fetch(server, "/hello.txt").body == HELLO
+        assert time.monotonic() - start < 0.5
+        sock, stream = connect(server)
+        with sock:
+            sock.sendall(get("/hello.txt") + get("/app-path") + get("/big.bin"))
+            replies = [stream.response() for _ in range(3)]
+        assert [r.body[:13] for r in replies] == [HELLO, b"GET /app-path", replies[2].body[:13]]
+        assert len(replies[2].body) == BIG_SIZE
+        for sock, _ in slow:
+            sock.close()
+    finally:
+        stop_server(server)
+
+
 def test_hits_are_in_the_access_log(site):
     fetch(site, "/hello.txt?logged=1")
     log = site.directory / "access.log"

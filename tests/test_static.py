@@ -478,11 +478,15 @@ def test_the_layout_nginx_served_runs_from_one_config(clusters, tmp_path):
     chosen = ports("web")
     text = render(groups={
         "web": group(chosen["web"], 1, app="apps_routes:web", static={"/": "public"}),
-        "task": routed_group("apps_routes:task", ["/tast"], 1),
+        "task": routed_group("apps_routes:task", ["/tast"], 1,
+                             static={"/tast/files": "assets"}),
     })
     cluster = clusters.start(text, workers=2, ports=chosen)
     port = chosen["web"]
     assert fetch(port, "/hello.txt").body == HELLO
+    # A hit of the routed group: handed over, then answered by that group's worker.
+    assert fetch(port, "/tast/files/app.js").body == b"console.log(1);\n"
+    assert fetch(port, "/tast/files/missing.js").pid in cluster.group_pids("task")
     tast = fetch(port, "/tast/report")
     web = fetch(port, "/anything")
     assert tast.status == web.status == 200

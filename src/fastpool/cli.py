@@ -137,7 +137,9 @@ def _plan(config: settings.ServerConfig) -> str:
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "
             f"interface {group.interface}"
-            + (f", routes {', '.join(group.routes)}" if group.routes else ""))
+            + (f", routes {', '.join(group.routes)}" if group.routes else "")
+            + (", static " + ", ".join(f"{prefix}={directory}" for prefix, directory
+                                        in group.static) if group.static else ""))
     for name, process in config.processes.items():
         lines.append(f"process {name}: target {process.target} x {process.count}")
     lines.append(f"control socket: {config.control_path}")

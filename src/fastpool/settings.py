@@ -424,7 +424,7 @@ SETTINGS: tuple[Setting, ...] = (
             "directory (config: a table; flag: --static /static=public/static, repeatable). "
             "GET and HEAD of a file under a mount are answered from it; anything else falls "
             "through to the app. Directories are relative to the config file's directory "
-            "(or the current one).", flags=("--static",), metavar="PREFIX=DIR",
+            "(or the current one, --chdir's when given).", flags=("--static",), metavar="PREFIX=DIR",
             check=_mounts),
     Setting("static_max_age", "int", 0,
             "Cache-Control: public, max-age=N on static files (0: no Cache-Control).",
@@ -752,7 +752,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             resolved["listen"] = [host_port(values["host"], values["port"])]
             source = "default"
         if resolved["static"]:
-            resolved["static"] = _static_directories(resolved["static"], path, where)
+            resolved["static"] = _static_directories(resolved["static"], path, values["chdir"],
+                                                     where)
         group_configs[name] = GroupConfig(name, resolved, source)
     _check_routes(group_configs, label)
 
@@ -803,10 +804,11 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
 
 
 def _static_directories(mounts: Sequence[tuple[str, str]], path: Path | None,
-                        where: str) -> list[tuple[str, str]]:
+                        chdir: str | None, where: str) -> list[tuple[str, str]]:
     """Each mount's directory as an absolute path, relative ones taken from the
-    config file's directory (or the current one); each must be a directory."""
-    base = path.parent if path is not None else Path.cwd()
+    config file's directory (or the current one: --chdir's when it is given);
+    each must be a directory."""
+    base = path.parent if path is not None else Path(chdir or ".").resolve()
     resolved = []
     for prefix, directory in mounts:
         full = (base / directory).resolve()

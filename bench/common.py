@@ -549,3 +549,57 @@ def nginx_user() -> str:
     """``user root;`` when run as root, where nginx would switch its workers to nobody, who
     cannot use the temp dirs (or read the files) under a private temporary directory."""
     return "user root;\n" if os.geteuid() == 0 else ""
+
+
+# --------------------------------------------------------------------------- harness CLI
+
+AddOptions = Callable[[argparse.ArgumentParser], None]
+
+
+def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help: str,
+                     workdir_help: str, before: dict[str, AddOptions] | None = None) -> None:
+    """The load, pinning, binary and output options of run.py and static.py, in their
+    ``--help`` order; ``before[option]`` adds a harness's own options just before it."""
+    before = before or {}
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if flag in before:
+            before[flag](p)
+        p.add_argument(flag, **kwargs)
+
+    add("--duration", type=int, default=5, help="seconds per measured run")
+    add("--runs", type=int, default=3, help="measured runs per scenario (median)")
+    add("--warmup", type=int, default=1,
+        help="seconds of discarded warm-up per scenario (0: none)")
+    add("--connections", type=int, default=64, help="wrk -c")
+    add("--wrk-threads", type=int, default=1, help="wrk -t")
+    add("--workers", type=int, default=1, help="worker processes for every server")
+    add("--gunicorn-threads", type=int, default=1, help="gunicorn gthread --threads")
+    add("--server-cpus", default="0", help="taskset -c list for the server")
+    add("--wrk-cpus", default="1", help="taskset -c list for wrk")
+    add("--no-pin", action="store_true", help="do not use taskset")
+    add("--port", type=int, default=port, help="port every server listens on")
+    add("--fastpool-python", default=sys.executable,
+        help="interpreter that runs fastpool and fastpool-asgi")
+    add("--peer-python", default=sys.executable, help=peer_python_help)
+    add("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
+    add("--wrk", default="wrk", help="wrk binary")
+    add("--start-timeout", type=float, default=30.0,
+        help="seconds a server gets to answer its first request")
+    add("--stop-grace", type=float, default=10.0,
+        help="seconds between SIGTERM and SIGKILL when stopping a server")
+    add("--json", type=Path, metavar="PATH", help="write the raw results here")
+    add("--workdir", type=Path, metavar="DIR", help=workdir_help)
+
+
+def require_positive(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     *names: str) -> None:
+    """``p.error`` unless every option ``names`` (dests) is at least 1."""
+    if min(getattr(args, name) for name in names) < 1:
+        flags = ["--" + name.replace("_", "-") for name in names]
+        p.error(f"{', '.join(flags[:-1])} and {flags[-1]} must be positive")
+
+
+def require_warmup(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")

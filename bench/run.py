@@ -67,6 +67,7 @@ from common import (
     Response,
     Result,
     Server,
+    add_load_options,
     exchange,
     fmt_ms,
     http_request,
@@ -78,6 +79,8 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    require_positive,
+    require_warmup,
     run_main,
     run_wrk,
     running,
@@ -504,41 +507,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "installed)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="event loop of every server in the asgi suite (their --loop)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="seconds of discarded warm-up per scenario (0: none)")
-    p.add_argument("--connections", type=int, default=64, help="wrk -c")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
-    p.add_argument("--depth", type=int, default=16, help="requests per write when pipelining")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for every server")
-    p.add_argument("--gunicorn-threads", type=int, default=1,
-                   help="gunicorn gthread --threads")
-    p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
-    p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    p.add_argument("--port", type=int, default=18080, help="port every server listens on")
-    p.add_argument("--fastpool-python", default=sys.executable,
-                   help="interpreter that runs fastpool and fastpool-asgi")
-    p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter that runs gunicorn, uvicorn, granian and bjoern (and "
-                        "their -asgi entries)")
-    p.add_argument("--python", action="append", default=[], metavar="SERVER=PATH",
-                   help="interpreter for one server, overriding the two above (repeatable)")
-    p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
-    p.add_argument("--wrk", default="wrk", help="wrk binary")
-    p.add_argument("--start-timeout", type=float, default=30.0,
-                   help="seconds a server gets to answer its first request")
-    p.add_argument("--stop-grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping a server")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the raw results here")
-    p.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="keep server logs and nginx.conf here (default: a temporary directory)")
+    add_load_options(
+        p, port=18080,
+        peer_python_help="interpreter that runs gunicorn, uvicorn, granian and bjoern (and "
+                         "their -asgi entries)",
+        workdir_help="keep server logs and nginx.conf here (default: a temporary directory)",
+        before={"--workers": lambda p: p.add_argument(
+                    "--depth", type=int, default=16, help="requests per write when pipelining"),
+                "--nginx": lambda p: p.add_argument(
+                    "--python", action="append", default=[], metavar="SERVER=PATH",
+                    help="interpreter for one server, overriding the two above (repeatable)")})
     args = p.parse_args(argv)
-    if min(args.runs, args.duration, args.connections, args.depth, args.workers) < 1:
-        p.error("--runs, --duration, --connections, --depth and --workers must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_positive(p, args, "runs", "duration", "connections", "depth", "workers")
+    require_warmup(p, args)
     for item in args.python:
         name, sep, _ = item.partition("=")
         if not sep or name not in SERVER_NAMES:

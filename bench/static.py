@@ -77,6 +77,7 @@ from common import (
     Result,
     Server,
     WrkRun,
+    add_load_options,
     exchange,
     find_nginx,
     fmt_ms,
@@ -92,6 +93,8 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    require_positive,
+    require_warmup,
     run_main,
     run_wrk,
     running,
@@ -518,41 +521,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="scenario to run (repeatable; default: all)")
     p.add_argument("--server", action="append", choices=SERVER_NAMES,
                    help="server to run (repeatable; default: all that are installed)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="seconds of discarded warm-up per scenario (0: none)")
-    p.add_argument("--connections", type=int, default=64, help="wrk -c")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for every server")
-    p.add_argument("--gunicorn-threads", type=int, default=1,
-                   help="gunicorn gthread --threads")
-    p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
-    p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    p.add_argument("--port", type=int, default=18180, help="port every server listens on")
-    p.add_argument("--fastpool-python", default=sys.executable,
-                   help="interpreter that runs fastpool and fastpool-asgi")
-    p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter that runs granian, gunicorn + whitenoise and uvicorn + "
-                        "starlette")
-    p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
-    p.add_argument("--wrk", default="wrk", help="wrk binary")
-    p.add_argument("--start-timeout", type=float, default=30.0,
-                   help="seconds a server gets to answer its first request")
-    p.add_argument("--stop-grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping a server")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the raw results here")
-    p.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="keep the files, server logs and nginx.conf here (default: a "
-                        "temporary directory)")
+    add_load_options(
+        p, port=18180,
+        peer_python_help="interpreter that runs granian, gunicorn + whitenoise and uvicorn + "
+                         "starlette",
+        workdir_help="keep the files, server logs and nginx.conf here (default: a temporary "
+                     "directory)")
     args = p.parse_args(argv)
-    if min(args.runs, args.duration, args.connections, args.workers, args.wrk_threads,
-           args.gunicorn_threads) < 1:
-        p.error("--runs, --duration, --connections, --workers, --wrk-threads and "
-                "--gunicorn-threads must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_positive(p, args, "runs", "duration", "connections", "workers", "wrk_threads",
+                     "gunicorn_threads")
+    require_warmup(p, args)
     return args
 
 

@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -603,3 +604,39 @@ def require_positive(p: argparse.ArgumentParser, args: argparse.Namespace,
 def require_warmup(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")
+
+
+# --------------------------------------------------------------------------- harness main
+
+
+def check_tools(args: argparse.Namespace) -> bool:
+    """wrk, and taskset unless ``--no-pin``, are on PATH (else an error line: False); a
+    warning if pinning on fewer than 2 CPUs."""
+    for tool in [args.wrk] + ([] if args.no_pin else ["taskset"]):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return False
+    if not args.no_pin and (os.cpu_count() or 1) < 2:
+        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    return True
+
+
+def work_dir(stack: contextlib.ExitStack, args: argparse.Namespace, prefix: str) -> Path:
+    """``--workdir`` (created), or a temporary directory removed when ``stack`` closes."""
+    if args.workdir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    tmp: Path = args.workdir.resolve()
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a run, for its JSON file (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (NaN as null) to ``path`` and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
+    print(f"\nraw results: {path}")

@@ -55,7 +55,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -68,13 +67,13 @@ from common import (
     Result,
     Server,
     add_load_options,
+    check_tools,
     exchange,
     fmt_ms,
     http_request,
     load_apps,
     machine,
     nginx_temp_paths,
-    no_nan,
     pin,
     port_in_use,
     python_version,
@@ -84,6 +83,9 @@ from common import (
     run_main,
     run_wrk,
     running,
+    settings,
+    work_dir,
+    write_json,
 )
 
 WRK_SCRIPTS = BENCH / "wrk"
@@ -641,12 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, raise_exit)
     scenarios = [s for s in make_scenarios(args.depth, args.interface)
                  if not args.scenario or s.name in args.scenario]
-    for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found", file=sys.stderr)
-            return 2
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    if not check_tools(args):
+        return 2
 
     servers: list[Available] = []
     base = BASE[args.interface]
@@ -671,11 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], Result] = {}
     commands: Commands = {}
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastpool-bench-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-bench-")
         for av in servers:
             print(f"{av.kind.name} {av.version}")
             try:
@@ -696,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     print("```")
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "machine": machine(),
             "servers": {av.kind.name: server_json(av, commands) for av in servers},
             "nginx_conf": nginx_text,
@@ -713,9 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.interface == "asgi":
             payload["asgi_ratios"] = asgi_ratios(scenarios, results, servers)
             payload["asgi_targets"] = asgi_targets(scenarios, results, servers)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

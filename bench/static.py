@@ -55,15 +55,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import resource
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +75,7 @@ from common import (
     Server,
     WrkRun,
     add_load_options,
+    check_tools,
     exchange,
     find_nginx,
     fmt_ms,
@@ -88,7 +86,6 @@ from common import (
     nginx_temp_paths,
     nginx_user,
     nginx_version,
-    no_nan,
     pin,
     port_in_use,
     python_version,
@@ -98,7 +95,10 @@ from common import (
     run_main,
     run_wrk,
     running,
+    settings,
     tree_cpu_seconds,
+    work_dir,
+    write_json,
 )
 
 WRK_SCRIPTS = BENCH / "wrk"
@@ -616,12 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found", file=sys.stderr)
-            return 2
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    if not check_tools(args):
+        return 2
 
     servers: list[Available] = []
     for kind in SERVER_KINDS:
@@ -642,12 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk_cmds: dict[tuple[str, str], str] = {}
     seen: dict[str, Seen] = {}
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="fastpool-static-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-static-")
         directory = tmp / "www" / PREFIX.strip("/")
         files = make_files(directory)
         for av in servers:
@@ -678,8 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     print("```")
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "machine": machine(),
             "files": {name: len(data) for name, data in files.items()},
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note,
@@ -701,9 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                        for (scenario, peer), ratio in ratios(results).items()},
             "targets": targets(results, servers, scenarios),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

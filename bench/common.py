@@ -552,6 +552,48 @@ def nginx_user() -> str:
     return "user root;\n" if os.geteuid() == 0 else ""
 
 
+def nginx_head(tmp: Path, workers: int, *, user: bool = True, master: bool = True,
+               worker_connections: int = 4096, keepalive_timeout: str = "75s",
+               temp_prefix: str = "", http: str = "") -> str:
+    """A harness's nginx.conf up to its ``http`` block's ``server``s: foreground, logs to
+    stderr, no access log, unlimited keep-alive requests, ``http`` (more lines of the
+    block, indented 4), the temp paths under ``tmp``; ``user root;`` (``nginx_user``) with
+    ``user``. No final newline."""
+    return f"""{nginx_user() if user else ''}daemon off;
+master_process {'on' if master else 'off'};
+worker_processes {workers};
+pid {tmp / 'nginx.pid'};
+error_log stderr warn;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout {keepalive_timeout};
+    keepalive_requests 1000000000;
+{http}{nginx_temp_paths(tmp, temp_prefix)}"""
+
+
+def nginx_app_locations(hello: bytes, json_body: bytes) -> str:
+    """``location``s (indented 8) answering ``/`` and ``/json`` with apps.py's bytes, and 404
+    for the rest. nginx cannot echo (no ``POST /echo``)."""
+    body = json_body.decode()
+    if any(c in body for c in "'\\$"):
+        raise BenchError("the JSON body cannot be put into nginx.conf verbatim")
+    # nginx caps one config token at 4 KiB: set the body in pieces, return their concatenation
+    pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]
+    sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
+    joined = "".join(f"$json{i}" for i in range(len(pieces)))
+    text = hello.decode().replace("\n", "\\n")
+    return f"""        location = / {{ default_type text/plain; return 200 '{text}'; }}
+        location = /json {{
+            default_type application/json;
+            {sets}
+            return 200 "{joined}";
+        }}
+        location / {{ default_type text/plain; return 404 'not found\\n'; }}
+"""
+
+
 # --------------------------------------------------------------------------- harness CLI
 
 AddOptions = Callable[[argparse.ArgumentParser], None]

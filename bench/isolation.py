@@ -84,8 +84,7 @@ from common import (
     http_request,
     machine,
     median_known,
-    nginx_temp_paths,
-    nginx_user,
+    nginx_head,
     nginx_version,
     parse_wrk,
     port_in_use,
@@ -230,23 +229,10 @@ def fastpool_routes_config(args: argparse.Namespace, layout: Layout, tmp: Path) 
 def nginx_conf(args: argparse.Namespace, tmp: Path, web_port: int, task_port: int) -> str:
     """nginx on --port: ``/tast/`` to the task gunicorn, the rest to the web one, over
     keep-alive upstream connections (HTTP/1.1, no Connection header passed on)."""
-    temps = nginx_temp_paths(tmp, "nginx-")
-    user = nginx_user()
     keepalive = args.slow_connections + args.fast_connections
     proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
              "proxy_set_header Host $host;")
-    return f"""{user}daemon off;
-master_process on;
-worker_processes {args.nginx_workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-{temps}
+    return f"""{nginx_head(tmp, args.nginx_workers, temp_prefix="nginx-")}
     upstream web {{ server {HOST}:{web_port}; keepalive {keepalive}; }}
     upstream task {{ server {HOST}:{task_port}; keepalive {keepalive}; }}
     server {{

@@ -73,7 +73,8 @@ from common import (
     http_request,
     load_apps,
     machine,
-    nginx_temp_paths,
+    nginx_app_locations,
+    nginx_head,
     pin,
     port_in_use,
     python_version,
@@ -209,37 +210,10 @@ def probe(kind: ServerKind, python: str | None, nginx: str,
 
 
 def nginx_conf(tmp: Path, port: int, workers: int) -> str:
-    hello = HELLO.decode().replace("\n", "\\n")
-    body = JSON_BODY.decode()
-    if any(c in body for c in "'\\$"):
-        raise BenchError("the JSON body cannot be put into nginx.conf verbatim")
-    # nginx caps one config token at 4 KiB: set the body in pieces, return their concatenation
-    pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]
-    sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
-    joined = "".join(f"$json{i}" for i in range(len(pieces)))
-    temps = nginx_temp_paths(tmp)
-    return f"""daemon off;
-master_process on;
-worker_processes {workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-{temps}
+    return f"""{nginx_head(tmp, workers, user=False)}
     server {{
         listen {HOST}:{port} backlog=2048;
-        location = / {{ default_type text/plain; return 200 '{hello}'; }}
-        location = /json {{
-            default_type application/json;
-            {sets}
-            return 200 "{joined}";
-        }}
-        location / {{ default_type text/plain; return 404 'not found\\n'; }}
-    }}
+{nginx_app_locations(HELLO, JSON_BODY)}    }}
 }}
 """
 

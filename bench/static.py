@@ -83,8 +83,7 @@ from common import (
     load_apps,
     machine,
     median_known,
-    nginx_temp_paths,
-    nginx_user,
+    nginx_head,
     nginx_version,
     pin,
     port_in_use,
@@ -213,21 +212,9 @@ def probe(kind: ServerKind, args: argparse.Namespace) -> Available | str:
 
 def nginx_conf(tmp: Path, www: Path, port: int, workers: int) -> str:
     hello = HELLO.decode().replace("\n", "\\n")
-    return f"""{nginx_user()}daemon off;
-master_process on;
-worker_processes {workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-{nginx_temp_paths(tmp)}
+    head = nginx_head(tmp, workers, http="    sendfile on;\n    tcp_nopush on;\n"
+                                         "    default_type application/octet-stream;\n")
+    return f"""{head}
     server {{
         listen {HOST}:{port} backlog=2048;
         root {www};

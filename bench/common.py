@@ -88,24 +88,27 @@ def die_with_parent() -> None:
 
 def _group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is left in process group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return False
         return True
-    for entry in proc.iterdir():
+    return any(len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid
+               for _, fields in proc_stats())
+
+
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each process's pid and the fields of its /proc/PID/stat after ``pid (comm)``: state,
+    ppid, pgrp, ... (a process gone while read is passed over)."""
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        yield int(entry.name), stat.rpartition(")")[2].split()
 
 
 class Server:
@@ -400,16 +403,8 @@ def tree_cpu_seconds(root: int) -> float:
     """
     ticks: dict[int, int] = {}
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
+    for pid, fields in proc_stats():
         # after "pid (comm)": state ppid ...; utime stime cutime cstime are fields 14-17
-        fields = stat.rpartition(")")[2].split()
-        pid = int(entry.name)
         children.setdefault(int(fields[1]), []).append(pid)
         ticks[pid] = sum(int(x) for x in fields[11:15])
     total, todo = 0, [root]

@@ -677,3 +677,75 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
     print(f"\nraw results: {path}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_scenarios(
+        server: Server, name: str, label: str, scenarios: list[Any],
+        args: argparse.Namespace, *,
+        check: Callable[[list[Any]], dict[str, str]],
+        result: Callable[[Any], Result],
+        wrk_command: Callable[[Any, int], list[str]],
+        run: Callable[[Result, list[str], int], tuple[WrkRun, str]],
+        ready_note: Callable[[], str] = lambda: "",
+        loading: Callable[[Any], None] = lambda s: None) -> None:
+    """Start ``server`` (``label`` in messages; ``name`` its results' server), wait for it,
+    ``check`` it on ``scenarios`` (each has a ``name``; ``check`` returns {scenario: why it
+    failed}), then per scenario that passed: a warm-up, ``--runs`` runs, and the check again;
+    stop it.
+
+    ``result(s)``: the ``Result`` a scenario's runs go into; ``run(result, cmd, duration)``
+    runs wrk once and returns its run (appended here) and what its progress line adds;
+    ``loading(s)`` is called before a scenario's load.
+    """
+    by_name = {s.name: s for s in scenarios}
+
+    def fail_all(reason: str) -> None:
+        for s in scenarios:
+            result(s).error = result(s).error or reason
+
+    with running(server, args.stop_grace):
+        try:
+            server.wait_ready(args.port, args.start_timeout)
+        except BenchError as exc:
+            print(f"  {label}: NOT MEASURED: {exc}", file=sys.stderr)
+            fail_all(f"not measured: {str(exc).splitlines()[0].rstrip(':')}")
+            return
+        failures = check(scenarios)
+        for scenario_name, why in failures.items():
+            print(f"  {label}: {scenario_name} NOT MEASURED, check failed: {why}",
+                  file=sys.stderr)
+            result(by_name[scenario_name]).error = f"check failed: {why}"
+        print(f"  {label}: ready; checks passed for "
+              f"{', '.join(s.name for s in scenarios if s.name not in failures) or 'nothing'}"
+              + ready_note())
+        for s in scenarios:
+            if s.name in failures:
+                continue
+            r = result(s)
+            loading(s)
+            try:
+                if args.warmup > 0:
+                    run_wrk(wrk_command(s, args.warmup), args.warmup)
+                for i in range(args.runs):
+                    one, extra = run(r, wrk_command(s, args.duration), args.duration)
+                    r.runs.append(one)
+                    bad = one.non_2xx or any(one.socket_errors.values())
+                    print(f"  {name} {s.name} run {i + 1}: {one.rps:,.0f} req/s, "
+                          f"p50 {fmt_ms(one.p50_ms)}, p99 {fmt_ms(one.p99_ms)}{extra}"
+                          + (f" [{Result(s.name, name, [one]).problems()}]" if bad else ""))
+            except BenchError as exc:
+                r.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
+                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
+            if not server.alive():
+                print(f"  {label} exited during {s.name}:\n{server.log_tail()}",
+                      file=sys.stderr)
+                fail_all(f"server exited during {s.name}")
+                return
+            # still answering, and correctly, after the load? (the scenario's own check again)
+            after = check([s])
+            if after:
+                r.error = f"check failed after this scenario: {after[s.name]}"
+                print(f"  {label}: {r.error}", file=sys.stderr)

@@ -73,6 +73,7 @@ from common import (
     http_request,
     load_apps,
     machine,
+    measure_scenarios,
     nginx_app_locations,
     nginx_head,
     pin,
@@ -83,7 +84,6 @@ from common import (
     require_warmup,
     run_main,
     run_wrk,
-    running,
     settings,
     work_dir,
     write_json,
@@ -551,53 +551,12 @@ def bench_app(av: Available, app: str | None, mine: list[Scenario],
                              + shlex.join(cmd))
     server = Server(label, cmd, tmp / (f"{name}.log" if app is None else f"{name}-{app}.log"))
 
-    def fail_all(reason: str) -> None:
-        for s in mine:
-            result = results.setdefault((s.name, name), Result(s.name, name))
-            result.error = result.error or reason
-
-    with running(server, args.stop_grace):
-        try:
-            server.wait_ready(args.port, args.start_timeout)
-        except BenchError as exc:
-            print(f"  {label}: NOT MEASURED: {exc}", file=sys.stderr)
-            fail_all(f"not measured: {str(exc).splitlines()[0].rstrip(':')}")
-            return
-        failures = check_server(args.port, mine, args.depth)
-        for scenario_name, why in failures.items():
-            print(f"  {label}: {scenario_name} NOT MEASURED, check failed: {why}",
-                  file=sys.stderr)
-            results.setdefault((scenario_name, name), Result(scenario_name, name)).error = (
-                f"check failed: {why}")
-        print(f"  {label}: ready; checks passed for "
-              f"{', '.join(s.name for s in mine if s.name not in failures) or 'nothing'}")
-        for s in mine:
-            if s.name in failures:
-                continue
-            result = results.setdefault((s.name, name), Result(s.name, name))
-            try:
-                if args.warmup > 0:
-                    run_wrk(wrk_command(args, s, args.warmup), args.warmup)
-                for i in range(args.runs):
-                    run = run_wrk(wrk_command(args, s, args.duration), args.duration)
-                    result.runs.append(run)
-                    bad = run.non_2xx or any(run.socket_errors.values())
-                    print(f"  {name} {s.name} run {i + 1}: {run.rps:,.0f} req/s, "
-                          f"p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}"
-                          + (f" [{Result(s.name, name, [run]).problems()}]" if bad else ""))
-            except BenchError as exc:
-                result.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
-                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
-            if not server.alive():
-                print(f"  {label} exited during {s.name}:\n{server.log_tail()}",
-                      file=sys.stderr)
-                fail_all(f"server exited during {s.name}")
-                return
-            # still answering, and correctly, after the load? (the scenario's own check again)
-            after = check_server(args.port, [s], args.depth)
-            if after:
-                result.error = f"check failed after this scenario: {after[s.name]}"
-                print(f"  {label}: {result.error}", file=sys.stderr)
+    measure_scenarios(
+        server, name, label, mine, args,
+        check=lambda group: check_server(args.port, group, args.depth),
+        result=lambda s: results.setdefault((s.name, name), Result(s.name, name)),
+        wrk_command=lambda s, duration: wrk_command(args, s, duration),
+        run=lambda _result, cmd, duration: (run_wrk(cmd, duration), ""))
 
 
 def server_json(av: Available, commands: Commands) -> dict[str, Any]:

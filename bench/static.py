@@ -82,6 +82,7 @@ from common import (
     http_request,
     load_apps,
     machine,
+    measure_scenarios,
     median_known,
     nginx_head,
     nginx_version,
@@ -93,7 +94,6 @@ from common import (
     require_warmup,
     run_main,
     run_wrk,
-    running,
     settings,
     tree_cpu_seconds,
     work_dir,
@@ -542,60 +542,30 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
     def result(s: Scenario) -> StaticResult:
         return results.setdefault((s.name, name), StaticResult(s.name, name))
 
-    with running(server, args.stop_grace):
-        try:
-            server.wait_ready(args.port, args.start_timeout)
-        except BenchError as exc:
-            print(f"  {name}: NOT MEASURED: {exc}", file=sys.stderr)
-            for s in scenarios:
-                result(s).error = f"not measured: {str(exc).splitlines()[0].rstrip(':')}"
-            return
-        failures = check_server(args.port, scenarios, files, seen)
-        for scenario_name, why in failures.items():
-            print(f"  {name}: {scenario_name} NOT MEASURED, check failed: {why}",
-                  file=sys.stderr)
-            results.setdefault((scenario_name, name), StaticResult(scenario_name, name)
-                               ).error = f"check failed: {why}"
-        print(f"  {name}: ready; checks passed for "
-              f"{', '.join(s.name for s in scenarios if s.name not in failures) or 'nothing'}"
-              + (f" (ETag {seen.etag})" if seen.etag else ""))
-        for s in scenarios:
-            if s.name in failures:
-                continue
-            r = result(s)
-            etag = seen.etag if s.revalidate else None
-            wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag))
-            try:
-                if args.warmup > 0:
-                    run_wrk(wrk_command(args, s, args.warmup, etag), args.warmup)
-                for i in range(args.runs):
-                    run, cost = measure(server, wrk_command(args, s, args.duration, etag),
-                                        args.duration)
-                    r.runs.append(run)
-                    r.costs.append(cost)
-                    cpu = (f"{cost.server_cpu_s / run.requests * 1e6:.1f} µs/req"
-                           if run.requests else "? µs/req")
-                    bad = run.non_2xx or any(run.socket_errors.values())
-                    print(f"  {name} {s.name} run {i + 1}: {run.rps:,.0f} req/s, "
-                          f"p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}, {cpu}, "
-                          f"server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
-                          f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
-                          + (f" [{StaticResult(s.name, name, [run]).problems()}]"
-                             if bad else ""))
-            except BenchError as exc:
-                r.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
-                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
-            if not server.alive():
-                print(f"  {name} exited during {s.name}:\n{server.log_tail()}",
-                      file=sys.stderr)
-                for other in scenarios:
-                    result(other).error = result(other).error or f"server exited during {s.name}"
-                return
-            # still answering, and correctly (the same ETag for revalidate), after the load?
-            after = check_server(args.port, [s], files, seen)
-            if after:
-                r.error = f"check failed after this scenario: {after[s.name]}"
-                print(f"  {name}: {r.error}", file=sys.stderr)
+    def etag(s: Scenario) -> str | None:
+        return seen.etag if s.revalidate else None
+
+    def record(s: Scenario) -> None:
+        wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag(s)))
+
+    def run(r: Result, cmd: list[str], duration: int) -> tuple[WrkRun, str]:
+        assert isinstance(r, StaticResult)
+        one, cost = measure(server, cmd, duration)
+        r.costs.append(cost)
+        cpu = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
+               if one.requests else "? µs/req")
+        return one, (f", {cpu}, server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
+                     f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}")
+
+    # the check after each scenario's load wants the same ETag again (seen.etag) for revalidate
+    measure_scenarios(
+        server, name, name, scenarios, args,
+        check=lambda group: check_server(args.port, group, files, seen),
+        result=result,
+        wrk_command=lambda s, duration: wrk_command(args, s, duration, etag(s)),
+        run=run,
+        ready_note=lambda: f" (ETag {seen.etag})" if seen.etag else "",
+        loading=record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -679,6 +679,31 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"\nraw results: {path}")
 
 
+# --------------------------------------------------------------------------- reports
+
+
+def load_summary(args: argparse.Namespace) -> str:
+    """How run.py and static.py loaded the servers, for the line under their tables:
+    "Median of ... per server, <pinning>" (no final full stop)."""
+    pinning = ("not pinned" if args.no_pin else
+               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
+    return (f"Median of {args.runs} run(s) of {args.duration} s each "
+            + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
+            + f"{args.connections} connections, {args.wrk_threads} wrk thread(s), "
+            f"{args.workers} worker(s) per server, {pinning}")
+
+
+def target_caveat(args: argparse.Namespace) -> str:
+    """What in this run differs from the targets' setting (1 worker, pinned), as
+    "; this run used N workers and this run was not pinned", or ""."""
+    caveat = []
+    if args.workers != 1:
+        caveat.append(f"this run used {args.workers} workers")
+    if args.no_pin:
+        caveat.append("this run was not pinned")
+    return f"; {' and '.join(caveat)}" if caveat else ""
+
+
 # --------------------------------------------------------------------------- measuring
 
 

@@ -72,6 +72,7 @@ from common import (
     fmt_ms,
     http_request,
     load_apps,
+    load_summary,
     machine,
     measure_scenarios,
     nginx_app_locations,
@@ -85,6 +86,7 @@ from common import (
     run_main,
     run_wrk,
     settings,
+    target_caveat,
     work_dir,
     write_json,
 )
@@ -372,14 +374,7 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
              + (f", `--threads {args.gunicorn_threads}`" if av.kind.name == "gunicorn" else "")
              + (f", `--loop {args.loop}`" if av.kind.interface == "asgi" else "")
              for av in servers]
-    pinning = ("not pinned" if args.no_pin else
-               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
-    out.append(
-        f"Median of {args.runs} run(s) of {args.duration} s each "
-        + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
-        + f"{args.connections} connections, "
-        f"{args.wrk_threads} wrk thread(s), {args.workers} worker(s) per server, {pinning}. "
-        f"{machine()}.\n")
+    out.append(f"{load_summary(args)}. {machine()}.\n")
     out.append("Notes:\n" + "\n".join(notes) + "\n")
     return "\n".join(out)
 
@@ -451,13 +446,8 @@ def render_asgi_summary(scenarios: list[Scenario], results: dict[tuple[str, str]
             verdict += f" (errors from {' and '.join(flawed)}: see the {t['scenario']} table)"
         lines.append(f"- {t['scenario']}: {base} / {t['peer']} >= {t['target']}: {verdict}")
     if lines:
-        caveat = []
-        if args.workers != 1:
-            caveat.append(f"this run used {args.workers} workers")
-        if args.no_pin:
-            caveat.append("this run was not pinned")
         out.append("\nTargets (1 worker pinned to one core, wrk on another"
-                   + (f"; {' and '.join(caveat)}" if caveat else "") + "):\n")
+                   f"{target_caveat(args)}):\n")
         out += lines
     out.append("")
     return "\n".join(out)

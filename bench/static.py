@@ -81,6 +81,7 @@ from common import (
     fmt_ms,
     http_request,
     load_apps,
+    load_summary,
     machine,
     measure_scenarios,
     median_known,
@@ -95,6 +96,7 @@ from common import (
     run_main,
     run_wrk,
     settings,
+    target_caveat,
     tree_cpu_seconds,
     work_dir,
     write_json,
@@ -463,26 +465,15 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResul
                    f"{t['ratio']:.2f}: {'met' if t['met'] else 'NOT met'}")
         lines.append(f"- {t['scenario']}: {BASE} / {t['peer']} >= {t['target']:g}: {verdict}")
     if lines:
-        caveat = []
-        if args.workers != 1:
-            caveat.append(f"this run used {args.workers} workers")
-        if args.no_pin:
-            caveat.append("this run was not pinned")
         out.append(f"Targets ({BASE} req/s ÷ peer req/s; 1 worker pinned to one core, wrk on "
-                   "another" + (f"; {' and '.join(caveat)}" if caveat else "")
-                   + "; printed, not asserted):\n")
+                   f"another{target_caveat(args)}; printed, not asserted):\n")
         out += lines
         out.append("")
 
-    pinning = ("not pinned" if args.no_pin else
-               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
     out.append(
-        f"Median of {args.runs} run(s) of {args.duration} s each "
-        + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
-        + f"{args.connections} connections, {args.wrk_threads} wrk thread(s), "
-        f"{args.workers} worker(s) per server, {pinning}. CPU/req: the server's process "
-        "tree's CPU time (user + system) per request; server/wrk CPU: CPU time ÷ wall time "
-        f"(100% = one core). {machine()}.\n")
+        f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user + system) "
+        "per request; server/wrk CPU: CPU time ÷ wall time (100% = one core). "
+        f"{machine()}.\n")
     notes = []
     for av in servers:
         look = seen.get(av.kind.name)

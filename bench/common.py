@@ -693,6 +693,35 @@ def load_summary(args: argparse.Namespace) -> str:
             f"{args.workers} worker(s) per server, {pinning}")
 
 
+def result_table(rows: list[Any], base_name: str, base: Result | None, *,
+                 more_head: tuple[str, ...] = (),
+                 more_cells: Callable[[Any], list[str]] = lambda r: [],
+                 errors_head: str = "non-2xx / socket errors") -> list[str]:
+    """The lines of a scenario's markdown table: per ``Result`` of ``rows`` its server,
+    req/s, p50, p99, req/s ÷ ``base``'s, then the columns ``more_head`` (right-aligned,
+    ``more_cells(result)`` for a measured one), and an ``errors_head`` column if any row
+    has problems or an error."""
+    base_rps = base.rps if base is not None and base.runs else None
+    show_errors = any(r.problems() or r.error for r in rows)
+    head = ["server", "req/s", "p50", "p99", f"vs {base_name}", *more_head]
+    if show_errors:
+        head.append(errors_head)
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (4 + len(more_head))
+                          + ["---"] * show_errors) + "|"]
+    for r in rows:
+        if r.runs:
+            ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
+            cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio,
+                     *more_cells(r)]
+        else:
+            cells = [r.server, "failed"] + ["—"] * (3 + len(more_head))
+        if show_errors:
+            cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return out
+
+
 def target_caveat(args: argparse.Namespace) -> str:
     """What in this run differs from the targets' setting (1 worker, pinned), as
     "; this run used N workers and this run was not pinned", or ""."""

@@ -83,6 +83,7 @@ from common import (
     raise_exit,
     require_positive,
     require_warmup,
+    result_table,
     run_main,
     run_wrk,
     settings,
@@ -344,25 +345,9 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
         if not rows:
             continue
         base_name = BASE[args.interface]
-        base = results.get((scenario.name, base_name))
-        base_rps = base.rps if base is not None and base.runs else None
-        show_errors = any(r.problems() or r.error for r in rows)
         title = scenario.title + (f", `apps_asgi:{scenario.app}`" if scenario.app else "")
         out.append(f"### {scenario.name}: {title}\n")
-        head = ["server", "req/s", "p50", "p99", f"vs {base_name}"]
-        if show_errors:
-            head.append("non-2xx / socket errors")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * 4 + ["---"] * show_errors) + "|")
-        for r in rows:
-            if r.runs:
-                ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
-                cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio]
-            else:
-                cells = [r.server, "failed", "—", "—", "—"]
-            if show_errors:
-                cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out += result_table(rows, base_name, results.get((scenario.name, base_name)))
         if scenario.name == "pipeline":
             out.append(f"\nwrk times a pipelined batch of {args.depth} as one sample, so p50/p99 "
                        "here are per batch; `?` is a percentile wrk printed as 0.\n")

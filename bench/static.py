@@ -78,7 +78,6 @@ from common import (
     check_tools,
     exchange,
     find_nginx,
-    fmt_ms,
     http_request,
     load_apps,
     load_summary,
@@ -93,6 +92,7 @@ from common import (
     raise_exit,
     require_positive,
     require_warmup,
+    result_table,
     run_main,
     run_wrk,
     settings,
@@ -436,27 +436,13 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResul
                 if (s.name, av.kind.name) in results]
         if not rows:
             continue
-        base = results.get((s.name, BASE))
-        base_rps = base.rps if base is not None and base.runs else None
-        show_errors = any(r.problems() or r.error for r in rows)
         out.append(f"### {s.name}: {s.title} (`{s.path}`)\n")
-        head = ["server", "req/s", "p50", "p99", f"vs {BASE}", "CPU/req", "server CPU",
-                "wrk CPU"]
-        if show_errors:
-            head.append("non-2xx / socket errors / not measured")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * 7 + ["---"] * show_errors) + "|")
-        for r in rows:
-            if r.runs:
-                ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
-                cpu = "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs"
-                cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio, cpu,
-                         fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)]
-            else:
-                cells = [r.server, "failed"] + ["—"] * 6
-            if show_errors:
-                cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out += result_table(rows, BASE, results.get((s.name, BASE)),
+                            more_head=("CPU/req", "server CPU", "wrk CPU"),
+                            more_cells=lambda r: [
+                                "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
+                                fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)],
+                            errors_head="non-2xx / socket errors / not measured")
         out.append("")
 
     lines = []

@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,24 +88,27 @@ def die_with_parent() -> None:
 
 def _group_alive(pgid: int) -> bool:
     """Whether any non-zombie process is left in process group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return False
         return True
-    for entry in proc.iterdir():
+    return any(len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid
+               for _, fields in proc_stats())
+
+
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each process's pid and the fields of its /proc/PID/stat after ``pid (comm)``: state,
+    ppid, pgrp, ... (a process gone while read is passed over)."""
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        yield int(entry.name), stat.rpartition(")")[2].split()
 
 
 class Server:
@@ -399,16 +403,8 @@ def tree_cpu_seconds(root: int) -> float:
     """
     ticks: dict[int, int] = {}
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
+    for pid, fields in proc_stats():
         # after "pid (comm)": state ppid ...; utime stime cutime cstime are fields 14-17
-        fields = stat.rpartition(")")[2].split()
-        pid = int(entry.name)
         children.setdefault(int(fields[1]), []).append(pid)
         ticks[pid] = sum(int(x) for x in fields[11:15])
     total, todo = 0, [root]
@@ -549,3 +545,261 @@ def nginx_user() -> str:
     """``user root;`` when run as root, where nginx would switch its workers to nobody, who
     cannot use the temp dirs (or read the files) under a private temporary directory."""
     return "user root;\n" if os.geteuid() == 0 else ""
+
+
+def nginx_head(tmp: Path, workers: int, *, user: bool = True, master: bool = True,
+               worker_connections: int = 4096, keepalive_timeout: str = "75s",
+               temp_prefix: str = "", http: str = "") -> str:
+    """A harness's nginx.conf up to its ``http`` block's ``server``s: foreground, logs to
+    stderr, no access log, unlimited keep-alive requests, ``http`` (more lines of the
+    block, indented 4), the temp paths under ``tmp``; ``user root;`` (``nginx_user``) with
+    ``user``. No final newline."""
+    return f"""{nginx_user() if user else ''}daemon off;
+master_process {'on' if master else 'off'};
+worker_processes {workers};
+pid {tmp / 'nginx.pid'};
+error_log stderr warn;
+events {{ worker_connections {worker_connections}; }}
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout {keepalive_timeout};
+    keepalive_requests 1000000000;
+{http}{nginx_temp_paths(tmp, temp_prefix)}"""
+
+
+def nginx_app_locations(hello: bytes, json_body: bytes) -> str:
+    """``location``s (indented 8) answering ``/`` and ``/json`` with apps.py's bytes, and 404
+    for the rest. nginx cannot echo (no ``POST /echo``)."""
+    body = json_body.decode()
+    if any(c in body for c in "'\\$"):
+        raise BenchError("the JSON body cannot be put into nginx.conf verbatim")
+    # nginx caps one config token at 4 KiB: set the body in pieces, return their concatenation
+    pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]
+    sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
+    joined = "".join(f"$json{i}" for i in range(len(pieces)))
+    text = hello.decode().replace("\n", "\\n")
+    return f"""        location = / {{ default_type text/plain; return 200 '{text}'; }}
+        location = /json {{
+            default_type application/json;
+            {sets}
+            return 200 "{joined}";
+        }}
+        location / {{ default_type text/plain; return 404 'not found\\n'; }}
+"""
+
+
+# --------------------------------------------------------------------------- harness CLI
+
+AddOptions = Callable[[argparse.ArgumentParser], None]
+
+
+def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help: str,
+                     workdir_help: str, before: dict[str, AddOptions] | None = None) -> None:
+    """The load, pinning, binary and output options of run.py and static.py, in their
+    ``--help`` order; ``before[option]`` adds a harness's own options just before it."""
+    before = before or {}
+
+    def add(flag: str, **kwargs: Any) -> None:
+        if flag in before:
+            before[flag](p)
+        p.add_argument(flag, **kwargs)
+
+    add("--duration", type=int, default=5, help="seconds per measured run")
+    add("--runs", type=int, default=3, help="measured runs per scenario (median)")
+    add("--warmup", type=int, default=1,
+        help="seconds of discarded warm-up per scenario (0: none)")
+    add("--connections", type=int, default=64, help="wrk -c")
+    add("--wrk-threads", type=int, default=1, help="wrk -t")
+    add("--workers", type=int, default=1, help="worker processes for every server")
+    add("--gunicorn-threads", type=int, default=1, help="gunicorn gthread --threads")
+    add("--server-cpus", default="0", help="taskset -c list for the server")
+    add("--wrk-cpus", default="1", help="taskset -c list for wrk")
+    add("--no-pin", action="store_true", help="do not use taskset")
+    add("--port", type=int, default=port, help="port every server listens on")
+    add("--fastpool-python", default=sys.executable,
+        help="interpreter that runs fastpool and fastpool-asgi")
+    add("--peer-python", default=sys.executable, help=peer_python_help)
+    add("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
+    add("--wrk", default="wrk", help="wrk binary")
+    add("--start-timeout", type=float, default=30.0,
+        help="seconds a server gets to answer its first request")
+    add("--stop-grace", type=float, default=10.0,
+        help="seconds between SIGTERM and SIGKILL when stopping a server")
+    add("--json", type=Path, metavar="PATH", help="write the raw results here")
+    add("--workdir", type=Path, metavar="DIR", help=workdir_help)
+
+
+def require_positive(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     *names: str) -> None:
+    """``p.error`` unless every option ``names`` (dests) is at least 1."""
+    if min(getattr(args, name) for name in names) < 1:
+        flags = ["--" + name.replace("_", "-") for name in names]
+        p.error(f"{', '.join(flags[:-1])} and {flags[-1]} must be positive")
+
+
+def require_warmup(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+
+
+# --------------------------------------------------------------------------- harness main
+
+
+def check_tools(args: argparse.Namespace) -> bool:
+    """wrk, and taskset unless ``--no-pin``, are on PATH (else an error line: False); a
+    warning if pinning on fewer than 2 CPUs."""
+    for tool in [args.wrk] + ([] if args.no_pin else ["taskset"]):
+        if shutil.which(tool) is None:
+            print(f"error: {tool} not found", file=sys.stderr)
+            return False
+    if not args.no_pin and (os.cpu_count() or 1) < 2:
+        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    return True
+
+
+def work_dir(stack: contextlib.ExitStack, args: argparse.Namespace, prefix: str) -> Path:
+    """``--workdir`` (created), or a temporary directory removed when ``stack`` closes."""
+    if args.workdir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    tmp: Path = args.workdir.resolve()
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a run, for its JSON file (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (NaN as null) to ``path`` and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
+    print(f"\nraw results: {path}")
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def load_summary(args: argparse.Namespace) -> str:
+    """How run.py and static.py loaded the servers, for the line under their tables:
+    "Median of ... per server, <pinning>" (no final full stop)."""
+    pinning = ("not pinned" if args.no_pin else
+               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
+    return (f"Median of {args.runs} run(s) of {args.duration} s each "
+            + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
+            + f"{args.connections} connections, {args.wrk_threads} wrk thread(s), "
+            f"{args.workers} worker(s) per server, {pinning}")
+
+
+def result_table(rows: list[Any], base_name: str, base: Result | None, *,
+                 more_head: tuple[str, ...] = (),
+                 more_cells: Callable[[Any], list[str]] = lambda r: [],
+                 errors_head: str = "non-2xx / socket errors") -> list[str]:
+    """The lines of a scenario's markdown table: per ``Result`` of ``rows`` its server,
+    req/s, p50, p99, req/s ÷ ``base``'s, then the columns ``more_head`` (right-aligned,
+    ``more_cells(result)`` for a measured one), and an ``errors_head`` column if any row
+    has problems or an error."""
+    base_rps = base.rps if base is not None and base.runs else None
+    show_errors = any(r.problems() or r.error for r in rows)
+    head = ["server", "req/s", "p50", "p99", f"vs {base_name}", *more_head]
+    if show_errors:
+        head.append(errors_head)
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (4 + len(more_head))
+                          + ["---"] * show_errors) + "|"]
+    for r in rows:
+        if r.runs:
+            ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
+            cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio,
+                     *more_cells(r)]
+        else:
+            cells = [r.server, "failed"] + ["—"] * (3 + len(more_head))
+        if show_errors:
+            cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return out
+
+
+def target_caveat(args: argparse.Namespace) -> str:
+    """What in this run differs from the targets' setting (1 worker, pinned), as
+    "; this run used N workers and this run was not pinned", or ""."""
+    caveat = []
+    if args.workers != 1:
+        caveat.append(f"this run used {args.workers} workers")
+    if args.no_pin:
+        caveat.append("this run was not pinned")
+    return f"; {' and '.join(caveat)}" if caveat else ""
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure_scenarios(
+        server: Server, name: str, label: str, scenarios: list[Any],
+        args: argparse.Namespace, *,
+        check: Callable[[list[Any]], dict[str, str]],
+        result: Callable[[Any], Result],
+        wrk_command: Callable[[Any, int], list[str]],
+        run: Callable[[Result, list[str], int], tuple[WrkRun, str]],
+        ready_note: Callable[[], str] = lambda: "",
+        loading: Callable[[Any], None] = lambda s: None) -> None:
+    """Start ``server`` (``label`` in messages; ``name`` its results' server), wait for it,
+    ``check`` it on ``scenarios`` (each has a ``name``; ``check`` returns {scenario: why it
+    failed}), then per scenario that passed: a warm-up, ``--runs`` runs, and the check again;
+    stop it.
+
+    ``result(s)``: the ``Result`` a scenario's runs go into; ``run(result, cmd, duration)``
+    runs wrk once and returns its run (appended here) and what its progress line adds;
+    ``loading(s)`` is called before a scenario's load.
+    """
+    by_name = {s.name: s for s in scenarios}
+
+    def fail_all(reason: str) -> None:
+        for s in scenarios:
+            result(s).error = result(s).error or reason
+
+    with running(server, args.stop_grace):
+        try:
+            server.wait_ready(args.port, args.start_timeout)
+        except BenchError as exc:
+            print(f"  {label}: NOT MEASURED: {exc}", file=sys.stderr)
+            fail_all(f"not measured: {str(exc).splitlines()[0].rstrip(':')}")
+            return
+        failures = check(scenarios)
+        for scenario_name, why in failures.items():
+            print(f"  {label}: {scenario_name} NOT MEASURED, check failed: {why}",
+                  file=sys.stderr)
+            result(by_name[scenario_name]).error = f"check failed: {why}"
+        print(f"  {label}: ready; checks passed for "
+              f"{', '.join(s.name for s in scenarios if s.name not in failures) or 'nothing'}"
+              + ready_note())
+        for s in scenarios:
+            if s.name in failures:
+                continue
+            r = result(s)
+            loading(s)
+            try:
+                if args.warmup > 0:
+                    run_wrk(wrk_command(s, args.warmup), args.warmup)
+                for i in range(args.runs):
+                    one, extra = run(r, wrk_command(s, args.duration), args.duration)
+                    r.runs.append(one)
+                    bad = one.non_2xx or any(one.socket_errors.values())
+                    print(f"  {name} {s.name} run {i + 1}: {one.rps:,.0f} req/s, "
+                          f"p50 {fmt_ms(one.p50_ms)}, p99 {fmt_ms(one.p99_ms)}{extra}"
+                          + (f" [{Result(s.name, name, [one]).problems()}]" if bad else ""))
+            except BenchError as exc:
+                r.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
+                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
+            if not server.alive():
+                print(f"  {label} exited during {s.name}:\n{server.log_tail()}",
+                      file=sys.stderr)
+                fail_all(f"server exited during {s.name}")
+                return
+            # still answering, and correctly, after the load? (the scenario's own check again)
+            after = check([s])
+            if after:
+                r.error = f"check failed after this scenario: {after[s.name]}"
+                print(f"  {label}: {r.error}", file=sys.stderr)

@@ -96,7 +96,8 @@ from common import (
     die_with_parent,
     load_apps,
     machine,
-    nginx_temp_paths,
+    nginx_app_locations,
+    nginx_head,
     raise_exit,
     run_main,
 )
@@ -226,36 +227,12 @@ def probe(kind: ServerKind, args: argparse.Namespace) -> Available | str:
 
 def nginx_conf(tmp: Path, port: int) -> str:
     """One nginx process (no master, no daemon) answering / and /json with the app's bytes."""
-    hello = APPS.HELLO.decode().replace("\n", "\\n")
-    body = APPS.JSON_BODY.decode()
-    if any(c in body for c in "'\\$"):
-        raise BenchError("the JSON body cannot be put into nginx.conf verbatim")
-    pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]  # 4 KiB token limit
-    sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
-    joined = "".join(f"$json{i}" for i in range(len(pieces)))
-    temps = nginx_temp_paths(tmp)
-    return f"""daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 300s;
-    keepalive_requests 1000000000;
-{temps}
+    head = nginx_head(tmp, 1, user=False, master=False, worker_connections=64,
+                      keepalive_timeout="300s")
+    return f"""{head}
     server {{
         listen {HOST}:{port};
-        location = / {{ default_type text/plain; return 200 '{hello}'; }}
-        location = /json {{
-            default_type application/json;
-            {sets}
-            return 200 "{joined}";
-        }}
-        location / {{ default_type text/plain; return 404 'not found\\n'; }}
-    }}
+{nginx_app_locations(APPS.HELLO, APPS.JSON_BODY)}    }}
 }}
 """
 

@@ -65,7 +65,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,19 +84,21 @@ from common import (
     http_request,
     machine,
     median_known,
-    nginx_temp_paths,
-    nginx_user,
+    nginx_head,
     nginx_version,
-    no_nan,
     parse_wrk,
     port_in_use,
     python_version,
     raise_exit,
+    require_warmup,
     routing_counts,
     run_main,
     run_wrk,
     running,
+    settings,
     toml_list,
+    work_dir,
+    write_json,
 )
 
 APP = "isolation_app:app"
@@ -228,23 +229,10 @@ def fastpool_routes_config(args: argparse.Namespace, layout: Layout, tmp: Path) 
 def nginx_conf(args: argparse.Namespace, tmp: Path, web_port: int, task_port: int) -> str:
     """nginx on --port: ``/tast/`` to the task gunicorn, the rest to the web one, over
     keep-alive upstream connections (HTTP/1.1, no Connection header passed on)."""
-    temps = nginx_temp_paths(tmp, "nginx-")
-    user = nginx_user()
     keepalive = args.slow_connections + args.fast_connections
     proxy = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; "
              "proxy_set_header Host $host;")
-    return f"""{user}daemon off;
-master_process on;
-worker_processes {args.nginx_workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-{temps}
+    return f"""{nginx_head(tmp, args.nginx_workers, temp_prefix="nginx-")}
     upstream web {{ server {HOST}:{web_port}; keepalive {keepalive}; }}
     upstream task {{ server {HOST}:{task_port}; keepalive {keepalive}; }}
     server {{
@@ -775,8 +763,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("durations, counts, --slow-ms, threads and --wrk-timeout must be positive")
     if args.workers < 2:
         p.error("--workers must be at least 2 (split layouts halve it)")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_warmup(p, args)
     if not -20 <= args.nice <= 19:
         p.error("--nice must be in -20..19")
     if args.max_pending < 1 or args.retry_after < 0 or args.nginx_workers < 1:
@@ -825,11 +812,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[LayoutResult] = []
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastpool-iso-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-iso-")
         for layout in layouts:
             print(f"{layout.name} ({layout.server} {versions[layout.server]})")
             res = LayoutResult(layout, versions[layout.server])
@@ -849,8 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render_commands(results))
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "reproduce": reproduce,
             "machine": machine(),
             "versions": versions,
@@ -865,9 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                           for row in r.rows.values()]}
                 for r in results],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

@@ -53,13 +53,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,22 +67,27 @@ from common import (
     BenchError,
     Server,
     WrkRun,
+    check_tools,
     counts_delta,
     exchange,
     fmt_ms,
     http_request,
     machine,
     median_known,
-    no_nan,
     pin,
     port_in_use,
     python_version,
     raise_exit,
+    require_positive,
+    require_warmup,
     routing_counts,
     run_main,
     run_wrk,
     running,
+    settings,
     toml_list,
+    work_dir,
+    write_json,
 )
 
 APP = "isolation_app:app"
@@ -355,10 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, metavar="DIR",
                    help="keep server logs and the config here (default: a temporary directory)")
     args = p.parse_args(argv)
-    if min(args.duration, args.runs, args.connections, args.workers, args.threads) < 1:
-        p.error("--duration, --runs, --connections, --workers and --threads must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_positive(p, args, "duration", "runs", "connections", "workers", "threads")
+    require_warmup(p, args)
     return args
 
 
@@ -367,12 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
     reproduce = shlex.join([sys.executable, *sys.argv]) if argv is None else None
-    for tool in [args.wrk] + ([] if args.no_pin else ["taskset"]):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found", file=sys.stderr)
-            return 2
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    if not check_tools(args):
+        return 2
     try:
         version = python_version(args.fastpool_python, ["fastpool"], "fastpool")
     except BenchError as exc:
@@ -382,12 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {s.name: Result(s) for s in scenarios}
     commands: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="fastpool-routes-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-routes-")
         for setup in SETUPS:
             mine = [s for s in scenarios if s.setup == setup]
             if not mine:
@@ -427,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print("```")
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "reproduce": reproduce,
             "machine": machine(),
             "version": version,
@@ -441,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                  "runs": [asdict(run) for run in r.runs]}
                 for r in results.values()],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

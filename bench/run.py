@@ -55,7 +55,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,20 +66,30 @@ from common import (
     Response,
     Result,
     Server,
+    add_load_options,
+    check_tools,
     exchange,
     fmt_ms,
     http_request,
     load_apps,
+    load_summary,
     machine,
-    nginx_temp_paths,
-    no_nan,
+    measure_scenarios,
+    nginx_app_locations,
+    nginx_head,
     pin,
     port_in_use,
     python_version,
     raise_exit,
+    require_positive,
+    require_warmup,
+    result_table,
     run_main,
     run_wrk,
-    running,
+    settings,
+    target_caveat,
+    work_dir,
+    write_json,
 )
 
 WRK_SCRIPTS = BENCH / "wrk"
@@ -204,37 +213,10 @@ def probe(kind: ServerKind, python: str | None, nginx: str,
 
 
 def nginx_conf(tmp: Path, port: int, workers: int) -> str:
-    hello = HELLO.decode().replace("\n", "\\n")
-    body = JSON_BODY.decode()
-    if any(c in body for c in "'\\$"):
-        raise BenchError("the JSON body cannot be put into nginx.conf verbatim")
-    # nginx caps one config token at 4 KiB: set the body in pieces, return their concatenation
-    pieces = [body[i:i + 1024] for i in range(0, len(body), 1024)]
-    sets = " ".join(f"set $json{i} '{piece}';" for i, piece in enumerate(pieces))
-    joined = "".join(f"$json{i}" for i in range(len(pieces)))
-    temps = nginx_temp_paths(tmp)
-    return f"""daemon off;
-master_process on;
-worker_processes {workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-{temps}
+    return f"""{nginx_head(tmp, workers, user=False)}
     server {{
         listen {HOST}:{port} backlog=2048;
-        location = / {{ default_type text/plain; return 200 '{hello}'; }}
-        location = /json {{
-            default_type application/json;
-            {sets}
-            return 200 "{joined}";
-        }}
-        location / {{ default_type text/plain; return 404 'not found\\n'; }}
-    }}
+{nginx_app_locations(HELLO, JSON_BODY)}    }}
 }}
 """
 
@@ -363,25 +345,9 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
         if not rows:
             continue
         base_name = BASE[args.interface]
-        base = results.get((scenario.name, base_name))
-        base_rps = base.rps if base is not None and base.runs else None
-        show_errors = any(r.problems() or r.error for r in rows)
         title = scenario.title + (f", `apps_asgi:{scenario.app}`" if scenario.app else "")
         out.append(f"### {scenario.name}: {title}\n")
-        head = ["server", "req/s", "p50", "p99", f"vs {base_name}"]
-        if show_errors:
-            head.append("non-2xx / socket errors")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * 4 + ["---"] * show_errors) + "|")
-        for r in rows:
-            if r.runs:
-                ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
-                cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio]
-            else:
-                cells = [r.server, "failed", "—", "—", "—"]
-            if show_errors:
-                cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out += result_table(rows, base_name, results.get((scenario.name, base_name)))
         if scenario.name == "pipeline":
             out.append(f"\nwrk times a pipelined batch of {args.depth} as one sample, so p50/p99 "
                        "here are per batch; `?` is a percentile wrk printed as 0.\n")
@@ -393,14 +359,7 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
              + (f", `--threads {args.gunicorn_threads}`" if av.kind.name == "gunicorn" else "")
              + (f", `--loop {args.loop}`" if av.kind.interface == "asgi" else "")
              for av in servers]
-    pinning = ("not pinned" if args.no_pin else
-               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
-    out.append(
-        f"Median of {args.runs} run(s) of {args.duration} s each "
-        + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
-        + f"{args.connections} connections, "
-        f"{args.wrk_threads} wrk thread(s), {args.workers} worker(s) per server, {pinning}. "
-        f"{machine()}.\n")
+    out.append(f"{load_summary(args)}. {machine()}.\n")
     out.append("Notes:\n" + "\n".join(notes) + "\n")
     return "\n".join(out)
 
@@ -472,13 +431,8 @@ def render_asgi_summary(scenarios: list[Scenario], results: dict[tuple[str, str]
             verdict += f" (errors from {' and '.join(flawed)}: see the {t['scenario']} table)"
         lines.append(f"- {t['scenario']}: {base} / {t['peer']} >= {t['target']}: {verdict}")
     if lines:
-        caveat = []
-        if args.workers != 1:
-            caveat.append(f"this run used {args.workers} workers")
-        if args.no_pin:
-            caveat.append("this run was not pinned")
         out.append("\nTargets (1 worker pinned to one core, wrk on another"
-                   + (f"; {' and '.join(caveat)}" if caveat else "") + "):\n")
+                   f"{target_caveat(args)}):\n")
         out += lines
     out.append("")
     return "\n".join(out)
@@ -504,41 +458,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "installed)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="event loop of every server in the asgi suite (their --loop)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="seconds of discarded warm-up per scenario (0: none)")
-    p.add_argument("--connections", type=int, default=64, help="wrk -c")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
-    p.add_argument("--depth", type=int, default=16, help="requests per write when pipelining")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for every server")
-    p.add_argument("--gunicorn-threads", type=int, default=1,
-                   help="gunicorn gthread --threads")
-    p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
-    p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    p.add_argument("--port", type=int, default=18080, help="port every server listens on")
-    p.add_argument("--fastpool-python", default=sys.executable,
-                   help="interpreter that runs fastpool and fastpool-asgi")
-    p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter that runs gunicorn, uvicorn, granian and bjoern (and "
-                        "their -asgi entries)")
-    p.add_argument("--python", action="append", default=[], metavar="SERVER=PATH",
-                   help="interpreter for one server, overriding the two above (repeatable)")
-    p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
-    p.add_argument("--wrk", default="wrk", help="wrk binary")
-    p.add_argument("--start-timeout", type=float, default=30.0,
-                   help="seconds a server gets to answer its first request")
-    p.add_argument("--stop-grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping a server")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the raw results here")
-    p.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="keep server logs and nginx.conf here (default: a temporary directory)")
+    add_load_options(
+        p, port=18080,
+        peer_python_help="interpreter that runs gunicorn, uvicorn, granian and bjoern (and "
+                         "their -asgi entries)",
+        workdir_help="keep server logs and nginx.conf here (default: a temporary directory)",
+        before={"--workers": lambda p: p.add_argument(
+                    "--depth", type=int, default=16, help="requests per write when pipelining"),
+                "--nginx": lambda p: p.add_argument(
+                    "--python", action="append", default=[], metavar="SERVER=PATH",
+                    help="interpreter for one server, overriding the two above (repeatable)")})
     args = p.parse_args(argv)
-    if min(args.runs, args.duration, args.connections, args.depth, args.workers) < 1:
-        p.error("--runs, --duration, --connections, --depth and --workers must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_positive(p, args, "runs", "duration", "connections", "depth", "workers")
+    require_warmup(p, args)
     for item in args.python:
         name, sep, _ = item.partition("=")
         if not sep or name not in SERVER_NAMES:
@@ -594,53 +526,12 @@ def bench_app(av: Available, app: str | None, mine: list[Scenario],
                              + shlex.join(cmd))
     server = Server(label, cmd, tmp / (f"{name}.log" if app is None else f"{name}-{app}.log"))
 
-    def fail_all(reason: str) -> None:
-        for s in mine:
-            result = results.setdefault((s.name, name), Result(s.name, name))
-            result.error = result.error or reason
-
-    with running(server, args.stop_grace):
-        try:
-            server.wait_ready(args.port, args.start_timeout)
-        except BenchError as exc:
-            print(f"  {label}: NOT MEASURED: {exc}", file=sys.stderr)
-            fail_all(f"not measured: {str(exc).splitlines()[0].rstrip(':')}")
-            return
-        failures = check_server(args.port, mine, args.depth)
-        for scenario_name, why in failures.items():
-            print(f"  {label}: {scenario_name} NOT MEASURED, check failed: {why}",
-                  file=sys.stderr)
-            results.setdefault((scenario_name, name), Result(scenario_name, name)).error = (
-                f"check failed: {why}")
-        print(f"  {label}: ready; checks passed for "
-              f"{', '.join(s.name for s in mine if s.name not in failures) or 'nothing'}")
-        for s in mine:
-            if s.name in failures:
-                continue
-            result = results.setdefault((s.name, name), Result(s.name, name))
-            try:
-                if args.warmup > 0:
-                    run_wrk(wrk_command(args, s, args.warmup), args.warmup)
-                for i in range(args.runs):
-                    run = run_wrk(wrk_command(args, s, args.duration), args.duration)
-                    result.runs.append(run)
-                    bad = run.non_2xx or any(run.socket_errors.values())
-                    print(f"  {name} {s.name} run {i + 1}: {run.rps:,.0f} req/s, "
-                          f"p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}"
-                          + (f" [{Result(s.name, name, [run]).problems()}]" if bad else ""))
-            except BenchError as exc:
-                result.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
-                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
-            if not server.alive():
-                print(f"  {label} exited during {s.name}:\n{server.log_tail()}",
-                      file=sys.stderr)
-                fail_all(f"server exited during {s.name}")
-                return
-            # still answering, and correctly, after the load? (the scenario's own check again)
-            after = check_server(args.port, [s], args.depth)
-            if after:
-                result.error = f"check failed after this scenario: {after[s.name]}"
-                print(f"  {label}: {result.error}", file=sys.stderr)
+    measure_scenarios(
+        server, name, label, mine, args,
+        check=lambda group: check_server(args.port, group, args.depth),
+        result=lambda s: results.setdefault((s.name, name), Result(s.name, name)),
+        wrk_command=lambda s, duration: wrk_command(args, s, duration),
+        run=lambda _result, cmd, duration: (run_wrk(cmd, duration), ""))
 
 
 def server_json(av: Available, commands: Commands) -> dict[str, Any]:
@@ -660,12 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, raise_exit)
     scenarios = [s for s in make_scenarios(args.depth, args.interface)
                  if not args.scenario or s.name in args.scenario]
-    for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found", file=sys.stderr)
-            return 2
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    if not check_tools(args):
+        return 2
 
     servers: list[Available] = []
     base = BASE[args.interface]
@@ -690,11 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], Result] = {}
     commands: Commands = {}
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastpool-bench-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-bench-")
         for av in servers:
             print(f"{av.kind.name} {av.version}")
             try:
@@ -715,8 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     print("```")
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "machine": machine(),
             "servers": {av.kind.name: server_json(av, commands) for av in servers},
             "nginx_conf": nginx_text,
@@ -732,9 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.interface == "asgi":
             payload["asgi_ratios"] = asgi_ratios(scenarios, results, servers)
             payload["asgi_targets"] = asgi_targets(scenarios, results, servers)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

@@ -55,15 +55,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import resource
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,25 +74,32 @@ from common import (
     Result,
     Server,
     WrkRun,
+    add_load_options,
+    check_tools,
     exchange,
     find_nginx,
-    fmt_ms,
     http_request,
     load_apps,
+    load_summary,
     machine,
+    measure_scenarios,
     median_known,
-    nginx_temp_paths,
-    nginx_user,
+    nginx_head,
     nginx_version,
-    no_nan,
     pin,
     port_in_use,
     python_version,
     raise_exit,
+    require_positive,
+    require_warmup,
+    result_table,
     run_main,
     run_wrk,
-    running,
+    settings,
+    target_caveat,
     tree_cpu_seconds,
+    work_dir,
+    write_json,
 )
 
 WRK_SCRIPTS = BENCH / "wrk"
@@ -210,21 +214,9 @@ def probe(kind: ServerKind, args: argparse.Namespace) -> Available | str:
 
 def nginx_conf(tmp: Path, www: Path, port: int, workers: int) -> str:
     hello = HELLO.decode().replace("\n", "\\n")
-    return f"""{nginx_user()}daemon off;
-master_process on;
-worker_processes {workers};
-pid {tmp / 'nginx.pid'};
-error_log stderr warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000000;
-    sendfile on;
-    tcp_nopush on;
-    default_type application/octet-stream;
-{nginx_temp_paths(tmp)}
+    head = nginx_head(tmp, workers, http="    sendfile on;\n    tcp_nopush on;\n"
+                                         "    default_type application/octet-stream;\n")
+    return f"""{head}
     server {{
         listen {HOST}:{port} backlog=2048;
         root {www};
@@ -444,27 +436,13 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResul
                 if (s.name, av.kind.name) in results]
         if not rows:
             continue
-        base = results.get((s.name, BASE))
-        base_rps = base.rps if base is not None and base.runs else None
-        show_errors = any(r.problems() or r.error for r in rows)
         out.append(f"### {s.name}: {s.title} (`{s.path}`)\n")
-        head = ["server", "req/s", "p50", "p99", f"vs {BASE}", "CPU/req", "server CPU",
-                "wrk CPU"]
-        if show_errors:
-            head.append("non-2xx / socket errors / not measured")
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["---:"] * 7 + ["---"] * show_errors) + "|")
-        for r in rows:
-            if r.runs:
-                ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
-                cpu = "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs"
-                cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio, cpu,
-                         fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)]
-            else:
-                cells = [r.server, "failed"] + ["—"] * 6
-            if show_errors:
-                cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out += result_table(rows, BASE, results.get((s.name, BASE)),
+                            more_head=("CPU/req", "server CPU", "wrk CPU"),
+                            more_cells=lambda r: [
+                                "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
+                                fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)],
+                            errors_head="non-2xx / socket errors / not measured")
         out.append("")
 
     lines = []
@@ -473,26 +451,15 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResul
                    f"{t['ratio']:.2f}: {'met' if t['met'] else 'NOT met'}")
         lines.append(f"- {t['scenario']}: {BASE} / {t['peer']} >= {t['target']:g}: {verdict}")
     if lines:
-        caveat = []
-        if args.workers != 1:
-            caveat.append(f"this run used {args.workers} workers")
-        if args.no_pin:
-            caveat.append("this run was not pinned")
         out.append(f"Targets ({BASE} req/s ÷ peer req/s; 1 worker pinned to one core, wrk on "
-                   "another" + (f"; {' and '.join(caveat)}" if caveat else "")
-                   + "; printed, not asserted):\n")
+                   f"another{target_caveat(args)}; printed, not asserted):\n")
         out += lines
         out.append("")
 
-    pinning = ("not pinned" if args.no_pin else
-               f"servers pinned to CPU {args.server_cpus}, wrk to CPU {args.wrk_cpus}")
     out.append(
-        f"Median of {args.runs} run(s) of {args.duration} s each "
-        + (f"(after a {args.warmup} s warm-up), " if args.warmup else "(no warm-up), ")
-        + f"{args.connections} connections, {args.wrk_threads} wrk thread(s), "
-        f"{args.workers} worker(s) per server, {pinning}. CPU/req: the server's process "
-        "tree's CPU time (user + system) per request; server/wrk CPU: CPU time ÷ wall time "
-        f"(100% = one core). {machine()}.\n")
+        f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user + system) "
+        "per request; server/wrk CPU: CPU time ÷ wall time (100% = one core). "
+        f"{machine()}.\n")
     notes = []
     for av in servers:
         look = seen.get(av.kind.name)
@@ -518,41 +485,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="scenario to run (repeatable; default: all)")
     p.add_argument("--server", action="append", choices=SERVER_NAMES,
                    help="server to run (repeatable; default: all that are installed)")
-    p.add_argument("--duration", type=int, default=5, help="seconds per measured run")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per scenario (median)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="seconds of discarded warm-up per scenario (0: none)")
-    p.add_argument("--connections", type=int, default=64, help="wrk -c")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for every server")
-    p.add_argument("--gunicorn-threads", type=int, default=1,
-                   help="gunicorn gthread --threads")
-    p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
-    p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
-    p.add_argument("--port", type=int, default=18180, help="port every server listens on")
-    p.add_argument("--fastpool-python", default=sys.executable,
-                   help="interpreter that runs fastpool and fastpool-asgi")
-    p.add_argument("--peer-python", default=sys.executable,
-                   help="interpreter that runs granian, gunicorn + whitenoise and uvicorn + "
-                        "starlette")
-    p.add_argument("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
-    p.add_argument("--wrk", default="wrk", help="wrk binary")
-    p.add_argument("--start-timeout", type=float, default=30.0,
-                   help="seconds a server gets to answer its first request")
-    p.add_argument("--stop-grace", type=float, default=10.0,
-                   help="seconds between SIGTERM and SIGKILL when stopping a server")
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the raw results here")
-    p.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="keep the files, server logs and nginx.conf here (default: a "
-                        "temporary directory)")
+    add_load_options(
+        p, port=18180,
+        peer_python_help="interpreter that runs granian, gunicorn + whitenoise and uvicorn + "
+                         "starlette",
+        workdir_help="keep the files, server logs and nginx.conf here (default: a temporary "
+                     "directory)")
     args = p.parse_args(argv)
-    if min(args.runs, args.duration, args.connections, args.workers, args.wrk_threads,
-           args.gunicorn_threads) < 1:
-        p.error("--runs, --duration, --connections, --workers, --wrk-threads and "
-                "--gunicorn-threads must be positive")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    require_positive(p, args, "runs", "duration", "connections", "workers", "wrk_threads",
+                     "gunicorn_threads")
+    require_warmup(p, args)
     return args
 
 
@@ -577,60 +519,30 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
     def result(s: Scenario) -> StaticResult:
         return results.setdefault((s.name, name), StaticResult(s.name, name))
 
-    with running(server, args.stop_grace):
-        try:
-            server.wait_ready(args.port, args.start_timeout)
-        except BenchError as exc:
-            print(f"  {name}: NOT MEASURED: {exc}", file=sys.stderr)
-            for s in scenarios:
-                result(s).error = f"not measured: {str(exc).splitlines()[0].rstrip(':')}"
-            return
-        failures = check_server(args.port, scenarios, files, seen)
-        for scenario_name, why in failures.items():
-            print(f"  {name}: {scenario_name} NOT MEASURED, check failed: {why}",
-                  file=sys.stderr)
-            results.setdefault((scenario_name, name), StaticResult(scenario_name, name)
-                               ).error = f"check failed: {why}"
-        print(f"  {name}: ready; checks passed for "
-              f"{', '.join(s.name for s in scenarios if s.name not in failures) or 'nothing'}"
-              + (f" (ETag {seen.etag})" if seen.etag else ""))
-        for s in scenarios:
-            if s.name in failures:
-                continue
-            r = result(s)
-            etag = seen.etag if s.revalidate else None
-            wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag))
-            try:
-                if args.warmup > 0:
-                    run_wrk(wrk_command(args, s, args.warmup, etag), args.warmup)
-                for i in range(args.runs):
-                    run, cost = measure(server, wrk_command(args, s, args.duration, etag),
-                                        args.duration)
-                    r.runs.append(run)
-                    r.costs.append(cost)
-                    cpu = (f"{cost.server_cpu_s / run.requests * 1e6:.1f} µs/req"
-                           if run.requests else "? µs/req")
-                    bad = run.non_2xx or any(run.socket_errors.values())
-                    print(f"  {name} {s.name} run {i + 1}: {run.rps:,.0f} req/s, "
-                          f"p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}, {cpu}, "
-                          f"server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
-                          f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
-                          + (f" [{StaticResult(s.name, name, [run]).problems()}]"
-                             if bad else ""))
-            except BenchError as exc:
-                r.error = "wrk failed: " + (str(exc).splitlines() or ["?"])[0]
-                print(f"  {name} {s.name}: {exc}", file=sys.stderr)
-            if not server.alive():
-                print(f"  {name} exited during {s.name}:\n{server.log_tail()}",
-                      file=sys.stderr)
-                for other in scenarios:
-                    result(other).error = result(other).error or f"server exited during {s.name}"
-                return
-            # still answering, and correctly (the same ETag for revalidate), after the load?
-            after = check_server(args.port, [s], files, seen)
-            if after:
-                r.error = f"check failed after this scenario: {after[s.name]}"
-                print(f"  {name}: {r.error}", file=sys.stderr)
+    def etag(s: Scenario) -> str | None:
+        return seen.etag if s.revalidate else None
+
+    def record(s: Scenario) -> None:
+        wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag(s)))
+
+    def run(r: Result, cmd: list[str], duration: int) -> tuple[WrkRun, str]:
+        assert isinstance(r, StaticResult)
+        one, cost = measure(server, cmd, duration)
+        r.costs.append(cost)
+        cpu = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
+               if one.requests else "? µs/req")
+        return one, (f", {cpu}, server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
+                     f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}")
+
+    # the check after each scenario's load wants the same ETag again (seen.etag) for revalidate
+    measure_scenarios(
+        server, name, name, scenarios, args,
+        check=lambda group: check_server(args.port, group, files, seen),
+        result=result,
+        wrk_command=lambda s, duration: wrk_command(args, s, duration, etag(s)),
+        run=run,
+        ready_note=lambda: f" (ETag {seen.etag})" if seen.etag else "",
+        loading=record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,12 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    for tool in ([args.wrk] + ([] if args.no_pin else ["taskset"])):
-        if shutil.which(tool) is None:
-            print(f"error: {tool} not found", file=sys.stderr)
-            return 2
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        print("warning: fewer than 2 CPUs; server and wrk will share a core", file=sys.stderr)
+    if not check_tools(args):
+        return 2
 
     servers: list[Available] = []
     for kind in SERVER_KINDS:
@@ -664,12 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk_cmds: dict[tuple[str, str], str] = {}
     seen: dict[str, Seen] = {}
     with contextlib.ExitStack() as stack:
-        if args.workdir is None:
-            tmp = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="fastpool-static-")))
-        else:
-            tmp = args.workdir.resolve()
-            tmp.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(stack, args, "fastpool-static-")
         directory = tmp / "www" / PREFIX.strip("/")
         files = make_files(directory)
         for av in servers:
@@ -700,8 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     print("```")
     if args.json:
         payload: dict[str, Any] = {
-            "settings": {k: (str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            "settings": settings(args),
             "machine": machine(),
             "files": {name: len(data) for name, data in files.items()},
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note,
@@ -723,9 +625,7 @@ def main(argv: list[str] | None = None) -> int:
                        for (scenario, peer), ratio in ratios(results).items()},
             "targets": targets(results, servers, scenarios),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(no_nan(payload), indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

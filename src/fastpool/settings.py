@@ -424,8 +424,8 @@ SETTINGS: tuple[Setting, ...] = (
             "directory (config: a table; flag: --static /static=public/static, repeatable). "
             "GET and HEAD of a file under a mount are answered from it; anything else falls "
             "through to the app. Directories are relative to the config file's directory "
-            "(or the current one, --chdir's when given).", flags=("--static",), metavar="PREFIX=DIR",
-            check=_mounts),
+            "(or the current one, --chdir's when given).", flags=("--static",),
+            metavar="PREFIX=DIR", check=_mounts),
     Setting("static_max_age", "int", 0,
             "Cache-Control: public, max-age=N on static files (0: no Cache-Control).",
             flags=("--static-max-age",), metavar="SECONDS", check=at_least(0)),

@@ -109,7 +109,6 @@ cdef object header_key(bytes name):
     return remember(HEADER_KEYS, name, key, HEADER_NAME_CACHE_SIZE)
 
 
-@cython.final
 cdef int cork(int fd, int on) noexcept:
     """TCP_CORK on (or off) while a static file goes out with sendfile: the
     kernel then sends full segments, as nginx's tcp_nopush does.  Without it
@@ -126,6 +125,7 @@ cdef bytes header_bytes(dict environ, str key):
     return None if value is None else (<str>value).encode("latin-1")
 
 
+@cython.final
 cdef class WSGITargets(TargetCache):
     """Request-target -> (PATH_INFO, QUERY_STRING, RAW_URI) before root_path."""
 

@@ -330,14 +330,13 @@ cdef class Cycle:
                 else:
                     await sleep0()
         except (OSError, RuntimeError, CancelledError):
-            answer.close()
             self.give_up()
             return
         finally:
+            answer.close()
             if self.task is not None:
                 conn.worker.tasks.discard(self.task)
                 self.task = None
-        answer.close()
         if conn.closed:
             self.give_up()
         else:

@@ -40,6 +40,7 @@ cdef enum:
     RESPONSE_HEADER_VALUES = 64     # values kept per response header name
     STATIC_TYPE_CACHE_SIZE = 256    # static files: file name suffix -> Content-Type
     STATIC_VALIDATOR_CACHE_SIZE = 4096   # static files: file version -> (ETag, Last-Modified)
+    STATIC_PLACE_CACHE_SIZE = 4096  # static files: request-target -> where under the mounts
 
     # ---- the parser
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)

@@ -41,7 +41,9 @@ cdef class StaticFiles:
     cdef bytes cache_control       # b"public, max-age=N", or None
     cdef dict validators           # (dev, ino, mtime_ns, size) -> (ETag, Last-Modified)
     cdef dict types                # file name suffix -> Content-Type
+    cdef dict places               # request-target -> place(), () when not a mount's
 
+    cdef tuple place(self, bytes target)
     cdef StaticFile find(self, str method, bytes target)
     cdef StaticAnswer answer(self, StaticFile found, str method, bytes if_none_match,
                              bytes if_modified_since, bytes range_, bytes if_range,

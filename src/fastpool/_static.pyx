@@ -141,6 +141,7 @@ cdef class StaticFiles:
         self.cache_control = (b"public, max-age=%d" % max_age) if max_age > 0 else None
         self.validators = {}
         self.types = {}
+        self.places = {}
 
     def __dealloc__(self):
         for entry in self.mounts or ():
@@ -164,32 +165,50 @@ cdef class StaticFiles:
 
     # ---- which request is a file
 
-    cdef StaticFile find(self, str method, bytes target):
-        """The file (or redirect) for a GET or HEAD, or None: the app answers."""
-        cdef bytes path, prefix, relative, real, raw
-        cdef int root_fd = -1
-        cdef int fd
-        cdef stat info
-        cdef StaticFile found
+    cdef tuple place(self, bytes target):
+        """Where a target would be under the mounts, from the string alone:
+        ``(directory fd, its real path, the relative path, the request-target's
+        parts)``, or ``()`` when it is under no mount or names a dotfile, NUL or
+        backslash (the app's).  Remembered per target (one rule with the
+        other caches, see remember()), so a repeated target costs a lookup."""
+        cdef object cached = self.places.get(target)
+        cdef bytes path, prefix, relative
         cdef Py_ssize_t size
-        if method != "GET" and method != "HEAD":
-            return None
+        cdef tuple parts
+        cdef tuple where = ()
+        if cached is not None:
+            return <tuple>cached
         parts = split_request_target(target)
         path = normalise_path(<bytes>parts[0])
-        for prefix, fd_, real_ in self.mounts:
+        for prefix, root_fd, real in self.mounts:
             size = PyBytes_GET_SIZE(prefix)
             # Whole segments, as routes: /static matches /static and /static/x, not /statics.
             if path.startswith(prefix) and (PyBytes_GET_SIZE(path) == size
                                             or PyBytes_AS_STRING(path)[size] == 47):   # "/"
-                root_fd = fd_
-                real = real_
+                relative = path[size:]
+                # NUL, backslashes, dotfiles and dot-directories: the app's.
+                if not (b"\0" in relative or b"\\" in relative or b"/." in relative):
+                    where = (root_fd, real, relative.strip(b"/") or b".", path.endswith(b"/"),
+                             parts)
                 break
-        if root_fd < 0:
+        return <tuple>remember(self.places, target, where, STATIC_PLACE_CACHE_SIZE)
+
+    cdef StaticFile find(self, str method, bytes target):
+        """The file (or redirect) for a GET or HEAD, or None: the app answers."""
+        cdef bytes relative, real
+        cdef int root_fd
+        cdef int fd
+        cdef stat info
+        cdef StaticFile found
+        cdef tuple where, parts
+        if method != "GET" and method != "HEAD":
             return None
-        relative = path[size:]
-        if b"\0" in relative or b"\\" in relative or b"/." in relative:
-            return None     # NUL, backslashes, dotfiles and dot-directories: the app's
-        relative = relative.strip(b"/") or b"."
+        where = self.place(target)
+        if not where:
+            return None
+        root_fd = <int>where[0]
+        real = <bytes>where[1]
+        relative = <bytes>where[2]
         fd = self.open_beneath(root_fd, real, relative)
         if fd < 0:
             return None
@@ -208,10 +227,11 @@ cdef class StaticFiles:
             if fstat(fd, &info) != 0 or not S_ISREG(info.st_mode):
                 close_fd(fd)
                 return None
-            if not path.endswith(b"/"):
+            if not where[3]:        # named without its trailing slash
                 close_fd(fd)
-                raw = <bytes>parts[1]
-                found.location = raw + b"/" + ((b"?" + <bytes>parts[2]) if parts[2] else b"")
+                parts = <tuple>where[4]
+                found.location = (<bytes>parts[1] + b"/"
+                                  + ((b"?" + <bytes>parts[2]) if parts[2] else b""))
                 return found
         elif not S_ISREG(info.st_mode):
             close_fd(fd)

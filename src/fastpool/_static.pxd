@@ -2,6 +2,7 @@
 # _static.pyx for the rules): which request is a file, and the answer to it.
 
 from fastpool._http cimport Framing, OutBuffer, Request
+from fastpool._posix cimport stat
 
 cdef class StaticFile:
     """A regular file found under a mount (open), or a directory's redirect."""
@@ -18,6 +19,7 @@ cdef class StaticFile:
     cdef unsigned long long dev
     cdef unsigned long long ino
 
+    cdef int take(self, int fd, stat *info) except -1
     cdef int close(self) except -1
 
 
@@ -49,6 +51,8 @@ cdef class StaticFiles:
                              bytes if_modified_since, bytes range_, bytes if_range,
                              bytes accept_encoding)
     cdef int open_beneath(self, int root_fd, bytes root_real, bytes relative) except -2
+    cdef int open_regular(self, int root_fd, bytes root_real, bytes relative,
+                          stat *info) except -2
     cdef StaticFile variant(self, StaticFile found, bytes accept_encoding)
     cdef int add_caching(self, list headers) except -1
     cdef bytes content_type(self, bytes name)

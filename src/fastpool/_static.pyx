@@ -84,6 +84,16 @@ cdef class StaticFile:
         if self.fd >= 0:
             close_fd(self.fd)
 
+    cdef int take(self, int fd, stat *info) except -1:
+        """Own ``fd``, and know the version ``info`` describes."""
+        self.fd = fd
+        self.size = info.st_size
+        self.mtime = info.st_mtim.tv_sec
+        self.mtime_ns = info.st_mtim.tv_sec * 1000000000 + info.st_mtim.tv_nsec
+        self.dev = info.st_dev
+        self.ino = info.st_ino
+        return 0
+
     cdef int close(self) except -1:
         if self.fd >= 0:
             close_fd(self.fd)
@@ -167,10 +177,11 @@ cdef class StaticFiles:
 
     cdef tuple place(self, bytes target):
         """Where a target would be under the mounts, from the string alone:
-        ``(directory fd, its real path, the relative path, the request-target's
-        parts)``, or ``()`` when it is under no mount or names a dotfile, NUL or
-        backslash (the app's).  Remembered per target (one rule with the
-        other caches, see remember()), so a repeated target costs a lookup."""
+        ``(directory fd, its real path, the relative path, whether the path
+        ends in "/", the request-target's parts)``, or ``()`` when it is under
+        no mount or names a dotfile, NUL or backslash (the app's).  Remembered
+        per target (one rule with the other caches, see remember()), so a
+        repeated target costs a lookup."""
         cdef object cached = self.places.get(target)
         cdef bytes path, prefix, relative
         cdef Py_ssize_t size
@@ -221,11 +232,8 @@ cdef class StaticFiles:
         if S_ISDIR(info.st_mode):
             close_fd(fd)
             relative = b"index.html" if relative == b"." else relative + b"/index.html"
-            fd = self.open_beneath(root_fd, real, relative)
+            fd = self.open_regular(root_fd, real, relative, &info)
             if fd < 0:
-                return None
-            if fstat(fd, &info) != 0 or not S_ISREG(info.st_mode):
-                close_fd(fd)
                 return None
             if not where[3]:        # named without its trailing slash
                 close_fd(fd)
@@ -236,15 +244,20 @@ cdef class StaticFiles:
         elif not S_ISREG(info.st_mode):
             close_fd(fd)
             return None
-        found.fd = fd
+        found.take(fd, &info)
         found.relative = relative
         found.name = relative.rpartition(b"/")[2]
-        found.size = info.st_size
-        found.mtime = info.st_mtim.tv_sec
-        found.mtime_ns = info.st_mtim.tv_sec * 1000000000 + info.st_mtim.tv_nsec
-        found.dev = info.st_dev
-        found.ino = info.st_ino
         return found
+
+    cdef int open_regular(self, int root_fd, bytes root_real, bytes relative,
+                          stat *info) except -2:
+        """open_beneath, for a regular file only (its stat in ``info``): a
+        descriptor, or -1."""
+        cdef int fd = self.open_beneath(root_fd, root_real, relative)
+        if fd >= 0 and (fstat(fd, info) != 0 or not S_ISREG(info.st_mode)):
+            close_fd(fd)
+            return -1
+        return fd
 
     cdef int open_beneath(self, int root_fd, bytes root_real, bytes relative) except -2:
         """Open ``relative`` under the mount's directory, never outside it:
@@ -352,20 +365,13 @@ cdef class StaticFiles:
             if weight > 0:
                 ranked.append((-weight, order, encoding, suffix))
         for _, _, encoding, suffix in sorted(ranked):
-            fd = self.open_beneath(found.root_fd, found.root_real, found.relative + suffix)
+            fd = self.open_regular(found.root_fd, found.root_real, found.relative + suffix,
+                                   &info)
             if fd < 0:
                 continue
-            if fstat(fd, &info) != 0 or not S_ISREG(info.st_mode):
-                close_fd(fd)
-                continue
             chosen = StaticFile.__new__(StaticFile)
-            chosen.fd = fd
+            chosen.take(fd, &info)
             chosen.encoding = encoding
-            chosen.size = info.st_size
-            chosen.mtime = info.st_mtim.tv_sec
-            chosen.mtime_ns = info.st_mtim.tv_sec * 1000000000 + info.st_mtim.tv_nsec
-            chosen.dev = info.st_dev
-            chosen.ino = info.st_ino
             return chosen
         return None
 

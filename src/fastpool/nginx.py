@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastpool.settings import GroupConfig, ServerConfig
+from fastpool.settings import GroupConfig, ServerConfig, prefix_key
 from fastpool.sockets import parse_address
 
 # Set once in the server block; the locations inherit them.
@@ -117,7 +117,7 @@ def render(config: ServerConfig, upstream_hosts: list[str] | None = None,
     root_directory = None
     for name, group in config.groups.items():
         for prefix, directory in group.static:
-            path = "/" + "/".join(part for part in prefix.split("/") if part)
+            path = prefix_key(prefix)
             owner = next((routed for route, routed in routes
                           if route != "/" and (path == route or path.startswith(route + "/"))),
                          root)

@@ -80,10 +80,20 @@ def _url_path(value: str) -> str:
     return value
 
 
+def prefix_key(prefix: str) -> str:
+    """A URL prefix as routes and static mounts compare it: repeated and
+    trailing slashes dropped (``/`` for the root)."""
+    return "/" + "/".join(part for part in prefix.split("/") if part)
+
+
+def _check_prefix(prefix: str) -> None:
+    if not prefix.startswith("/") or "?" in prefix or " " in prefix:
+        raise ValueError(f"expected path prefixes starting with /, got {prefix!r}")
+
+
 def _routes(value: list[str]) -> list[str]:
     for prefix in value:
-        if not prefix.startswith("/") or "?" in prefix or " " in prefix:
-            raise ValueError(f"expected path prefixes starting with /, got {prefix!r}")
+        _check_prefix(prefix)
     return value
 
 
@@ -98,9 +108,8 @@ def _mount(text: str) -> tuple[str, str]:
 def _mounts(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
     prefixes = set()
     for prefix, directory in value:
-        if not prefix.startswith("/") or "?" in prefix or " " in prefix:
-            raise ValueError(f"expected URL prefixes starting with /, got {prefix!r}")
-        key = "/" + "/".join(part for part in prefix.split("/") if part)
+        _check_prefix(prefix)
+        key = prefix_key(prefix)
         if key in prefixes:
             raise ValueError(f"expected each URL prefix once, got {prefix!r} twice")
         prefixes.add(key)
@@ -825,7 +834,7 @@ def _check_routes(groups: Mapping[str, GroupConfig], label: str) -> None:
     owners: dict[str, str] = {}
     for name, group in groups.items():
         for prefix in group.routes:
-            key = "/" + "/".join(part for part in prefix.split("/") if part)
+            key = prefix_key(prefix)
             if key in owners and owners[key] != name:
                 raise ConfigError(f"{label}: route {prefix!r} is claimed by both "
                                   f"[group.{owners[key]}] and [group.{name}]".lstrip(": "))

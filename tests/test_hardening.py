@@ -270,3 +270,23 @@ def test_running_out_of_descriptors_pauses_accepting(serve, interface, tmp_path:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_bytes_sent_after_a_closing_request_do_not_reset_its_answer(server):
+    """``Connection: close``, then more bytes while a large answer is still
+    going out: the server never reads them (nothing after a closing request is
+    a request), and closing with them unread would reset the connection and
+    throw away what the kernel had not sent yet; it drains them first, as
+    after an error."""
+    size = 16 * 1024 * 1024
+    with server.connect() as sock:
+        sock.sendall(get(f"/big?size={size}", extra="Connection: close\r\n"))
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+        try:
+            sock.sendall(b"after the close " * 4096)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer += read_until_close(sock, 10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert len(body) == size, (head, len(body))

@@ -46,7 +46,7 @@ from fastpool._http cimport (
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
-    WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE,
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE, input_waiting,
 )
 
 import asyncio
@@ -815,7 +815,8 @@ cdef class ASGIConnection(HttpConnection):
         if self.closed or self.transport is None or self.lingering:
             return 0
         if self.peer_closed or (self.at_message_boundary() and not self.error_status
-                                and not self.pending):
+                                and not self.pending and not input_waiting(
+                                    self.transport.get_extra_info("socket").fileno())):
             self.transport.close()   # sends what is queued, then closes
             return 0
         self.lingering = True

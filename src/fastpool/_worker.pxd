@@ -66,6 +66,11 @@ cdef class Handover:
     cdef readonly tuple peer           # (host, port) or None
 
 
+# Whether unread bytes wait on a connection's socket (peeked, not consumed):
+# closing with them would reset the connection (see the workers' close).
+cdef bint input_waiting(int fd) noexcept
+
+
 cdef class WorkerBase:
     cdef readonly object app
     cdef readonly WorkerOptions options

@@ -33,7 +33,7 @@ from fastpool._static cimport StaticFiles
 from fastpool._posix cimport (
     getppid, accept4, setsockopt, sockaddr, sockaddr_storage, socklen_t, SOCK_NONBLOCK,
     SOCK_CLOEXEC, IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
-    EMFILE, ENFILE, ENOBUFS, ENOMEM,
+    EMFILE, ENFILE, ENOBUFS, ENOMEM, recv, MSG_PEEK, MSG_DONTWAIT,
 )
 
 import logging
@@ -92,6 +92,12 @@ cdef class WorkerOptions:
         options.lifespan = lifespan
         options.websocket_options = websocket_options
         return options
+
+
+cdef bint input_waiting(int fd) noexcept:
+    """Whether unread bytes wait on ``fd`` (peeked, not consumed)."""
+    cdef char byte
+    return recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0
 
 
 # ---------------------------------------------------------------- listeners

@@ -54,7 +54,7 @@ from fastpool._consts cimport *
 from fastpool._posix cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
     EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
-    sockaddr_storage, recv, shutdown, SHUT_WR, MSG_PEEK, MSG_DONTWAIT, sendfile, poll,
+    sockaddr_storage, recv, shutdown, SHUT_WR, sendfile, poll,
     pollfd, POLLOUT, close, errno, EAGAIN, EINTR, setsockopt, IPPROTO_TCP, TCP_CORK,
 )
 from fastpool._http cimport (
@@ -64,7 +64,9 @@ from fastpool._http cimport (
     queue_head, frame_body, end_body,
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
-from fastpool._worker cimport WorkerBase, WorkerOptions, Handover, Listener, SERVING
+from fastpool._worker cimport (
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, input_waiting,
+)
 
 import contextvars
 import logging
@@ -919,9 +921,10 @@ cdef class WSGIConnection(HttpConnection):
         """Close after a response.  If the client may still be sending (an unread
         body, a rejected request), shut our side and drain theirs for a moment
         first: closing with unread input would reset the connection and could
-        destroy the response before the client reads it (RFC 9112 9.6)."""
+        destroy the response before the client reads it (RFC 9112 9.6) --
+        also bytes sent after a request that closes, which are never read."""
         if self.peer_closed or (self.at_message_boundary() and not self.error_status
-                                and not self.pending):
+                                and not self.pending and not input_waiting(self.fd)):
             return self.close_connection()
         shutdown(self.fd, SHUT_WR)
         self.state = LINGERING
@@ -1409,12 +1412,6 @@ cdef class WSGIWorker(WorkerBase):
             elif now >= conn.deadline:
                 conn.expire()
         return 0
-
-
-cdef bint input_waiting(int fd) noexcept:
-    """Whether unread bytes wait on ``fd`` (peeked, not consumed)."""
-    cdef char byte
-    return recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0
 
 
 cdef str peer_address(sockaddr_storage *address, dict environ):

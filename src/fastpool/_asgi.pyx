@@ -58,6 +58,8 @@ import sys
 import types
 from asyncio.selector_events import BaseSelectorEventLoop
 
+from fastpool.tls import asgi_extension as tls_extension
+
 from fastpool._http import ClientDisconnected
 from fastpool.signals import WORKER_SIGNALS
 
@@ -304,7 +306,8 @@ cdef class Cycle:
             conn.flush()
             socket_fd = transport.get_extra_info("socket").fileno()
             while remaining > 0 and not conn.closed:
-                if transport.get_write_buffer_size() == 0:
+                # (On TLS the transport must encrypt every byte: no sendfile.)
+                if conn.tls is None and transport.get_write_buffer_size() == 0:
                     try:
                         sent = os.sendfile(socket_fd, answer.fd, offset,
                                            min(remaining, SENDFILE_CHUNK))
@@ -458,6 +461,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef double opened             # monotonic time the connection was made
     cdef bytes initial_data        # bytes another group's worker read (a handoff)
     cdef object peer               # the client's (host, port), known from accept
+    cdef object tls                # the transport's ssl.SSLObject on a TLS connection
 
     def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
         HttpConnection.__init__(self, worker.limits)
@@ -481,6 +485,11 @@ cdef class ASGIConnection(HttpConnection):
         self.opened = self.last_activity = monotonic()
         peer = self.peer if self.peer is not None else transport.get_extra_info("peername")
         scope = self.base_scope.copy()
+        self.tls = transport.get_extra_info("ssl_object")
+        if self.tls is not None:
+            extensions = dict(scope.get("extensions") or {})
+            extensions["tls"] = tls_extension(self.tls)
+            scope["extensions"] = extensions
         if self.tcp and type(peer) is tuple:
             scope["client"] = (peer[0], peer[1])
             self.trusted_proxy = (worker.options.trust_all_proxies
@@ -658,6 +667,8 @@ cdef class ASGIConnection(HttpConnection):
         if self.transport.get_write_buffer_size():
             self.loop.call_later(HANDOFF_RETRY_SECONDS, self.hand_off)
             return
+        if self.tls is not None:
+            return self.start_relay()
         refusal = worker.hand_off(self, self.transport.get_extra_info("socket").fileno())
         if refusal is None:
             self.closing = True
@@ -665,6 +676,24 @@ cdef class ASGIConnection(HttpConnection):
         else:
             self.out.write(refusal)
             self.close_after_output()
+
+    def start_relay(self):
+        """hand_off for a TLS connection: its TLS state stays in this worker's
+        loop, so the other group gets one end of a socket pair and a Relay
+        carries the bytes (WorkerBase.relay_off); 503 when that group is full."""
+        cdef ASGIWorker worker = self.worker
+        server = self.base_scope.get("server")
+        result = worker.relay_off(self, self.peer if type(self.peer) is tuple else None,
+                                  server if type(server) is tuple and server[1] else None)
+        if type(result) is bytes:
+            self.out.write(result)
+            self.close_after_output()
+            return
+        # From here the transport belongs to the relay: this protocol is done.
+        self.closed = True
+        worker.connections.discard(self)
+        self.flow.release_all()
+        Relay(worker, self.transport, socket.socket(fileno=result))
 
     cdef int start_cycle(self, ASGIRequest request) except -1:
         cdef Cycle cycle = Cycle.__new__(Cycle)
@@ -886,6 +915,102 @@ cdef bint is_websocket(ASGIRequest request):
     return False
 
 
+# ---------------------------------------------------------------- TLS relays
+
+cdef class Relay
+
+
+@cython.final
+cdef class RelayEnd:
+    """One side of a Relay, the protocol of its transport: what it receives
+    goes to the other side's transport, and while the other side cannot
+    write, this side does not read."""
+    cdef Relay relay
+    cdef RelayEnd other
+    cdef readonly object transport
+
+    def protocol_factory(self):
+        return self
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.relay.made(self)
+
+    def data_received(self, data):
+        self.other.transport.write(data)
+
+    def eof_received(self):
+        # The client's TLS side cannot half-close: either end's EOF ends both
+        # once what is queued is written.
+        self.relay.close()
+        return False
+
+    def connection_lost(self, exc):
+        self.transport = None
+        self.relay.close()
+
+    def pause_writing(self):
+        if self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
+@cython.final
+cdef class Relay:
+    """A TLS connection whose requests another group serves (routes): that
+    group's worker has the other end of a socket pair, and this worker's loop
+    carries the plaintext both ways (the WSGI worker's Relay does the same in
+    its epoll loop).  The serving group's deadlines govern the exchange: its
+    worker closes its end when the client idles, and that ends the relay."""
+    cdef ASGIWorker worker
+    cdef RelayEnd client
+    cdef RelayEnd inner
+    cdef bint closed
+
+    def __init__(self, ASGIWorker worker, transport, sock):
+        self.worker = worker
+        self.client = RelayEnd.__new__(RelayEnd)
+        self.inner = RelayEnd.__new__(RelayEnd)
+        self.client.relay = self.inner.relay = self
+        self.client.other = self.inner
+        self.inner.other = self.client
+        worker.relays.add(self)
+        # Nothing is read from the client until the pair's end has a transport.
+        transport.pause_reading()
+        transport.set_protocol(self.client)
+        self.client.transport = transport
+        sock.setblocking(False)
+        if worker.make_transport is not None:
+            worker.make_transport(sock, self.inner, None)
+        else:
+            Adoption(worker.loop.connect_accepted_socket(self.inner.protocol_factory, sock),
+                     sock).step()
+
+    cdef int made(self, RelayEnd end) except -1:
+        if end is self.inner and self.client.transport is not None:
+            self.client.transport.resume_reading()
+        return 0
+
+    cdef int close(self) except -1:
+        if self.closed:
+            return 0
+        self.closed = True
+        for end in (self.client, self.inner):
+            if (<RelayEnd>end).transport is not None:
+                (<RelayEnd>end).transport.close()
+        self.worker.relays.discard(self)
+        return self.worker.connection_closed()
+
+    cdef int abort(self) except -1:
+        for end in (self.client, self.inner):
+            if (<RelayEnd>end).transport is not None:
+                (<RelayEnd>end).transport.abort()
+        return self.close()
+
+
 # ---------------------------------------------------------------- accepting
 
 @cython.final
@@ -918,11 +1043,13 @@ cdef class ASGIWorker(WorkerBase):
     """The asyncio loop of one ASGI worker process (the WorkerBase does the rest)."""
 
     cdef readonly object loop
-    cdef list listeners           # (fd, is_tcp, base_scope, shared)
+    cdef list listeners           # (fd, is_tcp, base_scope, shared, ssl context or None)
     cdef list sockets             # Listener: the listeners this worker accepts from
     cdef bint accept_paused
     cdef object make_transport    # asyncio's selector loops make a transport at once
     cdef readonly set connections
+    cdef readonly set relays      # TLS connections relayed to another group (Relay)
+    cdef dict tls_starting        # fd -> (conn, sock, context, accepted at): see accept
     cdef int app_calls            # app calls in progress
     cdef readonly dict state      # the lifespan state, copied into every scope
     cdef readonly bint websockets
@@ -934,13 +1061,15 @@ cdef class ASGIWorker(WorkerBase):
 
     def __init__(self, app, listeners, WorkerOptions options not None,
                  dict handoff_scope=None):
-        """``listeners``: (fd, is_tcp, base_scope, shared) tuples; the fds stay
+        """``listeners``: (fd, is_tcp, base_scope, shared, tls) tuples; the fds stay
         owned by the caller.  ``handoff_scope``: the base scope of connections
         other groups hand over (with routes)."""
         WorkerBase.__init__(self, app, options)
         self.listeners = list(listeners)
         self.sockets = []
         self.connections = set()
+        self.relays = set()
+        self.tls_starting = {}
         self.tasks = set()
         self.websockets = options.websocket_options is not None
         self.handoff_scope = handoff_scope
@@ -1021,8 +1150,8 @@ cdef class ASGIWorker(WorkerBase):
             # sockets keep their backlog, and running out of descriptors
             # pauses accepting instead of spinning (asyncio) or resetting
             # clients (uvloop).
-            for fd, tcp, base_scope, shared in self.listeners:
-                self.sockets.append(Listener(fd, tcp, shared, base_scope))
+            for fd, tcp, base_scope, shared, tls in self.listeners:
+                self.sockets.append(Listener(fd, tcp, shared, base_scope, tls))
             self.watch_listeners(True)
             if self.handoff is not None:
                 loop.add_reader(self.handoff.receiver_fd(), self.take_handoffs)
@@ -1053,6 +1182,9 @@ cdef class ASGIWorker(WorkerBase):
             self.board[BOARD_BUSY_SINCE] = now
         for conn in list(self.connections):
             conn.check_deadlines(now)
+        for fd, entry in list(self.tls_starting.items()):
+            if self.client_timeout > 0 and now - entry[3] > self.client_timeout:
+                self.tls_gone(fd)
         if self.accept_paused and self.alive:
             self.accept_paused = False
             self.watch_listeners(True)
@@ -1091,8 +1223,47 @@ cdef class ASGIWorker(WorkerBase):
             conn = ASGIConnection(self, listening.base, listening.tcp)
             if listening.tcp:
                 conn.peer = peer_of(&address)
-            self.start_transport(conn, socket.socket(address.ss_family, socket.SOCK_STREAM, 0,
-                                                     fileno=fd))
+            sock = socket.socket(address.ss_family, socket.SOCK_STREAM, 0, fileno=fd)
+            if listening.tls is None:
+                self.start_transport(conn, sock)
+            else:
+                # The handshake starts once the first bytes show it is one.
+                self.tls_starting[fd] = (conn, sock, listening.tls, monotonic())
+                self.loop.add_reader(fd, self.tls_first_bytes, fd)
+
+    def tls_first_bytes(self, int fd):
+        """A TLS connection's first bytes are in: a ClientHello starts the
+        loop's TLS handshake; a plain HTTP request gets nginx's 400 in plain
+        text (the WSGI worker learns the same from OpenSSL)."""
+        cdef ASGIConnection conn
+        entry = self.tls_starting[fd]
+        conn, sock, context = entry[0], entry[1], entry[2]
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        self.loop.remove_reader(fd)
+        del self.tls_starting[fd]
+        if first and first[0] != TLS_HANDSHAKE_RECORD:
+            error_log.debug("TLS handshake with %s failed: not TLS (plain HTTP?)",
+                            conn.client_text())
+            try:
+                sock.send(error_response(400, "The plain HTTP request was sent to HTTPS port"))
+            except OSError:
+                pass
+        if not first or first[0] != TLS_HANDSHAKE_RECORD:
+            sock.close()
+            return
+        self.start_transport(conn, sock, context)
+
+    cdef int tls_gone(self, int fd) except -1:
+        """A TLS connection that never sent its first bytes in time (or a stop)."""
+        entry = self.tls_starting.pop(fd)
+        self.loop.remove_reader(fd)
+        entry[1].close()
+        return 0
 
     cdef int pause_accepting(self) except -1:
         if not self.accept_paused:
@@ -1100,10 +1271,16 @@ cdef class ASGIWorker(WorkerBase):
             self.watch_listeners(False)
         return 0
 
-    cdef int start_transport(self, ASGIConnection conn, object sock) except -1:
+    cdef int start_transport(self, ASGIConnection conn, object sock, object tls=None) except -1:
         """Give an accepted (or handed-over) socket to the event loop, with
-        ``conn`` as its protocol."""
-        if self.make_transport is not None:
+        ``conn`` as its protocol; with ``tls`` (an SSL context), after the
+        loop's non-blocking TLS handshake, which client_timeout bounds (a
+        failed one ends the connection, logged at debug level by asyncio)."""
+        if tls is not None:
+            Adoption(self.loop.connect_accepted_socket(
+                conn.protocol_factory, sock, ssl=tls,
+                ssl_handshake_timeout=self.client_timeout or None), sock).step()
+        elif self.make_transport is not None:
             # asyncio: connection_made runs soon, before the first read.
             self.make_transport(sock, conn, None, extra={"peername": conn.peer})
         else:
@@ -1124,9 +1301,12 @@ cdef class ASGIWorker(WorkerBase):
                 continue
             scope = self.handoff_scope.copy()
             scope["server"] = handover.server
+            if handover.scheme == "https":
+                scope["scheme"] = "https"
             conn = ASGIConnection(self, scope, handover.tcp)
             conn.router = self.router
             conn.home_group = handover.home
+            conn.handoff_origin = handover.origin
             conn.initial_data = handover.data
             if handover.peer is not None:
                 conn.peer = handover.peer
@@ -1158,14 +1338,19 @@ cdef class ASGIWorker(WorkerBase):
         return self.check_drained()
 
     cdef int check_drained(self) except -1:
-        if not self.connections and not self.app_calls:
+        if not self.connections and not self.relays and not self.app_calls:
             self.quit()
         return 0
 
     cdef int quit(self) except -1:
         cdef ASGIConnection conn
+        cdef Relay relay
         for conn in list(self.connections):
             conn.abort()
+        for relay in list(self.relays):
+            relay.abort()
+        for fd in list(self.tls_starting):
+            self.tls_gone(fd)
         if self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(None)
         return 0

@@ -18,6 +18,9 @@ cdef enum:
     # a streamed response's turn before the loop serves the other connections.
     HIGH_WATER = 262144
     SENDFILE_CHUNK = 1048576        # sendfile(2) per call, so one file does not hog the loop
+    # A file over TLS (no kernel TLS) is read and encrypted this much per turn:
+    # sixteen full TLS records.
+    TLS_FILE_CHUNK = 262144
     MAX_IOV = 64                    # iovecs per writev(2)
     SMALL_WRITE = 16384             # writes below this are copied into the output buffer
     # A static file up to this size is read and sent with its head in one
@@ -41,6 +44,9 @@ cdef enum:
     STATIC_TYPE_CACHE_SIZE = 256    # static files: file name suffix -> Content-Type
     STATIC_VALIDATOR_CACHE_SIZE = 4096   # static files: file version -> (ETag, Last-Modified)
     STATIC_PLACE_CACHE_SIZE = 4096  # static files: request-target -> where under the mounts
+
+    # ---- TLS
+    TLS_HANDSHAKE_RECORD = 22       # a TLS connection's first byte: a handshake record (RFC 8446)
 
     # ---- the parser
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)

@@ -132,6 +132,10 @@ cdef class HttpConnection:
     cdef public int handoff_group
     cdef public bytes handoff_data
     cdef public double handoff_started
+    # Where a connection came from when the socket cannot say (a TLS connection
+    # relayed through a socket pair): fastpool.handoff's origin text, passed on
+    # with every handoff of the connection; None for a plain socket.
+    cdef public bytes handoff_origin
     # Parsing state of feed (see there).
     cdef ParseMode mode
     cdef PauseReason pause_reason
@@ -220,6 +224,8 @@ cdef class OutBuffer:
     cdef int write(self, object data) except -1
     cdef int clear(self) except -1
     cdef Py_ssize_t send_to(self, int fd) except -2
+    cdef Py_ssize_t send_through(self, object tls) except -2
+    cdef int consume(self, Py_ssize_t sent) except -1
     cdef list take(self)
 
 

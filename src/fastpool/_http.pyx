@@ -46,6 +46,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 import httptools
+from ssl import SSLWantReadError, SSLWantWriteError
 from tempfile import TemporaryFile
 from urllib.parse import unquote_to_bytes
 
@@ -1923,10 +1924,40 @@ cdef class OutBuffer:
             if errno == EAGAIN:
                 return -1
             raise OSError(errno, "send failed")
+        self.consume(sent)
+        return sent
+
+    cdef Py_ssize_t send_through(self, object tls) except -2:
+        """send_to for a TLS connection: the queued bytes through its
+        ``ssl.SSLSocket`` (which encrypts and sends them), piece by piece, in
+        order; bytes sent, or -1 when the socket would block first.  After a
+        block, OpenSSL wants the same bytes again: the next call starts from
+        the same place with at least as many bytes, as it must."""
+        cdef Py_ssize_t sent, total = 0
+        cdef object piece
+        while self.size:
+            if self.buf_end > self.buf_start:
+                piece = PyBytes_FromStringAndSize(self.buf + self.buf_start,
+                                                  self.buf_end - self.buf_start)
+            else:
+                piece = self.chunks[0]
+                if self.first_offset or type(piece) is not bytes:
+                    piece = bytes(piece[self.first_offset:])
+            try:
+                sent = tls.send(piece)
+            except (SSLWantWriteError, SSLWantReadError):
+                return total if total else -1
+            self.consume(sent)
+            total += sent
+        return total
+
+    cdef int consume(self, Py_ssize_t sent) except -1:
+        """``sent`` bytes from the start went out: drop them."""
+        cdef Py_ssize_t remaining, taken, chunk_size
         self.size -= sent
         if self.size == 0:
             self.clear()
-            return sent
+            return 0
         remaining = sent
         taken = self.buf_end - self.buf_start
         if taken > remaining:
@@ -1947,7 +1978,7 @@ cdef class OutBuffer:
             else:
                 self.first_offset += remaining
                 remaining = 0
-        return sent
+        return 0
 
 
 cdef int append_chunk(OutBuffer out, object data) except -1:

@@ -54,6 +54,7 @@ cdef class Listener:
     cdef readonly bint tcp
     cdef readonly bint shared          # one socket for all the group's workers
     cdef readonly dict base            # the environ (WSGI) or scope (ASGI) keys it gives
+    cdef readonly object tls           # a tls_listen socket: the group's ssl.SSLContext
 
 
 cdef class Handover:
@@ -64,6 +65,8 @@ cdef class Handover:
     cdef readonly bint tcp
     cdef readonly tuple server         # (host, port) or None
     cdef readonly tuple peer           # (host, port) or None
+    cdef readonly str scheme           # "https" for a relayed TLS connection, else None
+    cdef readonly bytes origin         # fastpool.handoff's origin text, to pass on, or None
 
 
 # Whether unread bytes wait on a connection's socket (peeked, not consumed):
@@ -104,6 +107,7 @@ cdef class WorkerBase:
     cdef str forwarded_scheme(self, str proto)
     cdef Handover take_handoff(self)
     cdef bytes hand_off(self, HttpConnection conn, int fd)
+    cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server)
     cdef int begin_stop(self, bint close_idle) except -1
     cdef int quit(self) except -1
     cdef int stop_accepting(self) except -1

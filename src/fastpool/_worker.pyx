@@ -38,8 +38,9 @@ from fastpool._posix cimport (
 
 import logging
 import os
+import socket
 
-from fastpool.handoff import addresses as handoff_addresses
+from fastpool.handoff import addresses as handoff_addresses, origin_text, parse_origin
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -105,11 +106,12 @@ cdef bint input_waiting(int fd) noexcept:
 @cython.final
 cdef class Listener:
 
-    def __init__(self, int fd, bint tcp, bint shared, dict base):
+    def __init__(self, int fd, bint tcp, bint shared, dict base, tls=None):
         self.fd = fd
         self.tcp = tcp
         self.shared = shared
         self.base = base
+        self.tls = tls
 
 
 # ---------------------------------------------------------------- handoffs
@@ -231,7 +233,7 @@ cdef class WorkerBase:
         entry = self.handoff.receive()
         if entry is None:
             return None
-        fd, home, _started, data, refusal = entry
+        fd, home, _started, data, refusal, origin = entry
         self.board[BOARD_HANDED_IN] += 1
         os.set_blocking(fd, False)
         if refusal is not None:
@@ -248,7 +250,13 @@ cdef class WorkerBase:
         handover.fd = fd
         handover.home = home
         handover.data = data
-        handover.tcp, handover.server, handover.peer = handoff_addresses(fd)
+        if origin is None:
+            handover.tcp, handover.server, handover.peer = handoff_addresses(fd)
+        else:
+            # A relayed TLS connection: the socket pair knows nothing of the client.
+            handover.scheme, handover.peer, handover.server = parse_origin(origin)
+            handover.tcp = True
+            handover.origin = origin
         return handover
 
     cdef bytes hand_off(self, HttpConnection conn, int fd):
@@ -256,7 +264,8 @@ cdef class WorkerBase:
         belongs to.  None when it is on its way (the caller drops its copy);
         else the 503 to answer, because that group is full."""
         refusal = self.handoff.send(conn.handoff_group, fd, conn.home_group,
-                                    conn.handoff_started, conn.handoff_data)
+                                    conn.handoff_started, conn.handoff_data,
+                                    conn.handoff_origin)
         conn.handoff_group = -1
         conn.handoff_data = None
         if refusal is None:
@@ -264,6 +273,25 @@ cdef class WorkerBase:
             return None
         self.board[BOARD_SHED] += 1
         return refusal
+
+    cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server):
+        """Hand a TLS connection's next request to another group: its TLS
+        state cannot travel with the descriptor, so the group gets one end of
+        a socket pair (with the bytes read, and where the connection came
+        from) and this worker relays between the client and the other end.
+        Returns that end's descriptor (non-blocking; the caller relays), or
+        the 503 to answer when the group is full."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.handoff_origin = origin_text("https", peer, server)
+            refusal = self.hand_off(conn, theirs.fileno())
+        finally:
+            theirs.close()          # the other group's worker has its own copy
+        if refusal is not None:
+            ours.close()
+            return refusal
+        ours.setblocking(False)
+        return ours.detach()
 
     # ---- stopping
 

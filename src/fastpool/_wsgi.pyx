@@ -44,8 +44,11 @@ Rules of this module:
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_WRITE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from libc.math cimport INFINITY
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from posix.types cimport off_t
@@ -54,7 +57,7 @@ from fastpool._consts cimport *
 from fastpool._posix cimport (
     epoll_event, epoll_create1, epoll_ctl, epoll_wait, EPOLLIN, EPOLLOUT, EPOLLERR,
     EPOLLHUP, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC,
-    sockaddr_storage, recv, shutdown, SHUT_WR, sendfile, poll,
+    sockaddr_storage, recv, send, shutdown, SHUT_WR, sendfile, poll, MSG_NOSIGNAL,
     pollfd, POLLOUT, close, errno, EAGAIN, EINTR, setsockopt, IPPROTO_TCP, TCP_CORK,
 )
 from fastpool._http cimport (
@@ -72,12 +75,18 @@ import contextvars
 import logging
 import os
 import queue
+import socket
+import ssl
 import stat
 import threading
+from ssl import SSLWantReadError, SSLWantWriteError
 
 from fastpool._http import ClientDisconnected
+from fastpool.tls import offloaded as tls_offloaded, wsgi_keys as tls_keys
 
 cdef object error_log = logging.getLogger("fastpool.error")
+# ssl.OP_ENABLE_KTLS where this Python has it (3.12+), else no option bit.
+cdef long KTLS_OPTION = getattr(ssl, "OP_ENABLE_KTLS", 0)
 
 # An app's ``next()`` returns this at the end of the iterable (see pump).
 cdef object END = object()
@@ -248,6 +257,11 @@ cdef enum ConnState:
     OPEN = 0        # reading requests / idle between them
     LINGERING = 1   # response sent, write side shut, discarding input until EOF
     CLOSED = 2
+    HANDSHAKING = 3  # a TLS connection before its handshake is done
+    RELAYING = 4    # a TLS connection another group serves: bytes go through a Relay
+
+
+cdef class Relay
 
 
 @cython.final
@@ -282,6 +296,10 @@ cdef class WSGIConnection(HttpConnection):
     cdef int file_fd
     cdef off_t file_offset
     cdef long long file_remaining
+    # TLS: the connection's ssl.SSLSocket (None for a plain connection, and
+    # once kernel TLS carries the records); a relay when another group serves it.
+    cdef object tls
+    cdef Relay relay
 
     def __init__(self, WSGIWorker worker, int fd, dict base_environ, str remote_addr):
         HttpConnection.__init__(self, worker.limits)
@@ -483,10 +501,17 @@ cdef class WSGIConnection(HttpConnection):
         """Send what the socket takes now; ClientDisconnected when it is gone."""
         if self.out.size:
             try:
-                self.out.send_to(self.fd)
+                self.send_out()
             except OSError as exc:
                 raise ClientDisconnected(*exc.args) from None
         return 0
+
+    cdef Py_ssize_t send_out(self) except -2:
+        """The queued output to the socket, without blocking (OutBuffer.send_to,
+        or send_through on TLS); OSError when the client is gone."""
+        if self.tls is None:
+            return self.out.send_to(self.fd)
+        return self.out.send_through(self.tls)
 
     cdef int wait_socket(self, short events) except -1:
         """Wait (GIL released) until the socket is ready, at most the
@@ -680,6 +705,8 @@ cdef class WSGIConnection(HttpConnection):
         when the socket is full.  At the end, or when the file has shrunk
         (finish_body then sees the short length and closes), the response ends."""
         cdef ssize_t sent
+        if self.tls is not None:
+            return self.send_file_tls()
         while self.file_remaining > 0:
             sent = sendfile(self.fd, self.file_fd, &self.file_offset,
                             min(self.file_remaining, SENDFILE_CHUNK))
@@ -693,6 +720,29 @@ cdef class WSGIConnection(HttpConnection):
                 return True
             if errno != EINTR:
                 raise ClientDisconnected(errno, "sendfile failed")
+        cork(self.fd, 0)
+        self.end_response(self.result, True)
+        return False
+
+    cdef bint send_file_tls(self) except -1:
+        """send_file_part on a TLS connection: the kernel cannot encrypt, so the
+        next part is read and sent through OpenSSL.  After a block, the same
+        bytes are read again for the retry OpenSSL wants."""
+        cdef ssize_t sent
+        if self.file_remaining > 0:
+            piece = os.pread(self.file_fd, min(self.file_remaining, TLS_FILE_CHUNK),
+                             self.file_offset)
+            if piece:
+                try:
+                    sent = self.tls.send(piece)
+                except (SSLWantWriteError, SSLWantReadError):
+                    return True
+                except OSError as exc:
+                    raise ClientDisconnected(*exc.args) from None
+                self.file_offset += sent
+                self.file_remaining -= sent
+                self.framing.body_sent += sent
+                return False
         cork(self.fd, 0)
         self.end_response(self.result, True)
         return False
@@ -763,8 +813,13 @@ cdef class WSGIConnection(HttpConnection):
     # ---- the connection's life in the loop (every event comes through here)
 
     cdef int on_event(self, unsigned int flags) except -1:
-        if self.state == LINGERING:
-            self.linger_read()
+        if self.state != OPEN:
+            if self.state == LINGERING:
+                self.linger_read()
+            elif self.state == HANDSHAKING:
+                self.handshake()
+            elif self.state == RELAYING:
+                self.relay.client_event(flags)
         elif self.want_write:
             if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 self.advance()
@@ -774,7 +829,10 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int read(self) except -1:
         cdef WSGIWorker worker = self.worker
-        cdef ssize_t received = recv(self.fd, worker.recv_buffer, RECV_SIZE, 0)
+        cdef ssize_t received
+        if self.tls is not None:
+            return self.read_tls()
+        received = recv(self.fd, worker.recv_buffer, RECV_SIZE, 0)
         if received > 0:
             self.last_read = worker.now
             self.feed(worker.recv_buffer, received)
@@ -786,6 +844,113 @@ cdef class WSGIConnection(HttpConnection):
         else:
             return self.close_connection()
         return self.advance()
+
+    # ---- TLS
+
+    cdef int start_tls(self, object context) except -1:
+        """A connection accepted on a tls_listen socket: its handshake runs in
+        the loop, a step per readiness, within client_timeout."""
+        sock = socket.socket(fileno=self.fd)
+        sock.settimeout(0.0)
+        self.tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.state = HANDSHAKING
+        return self.handshake()
+
+    cdef int handshake(self) except -1:
+        cdef WSGIWorker worker = self.worker
+        try:
+            self.tls.do_handshake()
+        except SSLWantReadError:
+            return self.handshake_waits(False)
+        except SSLWantWriteError:
+            return self.handshake_waits(True)
+        except OSError as exc:         # (SSLError, a reset, an EOF)
+            return self.handshake_failed(exc)
+        self.state = OPEN
+        self.handshake_waits(False)
+        self.base_environ.update(tls_keys(self.tls))
+        if worker.kernel_tls and not self.tls.pending() and tls_offloaded(self.fd):
+            # The kernel encrypts both ways: a plain socket from here on
+            # (sendfile, and routes hand the descriptor itself over).
+            self.tls.detach()
+            self.tls = None
+        self.deadline = deadline_after(monotonic(), worker.client_timeout)
+        return self.read()   # (the request may have come with the handshake's end)
+
+    cdef int handshake_waits(self, bint writing) except -1:
+        if writing != self.want_write:
+            self.want_write = writing
+            self.worker.watch(self.fd, EPOLLOUT if writing else EPOLLIN)
+        return 0
+
+    cdef int handshake_failed(self, object exc) except -1:
+        """A handshake that cannot finish ends this connection only (debug
+        level: scanners and impatient clients do this all day).  A plain HTTP
+        request on a TLS port gets nginx's answer, in plain text."""
+        if getattr(exc, "reason", None) == "HTTP_REQUEST":
+            answer = error_response(400, "The plain HTTP request was sent to HTTPS port")
+            send(self.fd, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer), MSG_NOSIGNAL)
+        error_log.debug("TLS handshake with %s failed: %s",
+                        self.remote_addr or "a unix socket client", exc)
+        return self.close_connection()
+
+    cdef int read_tls(self) except -1:
+        """read() on a TLS connection: what OpenSSL decrypts, including the
+        records it holds already (epoll does not know of them)."""
+        cdef WSGIWorker worker = self.worker
+        cdef Py_ssize_t received
+        cdef bint progress = False
+        while True:
+            try:
+                received = self.tls.recv_into(worker.recv_view, RECV_SIZE)
+            except (SSLWantReadError, SSLWantWriteError):
+                break
+            except OSError as exc:
+                error_log.debug("TLS error on the connection of %s: %s",
+                                self.remote_addr or "a unix socket client", exc)
+                return self.close_connection()
+            progress = True
+            if received == 0:
+                self.peer_closed = True
+                self.stop_reading = True
+                break
+            self.last_read = worker.now
+            self.feed(worker.recv_buffer, received)
+            if not self.tls.pending():
+                break
+        return self.advance() if progress else 0
+
+    cdef int close_notify(self) except -1:
+        """Tell a TLS client the response is complete (close_notify), so a body
+        that ends with the connection cannot be cut short unnoticed."""
+        try:
+            self.tls.unwrap()
+        except (OSError, ValueError):
+            pass   # (its own close_notify has not come: it need not)
+        return 0
+
+    cdef tuple origin_addresses(self):
+        """(peer, server) of this connection, for a relay's origin."""
+        environ = self.base_environ
+        peer = (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])) \
+            if environ.get("REMOTE_PORT") else None
+        server = (environ["SERVER_NAME"], int(environ["SERVER_PORT"])) \
+            if str(environ.get("SERVER_PORT", "0")).isdigit() else None
+        return peer, server
+
+    cdef int start_relay(self) except -1:
+        """The next request is another group's and this connection is TLS:
+        relay it (WorkerBase.relay_off), or answer 503 when the group is full."""
+        cdef tuple addresses = self.origin_addresses()
+        result = self.worker.relay_off(self, addresses[0], addresses[1])
+        if type(result) is bytes:
+            self.out.write(result)
+            self.closing = True
+            return self.settle()
+        self.state = RELAYING
+        self.deadline = INFINITY      # the serving group's deadlines apply (see Relay)
+        self.relay = Relay(self, <int>result)
+        return 0
 
     cdef bint has_ready_request(self):
         """The next request can be answered: its body is all in, no response
@@ -866,7 +1031,7 @@ cdef class WSGIConnection(HttpConnection):
             self.send_continue()
         if self.out.size:
             try:
-                self.out.send_to(self.fd)
+                self.send_out()
             except OSError:
                 return self.close_connection()
             if self.out.size:
@@ -877,6 +1042,8 @@ cdef class WSGIConnection(HttpConnection):
             if self.has_ready_request():
                 return self.advance()     # pipelined requests waited for the output
         if self.handoff_group >= 0 and not self.closing and not self.pending:
+            if self.tls is not None:
+                return self.start_relay()
             refusal = worker.hand_off(self, self.fd)
             if refusal is None:
                 return self.close_connection()       # our copy: the other group's worker has it
@@ -923,6 +1090,8 @@ cdef class WSGIConnection(HttpConnection):
         first: closing with unread input would reset the connection and could
         destroy the response before the client reads it (RFC 9112 9.6) --
         also bytes sent after a request that closes, which are never read."""
+        if self.tls is not None:
+            self.close_notify()
         if self.peer_closed or (self.at_message_boundary() and not self.error_status
                                 and not self.pending and not input_waiting(self.fd)):
             return self.close_connection()
@@ -963,6 +1132,12 @@ cdef class WSGIConnection(HttpConnection):
         if self.request is not None and not self.busy:
             self.abort_response()     # a response still being sent: close the app's iterable
         self.worker.forget(self.fd)
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self.tls is not None:
+            self.tls.detach()         # (the descriptor is closed here, once)
+            self.tls = None
         close(self.fd)
         self.pending.clear()
         self.out.clear()
@@ -974,7 +1149,11 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int expire(self) except -1:
         """The deadline passed (see set_deadline)."""
-        if self.state == LINGERING:
+        if self.state == LINGERING or self.state == RELAYING:
+            return self.close_connection()
+        if self.state == HANDSHAKING:
+            error_log.debug("TLS handshake with %s not done in %g s; closing",
+                            self.remote_addr or "a unix socket client", self.worker.client_timeout)
             return self.close_connection()
         if self.want_write or self.streaming:
             error_log.info("closing the connection of %s: the client took no response bytes "
@@ -995,6 +1174,152 @@ cdef class WSGIConnection(HttpConnection):
             self.deadline = monotonic() + READ_GRACE_SECONDS
             return 0
         return self.close_connection()
+
+
+# ---------------------------------------------------------------- TLS relays
+
+@cython.final
+cdef class Relay:
+    """A TLS connection whose requests another group serves (routes without
+    kernel TLS): that group's worker has the other end of a socket pair
+    (``fd``), and this worker carries plaintext both ways in its loop --
+    decrypted from the client into the pair, and from the pair encrypted to
+    the client.  Each way holds at most one read that its writer has not
+    taken (``to_inner``, ``to_client``); while it waits, that way reads
+    nothing more, so a slow reader slows its writer instead of filling this
+    worker's memory.  The serving group's deadlines govern the exchange (its
+    worker closes its end when the client idles); once that end is closed,
+    what is left goes to the client within client_timeout, then the
+    connection closes.  Either side's end or error ends both."""
+    cdef WSGIConnection conn
+    cdef int fd
+    cdef bytes to_inner
+    cdef bytes to_client
+    cdef bint client_eof
+    cdef bint inner_eof
+    cdef unsigned int client_events   # what epoll watches on each side now
+    cdef unsigned int inner_events
+
+    def __init__(self, WSGIConnection conn, int fd):
+        cdef WSGIWorker worker = conn.worker
+        self.conn = conn
+        self.fd = fd
+        self.client_events = EPOLLIN
+        worker.register(fd, self)
+        if worker.ctl(EPOLL_CTL_ADD, fd, EPOLLIN) < 0:
+            worker.table[fd] = None
+            close(fd)
+            self.fd = -1
+            conn.close_connection()
+            return
+        self.inner_events = EPOLLIN
+
+    cdef int client_event(self, unsigned int flags) except -1:
+        if self.to_client is not None and flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+            self.flush_client()
+        if self.conn.state == RELAYING and self.to_inner is None and not self.client_eof:
+            self.from_client()
+        return self.update()
+
+    cdef int inner_event(self, unsigned int flags) except -1:
+        if self.to_inner is not None and flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+            self.flush_inner()
+        if self.conn.state == RELAYING and self.to_client is None and not self.inner_eof:
+            self.from_inner()
+        return self.update()
+
+    cdef int from_client(self) except -1:
+        cdef WSGIWorker worker = self.conn.worker
+        cdef object tls = self.conn.tls
+        cdef Py_ssize_t received
+        while self.to_inner is None:
+            try:
+                received = tls.recv_into(worker.recv_view, RECV_SIZE)
+            except (SSLWantReadError, SSLWantWriteError):
+                return 0
+            except OSError:
+                return self.end()
+            if received == 0:
+                self.client_eof = True
+                shutdown(self.fd, SHUT_WR)
+                return 0
+            self.to_inner = worker.recv_view[:received].tobytes()
+            self.flush_inner()
+            if not tls.pending():
+                return 0
+        return 0
+
+    cdef int flush_inner(self) except -1:
+        cdef ssize_t sent = send(self.fd, PyBytes_AS_STRING(self.to_inner),
+                                 PyBytes_GET_SIZE(self.to_inner), MSG_NOSIGNAL)
+        if sent < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return 0
+            return self.end()
+        self.to_inner = self.to_inner[sent:] if sent < PyBytes_GET_SIZE(self.to_inner) else None
+        return 0
+
+    cdef int from_inner(self) except -1:
+        cdef WSGIWorker worker = self.conn.worker
+        cdef ssize_t received = recv(self.fd, worker.recv_buffer, RECV_SIZE, 0)
+        if received > 0:
+            self.to_client = worker.recv_view[:received].tobytes()
+            return self.flush_client()
+        if received == 0:
+            self.inner_eof = True
+            if self.to_client is None:
+                return self.end()
+            self.conn.deadline = deadline_after(monotonic(), worker.client_timeout)
+        elif errno != EAGAIN and errno != EINTR:
+            return self.end()
+        return 0
+
+    cdef int flush_client(self) except -1:
+        cdef Py_ssize_t sent
+        try:
+            sent = self.conn.tls.send(self.to_client)
+        except (SSLWantWriteError, SSLWantReadError):
+            return 0
+        except OSError:
+            return self.end()
+        self.to_client = (self.to_client[sent:] if sent < PyBytes_GET_SIZE(self.to_client)
+                          else None)
+        if self.to_client is None and self.inner_eof:
+            return self.end()
+        return 0
+
+    cdef int update(self) except -1:
+        """Watch, on each side, what its way needs now."""
+        cdef WSGIWorker worker = self.conn.worker
+        cdef unsigned int wanted
+        if self.conn.state != RELAYING:
+            return 0
+        wanted = (EPOLLOUT if self.to_client is not None else 0) | (
+            EPOLLIN if self.to_inner is None and not self.client_eof else 0)
+        if wanted != self.client_events:
+            self.client_events = wanted
+            worker.ctl(EPOLL_CTL_MOD, self.conn.fd, wanted)
+        wanted = (EPOLLOUT if self.to_inner is not None else 0) | (
+            EPOLLIN if self.to_client is None and not self.inner_eof else 0)
+        if wanted != self.inner_events:
+            self.inner_events = wanted
+            worker.ctl(EPOLL_CTL_MOD, self.fd, wanted)
+        return 0
+
+    cdef int end(self) except -1:
+        if self.conn.state == RELAYING:
+            self.conn.close_notify()
+            self.conn.close_connection()     # (which closes this side: close())
+        return 0
+
+    cdef int close(self) except -1:
+        cdef WSGIWorker worker = self.conn.worker
+        if self.fd >= 0:
+            worker.ctl(EPOLL_CTL_DEL, self.fd, 0)
+            worker.table[self.fd] = None
+            close(self.fd)
+            self.fd = -1
+        return 0
 
 
 # ---------------------------------------------------------------- app threads
@@ -1045,7 +1370,7 @@ cdef class AppThreads:
         """Hand ``conn`` to an app thread; the loop forgets it until take_back.
         What is already answered goes out first."""
         try:
-            conn.out.send_to(conn.fd)
+            conn.send_out()
         except OSError:
             pass   # the thread's own writes will find the peer gone
         conn.busy = True
@@ -1113,10 +1438,13 @@ cdef class WSGIWorker(WorkerBase):
 
     cdef int epfd
     cdef list listeners
-    cdef list table              # fd -> Listener | WSGIConnection | WakePipe | HandoffQueue | None
+    cdef list table              # fd -> Listener | WSGIConnection | Relay | WakePipe |
+    #                              HandoffQueue | None
     cdef readonly int connections
     cdef bint quitting
     cdef char *recv_buffer
+    cdef object recv_view         # recv_buffer as a writable memoryview (TLS reads into it)
+    cdef readonly bint kernel_tls  # some listener's context may move TLS into the kernel
     cdef double now               # monotonic time of this wakeup of the loop
     cdef double next_sweep
     cdef bint accept_paused
@@ -1148,8 +1476,11 @@ cdef class WSGIWorker(WorkerBase):
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
-        for fd, tcp, base_environ, shared in listeners:
-            listener = Listener(fd, tcp, shared, base_environ)
+        self.recv_view = PyMemoryView_FromMemory(self.recv_buffer, RECV_SIZE, PyBUF_WRITE)
+        for fd, tcp, base_environ, shared, tls in listeners:
+            listener = Listener(fd, tcp, shared, base_environ, tls)
+            if tls is not None and tls.options & KTLS_OPTION:
+                self.kernel_tls = True
             self.listeners.append(listener)
             self.register(fd, listener)
             # A socket shared by all workers wakes one of them, not all (no herd).
@@ -1231,7 +1562,11 @@ cdef class WSGIWorker(WorkerBase):
             if self.router is not None:
                 conn.router = self.router
                 conn.home_group = self.local_group
-            self.add_connection(conn)
+            if self.add_connection(conn) and listener.tls is not None:
+                try:
+                    conn.start_tls(listener.tls)
+                except Exception:
+                    conn.fail_hard()
         return 0
 
     cdef bint add_connection(self, WSGIConnection conn) except -1:
@@ -1293,9 +1628,13 @@ cdef class WSGIWorker(WorkerBase):
         if handover.peer is not None:
             remote = handover.peer[0]
             base["REMOTE_ADDR"], base["REMOTE_PORT"] = remote, str(handover.peer[1])
+        if handover.scheme == "https":
+            base["wsgi.url_scheme"] = "https"
+            base["HTTPS"] = "on"
         conn = WSGIConnection(self, handover.fd, base, remote)
         conn.router = self.router
         conn.home_group = handover.home
+        conn.handoff_origin = handover.origin
         conn.trusted_proxy = self.options.trust_all_proxies or (
             handover.tcp and remote in self.options.trusted_proxies)
         if not self.add_connection(conn):
@@ -1368,6 +1707,11 @@ cdef class WSGIWorker(WorkerBase):
                         (<WSGIConnection>entry).fail_hard()
                 elif type(entry) is Listener:
                     self.accept(<Listener>entry)
+                elif type(entry) is Relay:
+                    try:
+                        (<Relay>entry).inner_event(events[i].events)
+                    except Exception:
+                        (<Relay>entry).conn.fail_hard()
                 elif type(entry) is WakePipe:
                     self.threads.take_back()
                 elif type(entry) is HandoffQueue:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastpool import __version__, core, settings
+from fastpool import __version__, core, settings, tls
 from fastpool.control import ControlError, format_status, request
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.sockets import check_addresses
@@ -137,11 +137,17 @@ def _plan(config: settings.ServerConfig) -> str:
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "
             f"interface {group.interface}"
+            + (f", TLS {', '.join(group.tls_listen)} (certfile {group.certfile}, client "
+               f"certificates {group.client_certs})" if group.tls_listen else "")
             + (f", routes {', '.join(group.routes)}" if group.routes else "")
             + (", static " + ", ".join(f"{prefix}={directory}" for prefix, directory
                                         in group.static) if group.static else ""))
     for name, process in config.processes.items():
         lines.append(f"process {name}: target {process.target} x {process.count}")
+    if any(group.tls_listen for group in config.groups.values()):
+        available, why = tls.kernel_tls()
+        lines.append(f"kernel TLS: {why}" if available else
+                     f"kernel TLS: not available, {why}; TLS routes relay through the worker")
     lines.append(f"control socket: {config.control_path}")
     return "\n".join(lines)
 
@@ -191,6 +197,7 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             config = settings.load(cli, os.environ, args.config, args.app)
             check_addresses(config)
+            tls.check(list(config.groups.values()))
             if args.command == "check":
                 _check(config)
         except settings.ConfigError as exc:

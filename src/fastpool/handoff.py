@@ -13,11 +13,17 @@ Rules of this module:
   and the receive end of its own group's queue; the free workers of a group
   take the handoffs from it (a busy WSGI worker is not waiting on it).
 * A handoff is one message: a fixed header (home group, when the request
-  began, when it was queued, payload size, where the payload is) followed by
-  the payload — every byte already read from the client from the routed
-  request's first byte on — with the client's socket attached (SCM_RIGHTS).
-  A payload larger than ``INLINE_LIMIT`` travels in a memfd, attached as a
-  second descriptor, so no read size can overflow a message.
+  began, when it was queued, payload size, where the payload is, origin
+  size) followed by the origin and the payload — every byte already read
+  from the client from the routed request's first byte on — with the
+  client's socket attached (SCM_RIGHTS).  A payload larger than
+  ``INLINE_LIMIT`` travels in a memfd, attached as a second descriptor, so no
+  read size can overflow a message.
+* The origin is empty for a client's own socket (the receiver asks the socket
+  for the addresses).  A TLS connection relayed through a socket pair (see
+  ``WorkerBase.relay_off``) carries it instead: scheme, client address and
+  server address as text (``origin_text``), passed on with every later
+  handoff of that connection.
 * ``pending[g]`` (shared memory, atomic) counts handoffs queued for group
   ``g``, and ``shed[g]`` the requests for ``g`` answered with 503.  The sender
   checks ``pending`` against the group's ``max_pending`` and, when the group
@@ -39,9 +45,11 @@ from dataclasses import dataclass
 
 from fastpool._http import atomic_add, error_response
 
-HEADER = struct.Struct("=HHddQB")    # version, home group, started, queued, size, in memfd
-VERSION = 1
+# version, home group, started, queued, payload size, in memfd, origin size
+HEADER = struct.Struct("=HHddQBH")
+VERSION = 2
 INLINE_LIMIT = 32 * 1024
+ORIGIN_LIMIT = 256      # an origin is two addresses and a scheme: far below this
 MAX_GROUPS = 256
 
 
@@ -112,10 +120,12 @@ class Handoff:
     def receiver_fd(self) -> int:
         return self.receiver.fileno()
 
-    def send(self, group: int, fd: int, home: int, started: float, data: bytes) -> bytes | None:
+    def send(self, group: int, fd: int, home: int, started: float, data: bytes,
+             origin: bytes | None = None) -> bytes | None:
         """Queue the connection ``fd`` for ``group``.  None when it is on its
         way (the caller closes its own copy of ``fd``); otherwise the 503 to
         answer, because the group is full."""
+        origin = origin or b""
         admission = self.admission.get(group)
         if admission is not None and admission.max_pending and (
                 atomic_add(self.counters, group, 0) >= admission.max_pending):
@@ -126,11 +136,12 @@ class Handoff:
             memfd = os.memfd_create("fastpool-handoff", os.MFD_CLOEXEC)
             os.write(memfd, data)
             fds.append(memfd)
-        header = HEADER.pack(VERSION, home, started, time.monotonic(), len(data), memfd >= 0)
+        header = HEADER.pack(VERSION, home, started, time.monotonic(), len(data), memfd >= 0,
+                             len(origin))
         atomic_add(self.counters, group, 1)
         try:
             self.senders[group].sendmsg(
-                [header, data if memfd < 0 else b""],
+                [header, origin, data if memfd < 0 else b""],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         except OSError:
             # The queue itself is full (or gone): the same answer as max_pending.
@@ -141,14 +152,15 @@ class Handoff:
                 os.close(memfd)
         return None
 
-    def receive(self) -> tuple[int, int, float, bytes, bytes | None] | None:
-        """Take one handoff: ``(fd, home, started, data, refusal)``, where
-        ``refusal`` is the 503 to answer when it waited longer than
-        max_queue_wait (else None); None when the queue is empty."""
+    def receive(self) -> tuple[int, int, float, bytes, bytes | None, bytes | None] | None:
+        """Take one handoff: ``(fd, home, started, data, refusal, origin)``,
+        where ``refusal`` is the 503 to answer when it waited longer than
+        max_queue_wait (else None) and ``origin`` None for a client's own
+        socket; None when the queue is empty."""
         fds = array.array("i")
         try:
             message, ancillary, flags, _ = self.receiver.recvmsg(
-                HEADER.size + INLINE_LIMIT, socket.CMSG_SPACE(2 * fds.itemsize))
+                HEADER.size + ORIGIN_LIMIT + INLINE_LIMIT, socket.CMSG_SPACE(2 * fds.itemsize))
         except (BlockingIOError, InterruptedError):
             return None
         atomic_add(self.counters, self.local, -1)
@@ -159,23 +171,47 @@ class Handoff:
             for stray in fds:
                 os.close(stray)
             return None
-        version, home, started, queued, size, in_memfd = HEADER.unpack_from(message)
+        version, home, started, queued, size, in_memfd, origin_size = \
+            HEADER.unpack_from(message)
+        origin = message[HEADER.size:HEADER.size + origin_size] or None
         if in_memfd and len(fds) > 1:
             data = os.pread(fds[1], size, 0)
             os.close(fds[1])
         else:
-            data = message[HEADER.size:]
+            data = message[HEADER.size + origin_size:]
         refusal = None
         if self.max_queue_wait and time.monotonic() - queued > self.max_queue_wait:
             refusal = self.shed(self.local, self.admission[self.local].retry_after
                                 if self.local in self.admission else 1)
-        return fds[0], home, started, data, refusal
+        return fds[0], home, started, data, refusal, origin
 
     def shed(self, group: int, retry_after: int) -> bytes:
         """Count a request refused for ``group`` and return its 503."""
         atomic_add(self.counters, MAX_GROUPS + group, 1)
         headers = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
         return error_response(503, "the server is busy; retry later", headers)
+
+
+def origin_text(scheme: str, peer: tuple[str, int] | None,
+                server: tuple[str, int] | None) -> bytes:
+    """Where a relayed connection came from: ``scheme peer-host peer-port
+    server-host server-port`` (``-`` for an unknown address)."""
+    parts = [scheme]
+    for address in (peer, server):
+        parts += [str(address[0]), str(address[1])] if address else ["-", "-"]
+    return " ".join(parts).encode("ascii", "replace")[:ORIGIN_LIMIT]
+
+
+def parse_origin(text: bytes) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None]:
+    """``(scheme, peer, server)`` of an origin_text."""
+    fields = text.decode("ascii", "replace").split()
+    addresses: list[tuple[str, int] | None] = []
+    for host, port in ((fields[1], fields[2]), (fields[3], fields[4])) if len(fields) == 5 \
+            else ():
+        addresses.append((host, int(port)) if port.isdigit() else None)
+    if len(addresses) != 2:
+        return fields[0] if fields else "http", None, None
+    return fields[0], addresses[0], addresses[1]
 
 
 def addresses(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None]:

@@ -45,6 +45,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -52,7 +53,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastpool import __version__, core, signals, worker
+from fastpool import __version__, core, signals, tls, worker
 from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
@@ -60,7 +61,7 @@ from fastpool.log import setup_error_log
 from fastpool.process import Child, Processes
 from fastpool.scoreboard import Scoreboard
 from fastpool.settings import ConfigError, GroupConfig, ServerConfig, load
-from fastpool.sockets import Listeners, check_addresses, parse_address
+from fastpool.sockets import Listeners, check_addresses, group_addresses
 
 log = logging.getLogger("fastpool.error")
 
@@ -88,6 +89,9 @@ class Group:
     # live workers' records to these).
     handed_in: int = 0
     handed_out: int = 0
+    # The SSL context of its tls_listen addresses (fastpool.tls), built from the
+    # certificate files at start and again on every reload.
+    tls: ssl.SSLContext | None = None
 
 
 class Master:
@@ -176,10 +180,11 @@ class Master:
         return self.exit_code
 
     def make_group(self, config: GroupConfig) -> Group:
-        addresses = [parse_address(text, f"[group.{config.name}] listen")
-                     for text in config.listen]
+        addresses = [address for address, _ in group_addresses(config, self.config.path)]
+        tls_context = tls.context_for(config)
         listeners = Listeners(addresses, backlog=config.backlog, reuse_port=config.reuse_port)
-        group = Group(config=config, listeners=listeners, wanted=config.workers)
+        group = Group(config=config, listeners=listeners, wanted=config.workers,
+                      tls=tls_context)
         try:
             for slot in range(config.workers):
                 listeners.for_slot(slot)
@@ -334,6 +339,7 @@ class Master:
         pid = self.fork(lambda: worker.run_worker(
             group=config, slot=slot, sockets=sockets, app=group.app, master_pid=self.pid,
             notify_fd=self.notify_w, board=view, max_requests=max_requests, routing=routing,
+            tls_context=group.tls,
         ), [b.sock for b in sockets], is_worker=True)
         self.children[pid] = Child(pid, "worker", config.name, slot, time.monotonic(), board_slot,
                                    group.generation)
@@ -541,6 +547,16 @@ class Master:
                 log.error("Reload refused, the config has an error (nothing changed): %s", exc)
                 return str(exc)
         names = [only] if only is not None else list(new_config.groups)
+        # The certificate files are read again (rotation); one that cannot be
+        # used refuses the whole reload, like any other config error.
+        contexts = {}
+        for name in names:
+            if name in new_config.groups:
+                try:
+                    contexts[name] = tls.context_for(new_config.groups[name])
+                except ConfigError as exc:
+                    log.error("Reload refused (nothing changed): %s", exc)
+                    return str(exc)
         for name in names:
             group_config = new_config.groups.get(name)
             group = self.groups.get(name)
@@ -555,15 +571,20 @@ class Master:
                 log.info("Reload: starting new group %s", name)
                 continue
             if group_config.listen != group.config.listen or \
+                    group_config.tls_listen != group.config.tls_listen or \
                     group_config.reuse_port != group.config.reuse_port:
                 log.warning("Reload: group %s changed its listen addresses; restart the "
                             "server to apply that (the rest of its settings apply now)", name)
                 # The sockets stay as they are, and so does the config that describes them.
                 group_config = dataclasses.replace(
                     group_config.with_values(listen=group.config.listen,
+                                             tls_listen=group.config.tls_listen,
                                              reuse_port=group.config.reuse_port),
                     listen_source=group.config.listen_source)
+                if contexts[name] is None:
+                    contexts[name] = group.tls    # (TLS addresses stay: so does their context)
             group.config = group_config
+            group.tls = contexts[name]
             group.wanted = group_config.workers
             group.generation += 1
             group.state = "running"

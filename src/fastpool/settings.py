@@ -321,6 +321,11 @@ SETTINGS: tuple[Setting, ...] = (
             "has no routes) listens on host:port; two such groups are a config error.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`",
             always_set=True),
+    Setting("tls_listen", "list", [],
+            "Addresses that speak TLS (HTTPS), written as listen's; listen stays plain. Needs "
+            "certfile (and keyfile). On the command line: --tls-bind (repeatable); a command "
+            "line with --tls-bind and no --bind listens on TLS only.",
+            flags=("--tls-bind",), metavar="ADDRESS"),
     Setting("host", "str", "127.0.0.1",
             "Host of the default listen address: of a group that sets no listen, or of the "
             "command line without --bind.", scope="server", flags=("--host",)),
@@ -446,6 +451,33 @@ SETTINGS: tuple[Setting, ...] = (
             "Follow symlinks under a static directory that point outside it (by default "
             "they are refused and the request goes to the app).",
             flags=("--static-follow-symlinks",)),
+    # ---- TLS (fastpool.tls)
+    Setting("certfile", "str", None,
+            "The TLS certificate (PEM; the chain may follow it) of tls_listen. Relative paths "
+            "are relative to the config file's directory (or the current one).",
+            flags=("--certfile",), metavar="PATH"),
+    Setting("keyfile", "str", None,
+            "The certificate's private key (PEM); unset: the key is in certfile.",
+            flags=("--keyfile",), metavar="PATH"),
+    Setting("keyfile_password", "str", None, "The password of an encrypted keyfile.",
+            flags=("--keyfile-password",), metavar="PASSWORD"),
+    Setting("ca_certs", "str", None,
+            "CA certificates (PEM) that client certificates are verified against.",
+            flags=("--ca-certs",), metavar="PATH"),
+    Setting("client_certs", "str", "none",
+            "Client certificates: none (not asked for), optional (verified when given) or "
+            "required (the handshake fails without one). Needs ca_certs.",
+            flags=("--client-certs",), metavar="MODE",
+            check=choice("none", "optional", "required")),
+    Setting("tls_ciphers", "str", None,
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); unset: Python's "
+            "default.", flags=("--tls-ciphers",), metavar="CIPHERS"),
+    Setting("tls_min_version", "str", "1.2", "The oldest TLS version accepted: 1.2 or 1.3.",
+            flags=("--tls-min-version",), metavar="VERSION", check=choice("1.2", "1.3")),
+    Setting("ktls", "bool", True,
+            "Hand the record encryption to the kernel after the handshake where Linux, OpenSSL "
+            "and Python allow it (kernel TLS: sendfile and plain handoffs over TLS); "
+            "fastpool check says whether they do.", flags=("--ktls",)),
     # ---- the server as a whole
     Setting("chdir", "str", None, "Change to this directory before loading the apps.",
             scope="server", flags=("--chdir",), metavar="DIR"),
@@ -756,6 +788,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             else "group"
         if not resolved["listen"] and resolved["routes"]:
             resolved["listen"] = []     # served through the other groups' listeners
+        elif not resolved["listen"] and resolved["tls_listen"]:
+            resolved["listen"] = []     # TLS only
         elif not resolved["listen"]:
             # The documented default: the server's host and port (127.0.0.1:8000).
             resolved["listen"] = [host_port(values["host"], values["port"])]
@@ -763,6 +797,11 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
         if resolved["static"]:
             resolved["static"] = _static_directories(resolved["static"], path, values["chdir"],
                                                      where)
+        for key in ("certfile", "keyfile", "ca_certs"):
+            if resolved[key]:
+                resolved[key] = str((path.parent if path is not None
+                                     else Path(values["chdir"] or ".")).resolve()
+                                    / resolved[key])
         group_configs[name] = GroupConfig(name, resolved, source)
     _check_routes(group_configs, label)
 
@@ -839,7 +878,7 @@ def _check_routes(groups: Mapping[str, GroupConfig], label: str) -> None:
                 raise ConfigError(f"{label}: route {prefix!r} is claimed by both "
                                   f"[group.{owners[key]}] and [group.{name}]".lstrip(": "))
             owners[key] = name
-    if owners and not any(group.listen for group in groups.values()):
+    if owners and not any(group.listen or group.tls_listen for group in groups.values()):
         raise ConfigError(f"{label}: no group has a listen address; routes need at least "
                           "one group that accepts connections".lstrip(": "))
 

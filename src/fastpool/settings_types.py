@@ -21,6 +21,7 @@ class GroupSettings:
     ws_ping_timeout: float
     ws_per_message_deflate: bool
     listen: tuple[str, ...]
+    tls_listen: tuple[str, ...]
     workers: int
     threads: int
     reuse_port: bool
@@ -53,6 +54,14 @@ class GroupSettings:
     static_max_age: int
     static_precompressed: bool
     static_follow_symlinks: bool
+    certfile: str | None
+    keyfile: str | None
+    keyfile_password: str | None
+    ca_certs: str | None
+    client_certs: str
+    tls_ciphers: str | None
+    tls_min_version: str
+    ktls: bool
 
 
 class ServerSettings:

@@ -21,9 +21,10 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fastpool.settings import ConfigError, ServerConfig
+from fastpool.settings import ConfigError, GroupConfig, ServerConfig
 
 log = logging.getLogger("fastpool.error")
 
@@ -38,31 +39,33 @@ class Address:
     port: int = 0
     path: str = ""
     fd: int = -1
+    tls: bool = False   # a tls_listen address: its connections start with a TLS handshake
 
     def __str__(self) -> str:
+        tls = " (TLS)" if self.tls else ""
         if self.kind == "unix":
-            return f"unix:{self.path}"
+            return f"unix:{self.path}{tls}"
         if self.kind == "fd":
-            return f"fd://{self.fd}"
+            return f"fd://{self.fd}{tls}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def family(self) -> int:
         return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
 
-def parse_address(text: str, source: str = "--bind") -> Address:
+def parse_address(text: str, source: str = "--bind", tls: bool = False) -> Address:
     """``HOST:PORT``, ``[IPV6]:PORT``, ``HOST`` (port 8000), ``unix:PATH`` or ``fd://N``."""
     text = text.strip()
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
             raise ConfigError(f"{source}: {text!r} has no socket path (expected unix:/path)")
-        return Address("unix", path=path)
+        return Address("unix", path=path, tls=tls)
     if text.startswith("fd://"):
         try:
-            return Address("fd", fd=int(text[5:]))
+            return Address("fd", fd=int(text[5:]), tls=tls)
         except ValueError:
             raise ConfigError(f"{source}: {text!r} is not fd://N with a number N") from None
     if text.startswith("["):
@@ -84,7 +87,20 @@ def parse_address(text: str, source: str = "--bind") -> Address:
             raise ValueError
     except ValueError:
         raise ConfigError(f"{source}: {text!r} has no valid port (expected 0-65535)") from None
-    return Address("tcp", host=host, port=port)
+    return Address("tcp", host=host, port=port, tls=tls)
+
+
+def group_addresses(group: GroupConfig, path: Path | None) -> list[tuple[Address, str]]:
+    """A group's addresses, plain (``listen``) then TLS (``tls_listen``), each
+    with the text it was written as; ``path``: the config file, for messages."""
+    found = []
+    for key, tls, flag in (("listen", False, "--bind"), ("tls_listen", True, "--tls-bind")):
+        where = f"[group.{group.name}] {key}"
+        if path is not None:
+            where = f"{path.name}: {where}"
+        for text in getattr(group, key):
+            found.append((parse_address(text, where if path is not None else flag, tls), text))
+    return found
 
 
 def _overlap(a: Address, b: Address) -> bool:
@@ -106,11 +122,7 @@ def check_addresses(config: ServerConfig) -> None:
     says which groups, and why a group without listen has its address)."""
     seen: list[tuple[str, Address, str]] = []
     for name, group in config.groups.items():
-        where = f"[group.{name}] listen"
-        if config.path is not None:
-            where = f"{config.path.name}: {where}"
-        for text in group.listen:
-            address = parse_address(text, where if config.path is not None else "--bind")
+        for address, text in group_addresses(group, config.path):
             for other_name, other, other_text in seen:
                 if other_name != name and _overlap(address, other):
                     raise ConfigError(_shared(config, (other_name, other_text), (name, text)))
@@ -305,7 +317,8 @@ class Listeners:
         for item in bound:
             if item.is_tcp and item.address.kind == "tcp":
                 host, port = item.sock.getsockname()[:2]
-                text = str(Address("tcp", host=str(host), port=int(port)))
+                text = str(Address("tcp", host=str(host), port=int(port),
+                                   tls=item.address.tls))
             else:
                 text = str(item.address)
             if text not in seen:

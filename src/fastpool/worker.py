@@ -52,6 +52,8 @@ from fastpool.settings import GroupConfig
 from fastpool.sockets import BoundSocket
 
 if TYPE_CHECKING:
+    import ssl
+
     from fastpool.handoff import Routing  # imports the compiled core
 
 WORKER_BOOT_ERROR = 3
@@ -204,6 +206,7 @@ def run_worker(
     board: memoryview,
     max_requests: int,
     routing: Routing | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> int:
     """Boot and serve until told to stop; return the process exit code."""
     listening = ", ".join(str(b.address) for b in sockets)
@@ -225,9 +228,9 @@ def run_worker(
                           master_pid=master_pid, max_requests=max_requests, scoreboard=board,
                           routing=router)
         if interface == "asgi":
-            loop = _asgi_worker(group, sockets, app, access_log, options)
+            loop = _asgi_worker(group, sockets, app, access_log, options, tls_context)
         else:
-            loop = _wsgi_worker(group, sockets, app, options)
+            loop = _wsgi_worker(group, sockets, app, options, tls_context)
     except AppLoadError as exc:
         return boot_failed(notify_fd, Notice.APP_LOAD_ERROR, f"App failed to load: {exc}")
     except BootError as exc:
@@ -296,15 +299,20 @@ def _router(group: GroupConfig, routing: Routing | None) -> tuple[Any, Any] | No
 
 
 def _wsgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
-                 options: Callable[..., Any]) -> Any:
-    """``options``: WorkerOptions.from_group with this worker's runtime parts bound."""
+                 options: Callable[..., Any], tls_context: ssl.SSLContext | None) -> Any:
+    """``options``: WorkerOptions.from_group with this worker's runtime parts
+    bound; ``tls_context``: the group's, for its tls_listen sockets."""
     from fastpool import _wsgi
 
     listeners = []
     for bound in sockets:
         base = base_environ(bound, group, sys.stderr)
         base["wsgi.file_wrapper"] = _wsgi.FileWrapper
-        listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared))
+        tls = tls_context if bound.address.tls else None
+        if tls is not None:
+            base["wsgi.url_scheme"] = "https"
+            base["HTTPS"] = "on"
+        listeners.append((bound.sock.fileno(), bound.is_tcp, base, bound.shared, tls))
     built = options()
     return _wsgi.WSGIWorker(
         app, listeners, built,
@@ -344,8 +352,10 @@ def base_scope(bound: BoundSocket | None, group: GroupConfig) -> dict[str, Any]:
 
 
 def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[..., Any],
-                 access_log: AccessLog | None, options: Callable[..., Any]) -> Any:
-    """``options``: WorkerOptions.from_group with this worker's runtime parts bound."""
+                 access_log: AccessLog | None, options: Callable[..., Any],
+                 tls_context: ssl.SSLContext | None) -> Any:
+    """``options``: WorkerOptions.from_group with this worker's runtime parts
+    bound; ``tls_context``: the group's, for its tls_listen sockets."""
     from fastpool import _asgi
     from fastpool.lifespan import Lifespan
 
@@ -369,7 +379,13 @@ def _asgi_worker(group: GroupConfig, sockets: list[BoundSocket], app: Callable[.
             max_size=group.ws_max_size, ping_interval=group.ws_ping_interval,
             ping_timeout=group.ws_ping_timeout, per_message_deflate=group.ws_per_message_deflate,
             access_log=access_log)
-    listeners = [(b.sock.fileno(), b.is_tcp, base_scope(b, group), b.shared) for b in sockets]
+    listeners = []
+    for bound in sockets:
+        scope = base_scope(bound, group)
+        tls = tls_context if bound.address.tls else None
+        if tls is not None:
+            scope["scheme"] = "https"
+        listeners.append((bound.sock.fileno(), bound.is_tcp, scope, bound.shared, tls))
     built = options(lifespan=Lifespan(app, group.lifespan) if group.lifespan != "off" else None,
                     websocket_options=websocket_options)
     return _asgi.ASGIWorker(

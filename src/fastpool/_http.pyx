@@ -1888,7 +1888,7 @@ cdef class OutBuffer:
         peer is gone."""
         cdef iovec iov[MAX_IOV]
         cdef int count = 0
-        cdef Py_ssize_t sent, remaining, chunk_size, taken
+        cdef Py_ssize_t sent, chunk_size
         cdef object chunk
         cdef char *base
         if self.size == 0:

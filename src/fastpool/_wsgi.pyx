@@ -1133,7 +1133,7 @@ cdef class WSGIConnection(HttpConnection):
             self.abort_response()     # a response still being sent: close the app's iterable
         self.worker.forget(self.fd)
         if self.relay is not None:
-            self.relay.close()
+            self.relay.close_inner()
             self.relay = None
         if self.tls is not None:
             self.tls.detach()         # (the descriptor is closed here, once)
@@ -1309,10 +1309,11 @@ cdef class Relay:
     cdef int end(self) except -1:
         if self.conn.state == RELAYING:
             self.conn.close_notify()
-            self.conn.close_connection()     # (which closes this side: close())
+            self.conn.close_connection()     # (which calls close_inner)
         return 0
 
-    cdef int close(self) except -1:
+    cdef int close_inner(self) except -1:
+        """Close this worker's end of the pair (the connection is closing)."""
         cdef WSGIWorker worker = self.conn.worker
         if self.fd >= 0:
             worker.ctl(EPOLL_CTL_DEL, self.fd, 0)

@@ -29,6 +29,12 @@ Rules of this module:
   never by a timer per connection.  The tick also writes the scoreboard: for
   an ASGI worker, ``timeout`` means that the event loop itself has been
   blocked that long while requests were running.
+* TLS: a ``tls_listen`` connection's first byte is peeked (a plain HTTP
+  request gets a 400 in plain text); a ClientHello starts the loop's own TLS
+  (``connect_accepted_socket(ssl=...)``, non-blocking, ``client_timeout``
+  as its deadline).  Static files then go through the transport (no
+  sendfile), and a request for another group is relayed (``Relay``) instead
+  of handed over: the keys stay in this loop.
 * WebSocket and lifespan, which are not on the per-request hot path, live in
   plain Python (``fastpool.websocket``, ``fastpool.lifespan``).
 """

@@ -11,7 +11,8 @@ Rules of this module:
   its deadline, the master-gone check, the health path's answer, the trusted
   proxies' forwarded headers, and both ends of a handoff (taking a
   connection from the group's queue, refusing it with 503; giving one to
-  another group).  A worker kind supplies only the loop-specific parts:
+  another group, or for a TLS connection one end of a socket pair that the
+  worker kind then relays: ``relay_off``).  A worker kind supplies only the loop-specific parts:
   ``stop_accepting``, ``quit``, and how a taken connection starts.
 * ``WorkerOptions`` is built once per worker from its group's settings
   (``WorkerOptions.from_group``); a worker reads its options, never a list

@@ -31,6 +31,15 @@ Rules of this module:
 * Nothing a client sends and nothing an app does may end this loop: protocol
   errors become statuses (see _http.pyx), app errors become 500s, and a client
   that disappears is a closed connection.
+* TLS (a ``tls_listen`` socket): the connection's ``ssl.SSLSocket`` does the
+  handshake a step per readiness (state HANDSHAKING, within client_timeout),
+  then reads decrypt into the same buffer (``read_tls``, draining what
+  OpenSSL holds, which epoll cannot see) and output goes through
+  ``OutBuffer.send_through``; files are read and encrypted in
+  ``TLS_FILE_CHUNK`` parts.  Where the kernel took the records over both ways
+  (kernel TLS), the SSLSocket is dropped and the connection is plain.  A
+  request for another group on a TLS connection is relayed (``Relay``,
+  state RELAYING), since the keys cannot travel with the descriptor.
 * With ``threads`` > 1 the app runs in a pool of threads (gthread model): a
   connection with a ready request is taken out of epoll and handed to a
   thread, which serves its ready requests exactly as the loop would (the same
@@ -916,7 +925,10 @@ cdef class WSGIConnection(HttpConnection):
                 break
             self.last_read = worker.now
             self.feed(worker.recv_buffer, received)
-            if not self.tls.pending():
+            # One read gives one TLS record (16 KiB at most), and the next
+            # records wait in the socket, where epoll sees them; only a full
+            # buffer can leave decrypted bytes behind in OpenSSL.
+            if received < RECV_SIZE or not self.tls.pending():
                 break
         return self.advance() if progress else 0
 
@@ -1245,7 +1257,7 @@ cdef class Relay:
                 return 0
             self.to_inner = worker.recv_view[:received].tobytes()
             self.flush_inner()
-            if not tls.pending():
+            if received < RECV_SIZE or not tls.pending():    # (see read_tls)
                 return 0
         return 0
 
@@ -1747,7 +1759,9 @@ cdef class WSGIWorker(WorkerBase):
             conn = <WSGIConnection>entry
             if conn.busy:
                 continue
-            if (not self.alive and self.close_idle and conn.state == OPEN
+            if not self.alive and self.close_idle and conn.state == HANDSHAKING:
+                conn.close_connection()      # (no request yet: nothing to finish)
+            elif (not self.alive and self.close_idle and conn.state == OPEN
                     and not conn.want_write and not conn.streaming and not conn.pending
                     and conn.at_message_boundary()):
                 # Idle keep-alive during a shutdown -- unless its next request is

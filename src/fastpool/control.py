@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,19 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[
     return reply
 
 
+def _tls_status(context: Any) -> str | None:
+    """A group's TLS in one line: its certificate's subject and expiry, and
+    whether the kernel takes the records after the handshake."""
+    if context is None:
+        return None
+    from fastpool import tls
+
+    available, why = tls.kernel_tls()
+    kernel = "on" if context.options & getattr(ssl, "OP_ENABLE_KTLS", 0) else (
+        "off" if available else f"not available: {why}")
+    return f"{tls.certificate_summary(context)}; kernel TLS {kernel}"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The human-readable ``fastpool status``."""
     lines = [f"fastpool {status['version']}, master pid {status['master']}"]
@@ -87,6 +101,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"{len(group['workers'])}/{group['workers_wanted']} worker(s) x "
             f"{group['threads']} thread(s), {group['restarts']} restart(s)")
         lines.append(f"  listen: {', '.join(group['listen']) or '-'}")
+        if group.get("tls"):
+            lines.append(f"  tls: {group['tls']}")
         if group.get("routes") or group.get("handed_in") or group.get("handed_out"):
             lines.append(
                 f"  routes: {', '.join(group.get('routes') or []) or '-'}; handed in "
@@ -279,6 +295,7 @@ def status(master: Master) -> dict[str, Any]:
             "handed_in": handed_in, "handed_out": handed_out,
             "pending": queues.pending(name) if queues is not None else 0,
             "shed": queues.shed(name) if queues is not None else 0,
+            "tls": _tls_status(group.tls),
             "workers": workers,
         })
     processes = []

@@ -70,7 +70,9 @@ def render(config: ServerConfig, upstream_hosts: list[str] | None = None,
                  for name, group in config.groups.items()}
     default = next((name for name, ports in listening.items() if ports), None)
     if default is None:
-        raise ValueError("no group listens on a TCP address: nginx has nothing to proxy to")
+        raise ValueError("no group listens on a plain TCP address: nginx has nothing to proxy "
+                         "to (nginx terminates TLS itself and proxies to listen addresses; "
+                         "tls_listen is for serving without nginx)")
     source = config.path.name if config.path is not None else "the command line"
     lines = [
         f"# nginx config for the fastpool layout of {source}, made by `fastpool nginx-config`.",

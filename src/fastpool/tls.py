@@ -34,6 +34,7 @@ from __future__ import annotations
 import socket
 import ssl
 import sys
+import time
 from typing import Any
 
 from fastpool.settings import ConfigError, GroupConfig
@@ -81,6 +82,8 @@ def context_for(group: GroupConfig) -> ssl.SSLContext | None:
     if group.ktls and kernel_tls()[0]:
         context.options |= ssl.OP_ENABLE_KTLS
     _load_chain(context, certfile, keyfile, group.keyfile_password, where)
+    context.fastpool_loaded = (  # type: ignore[attr-defined]
+        f"certfile {certfile}, read {time.strftime('%Y-%m-%d %H:%M:%S')}")
     if group.client_certs != "none":
         if not group.ca_certs:
             raise ConfigError(f"{where}: client_certs = {group.client_certs} needs ca_certs "
@@ -145,14 +148,21 @@ def _load_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None,
             if b"-----BEGIN CERTIFICATE-----" not in handle.read():
                 raise ConfigError(f"{where}: certfile {certfile}: not a PEM "
                                   "certificate") from None
-        reason = _reason(exc)
-        if "mismatch" in reason:
-            raise ConfigError(f"{where}: keyfile {key} is not the key of certfile "
-                              f"{certfile}") from None
+        with open(key, "rb") as handle:
+            if b"PRIVATE KEY-----" not in handle.read():
+                raise ConfigError(f"{where}: keyfile {key}: not a PEM private key") from None
         if asked and password is not None:
             raise ConfigError(f"{where}: keyfile {key}: cannot decrypt it with "
                               "keyfile_password (wrong password?)") from None
-        raise ConfigError(f"{where}: keyfile {key}: not a PEM private key ({reason})") from None
+        # A readable key that OpenSSL refuses with this certificate.
+        raise ConfigError(f"{where}: keyfile {key} is not the key of certfile {certfile} "
+                          f"({_reason(exc)})") from None
+
+
+def certificate_summary(context: ssl.SSLContext) -> str:
+    """The loaded certificate for ``fastpool status``: its file, and when it
+    was read (a reload reads it again: certificate rotation)."""
+    return getattr(context, "fastpool_loaded", "certificate loaded")
 
 
 # ---------------------------------------------------------------- what the app sees

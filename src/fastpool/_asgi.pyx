@@ -480,6 +480,7 @@ cdef class ASGIConnection(HttpConnection):
     cdef object peer               # the client's (host, port), known from accept
     cdef object tls                # the transport's ssl.SSLObject on a TLS connection
     cdef double arrived            # admission: when its bytes reached the kernel (see _worker)
+    cdef bytes refusal             # answered at once, then closed (a shed, plain HTTP on TLS)
 
     def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
         HttpConnection.__init__(self, worker.limits)
@@ -522,7 +523,10 @@ cdef class ASGIConnection(HttpConnection):
         if self.arrived == -INFINITY and self.tls is None:
             # Admission control: too many wait already; the 503 goes out now.
             self.arrived = 0
-            self.out.write(worker.shed())
+            self.refusal = worker.shed()
+        if self.refusal is not None:
+            self.out.write(self.refusal)
+            self.refusal = None
             self.close_after_output()
             return
         if self.initial_data is not None:
@@ -1274,17 +1278,16 @@ cdef class ASGIWorker(WorkerBase):
             first = b""
         self.loop.remove_reader(fd)
         del self.tls_starting[fd]
-        if first and first[0] != TLS_HANDSHAKE_RECORD:
+        if not first:
+            sock.close()
+        elif first[0] != TLS_HANDSHAKE_RECORD:
             error_log.debug("TLS handshake with %s failed: not TLS (plain HTTP?)",
                             conn.client_text())
-            try:
-                sock.send(error_response(400, "The plain HTTP request was sent to HTTPS port"))
-            except OSError:
-                pass
-        if not first or first[0] != TLS_HANDSHAKE_RECORD:
-            sock.close()
-            return
-        self.start_transport(conn, sock, context)
+            # Answered in plain text, with the lingering close of any refusal.
+            conn.refusal = error_response(400, "The plain HTTP request was sent to HTTPS port")
+            self.start_transport(conn, sock)
+        else:
+            self.start_transport(conn, sock, context)
 
     cdef int tls_gone(self, int fd) except -1:
         """A TLS connection that never sent its first bytes in time (or a stop)."""

@@ -916,12 +916,19 @@ cdef class WSGIConnection(HttpConnection):
         """A handshake that cannot finish ends this connection only (debug
         level: scanners and impatient clients do this all day).  A plain HTTP
         request on a TLS port gets nginx's answer, in plain text."""
-        if getattr(exc, "reason", None) == "HTTP_REQUEST":
-            answer = error_response(400, "The plain HTTP request was sent to HTTPS port")
-            send(self.fd, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer), MSG_NOSIGNAL)
         error_log.debug("TLS handshake with %s failed: %s",
                         self.remote_addr or "a unix socket client", exc)
-        return self.close_connection()
+        if getattr(exc, "reason", None) != "HTTP_REQUEST":
+            return self.close_connection()
+        # Answered in plain text, then the lingering close: the rest of the
+        # request is unread, and closing over it would reset the answer.
+        self.tls.detach()
+        self.tls = None
+        self.state = OPEN
+        self.handshake_waits(False)
+        self.out.write(error_response(400, "The plain HTTP request was sent to HTTPS port"))
+        self.closing = True
+        return self.settle()
 
     cdef int read_tls(self) except -1:
         """read() on a TLS connection: what OpenSSL decrypts, including the

@@ -496,18 +496,20 @@ def run_process(*, process: ProcessConfig, index: int, master_pid: int) -> int:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     os.environ.update(process_environ(process, index))
     log.info("Starting process %s %d with pid: %d", process.name, index, os.getpid())
-    try:
-        if process.cwd is not None:
+    if process.cwd is not None:
+        try:
             os.chdir(process.cwd)
+        except OSError as exc:
+            log.error("process %s %d: cannot change to %s: %s", process.name, index,
+                      process.cwd, exc.strerror)
+            return 1
+    assert process.target is not None     # (a target process: load() saw to it)
+    try:
         target = import_app(process.target, callable_kind="a process target")
         target()
     except AppLoadError as exc:
         log.error("process %s: %s", process.name, exc)
         return APP_LOAD_ERROR
-    except OSError as exc:
-        log.error("process %s %d: cannot change to %s: %s", process.name, index, process.cwd,
-                  exc.strerror)
-        return 1
     except Exception:
         log.exception("process %s %d (pid %d) raised", process.name, index, os.getpid())
         return 1

@@ -36,7 +36,8 @@ from pathlib import Path
 
 # The fast subset (about a quarter of the suite's time): the suites that drive
 # the compiled core through the CPython C API (the request corpus in process,
-# HTTP parsing and framing, limits, WSGI, static files, the bundled example) and the
+# HTTP parsing and framing, limits, WSGI, static files, TLS (ssl differs by
+# Python: kernel TLS needs 3.12+), the bundled example) and the
 # config-file suite (tomllib, or
 # tomli on 3.10), less FAST_DESELECT: the HTTP tests that spend their time
 # waiting out deadlines (slow readers, slowloris, idle keep-alive), which
@@ -53,6 +54,7 @@ FAST_SUBSET = (
     "test_limits.py",
     "test_config.py",
     "test_static.py",
+    "test_tls.py",
 )
 FAST_DESELECT = ("not read_slowly and not slowloris and not idle_keep_alive"
                  " and not stops_reading_a_file and not file_wrapper_download")

@@ -42,6 +42,8 @@ Rules of this module:
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
+from libc.math cimport INFINITY
+
 from fastpool._consts cimport *
 from fastpool._posix cimport sockaddr_storage
 from fastpool._http cimport (
@@ -242,9 +244,10 @@ cdef class Cycle:
             conn.flush()
         return 0
 
-    cdef int fail(self, int status, str detail="") except -1:
-        """The app cannot give a response: answer ``status`` if nothing is out
-        yet, else close (the only honest signal left)."""
+    cdef int fail(self, int status, str detail="", bytes answer=None) except -1:
+        """The app cannot give a response: answer ``status`` (``answer``, or
+        its error response) if nothing is out yet, else close (the only
+        honest signal left)."""
         cdef ASGIConnection conn = self.conn
         if self.complete:
             return 0
@@ -252,7 +255,7 @@ cdef class Cycle:
         self.framing.close = True
         self.wake()                    # a receive() waiting for the body ends now
         if not self.framing.headers_sent and not self.disconnected:
-            conn.out.write(error_response(status, detail))
+            conn.out.write(answer if answer is not None else error_response(status, detail))
             self.framing.status_code = status
         conn.flush()
         conn.response_done(self)
@@ -269,6 +272,14 @@ cdef class Cycle:
         cdef ASGIWorker worker = conn.worker
         worker.app_started()
         try:
+            # Admission control, when the app's turn has come (a loop blocked
+            # by earlier requests makes this later than dispatch).
+            if worker.admission:
+                late = worker.too_late(conn.arrived, self.request.started)
+                conn.arrived = worker.stop_waiting(conn.arrived)
+                if late:
+                    self.fail(503, "", worker.shed())
+                    return
             await app(self.request.scope, self.receive, self.send)
             if not self.complete:
                 if self.abandoned():
@@ -468,6 +479,8 @@ cdef class ASGIConnection(HttpConnection):
     cdef bytes initial_data        # bytes another group's worker read (a handoff)
     cdef object peer               # the client's (host, port), known from accept
     cdef object tls                # the transport's ssl.SSLObject on a TLS connection
+    cdef double arrived            # admission: when its bytes reached the kernel (see _worker)
+    cdef bytes refusal             # answered at once, then closed (a shed, plain HTTP on TLS)
 
     def __init__(self, ASGIWorker worker, dict listener_scope, bint tcp):
         HttpConnection.__init__(self, worker.limits)
@@ -507,6 +520,15 @@ cdef class ASGIConnection(HttpConnection):
         if worker.router is not None and self.router is None:
             self.router = worker.router
             self.home_group = worker.local_group
+        if self.arrived == -INFINITY and self.tls is None:
+            # Admission control: too many wait already; the 503 goes out now.
+            self.arrived = 0
+            self.refusal = worker.shed()
+        if self.refusal is not None:
+            self.out.write(self.refusal)
+            self.refusal = None
+            self.close_after_output()
+            return
         if self.initial_data is not None:
             # Now, before the loop reads the socket: these bytes came first.
             data, self.initial_data = self.initial_data, None
@@ -550,6 +572,8 @@ cdef class ASGIConnection(HttpConnection):
     def connection_lost(self, exc):
         cdef ASGIWorker worker = self.worker
         self.closed = True
+        if self.arrived:
+            self.arrived = worker.stop_waiting(self.arrived)
         worker.connections.discard(self)
         if self.cycle is not None:
             self.cycle.disconnected = True
@@ -1229,6 +1253,8 @@ cdef class ASGIWorker(WorkerBase):
             conn = ASGIConnection(self, listening.base, listening.tcp)
             if listening.tcp:
                 conn.peer = peer_of(&address)
+            if self.admission:
+                conn.arrived = self.arrival(listening, fd)
             sock = socket.socket(address.ss_family, socket.SOCK_STREAM, 0, fileno=fd)
             if listening.tls is None:
                 self.start_transport(conn, sock)
@@ -1252,17 +1278,16 @@ cdef class ASGIWorker(WorkerBase):
             first = b""
         self.loop.remove_reader(fd)
         del self.tls_starting[fd]
-        if first and first[0] != TLS_HANDSHAKE_RECORD:
+        if not first:
+            sock.close()
+        elif first[0] != TLS_HANDSHAKE_RECORD:
             error_log.debug("TLS handshake with %s failed: not TLS (plain HTTP?)",
                             conn.client_text())
-            try:
-                sock.send(error_response(400, "The plain HTTP request was sent to HTTPS port"))
-            except OSError:
-                pass
-        if not first or first[0] != TLS_HANDSHAKE_RECORD:
-            sock.close()
-            return
-        self.start_transport(conn, sock, context)
+            # Answered in plain text, with the lingering close of any refusal.
+            conn.refusal = error_response(400, "The plain HTTP request was sent to HTTPS port")
+            self.start_transport(conn, sock)
+        else:
+            self.start_transport(conn, sock, context)
 
     cdef int tls_gone(self, int fd) except -1:
         """A TLS connection that never sent its first bytes in time (or a stop)."""

@@ -70,9 +70,12 @@ cdef extern from *:
     /* ASGI: a handoff waits for the transport to send what precedes it,
        looking again this often (s). */
     #define FASTPOOL_HANDOFF_RETRY_SECONDS 0.001
+    /* TCP_INFO gives times in milliseconds. */
+    #define FASTPOOL_MS_PER_SECOND 1000.0
     """
     const long long CHUNK_SIZE_LIMIT "FASTPOOL_CHUNK_SIZE_LIMIT"
     const double LINGER_SECONDS "FASTPOOL_LINGER_SECONDS"
     const double SWEEP_SECONDS "FASTPOOL_SWEEP_SECONDS"
     const double READ_GRACE_SECONDS "FASTPOOL_READ_GRACE_SECONDS"
     const double HANDOFF_RETRY_SECONDS "FASTPOOL_HANDOFF_RETRY_SECONDS"
+    const double MS_PER_SECOND "FASTPOOL_MS_PER_SECOND"

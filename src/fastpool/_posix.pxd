@@ -79,6 +79,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int sockfd, const void *buf, size_t len, int flags)
     int shutdown(int sockfd, int how)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+    int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -105,6 +106,15 @@ cdef extern from "<netinet/tcp.h>" nogil:
     enum:
         TCP_NODELAY
         TCP_CORK
+        TCP_INFO
+
+    # The fields admission control reads (Linux): on a listening socket,
+    # tcpi_unacked is its accept queue's length; on a connection,
+    # tcpi_last_data_recv is how long ago (ms) its last bytes arrived.
+    struct tcp_info:
+        unsigned int tcpi_unacked
+        unsigned int tcpi_sacked
+        unsigned int tcpi_last_data_recv
 
 
 cdef extern from "<arpa/inet.h>" nogil:

@@ -41,6 +41,10 @@ cdef class WorkerOptions:
     cdef readonly Router router
     cdef readonly object handoff
     cdef readonly StaticFiles static   # the group's static mounts, or None
+    # Admission control on the group's own listeners (and its handoff queue)
+    cdef readonly int max_pending
+    cdef readonly double max_queue_wait
+    cdef readonly bytes shed_headers   # the Retry-After header of a shed request's 503
     # one worker kind's own
     cdef readonly int threads          # WSGI
     cdef readonly str loop             # ASGI
@@ -94,6 +98,8 @@ cdef class WorkerBase:
     cdef object handoff
     cdef readonly StaticFiles static   # the group's static mounts, or None
     cdef bint master_reported          # the master's death is logged once
+    cdef readonly bint admission       # max_pending or max_queue_wait is set
+    cdef readonly int waiting          # accepted connections whose first request waits
 
     cdef int set_state(self, WorkerState state) except -1
     cdef object app_started(self)
@@ -108,6 +114,10 @@ cdef class WorkerBase:
     cdef Handover take_handoff(self)
     cdef bytes hand_off(self, HttpConnection conn, int fd)
     cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server)
+    cdef double arrival(self, Listener listener, int fd)
+    cdef bint too_late(self, double arrived, double started)
+    cdef double stop_waiting(self, double arrived)
+    cdef bytes shed(self)
     cdef int begin_stop(self, bint close_idle) except -1
     cdef int quit(self) except -1
     cdef int stop_accepting(self) except -1

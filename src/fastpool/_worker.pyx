@@ -26,15 +26,17 @@ Rules of this module:
 
 cimport cython
 from fastpool._consts cimport *
+from libc.math cimport INFINITY
 from fastpool._http cimport (
-    HttpConnection, Limits, monotonic, is_health_target,
+    HttpConnection, Limits, monotonic, is_health_target, error_response,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._static cimport StaticFiles
 from fastpool._posix cimport (
     getppid, accept4, setsockopt, sockaddr, sockaddr_storage, socklen_t, SOCK_NONBLOCK,
     SOCK_CLOEXEC, IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
-    EMFILE, ENFILE, ENOBUFS, ENOMEM, recv, MSG_PEEK, MSG_DONTWAIT,
+    EMFILE, ENFILE, ENOBUFS, ENOMEM, recv, MSG_PEEK, MSG_DONTWAIT, getsockopt, TCP_INFO,
+    tcp_info,
 )
 
 import logging
@@ -89,6 +91,10 @@ cdef class WorkerOptions:
             options.static = StaticFiles(group.static, group.static_max_age,
                                          group.static_precompressed,
                                          group.static_follow_symlinks)
+        options.max_pending = group.max_pending
+        options.max_queue_wait = group.max_queue_wait
+        options.shed_headers = (f"Retry-After: {group.retry_after}\r\n".encode()
+                                if group.retry_after else b"")
         options.threads = group.threads
         options.loop = group.loop
         options.lifespan = lifespan
@@ -142,6 +148,7 @@ cdef class WorkerBase:
         self.router = options.router
         self.handoff = options.handoff
         self.static = options.static
+        self.admission = options.max_pending > 0 or options.max_queue_wait > 0
         if self.router is not None:
             self.local_group = self.router.local_group
 
@@ -293,6 +300,58 @@ cdef class WorkerBase:
             return refusal
         ours.setblocking(False)
         return ours.detach()
+
+    # ---- admission control on the group's own listeners
+
+    cdef double arrival(self, Listener listener, int fd):
+        """When a connection just accepted from ``listener`` began to wait
+        (monotonic time), for admission control: its last bytes' arrival as
+        TCP_INFO tells it (the client's request waited in the kernel while
+        every worker was busy).  -INFINITY when more than max_pending
+        connections wait -- in the listener's accept queue, and accepted by
+        this worker with their first request not yet at the app (``waiting``,
+        which stop_waiting counts down): this one is then shed, so a burst
+        drains by 503s until the wait is short again."""
+        cdef tcp_info info
+        cdef socklen_t size = sizeof(info)
+        cdef double now = monotonic()
+        if not listener.tcp:
+            return now
+        if self.options.max_pending:
+            if getsockopt(listener.fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0 and \
+                    info.tcpi_unacked + self.waiting > <unsigned int>self.options.max_pending:
+                return -INFINITY
+            size = sizeof(info)
+        self.waiting += 1
+        if getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0:
+            return now - info.tcpi_last_data_recv / MS_PER_SECOND
+        return now
+
+    cdef double stop_waiting(self, double arrived):
+        """A connection's first request reached the app (or was shed, or the
+        connection closed): it no longer waits.  Returns 0, its new
+        ``arrived`` (later requests' age starts when they are read)."""
+        if arrived != 0 and arrived != -INFINITY:
+            self.waiting -= 1
+        return 0
+
+    cdef bint too_late(self, double arrived, double started):
+        """A request is about to reach the app: has it waited longer than
+        max_queue_wait (from ``started``, when this worker read its first
+        byte, or ``arrived``, when its connection's bytes reached the kernel,
+        whichever is earlier; arrived is 0 when unknown)?"""
+        if arrived and arrived < started:
+            started = arrived
+        if started == -INFINITY:
+            return True
+        return self.options.max_queue_wait > 0 and \
+            monotonic() - started > self.options.max_queue_wait
+
+    cdef bytes shed(self):
+        """Count a request answered 503 by admission control; its answer
+        (made now: its Date is now's)."""
+        self.board[BOARD_SHED] += 1
+        return error_response(503, "the server is busy; retry later", self.options.shed_headers)
 
     # ---- stopping
 

@@ -309,6 +309,9 @@ cdef class WSGIConnection(HttpConnection):
     # once kernel TLS carries the records); a relay when another group serves it.
     cdef object tls
     cdef Relay relay
+    # Admission control: when the connection's bytes reached the kernel
+    # (WorkerBase.arrival; 0 when not measured, -INFINITY to shed).
+    cdef double arrived
 
     def __init__(self, WSGIWorker worker, int fd, dict base_environ, str remote_addr):
         HttpConnection.__init__(self, worker.limits)
@@ -582,7 +585,13 @@ cdef class WSGIConnection(HttpConnection):
         cdef object item
         cdef long long total
         cdef object token
+        cdef bint late
         cdef WSGIWorker worker = self.worker
+        if worker.admission:
+            late = worker.too_late(self.arrived, request.started)
+            self.arrived = worker.stop_waiting(self.arrived)
+            if late:
+                return self.shed_request(request)
         self.reset_response(request)
         body.request = request
         if request.spool is not None:
@@ -677,6 +686,17 @@ cdef class WSGIConnection(HttpConnection):
             self.app_failed()
             self.end_response(self.result, False)
         return 0
+
+    cdef int shed_request(self, WSGIRequest request) except -1:
+        """Admission control: ``request`` waited longer than max_queue_wait (or
+        came while more than max_pending connections waited): 503 with
+        Retry-After instead of the app, and the connection closes."""
+        self.reset_response(request)
+        self.out.write(self.worker.shed())
+        self.framing.status_code = 503
+        self.framing.headers_sent = True
+        self.closing = True
+        return self.end_response(None, False)
 
     cdef bint open_file(self, FileWrapper wrapper) except -1:
         """Set up a wsgi.file_wrapper response for sendfile; False if its file
@@ -896,12 +916,19 @@ cdef class WSGIConnection(HttpConnection):
         """A handshake that cannot finish ends this connection only (debug
         level: scanners and impatient clients do this all day).  A plain HTTP
         request on a TLS port gets nginx's answer, in plain text."""
-        if getattr(exc, "reason", None) == "HTTP_REQUEST":
-            answer = error_response(400, "The plain HTTP request was sent to HTTPS port")
-            send(self.fd, PyBytes_AS_STRING(answer), PyBytes_GET_SIZE(answer), MSG_NOSIGNAL)
         error_log.debug("TLS handshake with %s failed: %s",
                         self.remote_addr or "a unix socket client", exc)
-        return self.close_connection()
+        if getattr(exc, "reason", None) != "HTTP_REQUEST":
+            return self.close_connection()
+        # Answered in plain text, then the lingering close: the rest of the
+        # request is unread, and closing over it would reset the answer.
+        self.tls.detach()
+        self.tls = None
+        self.state = OPEN
+        self.handshake_waits(False)
+        self.out.write(error_response(400, "The plain HTTP request was sent to HTTPS port"))
+        self.closing = True
+        return self.settle()
 
     cdef int read_tls(self) except -1:
         """read() on a TLS connection: what OpenSSL decrypts, including the
@@ -1144,6 +1171,8 @@ cdef class WSGIConnection(HttpConnection):
         if self.request is not None and not self.busy:
             self.abort_response()     # a response still being sent: close the app's iterable
         self.worker.forget(self.fd)
+        if self.arrived:
+            self.arrived = self.worker.stop_waiting(self.arrived)
         if self.relay is not None:
             self.relay.close_inner()
             self.relay = None
@@ -1570,16 +1599,28 @@ cdef class WSGIWorker(WorkerBase):
                 remote = ""
                 base["REMOTE_ADDR"] = ""
             conn = WSGIConnection(self, fd, base, remote)
+            if self.admission:
+                conn.arrived = self.arrival(listener, fd)
             conn.trusted_proxy = self.options.trust_all_proxies or (
                 listener.tcp and remote in self.options.trusted_proxies)
             if self.router is not None:
                 conn.router = self.router
                 conn.home_group = self.local_group
-            if self.add_connection(conn) and listener.tls is not None:
+            if not self.add_connection(conn):
+                continue
+            if listener.tls is not None:
                 try:
                     conn.start_tls(listener.tls)
                 except Exception:
                     conn.fail_hard()
+            elif conn.arrived == -INFINITY:
+                # Admission control: too many wait already.  The 503 goes out
+                # now, not after the requests ahead of it (its own request
+                # is drained by the lingering close).
+                conn.arrived = 0
+                conn.out.write(self.shed())
+                conn.closing = True
+                conn.settle()
         return 0
 
     cdef bint add_connection(self, WSGIConnection conn) except -1:

@@ -449,15 +449,18 @@ SETTINGS: tuple[Setting, ...] = (
             "(longest prefix wins, whole path segments, on the decoded and normalised path). "
             "A group with routes needs no listener.", check=_routes, env_var=False),
     Setting("max_pending", "int", 0,
-            "Handed-over connections that may wait for this group's workers; when that many "
-            "wait, its requests get 503 with Retry-After at once (0: no limit).",
+            "Connections that may wait for this group's workers, handed over by routes or "
+            "queued on a listening socket of its own; past that, requests get 503 with "
+            "Retry-After at once, without the app (0: no limit).",
             flags=("--max-pending",), metavar="N", check=at_least(0)),
     Setting("retry_after", "int", 5,
             "Seconds in the Retry-After header of a 503 from admission control (0: no "
             "header).", flags=("--retry-after",), metavar="SECONDS", check=at_least(0)),
     Setting("max_queue_wait", "float", 0.0,
-            "Seconds a handed-over connection may wait for this group's workers before its "
-            "request gets 503 instead (0: no limit).", flags=("--max-queue-wait",),
+            "Seconds a request may wait for this group's workers (handed over, or queued on "
+            "its own listening socket, counted from when its bytes reached the kernel) before "
+            "it gets 503 with Retry-After instead of the app (0: no limit).",
+            flags=("--max-queue-wait",),
             metavar="SECONDS", check=at_least(0)),
     Setting("health_path", "str", None,
             "A path (e.g. /healthz) the server answers itself, without calling the app: 200, "

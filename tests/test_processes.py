@@ -163,11 +163,14 @@ def test_output_is_logged_as_whole_prefixed_lines_and_a_partial_line_after_a_sec
     match = wait_line(server, r"\[talker 0\] pending since ([\d.]+)\n")
     seen = time.time()
     waited = seen - float(match.group(1))
-    assert 0.9 <= waited < 3, f"the partial line was logged after {waited:.2f}s"
+    assert 0.9 <= waited < 5, f"the partial line was logged after {waited:.2f}s"
     lines = [line.split("[talker 0] ", 1)[1] for line in server.log.splitlines()
              if "[talker 0] " in line]
-    assert lines[:3] == ["a whole line on stderr", "half a line, then the rest",
-                         "second line"], lines[:3]
+    # (A master slowed down by a busy machine may read both pipes in one turn:
+    # the stderr line is then logged first or second, but whole.)
+    assert sorted(lines[:3]) == ["a whole line on stderr", "half a line, then the rest",
+                                 "second line"], lines[:3]
+    assert lines.index("half a line, then the rest") + 1 == lines.index("second line")
     # 64 KiB without a newline are logged at once; the rest ends with its newline.
     assert lines[3:5] == ["x" * 65536, "x" * (70000 - 65536)], [len(x) for x in lines]
     # Every line is one event of the master's log.

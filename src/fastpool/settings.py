@@ -15,6 +15,12 @@ Rules of this module:
   in any ``[group.NAME]`` table or once in ``[server]`` as the default of every
   group; ``server`` rows only in ``[server]``; ``process`` rows only in
   ``[process.NAME]`` tables.
+* A ``[process.NAME]`` runs a ``target`` or a ``command``, exactly one; the
+  command's ``${VAR}`` are expanded and its program looked up (as execvp
+  would) when the file is read (``_command``), and its ``cwd`` is resolved
+  beside the file: a typo stops the start (or refuses the reload) with one
+  line, never a respawn loop.  Table-valued rows (``env``, ``static``) are
+  read as (key, value) pairs (``PAIR_TYPES``).
 * Precedence, highest first: command-line flag, environment variable, the
   group's own table, ``[server]``, the row's default.
 * Values are checked where they are read, and a bad one is a ``ConfigError``

@@ -261,6 +261,35 @@ def test_term_sends_the_stop_signal_then_kill_to_the_whole_process_group(cluster
     assert f"Process polite 0 (pid {leaders['polite']}) did not stop" not in log, log
 
 
+def test_quit_kills_every_command_process_group_at_once(clusters):
+    text = render(processes={"stubborn": {"command": ["sh", "-c", STUBBORN]}})
+    server = clusters.start(text, workers=0, ports={})
+    (leader,) = wait_pids(server, "stubborn", 1)
+    wait_for(lambda: len(group_members(leader)) == 3, what="the program's children")
+    started = time.monotonic()
+    server.stop(signal.SIGQUIT)
+    assert time.monotonic() - started < 5, server.log
+    assert not group_members(leader), group_members(leader)
+
+
+def test_a_copy_is_its_whole_process_group(clusters):
+    """The program dies and leaves a child behind: the child gets the stop
+    signal, then KILL, and only then does the slot start again."""
+    text = render(processes={"leaver": {"command": ["sh", "-c", LEAVER],
+                                        "graceful_timeout": 1}})
+    server = clusters.start(text, workers=0, ports={})
+    (leader,) = wait_pids(server, "leaver", 1)
+    (orphan,) = wait_for(lambda: [p for p in group_members(leader)
+                                  if cmdline(p) == "sleep 600 "], what="the program's child")
+    os.kill(leader, signal.SIGKILL)
+    (second,) = wait_pids(server, "leaver", 1, exclude={leader})
+    assert not alive(orphan), "the new copy started while the old one's child ran"
+    assert not group_members(leader)
+    assert f"Process leaver 0 (pid {leader}) did not stop within its graceful_timeout" \
+        in server.log, server.log
+    assert server.stop() == 0, server.log
+
+
 # ---------------------------------------------------------------- restart, reload, scale
 
 

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_target(status)
     reload = commands.add_parser("reload", help="rolling reload (like SIGHUP)",
                                  description="Re-read the config and replace every worker "
-                                 "(or one group's) without dropping a request.")
+                                 "(or one group's) without dropping a request; restart the "
+                                 "processes whose table changed.")
     reload.add_argument("--group", metavar="G", help="reload only this group")
     _add_control_target(reload)
     scale = commands.add_parser("scale", help="add or remove workers of a group (or copies of "

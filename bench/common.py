@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -115,11 +116,12 @@ class Server:
     """One running server: its own process group, output to a log file."""
 
     def __init__(self, name: str, cmd: list[str], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.cmd = cmd
         self.log_path = log_path
         self.env = env or {}  # on top of server_env()
+        self.tls = tls  # a client context when the server speaks HTTPS (tls.py)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -148,7 +150,8 @@ class Server:
                                  f"(status {self.proc.returncode if self.proc else '?'}):\n"
                                  f"{self.log_tail()}")
             try:
-                (resp,) = exchange(port, [http_request("GET", "/", port)], timeout=1.0)
+                (resp,) = exchange(port, [http_request("GET", "/", port)], timeout=1.0,
+                                   tls=self.tls)
                 if resp.status == 200:
                     return
                 last = f"status {resp.status}"
@@ -271,13 +274,22 @@ class _Reader:
 
 
 def exchange(port: int, writes: list[bytes], count: int | None = None,
-             timeout: float = 5.0, expect_close: bool = False) -> list[Response]:
+             timeout: float = 5.0, expect_close: bool = False,
+             tls: ssl.SSLContext | None = None) -> list[Response]:
     """Send each write in turn on one connection, reading its responses after each write.
 
     With ``count`` all writes go out first (pipelining) and ``count`` responses are read.
+    With ``tls`` (a client context) the connection is HTTPS.
     """
     out: list[Response] = []
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+    plain = socket.create_connection((HOST, port), timeout=timeout)
+    if tls is not None:
+        try:
+            plain = tls.wrap_socket(plain, server_hostname=HOST)
+        except BaseException:
+            plain.close()
+            raise
+    with plain as sock:
         reader = _Reader(sock)
         try:
             if count is not None:

@@ -1,0 +1,462 @@
+"""TLS: fastpool's HTTPS listeners against nginx and the Python servers' own TLS.
+
+Every server answers ``GET /`` with ``Hello, World!\\n`` over HTTPS, one worker each, with
+the same certificate, made for the run by the ``openssl`` command line (a self-signed
+certificate for 127.0.0.1; the checks trust exactly it). Two certificates, each a run of
+every server:
+
+* ``ecdsa``: ECDSA P-256 (``openssl req -x509 -newkey ec -pkeyopt
+  ec_paramgen_curve:P-256``);
+* ``rsa``: RSA 2048 (``-newkey rsa:2048``).
+
+Scenarios per certificate:
+
+* ``keepalive``: ``wrk`` over https on keep-alive connections (``-c64``): the cost of a
+  request once the handshake is done (record encryption, the server's I/O path).
+* ``handshake``: the same with ``-H 'Connection: close'``: every request on a new TLS
+  connection (wrk does not resume sessions), so the handshake's cost dominates.
+
+Servers (``--server``, repeatable; default: all that are installed):
+
+* ``fastpool``: ``fastpool serve apps:app --tls-bind ... --certfile C --keyfile K`` (WSGI);
+* ``fastpool-asgi``: the same with ``apps:asgi_app --interface asgi --loop uvloop``;
+* ``nginx``: ``listen ... ssl`` with ``return 200`` (a reference, not Python);
+* ``granian`` / ``granian-asgi``: ``--ssl-certificate C --ssl-keyfile K``;
+* ``uvicorn``: ``--ssl-certfile C --ssl-keyfile K`` (httptools + uvloop, ``apps:asgi_app``);
+* ``gunicorn``: gthread, ``--certfile C --keyfile K``.
+
+Rules, as in run.py and static.py: the server (all its processes) is pinned to CPU 0 and
+wrk to CPU 1; each server is waited for with a deadline and checked (a 200 with the exact
+body twice on one HTTPS keep-alive connection; for ``handshake``, a closed connection after
+``Connection: close``) before anything is measured and again after each scenario's load; a
+1 s warm-up, then ``--runs`` runs of ``--duration`` s, medians. Besides wrk's figures: the
+server's CPU time per request (user + system of its whole process tree, from /proc) and
+how busy wrk was -- above 85 % of its core the run is flagged client-bound (the req/s is
+then a floor). Ratios to fastpool are given on req/s and on CPU per request; the targets of
+issue 14 are printed beside the tables, not asserted.
+
+Standard library only (and the openssl command). Usage::
+
+    python bench/tls.py --peer-python /work/peers-venv/bin/python --json tls.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import shlex
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from common import (
+    HOST,
+    BenchError,
+    Result,
+    Server,
+    WrkRun,
+    add_load_options,
+    check_tools,
+    exchange,
+    find_nginx,
+    http_request,
+    load_apps,
+    load_summary,
+    machine,
+    measure_scenarios,
+    median_known,
+    nginx_head,
+    nginx_version,
+    pin,
+    port_in_use,
+    python_version,
+    raise_exit,
+    require_positive,
+    require_warmup,
+    result_table,
+    run_main,
+    run_wrk,
+    settings,
+    target_caveat,
+    tree_cpu_seconds,
+    work_dir,
+    write_json,
+)
+
+HELLO: bytes = load_apps().HELLO
+BASE = "fastpool"
+CLIENT_BOUND = 0.85   # wrk's share of its core above which its req/s is a floor
+
+CERTIFICATES = {
+    "ecdsa": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    "rsa": ["-newkey", "rsa:2048"],
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str          # certificate/kind
+    certificate: str
+    close: bool        # Connection: close: a new TLS connection per request
+    title: str
+
+
+SCENARIOS = [Scenario(f"{cert}/{kind}", cert, kind == "handshake", title)
+             for cert in CERTIFICATES
+             for kind, title in (("keepalive", "GET / on keep-alive HTTPS connections"),
+                                 ("handshake", "GET / with Connection: close: a TLS "
+                                               "handshake per request"))]
+SCENARIO_NAMES = [s.name for s in SCENARIOS]
+
+# (scenario kind, peer, least fastpool/peer on req/s), from issue 14.
+TARGETS = [("keepalive", "granian", 1.5), ("keepalive", "uvicorn", 3.0),
+           ("handshake", "nginx", 0.8)]
+
+
+def make_certificate(directory: Path, kind: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{kind}-cert.pem", directory / f"{kind}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", *CERTIFICATES[kind], "-nodes", "-days", "2",
+                    "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False    # (the certificate is for the IP; checked by the CA)
+    return context
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    python: str | None   # "fastpool" or "peer": which interpreter; None: nginx
+    imports: tuple[str, ...] = ()
+    dists: tuple[str, ...] = ()
+    note: str = ""
+
+
+SERVER_KINDS = [
+    ServerKind("fastpool", "fastpool", ("fastpool",), ("fastpool",),
+               "WSGI worker, `--tls-bind`, `apps:app`"),
+    ServerKind("fastpool-asgi", "fastpool", ("fastpool", "uvloop"), ("fastpool",),
+               "ASGI worker (`--loop uvloop`), `--tls-bind`, `apps:asgi_app`"),
+    ServerKind("nginx", None, note="reference, not Python: `listen ... ssl`, `return 200`"),
+    ServerKind("granian", "peer", ("granian",), ("granian",),
+               "WSGI, `--ssl-certificate --ssl-keyfile`, `apps:app`"),
+    ServerKind("granian-asgi", "peer", ("granian",), ("granian",),
+               "ASGI, `--ssl-certificate --ssl-keyfile`, `apps:asgi_app`"),
+    ServerKind("uvicorn", "peer", ("uvicorn", "uvloop", "httptools"), ("uvicorn",),
+               "httptools + uvloop, `--ssl-certfile --ssl-keyfile`, `apps:asgi_app`"),
+    ServerKind("gunicorn", "peer", ("gunicorn",), ("gunicorn",),
+               "gthread worker, `--certfile --keyfile`, `apps:app`"),
+]
+SERVER_NAMES = [k.name for k in SERVER_KINDS]
+
+
+@dataclass
+class Available:
+    kind: ServerKind
+    path: str
+    version: str
+
+
+def probe(kind: ServerKind, args: argparse.Namespace) -> Available | str:
+    if kind.python is None:
+        nginx = find_nginx(args.nginx)
+        return Available(kind, nginx, nginx_version(nginx)) if nginx else \
+            f"{args.nginx} not found"
+    python = args.fastpool_python if kind.python == "fastpool" else args.peer_python
+    try:
+        version = ", ".join(python_version(python, list(kind.imports), dist)
+                            for dist in kind.dists)
+    except BenchError as exc:
+        return str(exc)
+    return Available(kind, python, version)
+
+
+def nginx_conf(tmp: Path, port: int, workers: int, cert: Path, key: Path) -> str:
+    hello = HELLO.decode().replace("\n", "\\n")
+    return f"""{nginx_head(tmp, workers)}
+    server {{
+        listen {HOST}:{port} ssl backlog=2048;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location = / {{ default_type text/plain; return 200 '{hello}'; }}
+    }}
+}}
+"""
+
+
+def server_command(av: Available, args: argparse.Namespace, tmp: Path, cert: Path,
+                   key: Path) -> list[str]:
+    name, py, port, workers = av.kind.name, av.path, str(args.port), str(args.workers)
+    address = f"{HOST}:{port}"
+    if name in ("fastpool", "fastpool-asgi"):
+        app = ["apps:app"] if name == "fastpool" else [
+            "apps:asgi_app", "--interface", "asgi", "--loop", "uvloop"]
+        return [py, "-m", "fastpool", "serve", *app, "--tls-bind", address, "--certfile",
+                str(cert), "--keyfile", str(key), "--workers", workers,
+                "--control-socket", str(tmp / "fastpool.sock")]
+    if name == "nginx":
+        conf = tmp / "nginx.conf"
+        conf.write_text(nginx_conf(tmp, args.port, args.workers, cert, key))
+        return [py, "-p", str(tmp), "-c", str(conf), "-e", "stderr"]
+    if name in ("granian", "granian-asgi"):
+        interface, app = ("wsgi", "apps:app") if name == "granian" else ("asgi",
+                                                                          "apps:asgi_app")
+        return [py, "-m", "granian", "--interface", interface, "--host", HOST, "--port", port,
+                "--workers", workers, "--http", "1", "--no-ws", "--log-level", "warning",
+                "--ssl-certificate", str(cert), "--ssl-keyfile", str(key), app]
+    if name == "uvicorn":
+        return [py, "-m", "uvicorn", "apps:asgi_app", "--host", HOST, "--port", port,
+                "--workers", workers, "--http", "httptools", "--loop", "uvloop",
+                "--no-access-log", "--log-level", "warning", "--ssl-certfile", str(cert),
+                "--ssl-keyfile", str(key)]
+    if name == "gunicorn":
+        return [py, "-m", "gunicorn", "-k", "gthread", "--threads", str(args.gunicorn_threads),
+                "--workers", workers, "--bind", address, "--log-level", "warning",
+                "--certfile", str(cert), "--keyfile", str(key), "apps:app"]
+    raise AssertionError(name)
+
+
+def check_server(port: int, scenarios: list[Scenario],
+                 context: ssl.SSLContext) -> dict[str, str]:
+    """{scenario: why its check failed}: the exact body twice on one keep-alive
+    connection; with ``close``, the connection closed after the answer."""
+    failures = {}
+    for s in scenarios:
+        try:
+            request = http_request("GET", "/", port, close=s.close)
+            answers = exchange(port, [request] if s.close else [request] * 2,
+                               expect_close=s.close, tls=context)
+            for answer in answers:
+                if answer.status != 200 or answer.body != HELLO:
+                    raise BenchError(f"status {answer.status}, body {answer.body[:60]!r}")
+        except (BenchError, OSError) as exc:
+            failures[s.name] = f"{type(exc).__name__}: {exc}"
+    return failures
+
+
+def wrk_command(args: argparse.Namespace, s: Scenario, duration: int) -> list[str]:
+    cmd = [args.wrk, f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{duration}s",
+           "--latency"]
+    if s.close:
+        cmd += ["-H", "Connection: close"]
+    return pin(args.wrk_cpus, args) + cmd + [f"https://{HOST}:{args.port}/"]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Cost:
+    server_cpu_s: float
+    wrk_cpu_s: float
+    wall_s: float
+
+
+@dataclass
+class TLSResult(Result):
+    costs: list[Cost] = field(default_factory=list)
+
+    def _median(self, values: list[float]) -> float:
+        return median_known(values) if values else float("nan")
+
+    @property
+    def cpu_us(self) -> float:
+        return self._median([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
+                             for r, c in zip(self.runs, self.costs, strict=True)])
+
+    @property
+    def wrk_busy(self) -> float:
+        return self._median([c.wrk_cpu_s / c.wall_s for c in self.costs])
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ratio(results: dict[tuple[str, str], TLSResult], scenario: str, peer: str,
+          on_cpu: bool = False) -> float | None:
+    """fastpool's advantage over ``peer``: req/s ÷ req/s, or the peer's CPU per
+    request ÷ fastpool's (``on_cpu``)."""
+    base, other = results.get((scenario, BASE)), results.get((scenario, peer))
+    if base is None or other is None or not base.runs or not other.runs:
+        return None
+    if on_cpu:
+        return other.cpu_us / base.cpu_us if base.cpu_us == base.cpu_us else None
+    return base.rps / other.rps if other.rps else None
+
+
+def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
+           args: argparse.Namespace) -> str:
+    out: list[str] = []
+    for s in SCENARIOS:
+        rows = [results[(s.name, av.kind.name)] for av in servers
+                if (s.name, av.kind.name) in results]
+        if not rows:
+            continue
+        out.append(f"### {s.name}: {s.title}\n")
+
+        def cells(r: TLSResult, s: Scenario = s) -> list[str]:
+            cpu_ratio = ratio(results, s.name, r.server, on_cpu=True)
+            busy = r.wrk_busy
+            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
+                    "—" if r.server == BASE or cpu_ratio is None else f"{1 / cpu_ratio:.2f}",
+                    "?" if busy != busy else f"{busy:.0%}"
+                    + (" (client-bound)" if busy > CLIENT_BOUND else "")]
+
+        out += result_table(rows, BASE, results.get((s.name, BASE)),
+                            more_head=("CPU/req", f"CPU/req vs {BASE}", "wrk CPU"),
+                            more_cells=cells)
+        out.append("")
+    lines = []
+    for s in SCENARIOS:
+        kind = s.name.split("/")[1]
+        for target_kind, peer, least in TARGETS:
+            if target_kind != kind:
+                continue
+            got = ratio(results, s.name, peer)
+            on_cpu = ratio(results, s.name, peer, on_cpu=True)
+            if got is None:
+                continue
+            lines.append(f"- {s.name}: {BASE} / {peer} >= {least:g} on req/s: {got:.2f} "
+                         f"({'met' if got >= least else 'NOT met'}); on CPU per request: "
+                         + ("?" if on_cpu is None else f"{on_cpu:.2f}"))
+    if lines:
+        out.append(f"Targets (issue 14; {BASE} ÷ peer; 1 worker pinned to one core, wrk on "
+                   f"another{target_caveat(args)}; printed, not asserted):\n")
+        out += lines
+        out.append("")
+    out.append(f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user "
+               "+ system) per request; wrk CPU: wrk's CPU time ÷ wall time (above "
+               f"{CLIENT_BOUND:.0%}: client-bound, the req/s is a floor). {machine()}; "
+               f"{ssl.OPENSSL_VERSION} (this Python's).\n")
+    out.append("Notes:\n" + "\n".join(f"- {av.kind.name} ({av.version}): {av.kind.note}"
+                                      for av in servers) + "\n")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark HTTPS: fastpool (--tls-bind) against nginx, granian, uvicorn "
+                    "and gunicorn, with an ECDSA and an RSA certificate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES,
+                   help="scenario to run (repeatable; default: all)")
+    p.add_argument("--server", action="append", choices=SERVER_NAMES,
+                   help="server to run (repeatable; default: all that are installed)")
+    add_load_options(p, port=18443,
+                     peer_python_help="interpreter that runs granian, uvicorn and gunicorn",
+                     workdir_help="keep the certificates, logs and nginx.conf here")
+    args = p.parse_args(argv)
+    require_positive(p, args, "runs", "duration", "connections", "workers", "wrk_threads",
+                     "gunicorn_threads")
+    require_warmup(p, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_exit)
+    signal.signal(signal.SIGHUP, raise_exit)
+    if not check_tools(args):
+        return 2
+    scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
+    servers: list[Available] = []
+    for kind in SERVER_KINDS:
+        if args.server and kind.name not in args.server:
+            continue
+        found = probe(kind, args)
+        if isinstance(found, str):
+            print(f"skipping {kind.name}: {found}")
+            continue
+        servers.append(found)
+
+    results: dict[tuple[str, str], TLSResult] = {}
+    commands: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        tmp = work_dir(stack, args, "fastpool-tls-")
+        for certificate in dict.fromkeys(s.certificate for s in scenarios):
+            cert, key = make_certificate(tmp, certificate)
+            context = client_context(cert)
+            group = [s for s in scenarios if s.certificate == certificate]
+            for av in servers:
+                name = av.kind.name
+                print(f"{name} ({certificate}): {av.version}")
+                if port_in_use(args.port):
+                    raise BenchError(f"port {args.port} is already in use; pass --port")
+                cmd = pin(args.server_cpus, args) + server_command(av, args, tmp, cert, key)
+                commands[f"{name} ({certificate})"] = shlex.join(cmd)
+                server = Server(name, cmd, tmp / f"{name}-{certificate}.log", tls=context)
+
+                def run(r: Result, cmd: list[str], duration: int,
+                        server: Server = server) -> tuple[WrkRun, str]:
+                    assert isinstance(r, TLSResult) and server.proc is not None
+                    pid = server.proc.pid
+                    cpu0, wrk0, t0 = tree_cpu_seconds(pid), children_cpu_seconds(), \
+                        time.monotonic()
+                    one = run_wrk(cmd, duration)
+                    cost = Cost(tree_cpu_seconds(pid) - cpu0, children_cpu_seconds() - wrk0,
+                                time.monotonic() - t0)
+                    r.costs.append(cost)
+                    per = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
+                           if one.requests else "? µs/req")
+                    return one, f", {per}, wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
+
+                try:
+                    measure_scenarios(
+                        server, name, f"{name} ({certificate})", group, args,
+                        check=lambda group, context=context: check_server(
+                            args.port, group, context),
+                        result=lambda s, name=name: results.setdefault(
+                            (s.name, name), TLSResult(s.name, name)),
+                        wrk_command=lambda s, duration: wrk_command(args, s, duration),
+                        run=run)
+                except BenchError as exc:
+                    print(f"  {name}: {exc}", file=sys.stderr)
+
+    print()
+    print(render(results, servers, args))
+    print("Commands (servers run with bench/ as working directory; certificates made with "
+          "`openssl req -x509` in a temporary directory):\n")
+    print("```")
+    for name, cmd in commands.items():
+        print(f"# {name}\n{cmd}")
+    for s in scenarios[:2]:
+        print(f"# wrk: {s.name.split('/')[1]}\n{shlex.join(wrk_command(args, s, args.duration))}")
+    print("```")
+    if args.json:
+        write_json(args.json, {
+            "settings": settings(args), "machine": machine(), "openssl": ssl.OPENSSL_VERSION,
+            "servers": {av.kind.name: {"version": av.version, "note": av.kind.note}
+                        for av in servers},
+            "commands": commands,
+            "results": [
+                {"scenario": r.scenario, "server": r.server, "error": r.error,
+                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
+                             "cpu_us_per_request": r.cpu_us, "wrk_cpu": r.wrk_busy}
+                            if r.runs else None),
+                 "runs": [asdict(run) | {"cost": asdict(cost)}
+                          for run, cost in zip(r.runs, r.costs, strict=True)]}
+                for r in results.values()],
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -11,7 +11,9 @@ is JSON of what the app saw of the request and its connection.
   scope, ``tls`` (scope["extensions"]["tls"], or null) and ``extensions``
   (the names of the scope's extensions) instead of ``https``/``ssl``.
 
-Every response also has an ``X-Pid`` header.  A path whose last segment is
+A WebSocket (ASGI) is accepted, gets one text message (JSON: ``scheme``,
+``tls``: whether the scope has the tls extension, ``path``, ``pid``) and is
+closed.  Every response also has an ``X-Pid`` header.  A path whose last segment is
 ``slow`` takes ``?s=SECONDS&tag=TAG``: it writes ``sleeping TAG PID`` to the
 server log (wsgi.errors / stderr) and sleeps (time.sleep in WSGI,
 asyncio.sleep in ASGI) before answering.
@@ -72,6 +74,19 @@ def _wsgi(group: str):
     return app
 
 
+async def _websocket(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Accept, send one text message (JSON: the scope's scheme, whether it has
+    the tls extension, the path), close."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    extensions = scope.get("extensions") or {}
+    await send({"type": "websocket.send", "text": json.dumps({
+        "scheme": scope.get("scheme"), "tls": extensions.get("tls") is not None,
+        "path": scope["path"], "pid": os.getpid()})})
+    await send({"type": "websocket.close", "code": 1000})
+
+
 def _asgi(group: str):
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -82,6 +97,9 @@ def _asgi(group: str):
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        if scope["type"] == "websocket":
+            await _websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             return
         parts = []

@@ -19,6 +19,7 @@ Certificates: tls_certs.Certs (trustme); apps: apps_tls_blackbox.py.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from client import Response, fetch, get, parse_responses, post, read_until_close
+from client import Response, Stream, fetch, get, parse_responses, post, read_until_close
 from clusters import Load, fastpool, new_clusters, ports, render, routed_group
 from conftest import DEADLINE, Server, alive, free_port, stop_server, wait_for
 from tls_certs import PASSWORD, Certs, client_hello, context, der, peer_cn, subject, tls_connect
@@ -235,14 +236,21 @@ def watch(server: Server) -> tuple[list[int], int]:
 # optional, client_timeout 1 s, keep_alive 5 s, a health path.
 
 
+BIG_FILE = bytes(range(256)) * (3 * 4096 + 7)     # 3 MiB and a bit: more than a socket buffer
+
+
 @pytest.fixture(scope="module", params=list(APPS))
 def https(request, certs, tmp_path_factory):
     interface = request.param
     directory = tmp_path_factory.mktemp(f"https-{interface}")
+    (directory / "public").mkdir()
+    (directory / "public" / "big.bin").write_bytes(BIG_FILE)
+    (directory / "public" / "hello.txt").write_bytes(b"hello static\n")
     server = start_tls(directory, APPS[interface], "--certfile", certs.cert_a,
                        "--keyfile", certs.key_a, "--ca-certs", certs.ca_pem,
                        "--client-certs", "optional", "--client-timeout", "1",
                        "--keep-alive", "5", "--health-path", "/healthz",
+                       "--static", f"/files={directory / 'public'}",
                        interface=interface)
     server.interface = interface
     yield server
@@ -387,6 +395,58 @@ def test_large_post_body(https, certs):
 def test_health_path_over_tls(https, certs):
     seen = tls_once(https.tls_port, context(certs), "/healthz")
     assert (seen.response.status, seen.response.body) == (200, b"OK\n")
+
+
+def test_static_files_over_tls(https, certs):
+    """A static file larger than the socket buffers, then a small one and a HEAD,
+    on one keep-alive TLS connection; the plain listener serves the same bytes."""
+    sock, stream = tls_connect(https.tls_port, context(certs))
+    with sock:
+        sock.sendall(get("/files/big.bin"))
+        big = stream.response()
+        sock.sendall(get("/files/hello.txt"))
+        small = stream.response()
+        sock.sendall(get("/files/big.bin", method="HEAD", extra="Connection: close\r\n"))
+        head = stream.response("HEAD")
+        stream.assert_closed()
+    assert big.status == 200 and big.header("content-length") == str(len(BIG_FILE)), big
+    assert big.body == BIG_FILE
+    assert (small.status, small.body) == (200, b"hello static\n")
+    assert head.status == 200 and head.header("content-length") == str(len(BIG_FILE))
+    assert head.header("etag") == big.header("etag") is not None
+    assert fetch(https.plain_port, "/files/big.bin").body == BIG_FILE
+
+
+def websocket_message(sock: socket.socket, stream, path: str) -> tuple[Response, dict]:
+    """Open a WebSocket on ``path`` and read the app's one text message."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = stream.head()
+    assert head.status == 101, head
+    accept = base64.b64encode(hashlib.sha1(
+        (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    assert head.header("sec-websocket-accept") == accept, head
+    first, second = stream.exact(2)
+    assert first == 0x81, hex(first)            # FIN, text
+    length = second & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", stream.exact(2))[0]
+    return head, json.loads(stream.exact(length))
+
+
+@pytest.mark.parametrize("https", ["asgi"], indirect=True)
+def test_websocket_over_tls_has_scheme_wss(https, certs):
+    sock, stream = tls_connect(https.tls_port, context(certs))
+    with sock:
+        _, message = websocket_message(sock, stream, "/ws")
+    assert message == {"scheme": "wss", "tls": True, "path": "/ws",
+                       "pid": https.worker_pids()[0]}, message
+    plain_sock = socket.create_connection(("127.0.0.1", https.plain_port), timeout=10)
+    with plain_sock:
+        _, message = websocket_message(plain_sock, Stream(plain_sock), "/ws")
+    assert (message["scheme"], message["tls"]) == ("ws", False), message
 
 
 def test_plain_and_tls_listeners_of_one_group(https, certs):

@@ -52,6 +52,20 @@ def start(directory: Path, app: str, args: list[str], plain_port: int) -> Server
         raise
 
 
+def serve_config(directory: Path, text: str, port: int, workers: int) -> Server:
+    """``fastpool serve --config`` on ``text`` (written to directory/fastpool.toml),
+    waited for until ``port`` accepts."""
+    config = directory / "fastpool.toml"
+    config.write_text(text)
+    server = Server(["--config", str(config)], port=port, workers=workers, env=None,
+                    cwd=directory, log_path=directory / f"server-{time.monotonic_ns()}.log")
+    try:
+        return server.wait_ready()
+    except BaseException:
+        server.kill()
+        raise
+
+
 @pytest.fixture(scope="module", params=["wsgi", "asgi"])
 def served(request, certs, tmp_path_factory):
     """One server per interface: a plain and a TLS listener, client
@@ -326,10 +340,7 @@ def test_kernel_tls_hands_the_socket_over_where_the_machine_has_it(certs, tmp_pa
                 "tls_listen": [f"127.0.0.1:{secure}"], "certfile": certs["server_cert"],
                 "keyfile": certs["server_key"], "tls_min_version": "1.2"},
         "task": routed_group("apps_tls:task", ["/tast"])})
-    config = tmp_path / "fastpool.toml"
-    config.write_text(text)
-    server = Server(["--config", str(config)], port=chosen["web"], workers=2, env=None,
-                    cwd=tmp_path, log_path=tmp_path / "server.log").wait_ready()
+    server = serve_config(tmp_path, text, chosen["web"], 2)
     try:
         context = certs.context()
         context.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -429,10 +440,7 @@ def routed(certs, tmp_path_factory):
                 "certfile": certs["server_cert"], "keyfile": certs["server_key"],
                 "workers": 1},
         "task": routed_group("apps_tls:task", ["/tast"], 1, max_pending=2, retry_after=4)})
-    config = directory / "fastpool.toml"
-    config.write_text(text)
-    server = Server(["--config", str(config)], port=secure, workers=2, env=None,
-                    cwd=directory, log_path=directory / "server.log").wait_ready()
+    server = serve_config(directory, text, secure, 2)
     server.secure = secure
     try:
         yield server
@@ -503,10 +511,7 @@ def test_routes_over_tls_in_an_asgi_group(certs, tmp_path):
         "web": {"app": "apps_tls:asgi", "tls_listen": [f"127.0.0.1:{secure}"],
                 "certfile": certs["server_cert"], "keyfile": certs["server_key"]},
         "task": routed_group("apps_tls:task", ["/tast"])})
-    config = tmp_path / "fastpool.toml"
-    config.write_text(text)
-    server = Server(["--config", str(config)], port=secure, workers=2, env=None,
-                    cwd=tmp_path, log_path=tmp_path / "server.log").wait_ready()
+    server = serve_config(tmp_path, text, secure, 2)
     try:
         with connect(secure, certs.context()) as sock:
             answers = [seen(exchange(sock, get(path))[0]) for path in ("/", "/tast/x", "/y")]

@@ -311,6 +311,7 @@ cdef class WSGIConnection(HttpConnection):
     cdef object tls
     cdef object tls_io
     cdef Relay relay
+    cdef bint fd_closed        # Python's ssl closed the descriptor (see start_tls)
     # Admission control: when the connection's bytes reached the kernel
     # (WorkerBase.arrival; 0 when not measured, -INFINITY to shed).
     cdef double arrived
@@ -883,7 +884,16 @@ cdef class WSGIConnection(HttpConnection):
         the loop, a step per readiness, within client_timeout."""
         sock = socket.socket(fileno=self.fd)
         sock.settimeout(0.0)
-        self.tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            self.tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            # The client is gone already (reset before its handshake).  Python's
+            # ssl may have closed the descriptor itself: then it is not closed twice.
+            if sock.fileno() < 0:
+                self.fd_closed = True
+            else:
+                sock.detach()
+            return self.handshake_failed(exc)
         # The SSLSocket's own record layer (CPython's _ssl object, whose read
         # and write the SSLSocket's wrap in Python code: a quarter of a TLS
         # request's instructions on the hello benchmark); the SSLSocket's
@@ -925,7 +935,7 @@ cdef class WSGIConnection(HttpConnection):
         request on a TLS port gets nginx's answer, in plain text."""
         error_log.debug("TLS handshake with %s failed: %s",
                         self.remote_addr or "a unix socket client", exc)
-        if getattr(exc, "reason", None) != "HTTP_REQUEST":
+        if getattr(exc, "reason", None) != "HTTP_REQUEST" or self.tls is None:
             return self.close_connection()
         # Answered in plain text, then the lingering close: the rest of the
         # request is unread, and closing over it would reset the answer.
@@ -1188,7 +1198,8 @@ cdef class WSGIConnection(HttpConnection):
         if self.tls is not None:
             self.tls.detach()         # (the descriptor is closed here, once)
             self.tls = self.tls_io = None
-        close(self.fd)
+        if not self.fd_closed:
+            close(self.fd)
         self.pending.clear()
         self.out.clear()
         # Drop the connection's self-references (its bound methods) so it is

@@ -545,7 +545,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("command", "argv", None,
             "A supervised program: its path or name (looked up on PATH) and its arguments, "
             "exec'd in a forked child in its own process group, never through a shell; "
-            "${VAR} is replaced by the variable of fastpool's environment (unset: a config "
+            "${VAR} is replaced by the variable of fastpool's environment, ${VAR:-DEFAULT} by "
+            "DEFAULT where it is unset or empty (unset without a default: a config "
             "error, as is a missing executable; $$ is a $). Its stdout and stderr lines go to the "
             "error log as [NAME INDEX] text. Give target or command.",
             scope="process", env_var=False),
@@ -965,7 +966,8 @@ def _process_directory(cwd: str, path: Path | None, where: str) -> str:
 
 
 # ``${NAME}`` in a command: replaced by the variable of the environment;
-# ``$$`` is a ``$`` (``$${NAME}`` reaches the program as ``${NAME}``).
+# ``${NAME:-DEFAULT}`` by DEFAULT where it is unset or empty (the shell's
+# rule); ``$$`` is a ``$`` (``$${NAME}`` reaches the program as ``${NAME}``).
 COMMAND_VARIABLE = re.compile(r"\$(?:(\$)|\{([^}]*)\})")
 
 
@@ -977,9 +979,12 @@ def _command(argv: Sequence[str], environ: Mapping[str, str], process: Mapping[s
     def variable(match: re.Match[str]) -> str:
         if match.group(1):
             return "$"
-        name = match.group(2)
+        name, has_default, default = match.group(2).partition(":-")
+        if has_default and not environ.get(name):
+            return default
         if name not in environ:
-            raise ConfigError(f"{where} command: ${{{name}}} is not set in the environment")
+            raise ConfigError(f"{where} command: ${{{name}}} is not set in the environment "
+                              f"(${{{name}:-DEFAULT}} gives a default)")
         return environ[name]
 
     expanded = [COMMAND_VARIABLE.sub(variable, part) for part in argv]

@@ -41,7 +41,19 @@ import pytest
 from client import Response, Stream, fetch, get, parse_responses, post, read_until_close
 from clusters import Load, fastpool, new_clusters, ports, render, routed_group
 from conftest import DEADLINE, Server, alive, free_port, stop_server, wait_for
-from tls_certs import PASSWORD, Certs, client_hello, context, der, peer_cn, subject, tls_connect
+from tls_certs import (
+    PASSWORD,
+    BioClient,
+    Certs,
+    client_hello,
+    context,
+    der,
+    peer_cn,
+    subject,
+    tls_connect,
+)
+
+from fastpool.control import request as control_request
 
 APPS = {"wsgi": "apps_tls_blackbox:app", "asgi": "apps_tls_blackbox:asgi"}
 # The group with the listeners, per interface (routes: see the ``routed`` fixture).
@@ -802,6 +814,65 @@ def test_certificate_rotation_by_reload_under_load(clusters, certs, tmp_path, in
     assert peer_certificate(tls_port, ctx) == certs.der_b
     assert len(refused()) == 1, refused()
     assert server.proc.poll() is None
+
+
+def holds_connection(pid: int, client_port: int, server_port: int) -> bool:
+    """Whether ``pid`` has accepted the TCP connection from 127.0.0.1:``client_port``
+    to ``server_port`` (its socket's inode, from /proc/net/tcp, is one of
+    ``pid``'s descriptors)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)) == (
+                server_port, client_port) and inode != "0":
+            inodes.add(f"socket:[{inode}]")
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.parametrize("interface", list(APPS))
+def test_a_handshake_begun_before_a_reload_is_finished_and_served(certs, tmp_path, interface):
+    """As a request begun on a plain connection before a reload is still served
+    by the old worker: a client that sent half its ClientHello, and the rest
+    once the worker has begun its graceful stop, is answered by it."""
+    server = start_tls(tmp_path, APPS[interface], "--certfile", certs.cert_a,
+                       "--keyfile", certs.key_a, interface=interface)
+    control = Path(server.args[server.args.index("--control-socket") + 1])
+    try:
+        (old,) = server.worker_pids()
+        client = BioClient(context(certs))
+        hello = client.hello()
+        with socket.create_connection(("127.0.0.1", server.tls_port), timeout=10) as sock:
+            sock.sendall(hello[:len(hello) // 2])
+            port = sock.getsockname()[1]
+            wait_for(lambda: holds_connection(old, port, server.tls_port),
+                     what="the worker to accept the connection")
+            server.proc.send_signal(signal.SIGHUP)
+
+            def old_is_stopping() -> bool:
+                workers = control_request(control, {"command": "status"})["groups"][0]["workers"]
+                return not any(w["pid"] == old and w["state"] == "serving" for w in workers)
+            wait_for(old_is_stopping, what=f"the old worker to begin its stop:\n{server.log}")
+            sock.sendall(hello[len(hello) // 2:])
+            try:
+                stream = client.finish(sock)
+            except (ssl.SSLError, EOFError, ConnectionResetError) as exc:
+                raise AssertionError(f"the stopping worker dropped the handshake: {exc!r}\n"
+                                     f"{server.log}") from None
+            client.send(get("/late", extra="Connection: close\r\n"))
+            response = stream.response()
+        assert response.status == 200, response
+        body = json.loads(response.body)
+        assert (body["path"], body["pid"], body["scheme"]) == ("/late", old, "https"), body
+        wait_for(lambda: not alive(old), what="the old worker to exit")
+    finally:
+        stop_server(server)
 
 
 # ---------------------------------------------------------------- routes over TLS

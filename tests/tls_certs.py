@@ -13,7 +13,8 @@ What it holds:
 * ``tls_connect``: a verified TLS connection and the ``client.Stream`` that
   reads its responses;
 * ``client_hello``: the bytes of a real ClientHello (for the half-handshake
-  tests);
+  tests), and ``BioClient``, a client whose handshake the test drives byte by
+  byte;
 * ``der``/``subject``/``peer_cn``: what a PEM certificate is, for comparisons.
 
 Rules: every file lives in the directory given to ``Certs`` (a tmp path);
@@ -142,14 +143,76 @@ def tls_connect(port: int, ctx: ssl.SSLContext, timeout: float = 10.0,
     return sock, Stream(sock, timeout)
 
 
+class BioClient:
+    """A TLS client whose handshake the test drives byte by byte (a memory
+    BIO): ``hello()`` is its ClientHello, ``finish(sock)`` completes the
+    handshake over ``sock``, then ``stream`` reads responses and ``send``
+    writes requests."""
+
+    def __init__(self, ctx: ssl.SSLContext, server_hostname: str = "localhost") -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
+        self.sock: socket.socket | None = None
+
+    def hello(self) -> bytes:
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return self.outgoing.read()
+
+    def finish(self, sock: socket.socket, timeout: float = 10.0) -> Stream:
+        """Complete the handshake over ``sock``; the Stream of its responses."""
+        self.sock = sock
+        sock.settimeout(timeout)
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill("during the handshake")
+        self._flush()
+        return Stream(self, timeout)     # type: ignore[arg-type]
+
+    def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        self._flush()
+
+    # what Stream needs of a socket
+    def settimeout(self, timeout: float) -> None:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return self.obj.read(size)
+            except ssl.SSLWantReadError:
+                if not self._fill(None):
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            assert self.sock is not None
+            self.sock.sendall(data)
+
+    def _fill(self, where: str | None) -> bool:
+        assert self.sock is not None
+        data = self.sock.recv(65536)
+        if not data:
+            if where is not None:
+                raise EOFError(f"the server closed the connection {where}")
+            return False
+        self.incoming.write(data)
+        return True
+
+
 def client_hello(certs: Certs) -> bytes:
     """The bytes of a real ClientHello (a TLS record), made with a memory BIO."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = context(certs).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    hello = outgoing.read()
+    hello = BioClient(context(certs)).hello()
     assert hello[:1] == b"\x16", hello[:10]
     return hello

@@ -85,7 +85,7 @@ def certs(tmp_path_factory) -> Certs:
 
 
 def start_tls(directory: Path, app: str, *args: str, interface: str, plain: bool = True,
-              workers: int = 1) -> Server:
+              workers: int = 1, env: dict[str, str] | None = None) -> Server:
     """``fastpool serve APP --tls-bind 127.0.0.1:P [--bind 127.0.0.1:Q] ARGS``,
     waited for on both ports.  ``server.tls_port`` is the TLS one; ``port`` the
     plain one (the TLS one without a plain listener)."""
@@ -98,7 +98,7 @@ def start_tls(directory: Path, app: str, *args: str, interface: str, plain: bool
             "--control-socket", str(directory / f"{name}.sock"), *args]
     if plain:
         argv += ["--bind", f"127.0.0.1:{plain_port}"]
-    server = Server(argv, port=plain_port if plain else tls_port, workers=workers, env=None,
+    server = Server(argv, port=plain_port if plain else tls_port, workers=workers, env=env,
                     cwd=directory, log_path=directory / f"server-{name}.log")
     server.tls_port = tls_port
     server.plain_port = plain_port if plain else None
@@ -263,7 +263,9 @@ def https(request, certs, tmp_path_factory):
                        "--client-certs", "optional", "--client-timeout", "1",
                        "--keep-alive", "5", "--health-path", "/healthz",
                        "--static", f"/files={directory / 'public'}",
+                       "--access-log", str(directory / "access.log"),
                        interface=interface)
+    server.access_log = directory / "access.log"
     server.interface = interface
     yield server
     stop_server(server)
@@ -461,6 +463,17 @@ def test_websocket_over_tls_has_scheme_wss(https, certs):
     assert (message["scheme"], message["tls"]) == ("ws", False), message
 
 
+def test_access_log_over_tls(https, certs):
+    tag = uuid.uuid4().hex
+    seen = tls_once(https.tls_port, context(certs), f"/logged/{tag}?q=1")
+    assert seen.response.status == 200
+    line = wait_for(lambda: https.access_log.exists() and next(
+        (line for line in https.access_log.read_text().splitlines() if tag in line), None),
+        what="the access log line")
+    assert line.startswith("127.0.0.1 "), line
+    assert f'"GET /logged/{tag}?q=1 HTTP/1.1" 200 {len(seen.response.body)} ' in line, line
+
+
 def test_plain_and_tls_listeners_of_one_group(https, certs):
     plain = fetch(https.plain_port, "/plain")
     assert plain.status == 200, plain
@@ -641,6 +654,76 @@ def test_tls_1_2_renegotiation_attempt_ends_the_connection(https, certs):
     assert "HTTP/1.1" not in text, text
     assert took < 2.5, (took, text)
     assert_still_serving(https, before, context(certs))
+
+
+# ---------------------------------------------------------------- other settings
+
+
+def test_encrypted_key_with_its_password(certs, tmp_path):
+    server = start_tls(tmp_path, APPS["wsgi"], "--certfile", certs.cert_a,
+                       "--keyfile", certs.encrypted_key, "--keyfile-password", PASSWORD,
+                       interface="wsgi", plain=False)
+    try:
+        seen = tls_once(server.tls_port, context(certs), "/locked")
+        assert seen.peer == certs.der_a and seen.body["scheme"] == "https"
+        assert PASSWORD not in server.log
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("interface", list(APPS))
+def test_tls_min_version_1_3_refuses_tls_1_2(certs, tmp_path, interface):
+    server = start_tls(tmp_path, APPS[interface], "--certfile", certs.cert_a,
+                       "--keyfile", certs.key_a, "--tls-min-version", "1.3",
+                       interface=interface, plain=False)
+    try:
+        before = watch(server)
+        with pytest.raises(ssl.SSLError):
+            tls_connect(server.tls_port, context(certs, maximum=ssl.TLSVersion.TLSv1_2))
+        assert tls_once(server.tls_port, context(certs), "/new").version == "TLSv1.3"
+        assert_still_serving(server, before, context(certs))
+    finally:
+        stop_server(server)
+
+
+def test_tls_ciphers_choose_the_tls_1_2_suite(certs, tmp_path):
+    suite = "ECDHE-ECDSA-AES128-GCM-SHA256"     # the certificates' keys are ECDSA
+    server = start_tls(tmp_path, APPS["wsgi"], "--certfile", certs.cert_a,
+                       "--keyfile", certs.key_a, "--tls-ciphers", suite,
+                       interface="wsgi", plain=False)
+    try:
+        ctx = context(certs, maximum=ssl.TLSVersion.TLSv1_2)
+        seen = tls_once(server.tls_port, ctx, "/suite")
+        assert (seen.version, seen.cipher) == ("TLSv1.2", suite)
+        assert seen.body["ssl"]["SSL_CIPHER"] == suite, seen.body
+        # A TLS 1.2 client that offers none of them is refused.
+        other = context(certs, maximum=ssl.TLSVersion.TLSv1_2)
+        other.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+        with pytest.raises(ssl.SSLError):
+            tls_connect(server.tls_port, other)
+    finally:
+        stop_server(server)
+
+
+def test_settings_from_the_environment(certs, tmp_path):
+    """FASTPOOL_TLS_LISTEN, FASTPOOL_CERTFILE, FASTPOOL_KEYFILE, FASTPOOL_CA_CERTS
+    and FASTPOOL_CLIENT_CERTS, as the settings table promises."""
+    port = free_port()
+    env = {"FASTPOOL_TLS_LISTEN": f"127.0.0.1:{port}", "FASTPOOL_CERTFILE": certs.cert_a,
+           "FASTPOOL_KEYFILE": certs.key_a, "FASTPOOL_CA_CERTS": certs.ca_pem,
+           "FASTPOOL_CLIENT_CERTS": "required"}
+    server = Server([APPS["wsgi"], "--workers", "1", "--control-socket",
+                     str(tmp_path / "env.sock")], port=port, workers=1, env=env,
+                    cwd=tmp_path, log_path=tmp_path / "env.log")
+    server.tls_port = port
+    try:
+        server.wait_ready()
+        ctx = context(certs, client_cert=certs.alice_chain)
+        seen = tls_once(port, ctx, "/env")
+        assert seen.body["ssl"]["SSL_CLIENT_VERIFY"] == "SUCCESS", seen.body
+        refusal(port, context(certs))
+    finally:
+        stop_server(server)
 
 
 # ---------------------------------------------------------------- config errors

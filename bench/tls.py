@@ -76,6 +76,7 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    reproduce_command,
     require_positive,
     require_warmup,
     result_table,
@@ -312,7 +313,7 @@ def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
         def cells(r: TLSResult, s: Scenario = s) -> list[str]:
             cpu_ratio = ratio(results, s.name, r.server, on_cpu=True)
             busy = r.wrk_busy
-            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
+            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:,.1f} µs",
                     "—" if r.server == BASE or cpu_ratio is None else f"{1 / cpu_ratio:.2f}",
                     "?" if busy != busy else f"{busy:.0%}"
                     + (" (client-bound)" if busy > CLIENT_BOUND else "")]
@@ -340,7 +341,9 @@ def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
         out += lines
         out.append("")
     out.append(f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user "
-               "+ system) per request; wrk CPU: wrk's CPU time ÷ wall time (above "
+               f"+ system) per request; the two 'vs {BASE}' columns read the same way, above 1 "
+               f"the server does better than {BASE} (its req/s ÷ {BASE}'s; {BASE}'s CPU/req ÷ "
+               "its); wrk CPU: wrk's CPU time ÷ wall time (above "
                f"{CLIENT_BOUND:.0%}: client-bound, the req/s is a floor). {machine()}; "
                f"{ssl.OPENSSL_VERSION} (this Python's).\n")
     out.append("Notes:\n" + "\n".join(f"- {av.kind.name} ({av.version}): {av.kind.note}"
@@ -374,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
+    reproduce = reproduce_command(argv)
+    if reproduce:
+        print(f"running: {reproduce}")
     if not check_tools(args):
         return 2
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
@@ -432,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(render(results, servers, args))
+    if reproduce:
+        print(f"Reproduce: `{reproduce}`\n")
     print("Commands (servers run with bench/ as working directory; certificates made with "
           "`openssl req -x509` in a temporary directory):\n")
     print("```")
@@ -442,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     print("```")
     if args.json:
         write_json(args.json, {
-            "settings": settings(args), "machine": machine(), "openssl": ssl.OPENSSL_VERSION,
+            "settings": settings(args), "reproduce": reproduce, "machine": machine(),
+            "openssl": ssl.OPENSSL_VERSION,
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note}
                         for av in servers},
             "commands": commands,

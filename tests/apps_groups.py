@@ -92,3 +92,13 @@ def brief_job() -> None:
     print(f"job stdout {pid}", flush=True)
     print(f"job stderr {pid}", file=sys.stderr, flush=True)
     time.sleep(0.2)
+
+
+def announce() -> None:
+    """A custom process that says who it is (``[process.NAME]``'s name and
+    index, its env table, its working directory), then waits."""
+    print(f"target {os.environ['FASTPOOL_PROCESS_NAME']} {os.environ['FASTPOOL_PROCESS_INDEX']} "
+          f"{os.environ.get('GREETING')} {os.getcwd()}", flush=True)
+    deadline = time.monotonic() + 600   # bounded even if nobody stops it
+    while time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -110,9 +110,10 @@ def test_max_queue_wait_sheds_a_burst_on_the_groups_own_port(clusters, interface
     # 2 workers x 5 requests a second for 1 s: about 10 get through.
     assert 4 <= len(served) <= 30, statuses
     assert len(shed) >= 450, statuses
-    # Without admission control the last answer would come after 50 s.
-    assert max(served) < 1.8, sorted(served)[-5:]
-    assert max(at for at, _ in shed) < 2.5, sorted(at for at, _ in shed)[-5:]
+    # Without admission control the last answer would come after 50 s; with
+    # it, about 1.2 s (the margin is for a loaded 2-core machine).
+    assert max(served) < 2.5, sorted(served)[-5:]
+    assert max(at for at, _ in shed) < 3.5, sorted(at for at, _ in shed)[-5:]
     for _, head in shed[:20]:
         assert b"\r\nRetry-After: 3\r\n" in head + b"\r\n", head
         assert b"\r\nConnection: close\r\n" in head + b"\r\n", head
@@ -137,9 +138,9 @@ def test_max_pending_sheds_at_once_what_would_wait_behind_the_pending(clusters):
     # Each worker lets about max_pending wait: the served ones finish in
     # about (5 + 1) x 0.2 s, not 120 x 0.2 / 2 = 12 s.
     assert len(served) <= 30, statuses
-    assert served[-1] < 4.0, served[-5:]
-    # The shed ones did not wait for the slow requests.
-    assert shed[int(len(shed) * 0.9)] < 1.0, shed[-5:]
+    assert served[-1] < 6.0, served[-5:]
+    # The shed ones did not wait for the slow requests (which take 12 s in all).
+    assert shed[int(len(shed) * 0.9)] < 2.0, shed[-5:]
     assert sum(w["shed"] for w in server.group_status("slow")["workers"]) == len(shed)
 
 

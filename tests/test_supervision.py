@@ -414,7 +414,7 @@ def test_a_config_of_processes_only_is_supervised(clusters):
                      and mailers(), what=f"3 new mailers:\n{server.log}")
     wait_for(lambda: children(server.pid) == third, what="the old mailers to be reaped")
     result = server.fastpool("scale", "web", "+1")
-    assert result.returncode == 1 and "no group named 'web'" in result.stderr
+    assert result.returncode == 1 and "no group or process named 'web'" in result.stderr
     server.proc.send_signal(signal.SIGTTIN)
     wait_for(lambda: "SIGTTIN (no worker groups" in server.log, what="the TTIN")
     assert server.stop(signal.SIGTERM) == 0, server.log

@@ -1928,8 +1928,8 @@ cdef class OutBuffer:
         return sent
 
     cdef Py_ssize_t send_through(self, object tls) except -2:
-        """send_to for a TLS connection: the queued bytes through its
-        ``ssl.SSLSocket`` (which encrypts and sends them), piece by piece, in
+        """send_to for a TLS connection: the queued bytes through its record
+        layer (``tls.write`` encrypts and sends them), piece by piece, in
         order; bytes sent, or -1 when the socket would block first.  After a
         block, OpenSSL wants the same bytes again: the next call starts from
         the same place with at least as many bytes, as it must."""
@@ -1944,7 +1944,7 @@ cdef class OutBuffer:
                 if self.first_offset or type(piece) is not bytes:
                     piece = bytes(piece[self.first_offset:])
             try:
-                sent = tls.send(piece)
+                sent = tls.write(piece)
             except (SSLWantWriteError, SSLWantReadError):
                 return total if total else -1
             self.consume(sent)

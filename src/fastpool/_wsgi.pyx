@@ -88,7 +88,7 @@ import socket
 import ssl
 import stat
 import threading
-from ssl import SSLWantReadError, SSLWantWriteError
+from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
 from fastpool._http import ClientDisconnected
 from fastpool.tls import offloaded as tls_offloaded, wsgi_keys as tls_keys
@@ -306,8 +306,10 @@ cdef class WSGIConnection(HttpConnection):
     cdef off_t file_offset
     cdef long long file_remaining
     # TLS: the connection's ssl.SSLSocket (None for a plain connection, and
-    # once kernel TLS carries the records); a relay when another group serves it.
+    # once kernel TLS carries the records), and what reads and writes its
+    # records (``tls_io``, see start_tls); a relay when another group serves it.
     cdef object tls
+    cdef object tls_io
     cdef Relay relay
     # Admission control: when the connection's bytes reached the kernel
     # (WorkerBase.arrival; 0 when not measured, -INFINITY to shed).
@@ -523,7 +525,7 @@ cdef class WSGIConnection(HttpConnection):
         or send_through on TLS); OSError when the client is gone."""
         if self.tls is None:
             return self.out.send_to(self.fd)
-        return self.out.send_through(self.tls)
+        return self.out.send_through(self.tls_io)
 
     cdef int wait_socket(self, short events) except -1:
         """Wait (GIL released) until the socket is ready, at most the
@@ -763,7 +765,7 @@ cdef class WSGIConnection(HttpConnection):
                              self.file_offset)
             if piece:
                 try:
-                    sent = self.tls.send(piece)
+                    sent = self.tls_io.write(piece)
                 except (SSLWantWriteError, SSLWantReadError):
                     return True
                 except OSError as exc:
@@ -882,6 +884,11 @@ cdef class WSGIConnection(HttpConnection):
         sock = socket.socket(fileno=self.fd)
         sock.settimeout(0.0)
         self.tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        # The SSLSocket's own record layer (CPython's _ssl object, whose read
+        # and write the SSLSocket's wrap in Python code: a quarter of a TLS
+        # request's instructions on the hello benchmark); the SSLSocket's
+        # methods of the same names where a Python lacks it.
+        self.tls_io = getattr(self.tls, "_sslobj", None) or self.tls
         self.state = HANDSHAKING
         return self.handshake()
 
@@ -902,7 +909,7 @@ cdef class WSGIConnection(HttpConnection):
             # The kernel encrypts both ways: a plain socket from here on
             # (sendfile, and routes hand the descriptor itself over).
             self.tls.detach()
-            self.tls = None
+            self.tls = self.tls_io = None
         self.deadline = deadline_after(monotonic(), worker.client_timeout)
         return self.read()   # (the request may have come with the handshake's end)
 
@@ -923,7 +930,7 @@ cdef class WSGIConnection(HttpConnection):
         # Answered in plain text, then the lingering close: the rest of the
         # request is unread, and closing over it would reset the answer.
         self.tls.detach()
-        self.tls = None
+        self.tls = self.tls_io = None
         self.state = OPEN
         self.handshake_waits(False)
         self.out.write(error_response(400, "The plain HTTP request was sent to HTTPS port"))
@@ -938,9 +945,11 @@ cdef class WSGIConnection(HttpConnection):
         cdef bint progress = False
         while True:
             try:
-                received = self.tls.recv_into(worker.recv_view, RECV_SIZE)
+                received = self.tls_io.read(RECV_SIZE, worker.recv_view)
             except (SSLWantReadError, SSLWantWriteError):
                 break
+            except SSLEOFError:
+                received = 0         # (an EOF without close_notify: an EOF all the same)
             except OSError as exc:
                 error_log.debug("TLS error on the connection of %s: %s",
                                 self.remote_addr or "a unix socket client", exc)
@@ -955,7 +964,7 @@ cdef class WSGIConnection(HttpConnection):
             # One read gives one TLS record (16 KiB at most), and the next
             # records wait in the socket, where epoll sees them; only a full
             # buffer can leave decrypted bytes behind in OpenSSL.
-            if received < RECV_SIZE or not self.tls.pending():
+            if received < RECV_SIZE or not self.tls_io.pending():
                 break
         return self.advance() if progress else 0
 
@@ -1178,7 +1187,7 @@ cdef class WSGIConnection(HttpConnection):
             self.relay = None
         if self.tls is not None:
             self.tls.detach()         # (the descriptor is closed here, once)
-            self.tls = None
+            self.tls = self.tls_io = None
         close(self.fd)
         self.pending.clear()
         self.out.clear()
@@ -1271,13 +1280,15 @@ cdef class Relay:
 
     cdef int from_client(self) except -1:
         cdef WSGIWorker worker = self.conn.worker
-        cdef object tls = self.conn.tls
+        cdef object tls = self.conn.tls_io
         cdef Py_ssize_t received
         while self.to_inner is None:
             try:
-                received = tls.recv_into(worker.recv_view, RECV_SIZE)
+                received = tls.read(RECV_SIZE, worker.recv_view)
             except (SSLWantReadError, SSLWantWriteError):
                 return 0
+            except SSLEOFError:
+                received = 0
             except OSError:
                 return self.end()
             if received == 0:
@@ -1318,7 +1329,7 @@ cdef class Relay:
     cdef int flush_client(self) except -1:
         cdef Py_ssize_t sent
         try:
-            sent = self.conn.tls.send(self.to_client)
+            sent = self.conn.tls_io.write(self.to_client)
         except (SSLWantWriteError, SSLWantReadError):
             return 0
         except OSError:

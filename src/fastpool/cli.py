@@ -1,4 +1,4 @@
-"""The ``fastpool`` command: serve, check, status, reload, scale.
+"""The ``fastpool`` command: serve, check, status, reload, scale, restart.
 
 Rules: flags come from the settings table (``fastpool.settings``), never
 written here; every operator error is one line on stderr starting with
@@ -103,14 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_target(status)
     reload = commands.add_parser("reload", help="rolling reload (like SIGHUP)",
                                  description="Re-read the config and replace every worker "
-                                 "(or one group's) without dropping a request.")
+                                 "(or one group's) without dropping a request; restart the "
+                                 "processes whose table changed.")
     reload.add_argument("--group", metavar="G", help="reload only this group")
     _add_control_target(reload)
-    scale = commands.add_parser("scale", help="add or remove workers of a group",
-                                description="Change a group's worker count by +N or -N.")
-    scale.add_argument("group", metavar="G")
+    scale = commands.add_parser("scale", help="add or remove workers of a group (or copies of "
+                                "a process)", description="Change a group's worker count, "
+                                "or a [process.NAME]'s count of copies, by +N or -N.")
+    scale.add_argument("group", metavar="NAME")
     scale.add_argument("delta", metavar="+N|-N")
     _add_control_target(scale)
+    restart = commands.add_parser("restart", help="restart one process set",
+                                  description="Stop every copy of one [process.NAME] (its "
+                                  "stop_signal, then KILL after graceful_timeout) and start it "
+                                  "again; the groups and other processes are not touched.")
+    restart.add_argument("process", metavar="NAME")
+    _add_control_target(restart)
     parser.commands = dict(commands.choices)
     return parser
 
@@ -143,7 +151,7 @@ def _plan(config: settings.ServerConfig) -> str:
             + (", static " + ", ".join(f"{prefix}={directory}" for prefix, directory
                                         in group.static) if group.static else ""))
     for name, process in config.processes.items():
-        lines.append(f"process {name}: target {process.target} x {process.count}")
+        lines.append(f"process {name}: {process.runs} x {process.count}")
     if any(group.tls_listen for group in config.groups.values()):
         available, why = tls.kernel_tls()
         lines.append(f"kernel TLS: {why}" if available else
@@ -162,6 +170,8 @@ def _check(config: settings.ServerConfig) -> None:
         except AppLoadError as exc:
             raise settings.ConfigError(f"group {name}: {exc}") from None
     for name, process in config.processes.items():
+        if process.target is None:
+            continue    # a command: its program was looked up when the file was read
         try:
             import_app(process.target, callable_kind="a process target")
         except AppLoadError as exc:
@@ -221,7 +231,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
         return 0
-    if args.command in ("status", "reload", "scale"):
+    if args.command in ("status", "reload", "scale", "restart"):
         try:
             path = control_path(args)
             if args.command == "status":
@@ -230,13 +240,17 @@ def _main(argv: Sequence[str] | None) -> int:
             elif args.command == "reload":
                 request(path, {"command": "reload", "group": args.group})
                 print(f"reloading {('group ' + args.group) if args.group else 'the config'}")
+            elif args.command == "restart":
+                request(path, {"command": "restart", "process": args.process})
+                print(f"restarting process {args.process}")
             else:
                 try:
                     delta = int(args.delta)
                 except ValueError:
                     raise ControlError(f"scale: expected +N or -N, got {args.delta!r}") from None
                 reply = request(path, {"command": "scale", "group": args.group, "delta": delta})
-                print(f"group {args.group}: {reply['workers']} worker(s)")
+                print(f"process {args.group}: {reply['copies']} cop(ies)" if "copies" in reply
+                      else f"group {args.group}: {reply['workers']} worker(s)")
         except (ControlError, settings.ConfigError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 1

@@ -1,6 +1,7 @@
 """The master's control socket, both sides: the server the master runs
 (``ControlServer``) and the client of ``fastpool status``, ``fastpool
-reload`` and ``fastpool scale`` (``request``, ``format_status``).
+reload``, ``fastpool scale`` and ``fastpool restart`` (``request``,
+``format_status``).
 
 Rules of this module:
 
@@ -9,7 +10,8 @@ Rules of this module:
 * The server answers from the master's loop, never from a thread or a signal
   handler: the loop calls ``ControlServer.serve`` when the socket is
   readable, and each command calls back into the master (``reload``,
-  ``scale``) or reads its state (``status``).
+  ``scale``, ``restart``) or reads its state (``status``).  ``scale`` takes
+  a group's or a process set's name; ``restart`` a process set's.
 * One master per control socket: ``ControlServer.open`` refuses a socket
   another master (or any process) listens on (``ControlSocketInUse``) and
   replaces a stale file nobody listens on; the socket is created 0600.  A
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import ssl
 import time
@@ -118,9 +121,17 @@ def format_status(status: dict[str, Any]) -> str:
     for process in status["processes"]:
         lines.append("")
         pids = ", ".join(str(p) for p in process["pids"]) or "-"
-        lines.append(f"process {process['name']} ({process['state']}): {process['target']}, "
+        what = process["target"] if process.get("command") is None else \
+            shlex.join(process["command"])
+        lines.append(f"process {process['name']} ({process['state']}): {what}, "
                      f"{len(process['pids'])}/{process['count']} running (pids {pids}), "
-                     f"{process['restarts']} restart(s)")
+                     f"{process['restarts']} restart(s), last exit: "
+                     f"{process.get('last_exit') or '-'}")
+        if process.get("copies"):
+            lines.append("  index pid      uptime    state")
+            for copy in process["copies"]:
+                lines.append(f"  {copy['index']:<5} {copy['pid']:<8} "
+                             f"{copy['uptime_s']:<8.0f}s {copy['state']}")
     return "\n".join(lines)
 
 
@@ -233,7 +244,7 @@ class ControlServer:
                     pass
 
     def command(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """The reply to one request: status, reload or scale."""
+        """The reply to one request: status, reload, scale or restart."""
         master = self.master
         command = request.get("command")
         if command == "status":
@@ -246,13 +257,23 @@ class ControlServer:
             return {"ok": error is None, "error": error}
         if command == "scale":
             name = request.get("group")
-            if name not in master.groups:
-                return {"ok": False, "error": f"no group named {name!r}"}
+            is_process = name in master.processes.groups
+            if name not in master.groups and not is_process:
+                return {"ok": False, "error": f"no group or process named {name!r}"}
             try:
                 delta = int(request.get("delta", 0))
             except (TypeError, ValueError):
                 return {"ok": False, "error": "delta must be an integer"}
-            return {"ok": True, "workers": master.scale(name, delta)}
+            count = master.scale(name, delta)
+            return {"ok": True, "copies": count} if is_process else {"ok": True, "workers": count}
+        if command == "restart":
+            name = request.get("process")
+            if name not in master.processes.groups:
+                hint = (f" ({name} is a group: fastpool reload --group {name})"
+                        if name in master.groups else "")
+                return {"ok": False, "error": f"no process named {name!r}{hint}"}
+            master.restart(name)
+            return {"ok": True}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
 
@@ -300,9 +321,14 @@ def status(master: Master) -> dict[str, Any]:
         })
     processes = []
     for name, process in master.processes.groups.items():
-        pids = sorted(c.pid for c in master.processes.instances(name))
-        processes.append({"name": name, "target": process.config.target,
-                          "count": process.config.count, "restarts": process.restarts,
-                          "state": process.state, "pids": pids})
+        copies = sorted(master.processes.instances(name), key=lambda c: (c.slot, c.pid))
+        processes.append({
+            "name": name, "target": process.config.target,
+            "command": list(process.config.command) if process.config.command else None,
+            "count": process.wanted, "restarts": process.restarts, "state": process.state,
+            "last_exit": process.last_exit, "pids": sorted(c.pid for c in copies),
+            "copies": [{"index": c.slot, "pid": c.pid, "uptime_s": round(now - c.started, 1),
+                        "state": "stopping" if c.retiring else "running"} for c in copies],
+        })
     return {"master": master.pid, "version": __version__, "groups": groups,
             "processes": processes}

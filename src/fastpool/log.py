@@ -1,7 +1,9 @@
 """Error log and access log.
 
 Rules: the error log goes to stderr, one line per event, with a timestamp and
-the pid (``[2026-11-28 18:14:39 +0000] [1234] [INFO] message``).  The access
+the pid (``[2026-11-28 18:14:39 +0000] [1234] [INFO] message``).  The lines
+a command process writes are events of the master's log too (logger
+``fastpool.output``, ``[NAME INDEX] line``), logged whatever ``log_level`` is.  The access
 log is off unless asked for; when on, the worker calls ``AccessLog.__call__``
 once per response with a gunicorn-style line (common log format plus referer
 and user agent).  An access log on stdout whose reader has gone (``fastpool
@@ -30,6 +32,9 @@ def setup_error_log(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # The lines of supervised programs (fastpool.process) are their own log,
+    # not fastpool's chatter: log_level does not hide them.
+    logging.getLogger("fastpool.output").setLevel(logging.INFO)
 
 
 class AccessLog:

@@ -4,13 +4,15 @@ Rules of this module (the model is gunicorn's arbiter):
 
 * The master owns the loop, forking, reaping, the worker groups, reloading
   and signals.  The control socket's server and its commands live in
-  ``fastpool.control`` (``ControlServer``, which calls back into ``reload``
-  and ``scale``), the supervised processes in ``fastpool.process``
-  (``Processes``, which calls back into ``fork`` and ``retire``).
+  ``fastpool.control`` (``ControlServer``, which calls back into ``reload``,
+  ``scale`` and ``restart``), the supervised processes in
+  ``fastpool.process`` (``Processes``, which calls back into ``fork``).
 * Signal handlers only enqueue the signal and wake the loop; one loop does all
-  the work: read children's notices, handle queued signals and control
-  requests, reap with ``waitpid(-1, WNOHANG)``, enforce timeouts, then bring
-  every group and process to the state it should be in (``maintain``).
+  the work: read children's notices and the command processes' output, handle
+  queued signals and control requests, reap with ``waitpid(-1, WNOHANG)``,
+  enforce timeouts, then bring every group and process to the state it should
+  be in (``maintain``).  The master is the child subreaper of everything below
+  it: orphans are reaped by the same ``waitpid``.
 * Children are forked, never spawned, after the config is parsed, the sockets
   are bound and (with ``preload``) the app is imported.
 * The master holds every listening socket for as long as its worker slot
@@ -24,7 +26,12 @@ Rules of this module (the model is gunicorn's arbiter):
   when the app cannot be imported): never a respawn loop.
   Later, workers that die within ``CRASH_WINDOW`` of boot ``crash_limit``
   times in a row mark their group crash-looping: it is stopped, and
-  ``on_crash_loop`` says whether the server stops too.
+  ``on_crash_loop`` says whether the server stops too.  Process sets follow
+  the same rule (``process.CrashStreak``, ``crash_loop``).
+* A graceful stop (of the server or of one child) sends workers their signal
+  and processes their ``stop_signal``; the server stops once every child,
+  and every command's whole process group, is gone, KILLing what is left at
+  the deadline.
 * One master per control socket: a server whose control socket already has a
   master listening on it refuses to start (exit 2, before it binds or forks
   anything; ``ControlServer.open``); a stale socket file with nobody listening
@@ -58,7 +65,15 @@ from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
-from fastpool.process import Child, Processes
+from fastpool.process import (
+    CRASH_WINDOW,
+    Child,
+    CrashStreak,
+    Processes,
+    become_subreaper,
+    describe_exit,
+    signal_child,
+)
 from fastpool.scoreboard import Scoreboard
 from fastpool.settings import ConfigError, GroupConfig, ServerConfig, load
 from fastpool.sockets import Listeners, check_addresses, group_addresses
@@ -66,8 +81,8 @@ from fastpool.sockets import Listeners, check_addresses, group_addresses
 log = logging.getLogger("fastpool.error")
 
 HANDLED_SIGNALS = signals.MASTER_SIGNALS
-CRASH_WINDOW = 30.0          # a death this soon after boot counts towards a crash loop
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
+LOOP_WAIT = 0.5              # seconds the loop sleeps at most between two looks around
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
 
 
@@ -81,7 +96,7 @@ class Group:
     wanted: int = 1
     generation: int = 0
     state: str = "running"            # running, crash-loop, stopped
-    crash_streak: int = 0
+    crashes: CrashStreak = dataclasses.field(default_factory=CrashStreak)
     restarts: int = 0
     ever_ready: bool = False          # a worker of this group has served
     reload_failed_generation: int = -1
@@ -104,7 +119,7 @@ class Master:
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         self.groups: dict[str, Group] = {}
-        self.processes = Processes(self.children, self.fork, self.retire, self.pid)
+        self.processes = Processes(self.children, self.fork, self.pid)
         self.signal_queue: deque[int] = deque()
         self.stopping = False
         self.kill_deadline = 0.0
@@ -170,12 +185,14 @@ class Master:
             log.info("No worker groups: supervising %s only",
                      ", ".join(f"process {name}" for name in self.processes.groups))
         worker.set_title(f"fastpool: master [{config.path or 'command line'}]")
+        become_subreaper()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
         self.maintain()
         self.loop()
+        self.processes.close_output()
         log.info("Shutting down: master")
         return self.exit_code
 
@@ -227,12 +244,28 @@ class Master:
     # ---------------------------------------------------------------- commands
 
     def scale(self, name: str, delta: int) -> int:
-        """One group's worker count up or down by ``delta`` (at least 1);
-        returns the new count."""
+        """One group's worker count (or a process set's copies) up or down by
+        ``delta`` (at least 1); returns the new count."""
+        if name in self.processes.groups:
+            return self.processes.scale(name, delta)
         group = self.groups[name]
         group.wanted = max(1, group.wanted + delta)
         log.info("Scaling group %s to %d worker(s)", name, group.wanted)
         return group.wanted
+
+    def restart(self, name: str) -> None:
+        """Stop every copy of process set ``name`` and start it again."""
+        self.processes.restart(name)
+
+    def crash_loop(self, what: str, died: str, action: str) -> None:
+        """``what`` ("Group task", "Process set job") is crash-looping and
+        is being stopped (``died``: "3 workers"): say so, and stop the server
+        too when its ``on_crash_loop`` (``action``) asks."""
+        log.error("%s is crash-looping: %s died within %.0f s of boot in a row; stopping it "
+                  "(on_crash_loop = %s)", what, died, CRASH_WINDOW, action)
+        if action == "stop-server":
+            self.exit_code = 1
+            self.stop(graceful=True)
 
     # ---------------------------------------------------------------- signals
 
@@ -310,6 +343,7 @@ class Master:
             for fd in (self.wake_r, self.wake_w, self.notify_r):
                 os.close(fd)
             self.control.close_in_child()
+            self.processes.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -349,20 +383,16 @@ class Master:
             if (kind is None or child.kind == kind) and (name is None or child.name == name):
                 self.signal_child(child, signum)
 
-    @staticmethod
-    def signal_child(child: Child, signum: int) -> None:
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
+    signal_child = staticmethod(signal_child)
 
     def retire(self, child: Child) -> None:
         """Graceful replacement: stop accepting, finish, leave (a worker's
-        retire signal; a process's TERM)."""
-        if not child.retiring:
+        retire signal; a process's stop_signal)."""
+        if child.kind == "process":
+            self.processes.retire(child)
+        elif not child.retiring:
             child.retiring = True
-            self.signal_child(child, signals.SIGNAL_FOR[signals.RETIRE]
-                              if child.kind == "worker" else signal.SIGTERM)
+            self.signal_child(child, signals.SIGNAL_FOR[signals.RETIRE])
 
     def stop(self, graceful: bool) -> None:
         now = time.monotonic()
@@ -374,10 +404,12 @@ class Master:
                              for p in self.processes.groups.values()]
                           + [0.0])
             self.kill_deadline = now + timeout
-            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN])
+            self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN], kind="worker")
+            self.processes.stop_all()
         else:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
-            self.kill_children(signals.SIGNAL_FOR[signals.QUIT])
+            self.kill_children(signals.SIGNAL_FOR[signals.QUIT], kind="worker")
+            self.processes.quit_all()
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
@@ -461,20 +493,19 @@ class Master:
                 else:
                     log.warning("%s exited with code %d", describe, code)
             else:
-                signum = os.WTERMSIG(status)
-                try:
-                    name = signal.Signals(signum).name
-                except ValueError:
-                    name = str(signum)
                 # A child the master itself is stopping is not news.
                 report = log.info if self.stopping or child.retiring else log.warning
-                report("%s was killed by signal %s", describe, name)
+                report("%s was %s", describe, describe_exit(status))
+            if child.kind == "process":
+                if self.processes.exited(child, crashed, describe_exit(status)):
+                    process = self.processes.groups[child.name]
+                    self.crash_loop(f"Process set {child.name}",
+                                    f"{process.crashes.count} copies",
+                                    process.config.on_crash_loop)
+                continue
             if self.stopping:
                 continue
-            if child.kind == "worker":
-                self.worker_exited(child, crashed, served)
-            else:
-                self.processes.exited(child)
+            self.worker_exited(child, crashed, served)
 
     def worker_exited(self, child: Child, crashed: bool, served: int) -> None:
         group = self.groups.get(child.name)
@@ -494,21 +525,14 @@ class Master:
         group.restarts += 1
         # A crash loop is workers dying right after boot, before doing any work:
         # not a worker that served requests, nor one aborted for its timeout.
-        if (not crashed or served or child.abort_sent
-                or time.monotonic() - child.started > CRASH_WINDOW):
-            group.crash_streak = 0
-            return
-        group.crash_streak += 1
-        if group.crash_streak >= group.config.crash_limit and group.state == "running":
+        failed = crashed and not served and not child.abort_sent
+        if group.crashes.record(failed, time.monotonic() - child.started,
+                                group.config.crash_limit) and group.state == "running":
             group.state = "crash-loop"
-            log.error("Group %s is crash-looping: %d workers died within %.0f s of boot in a "
-                      "row; stopping the group (on_crash_loop = %s)", child.name,
-                      group.crash_streak, CRASH_WINDOW, group.config.on_crash_loop)
             self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN], kind="worker",
                                name=child.name)
-            if group.config.on_crash_loop == "stop-server":
-                self.exit_code = 1
-                self.stop(graceful=True)
+            self.crash_loop(f"Group {child.name}", f"{group.crashes.count} workers",
+                            group.config.on_crash_loop)
 
     # ---------------------------------------------------------------- timeouts
 
@@ -588,7 +612,7 @@ class Master:
             group.wanted = group_config.workers
             group.generation += 1
             group.state = "running"
-            group.crash_streak = 0
+            group.crashes.reset()
             log.info("Reload: rolling group %s onto new workers (generation %d)", name,
                      group.generation)
         if only is None:
@@ -640,11 +664,16 @@ class Master:
 
     def loop(self) -> None:
         while True:
-            readable: list[int | socket.socket] = [self.wake_r, self.notify_r]
+            readable: list[int | socket.socket] = [self.wake_r, self.notify_r,
+                                                   *self.processes.output_fds()]
             if self.control.sock is not None:
                 readable.append(self.control.sock)
+            wait = LOOP_WAIT
+            output_due = self.processes.next_output_due()
+            if output_due is not None:
+                wait = max(0.0, min(wait, output_due - time.monotonic()))
             try:
-                ready, _, _ = select.select(readable, [], [], 0.5)
+                ready, _, _ = select.select(readable, [], [], wait)
             except InterruptedError:
                 ready = []
             except OSError as exc:
@@ -657,18 +686,21 @@ class Master:
             except BlockingIOError:
                 pass
             self.read_notices()
+            self.processes.read_output(ready)
             self.handle_signals()
             if self.control.sock is not None and self.control.sock in ready and \
                     not self.stopping:
                 self.control.serve()
             self.reap()
+            self.processes.check_stops()
             if self.stopping:
-                if not self.children:
+                if not self.children and not self.processes.lingering:
                     return
                 if time.monotonic() >= self.kill_deadline and not self.killed:
                     log.warning("Graceful timeout reached; killing %d child(ren)",
-                                len(self.children))
+                                len(self.children) + len(self.processes.lingering))
                     self.kill_children(signal.SIGKILL)
+                    self.processes.kill_lingering()
                     self.killed = True
                 continue
             self.check_timeouts()

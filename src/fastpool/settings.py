@@ -15,6 +15,12 @@ Rules of this module:
   in any ``[group.NAME]`` table or once in ``[server]`` as the default of every
   group; ``server`` rows only in ``[server]``; ``process`` rows only in
   ``[process.NAME]`` tables.
+* A ``[process.NAME]`` runs a ``target`` or a ``command``, exactly one; the
+  command's ``${VAR}`` are expanded and its program looked up (as execvp
+  would) when the file is read (``_command``), and its ``cwd`` is resolved
+  beside the file: a typo stops the start (or refuses the reload) with one
+  line, never a respawn loop.  Table-valued rows (``env``, ``static``) are
+  read as (key, value) pairs (``PAIR_TYPES``).
 * Precedence, highest first: command-line flag, environment variable, the
   group's own table, ``[server]``, the row's default.
 * Values are checked where they are read, and a bad one is a ``ConfigError``
@@ -33,6 +39,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import shlex
+import shutil
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,8 +107,8 @@ def _routes(value: list[str]) -> list[str]:
     return value
 
 
-def _mount(text: str) -> tuple[str, str]:
-    """``PREFIX=DIR`` (a flag or an environment variable) as a pair."""
+def _pair(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (``PREFIX=DIR`` of a flag or an environment variable) as a pair."""
     prefix, equals, directory = text.partition("=")
     if not equals or not prefix.strip() or not directory.strip():
         raise ValueError
@@ -132,6 +142,28 @@ def _cpus(value: list[int]) -> list[int]:
     return value
 
 
+def _stop_signal(value: str) -> str:
+    """A signal's name without ``SIG`` (``TERM``, ``INT``, ``QUIT``...), upper-cased."""
+    name = value.upper().removeprefix("SIG")
+    if f"SIG{name}" not in signal.Signals.__members__:
+        raise ValueError(f"expected a signal name such as TERM, INT or QUIT, got {value!r}")
+    return name
+
+
+# An environment variable's name: what a shell would accept.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _environment(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    for name, text in value:
+        if not ENV_NAME.match(name):
+            raise ValueError(f"expected environment variable names (letters, digits, _), "
+                             f"got {name!r}")
+        if "\0" in text:
+            raise ValueError(f"expected values without NUL bytes, got one in {name}")
+    return value
+
+
 def choice(*options: str) -> Callable[[Any], Any]:
     def check(value: str) -> str:
         lowered = value.lower()
@@ -161,7 +193,11 @@ TYPE_NAMES = {
     "int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
     "list": "a list of strings", "ints": "a list of integers",
     "mounts": "URL prefixes with their directories (PREFIX=DIR)",
+    "argv": "a list of strings (the program and its arguments)",
+    "env": "a table of strings (NAME = \"value\")",
 }
+# The types written as a TOML table of strings, held as (key, value) pairs.
+PAIR_TYPES = ("mounts", "env")
 
 
 @dataclass(frozen=True)
@@ -231,8 +267,12 @@ class Setting:
                 value = [part.strip() for part in text.split(",") if part.strip()]
             elif self.type == "ints":
                 value = [int(part) for part in text.replace(",", " ").split()]
-            elif self.type == "mounts":
-                value = [_mount(part.strip()) for part in text.split(",") if part.strip()]
+            elif self.type in PAIR_TYPES:
+                value = [_pair(part.strip()) for part in text.split(",") if part.strip()]
+            elif self.type == "argv":
+                value = shlex.split(text)
+                if not value:
+                    raise ValueError
             else:
                 value = text
         except ValueError:
@@ -253,6 +293,9 @@ class Setting:
                 isinstance(v, int) and not isinstance(v, bool) for v in value),
             "mounts": isinstance(value, dict) and all(
                 isinstance(v, str) for v in value.values()),
+            "env": isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
+            "argv": isinstance(value, list) and bool(value) and all(
+                isinstance(v, str) for v in value),
         }[self.type]
         if self.type == "list" and isinstance(value, str):
             value, ok = [value], True
@@ -260,8 +303,8 @@ class Setting:
             raise ConfigError(f"{source}: expected {expected}, got {value!r}")
         if self.type == "float":
             value = float(value)
-        if self.type == "mounts":
-            value = [(prefix, directory) for prefix, directory in value.items()]
+        if self.type in PAIR_TYPES:
+            value = list(value.items())
         return self._checked(value, source)
 
     def _checked(self, value: Any, source: str) -> Any:
@@ -357,7 +400,8 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("-t", "--timeout"), metavar="SECONDS", check=at_least(0)),
     Setting("graceful_timeout", "float", 30.0,
             "Seconds in-flight requests get to finish on shutdown or reload before workers "
-            "are killed.", flags=("--graceful-timeout",), metavar="SECONDS", check=at_least(0)),
+            "are killed (for a process: after its stop_signal, before KILL).",
+            flags=("--graceful-timeout",), metavar="SECONDS", check=at_least(0)),
     Setting("keep_alive", "float", 5.0,
             "Seconds an idle keep-alive connection is kept open (0 disables keep-alive).",
             flags=("--keep-alive",), metavar="SECONDS", check=at_least(0)),
@@ -391,18 +435,19 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("--limit-request-body",), metavar="BYTES", check=at_least(0)),
     # ---- a group: processes
     Setting("nice", "int", 0,
-            "Scheduling niceness of the group's workers (-20..19; higher yields the CPU to "
-            "other groups).", flags=("--nice",), metavar="N", check=_nice),
+            "Scheduling niceness of the group's workers, or of a process (-20..19; higher "
+            "yields the CPU to other groups).", flags=("--nice",), metavar="N", check=_nice),
     Setting("cpus", "ints", [],
-            "CPU numbers the group's workers may run on (empty: any).",
+            "CPU numbers the group's workers, or a process, may run on (empty: any).",
             flags=("--cpus",), metavar="LIST", check=_cpus, default_doc="any"),
     Setting("crash_limit", "int", 5,
             "Worker deaths within 30 s of their boot, in a row, after which the group is "
-            "declared crash-looping and stopped instead of respawned.",
+            "declared crash-looping and stopped instead of respawned; for a process, failed "
+            "exits (non-zero or by a signal) within 30 s of its start.",
             flags=("--crash-limit",), metavar="N", check=at_least(1)),
     Setting("on_crash_loop", "str", "stop-group",
-            "What a crash-looping group does to the server: stop-group (the other groups "
-            "keep serving) or stop-server.", flags=("--on-crash-loop",),
+            "What a crash-looping group or process does to the server: stop-group (only it "
+            "stops; the others keep running) or stop-server.", flags=("--on-crash-loop",),
             metavar="ACTION", check=choice("stop-group", "stop-server")),
     Setting("routes", "list", [],
             "Path prefixes this group serves on every listener of the server: a worker of "
@@ -492,21 +537,39 @@ SETTINGS: tuple[Setting, ...] = (
             "relative paths are relative to the config file's directory (or the current one). "
             "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
-    # ---- [process.NAME] tables
+    # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
-            "A supervised process: MODULE:CALLABLE called with no arguments in a forked "
-            "child, respawned (with backoff) when it returns or dies.", scope="process",
-            env_var=False, always_set=True),
+            "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "
+            "child, respawned (with backoff) when it returns or dies. Give target or command.",
+            scope="process", env_var=False),
+    Setting("command", "argv", None,
+            "A supervised program: its path or name (looked up on PATH) and its arguments, "
+            "exec'd in a forked child in its own process group, never through a shell; "
+            "${VAR} is replaced by the variable of fastpool's environment (unset: a config "
+            "error, as is a missing executable; $$ is a $). Its stdout and stderr lines go to the "
+            "error log as [NAME INDEX] text. Give target or command.",
+            scope="process", env_var=False),
     Setting("count", "int", 1, "How many copies of the process run.", scope="process",
             env_var=False, check=at_least(1)),
+    Setting("env", "env", [],
+            "Environment variables added to the process's environment (a table of strings); "
+            "every copy also gets FASTPOOL_PROCESS_NAME and FASTPOOL_PROCESS_INDEX.",
+            scope="process", env_var=False, check=_environment),
+    Setting("cwd", "str", None,
+            "The process's working directory, relative to the config file's directory "
+            "(unset: the server's).", scope="process", env_var=False),
+    Setting("stop_signal", "str", "TERM",
+            "The signal a graceful stop sends (to a command's whole process group), by name "
+            "without SIG; KILL follows after graceful_timeout.", scope="process",
+            env_var=False, check=_stop_signal),
 )
-
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 GROUP_SETTINGS = tuple(s for s in SETTINGS if s.scope == "group")
 SERVER_SETTINGS = tuple(s for s in SETTINGS if s.scope == "server")
 # A process shares the group rows that make sense for any supervised child.
 PROCESS_SETTINGS = tuple(s for s in SETTINGS if s.scope == "process") + tuple(
-    SETTINGS_BY_NAME[n] for n in ("nice", "cpus", "graceful_timeout"))
+    SETTINGS_BY_NAME[n] for n in ("nice", "cpus", "graceful_timeout", "crash_limit",
+                                  "on_crash_loop"))
 
 
 # ---------------------------------------------------------------- resolved config
@@ -592,6 +655,13 @@ class ProcessConfig(ProcessSettings, _Values):
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", _read_only(self.values))
 
+    @property
+    def runs(self) -> str:
+        """What it runs, in words: ``command rq worker``, ``target jobs:consume``."""
+        if self.command is not None:
+            return f"command {shlex.join(self.command)}"
+        return f"target {self.target}"
+
 
 @dataclass(frozen=True)
 class ServerConfig(ServerSettings, _Values):
@@ -634,7 +704,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if setting.type == "bool":
                 parser.add_argument(*flags, dest=name, default=None,
                                     action=argparse.BooleanOptionalAction, help=text)
-            elif setting.type in ("list", "mounts"):
+            elif setting.type in ("list", *PAIR_TYPES):
                 parser.add_argument(*flags, dest=name, default=None, action="append",
                                     metavar=setting.metavar, help=text)
             else:
@@ -662,7 +732,7 @@ def _given(setting: Setting, cli: Mapping[str, Any], environ: Mapping[str, str])
         raw = flags[flag]
         if setting.type == "bool":
             return bool(raw)
-        if setting.type in ("list", "mounts"):
+        if setting.type in ("list", *PAIR_TYPES):
             values = []
             for item in raw:
                 values.extend(setting.from_text(item, flag))
@@ -810,14 +880,25 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
 
     for name, table in processes.items():
         where = f"{label}: [process.{name}]"
+        if name in group_configs:
+            raise ConfigError(f"{where}: [group.{name}] has the same name; give the process "
+                              "another one (fastpool scale and restart take either)")
         process_values = _read_table(_table(table, where), PROCESS_SETTINGS, where)
-        if "target" not in process_values:
-            raise ConfigError(f"{where}: no target (expected target = \"module:callable\")")
+        if ("target" in process_values) == ("command" in process_values):
+            raise ConfigError(
+                f"{where}: give target or command, not both" if "target" in process_values
+                else f"{where}: no target or command (expected target = \"module:callable\" "
+                     "or command = [\"program\", \"argument\", ...])")
         resolved = {s.name: process_values.get(s.name, server_table.get(s.name))
                     for s in PROCESS_SETTINGS}
         for setting in PROCESS_SETTINGS:
             if resolved[setting.name] is None:
                 resolved[setting.name] = setting.resolve_default()
+        if resolved["cwd"] is not None:
+            resolved["cwd"] = _process_directory(resolved["cwd"], path, where)
+        if resolved["command"] is not None:
+            resolved["command"] = _command(resolved["command"], environ, resolved, values,
+                                           where)
         process_configs[name] = ProcessConfig(name, resolved)
     return dataclasses.replace(server, groups=group_configs, processes=process_configs)
 
@@ -869,6 +950,52 @@ def _static_directories(mounts: Sequence[tuple[str, str]], path: Path | None,
                               f"{what} ({full})".lstrip())
         resolved.append((prefix, str(full)))
     return resolved
+
+
+def _process_directory(cwd: str, path: Path | None, where: str) -> str:
+    """A process's ``cwd`` as an absolute path (relative to the config file's
+    directory), which must be a directory."""
+    base = path.parent if path is not None else Path.cwd()
+    full = (base / cwd).resolve()
+    if not full.is_dir():
+        raise ConfigError(f"{where} cwd: {cwd}: "
+                          f"{'not a directory' if full.exists() else 'no such directory'} "
+                          f"({full})")
+    return str(full)
+
+
+# ``${NAME}`` in a command: replaced by the variable of the environment;
+# ``$$`` is a ``$`` (``$${NAME}`` reaches the program as ``${NAME}``).
+COMMAND_VARIABLE = re.compile(r"\$(?:(\$)|\{([^}]*)\})")
+
+
+def _command(argv: Sequence[str], environ: Mapping[str, str], process: Mapping[str, Any],
+             server: Mapping[str, Any], where: str) -> list[str]:
+    """A process's command with its ``${VAR}`` replaced from ``environ``; the
+    program must exist (looked up on PATH as execvp does, the process's env
+    included), so that a typo stops the server at start, not in a respawn loop."""
+    def variable(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "$"
+        name = match.group(2)
+        if name not in environ:
+            raise ConfigError(f"{where} command: ${{{name}}} is not set in the environment")
+        return environ[name]
+
+    expanded = [COMMAND_VARIABLE.sub(variable, part) for part in argv]
+    program = expanded[0]
+    if "/" in program:
+        # A path: relative ones start from the process's working directory.
+        base = Path(process["cwd"] or server["chdir"] or ".")
+        candidate = base / program
+        found = candidate.is_file() and os.access(candidate, os.X_OK)
+    else:
+        search = dict(process["env"]).get("PATH", environ.get("PATH", os.defpath))
+        found = shutil.which(program, path=search) is not None
+    if not found:
+        raise ConfigError(f"{where} command: {program!r}: no such executable"
+                          + ("" if "/" in program else " on PATH"))
+    return expanded
 
 
 def _check_routes(groups: Mapping[str, GroupConfig], label: str) -> None:
@@ -945,7 +1072,8 @@ def update_readme(path: Path) -> None:
 TYPES_PATH = Path(__file__).with_name("settings_types.py")
 PYTHON_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str",
                 "list": "tuple[str, ...]", "ints": "tuple[int, ...]",
-                "mounts": "tuple[tuple[str, str], ...]"}
+                "mounts": "tuple[tuple[str, str], ...]", "argv": "tuple[str, ...]",
+                "env": "tuple[tuple[str, str], ...]"}
 
 
 def settings_types() -> str:

@@ -77,8 +77,14 @@ class ServerSettings:
 class ProcessSettings:
     """Every ProcessConfig setting, as an attribute."""
 
-    target: str
+    target: str | None
+    command: tuple[str, ...] | None
     count: int
+    env: tuple[tuple[str, str], ...]
+    cwd: str | None
+    stop_signal: str
     nice: int
     cpus: tuple[int, ...]
     graceful_timeout: float
+    crash_limit: int
+    on_crash_loop: str

@@ -146,12 +146,14 @@ def boot_failed(fd: int, kind: Notice, message: str) -> int:
     return EXIT_CODES[kind]
 
 
-def child_setup(master_pid: int, nice: int, cpus: Sequence[int]) -> None:
-    """What every forked child does first: die with the master, leave the
-    master's signals to it, take its niceness and CPUs."""
+def child_setup(master_pid: int, nice: int, cpus: Sequence[int],
+                death_signal: int = signal.SIGTERM) -> None:
+    """What every forked child does first: die with the master (it gets
+    ``death_signal`` when the master dies), leave the master's signals to it,
+    take its niceness and CPUs."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # the loop's getppid check still catches an orphaned child
     if os.getppid() != master_pid:

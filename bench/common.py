@@ -69,6 +69,13 @@ def run_main(main: Callable[[], int], stopped: str = "all servers stopped") -> N
         sys.exit(130)
 
 
+def reproduce_command(argv: list[str] | None) -> str | None:
+    """The command line that ran this harness (this interpreter and ``sys.argv``), to
+    print and store beside its results; None when ``main`` was given its own ``argv``
+    (``sys.argv`` is then not this run's)."""
+    return shlex.join([sys.executable, *sys.argv]) if argv is None else None
+
+
 def server_env() -> dict[str, str]:
     """The environment every server gets: bench/ importable, no stray server settings."""
     env = {k: v for k, v in os.environ.items()

@@ -90,6 +90,7 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    reproduce_command,
     require_warmup,
     routing_counts,
     run_main,
@@ -779,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = shlex.join([sys.executable, *sys.argv]) if argv is None else None
+    reproduce = reproduce_command(argv)
     layouts = [x for x in LAYOUTS if (x.name in args.layout if args.layout
                                       else in_mode(x, args.one_port))]
     layouts = [x for x in layouts if layout_kinds(x, args)]

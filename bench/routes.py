@@ -78,6 +78,7 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    reproduce_command,
     require_positive,
     require_warmup,
     routing_counts,
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = shlex.join([sys.executable, *sys.argv]) if argv is None else None
+    reproduce = reproduce_command(argv)
     if not check_tools(args):
         return 2
     try:

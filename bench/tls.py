@@ -14,28 +14,38 @@ Scenarios per certificate:
 * ``keepalive``: ``wrk`` over https on keep-alive connections (``-c64``): the cost of a
   request once the handshake is done (record encryption, the server's I/O path).
 * ``handshake``: the same with ``-H 'Connection: close'``: every request on a new TLS
-  connection (wrk does not resume sessions), so the handshake's cost dominates.
+  connection with a full handshake (the certificate's signature, a key exchange), so the
+  handshake's cost dominates. wrk would resume the previous connection's session (it
+  keeps it across ``SSL_clear``): for this scenario it runs with ``LD_PRELOAD`` of a
+  shim, compiled for the run with ``cc``, that drops the session first (the scenario is
+  skipped without a C compiler).
+* ``resumed``: ``Connection: close`` with wrk as it is: each new connection resumes the
+  session of the one before (TLS 1.3 PSK with a key exchange; no certificate, no
+  signature) where the server lets it. Whether it does is checked with Python's ``ssl``
+  client and printed (``resumes sessions``).
 
 Servers (``--server``, repeatable; default: all that are installed):
 
 * ``fastpool``: ``fastpool serve apps:app --tls-bind ... --certfile C --keyfile K`` (WSGI);
 * ``fastpool-asgi``: the same with ``apps:asgi_app --interface asgi --loop uvloop``;
-* ``nginx``: ``listen ... ssl`` with ``return 200`` (a reference, not Python);
+* ``nginx``: ``listen ... ssl`` with ``return 200`` (a reference, not Python), with
+  ``ssl_protocols TLSv1.2 TLSv1.3`` (nginx before 1.23.4 offers no TLS 1.3 by default;
+  the others all negotiate TLS 1.3 with wrk);
 * ``granian`` / ``granian-asgi``: ``--ssl-certificate C --ssl-keyfile K``;
 * ``uvicorn``: ``--ssl-certfile C --ssl-keyfile K`` (httptools + uvloop, ``apps:asgi_app``);
 * ``gunicorn``: gthread, ``--certfile C --keyfile K``.
 
-Rules, as in run.py and static.py: the server (all its processes) is pinned to CPU 0 and
-wrk to CPU 1; each server is waited for with a deadline and checked (a 200 with the exact
-body twice on one HTTPS keep-alive connection; for ``handshake``, a closed connection after
-``Connection: close``) before anything is measured and again after each scenario's load; a
-1 s warm-up, then ``--runs`` runs of ``--duration`` s, medians. Besides wrk's figures: the
-server's CPU time per request (user + system of its whole process tree, from /proc) and
-how busy wrk was -- above 85 % of its core the run is flagged client-bound (the req/s is
-then a floor). Ratios to fastpool are given on req/s and on CPU per request; the targets of
-issue 14 are printed beside the tables, not asserted.
+Rules, as in run.py and static.py: the server (all its processes) is pinned to CPU 0 and wrk
+to CPU 1; each server is waited for with a deadline and checked (a 200 with the exact body
+twice on one HTTPS keep-alive connection; for ``handshake`` and ``resumed``, a closed
+connection after ``Connection: close``) before anything is measured and again after each
+scenario's load; a 1 s warm-up, then ``--runs`` runs of ``--duration`` s, medians. Besides
+wrk's figures: the server's CPU time per request (user + system of its whole process tree,
+from /proc) and how busy wrk was -- above 85 % of its core the run is flagged client-bound
+(the req/s is then a floor). Ratios to fastpool are given on req/s and on CPU per request;
+the targets of issue 14 are printed beside the tables, not asserted.
 
-Standard library only (and the openssl command). Usage::
+Standard library only (and the openssl and cc commands). Usage::
 
     python bench/tls.py --peer-python /work/peers-venv/bin/python --json tls.json
 """
@@ -47,6 +57,7 @@ import contextlib
 import resource
 import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -76,6 +87,7 @@ from common import (
     port_in_use,
     python_version,
     raise_exit,
+    reproduce_command,
     require_positive,
     require_warmup,
     result_table,
@@ -102,20 +114,58 @@ CERTIFICATES = {
 class Scenario:
     name: str          # certificate/kind
     certificate: str
-    close: bool        # Connection: close: a new TLS connection per request
+    kind: str          # keepalive, handshake (full) or resumed
     title: str
 
+    @property
+    def close(self) -> bool:
+        """Connection: close: a new TLS connection per request."""
+        return self.kind != "keepalive"
 
-SCENARIOS = [Scenario(f"{cert}/{kind}", cert, kind == "handshake", title)
-             for cert in CERTIFICATES
-             for kind, title in (("keepalive", "GET / on keep-alive HTTPS connections"),
-                                 ("handshake", "GET / with Connection: close: a TLS "
-                                               "handshake per request"))]
+
+KINDS = {"keepalive": "GET / on keep-alive HTTPS connections",
+         "handshake": "GET / with Connection: close: a full TLS handshake per request",
+         "resumed": "GET / with Connection: close: a resumed TLS session per request"}
+SCENARIOS = [Scenario(f"{cert}/{kind}", cert, kind, title)
+             for cert in CERTIFICATES for kind, title in KINDS.items()]
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
-# (scenario kind, peer, least fastpool/peer on req/s), from issue 14.
+# (scenario kind, peer, least fastpool/peer on req/s), from issue 14 ("new connections"
+# is both handshake kinds).
 TARGETS = [("keepalive", "granian", 1.5), ("keepalive", "uvicorn", 3.0),
-           ("handshake", "nginx", 0.8)]
+           ("handshake", "nginx", 0.8), ("resumed", "nginx", 0.8)]
+
+# LD_PRELOADed into wrk for ``handshake``: wrk ends a connection with SSL_shutdown and
+# SSL_clear and reconnects with the same SSL object, which keeps its session and resumes
+# it; dropping the session first makes every connection a full handshake.
+NO_RESUME_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+#include <openssl/ssl.h>
+
+int SSL_clear(SSL *s) {
+    static int (*next)(SSL *);
+    if (next == NULL)
+        next = (int (*)(SSL *))dlsym(RTLD_NEXT, "SSL_clear");
+    SSL_set_session(s, NULL);
+    return next(s);
+}
+"""
+
+
+def build_no_resume_shim(tmp: Path) -> Path | str:
+    """The shared object that stops wrk resuming sessions, built in ``tmp``; or why not."""
+    source, shim = tmp / "wrk-no-resume.c", tmp / "wrk-no-resume.so"
+    source.write_text(NO_RESUME_SHIM)
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(source),
+                        "-ldl", "-lssl"], check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        return "no C compiler (cc)"
+    except subprocess.CalledProcessError as exc:
+        return f"cc failed: {(exc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return shim
 
 
 def make_certificate(directory: Path, kind: str) -> tuple[Path, Path]:
@@ -189,6 +239,7 @@ def nginx_conf(tmp: Path, port: int, workers: int, cert: Path, key: Path) -> str
     return f"""{nginx_head(tmp, workers)}
     server {{
         listen {HOST}:{port} ssl backlog=2048;
+        ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         location = / {{ default_type text/plain; return 200 '{hello}'; }}
@@ -247,11 +298,30 @@ def check_server(port: int, scenarios: list[Scenario],
     return failures
 
 
-def wrk_command(args: argparse.Namespace, s: Scenario, duration: int) -> list[str]:
+def resumes(port: int, context: ssl.SSLContext) -> bool:
+    """Whether the server resumes a session: a second connection offering the session
+    of a first one (after a whole request, so TLS 1.3 tickets have arrived)."""
+    session = None
+    for _ in range(2):
+        with socket.create_connection((HOST, port), timeout=5) as plain, \
+                context.wrap_socket(plain, server_hostname=HOST, session=session) as sock:
+            sock.sendall(http_request("GET", "/", port, close=True))
+            while sock.recv(65536):
+                pass
+            session, reused = sock.session, sock.session_reused
+    return reused
+
+
+def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
+                shim: Path | None = None) -> list[str]:
+    """wrk for ``s`` (``shim``: the no-resumption shim, which ``handshake`` needs)."""
     cmd = [args.wrk, f"-t{args.wrk_threads}", f"-c{args.connections}", f"-d{duration}s",
            "--latency"]
     if s.close:
         cmd += ["-H", "Connection: close"]
+    if s.kind == "handshake":
+        assert shim is not None
+        cmd = ["env", f"LD_PRELOAD={shim}"] + cmd
     return pin(args.wrk_cpus, args) + cmd + [f"https://{HOST}:{args.port}/"]
 
 
@@ -300,7 +370,7 @@ def ratio(results: dict[tuple[str, str], TLSResult], scenario: str, peer: str,
 
 
 def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
-           args: argparse.Namespace) -> str:
+           args: argparse.Namespace, resumption: dict[str, str]) -> str:
     out: list[str] = []
     for s in SCENARIOS:
         rows = [results[(s.name, av.kind.name)] for av in servers
@@ -312,7 +382,7 @@ def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
         def cells(r: TLSResult, s: Scenario = s) -> list[str]:
             cpu_ratio = ratio(results, s.name, r.server, on_cpu=True)
             busy = r.wrk_busy
-            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
+            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:,.1f} µs",
                     "—" if r.server == BASE or cpu_ratio is None else f"{1 / cpu_ratio:.2f}",
                     "?" if busy != busy else f"{busy:.0%}"
                     + (" (client-bound)" if busy > CLIENT_BOUND else "")]
@@ -340,11 +410,18 @@ def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
         out += lines
         out.append("")
     out.append(f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user "
-               "+ system) per request; wrk CPU: wrk's CPU time ÷ wall time (above "
+               f"+ system) per request; the two 'vs {BASE}' columns read the same way, above 1 "
+               f"the server does better than {BASE} (its req/s ÷ {BASE}'s; {BASE}'s CPU/req ÷ "
+               "its); wrk CPU: wrk's CPU time ÷ wall time (above "
                f"{CLIENT_BOUND:.0%}: client-bound, the req/s is a floor). {machine()}; "
                f"{ssl.OPENSSL_VERSION} (this Python's).\n")
     out.append("Notes:\n" + "\n".join(f"- {av.kind.name} ({av.version}): {av.kind.note}"
                                       for av in servers) + "\n")
+    if resumption:
+        out.append("Resumes sessions (a second connection offering the first one's session, "
+                   "Python's ssl client; where not, `resumed` is full handshakes too): "
+                   + ", ".join(f"{label} {answer}" for label, answer in resumption.items())
+                   + "\n")
     return "\n".join(out)
 
 
@@ -374,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, raise_exit)
     signal.signal(signal.SIGHUP, raise_exit)
+    reproduce = reproduce_command(argv)
+    if reproduce:
+        print(f"running: {reproduce}")
     if not check_tools(args):
         return 2
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
@@ -389,8 +469,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, str], TLSResult] = {}
     commands: dict[str, str] = {}
+    resumption: dict[str, str] = {}   # "server (certificate)": "yes", "no" or why unknown
     with contextlib.ExitStack() as stack:
         tmp = work_dir(stack, args, "fastpool-tls-")
+        shim: Path | None = None
+        if any(s.kind == "handshake" for s in scenarios):
+            built = build_no_resume_shim(tmp)
+            if isinstance(built, str):
+                print(f"skipping the handshake scenarios: {built} to build the shim that "
+                      "stops wrk resuming sessions", file=sys.stderr)
+                scenarios = [s for s in scenarios if s.kind != "handshake"]
+            else:
+                shim = built
         for certificate in dict.fromkeys(s.certificate for s in scenarios):
             cert, key = make_certificate(tmp, certificate)
             context = client_context(cert)
@@ -403,6 +493,17 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = pin(args.server_cpus, args) + server_command(av, args, tmp, cert, key)
                 commands[f"{name} ({certificate})"] = shlex.join(cmd)
                 server = Server(name, cmd, tmp / f"{name}-{certificate}.log", tls=context)
+
+                def resumption_note(label: str = f"{name} ({certificate})",
+                                    context: ssl.SSLContext = context,
+                                    group: list[Scenario] = group) -> str:
+                    if not any(s.kind == "resumed" for s in group):
+                        return ""
+                    try:
+                        resumption[label] = "yes" if resumes(args.port, context) else "no"
+                    except (OSError, ssl.SSLError) as exc:
+                        resumption[label] = f"? ({type(exc).__name__}: {exc})"
+                    return f"; resumes sessions: {resumption[label]}"
 
                 def run(r: Result, cmd: list[str], duration: int,
                         server: Server = server) -> tuple[WrkRun, str]:
@@ -425,27 +526,33 @@ def main(argv: list[str] | None = None) -> int:
                             args.port, group, context),
                         result=lambda s, name=name: results.setdefault(
                             (s.name, name), TLSResult(s.name, name)),
-                        wrk_command=lambda s, duration: wrk_command(args, s, duration),
-                        run=run)
+                        wrk_command=lambda s, duration: wrk_command(args, s, duration, shim),
+                        run=run, ready_note=resumption_note)
                 except BenchError as exc:
                     print(f"  {name}: {exc}", file=sys.stderr)
 
     print()
-    print(render(results, servers, args))
+    print(render(results, servers, args, resumption))
+    if reproduce:
+        print(f"Reproduce: `{reproduce}`\n")
     print("Commands (servers run with bench/ as working directory; certificates made with "
           "`openssl req -x509` in a temporary directory):\n")
     print("```")
     for name, cmd in commands.items():
         print(f"# {name}\n{cmd}")
-    for s in scenarios[:2]:
-        print(f"# wrk: {s.name.split('/')[1]}\n{shlex.join(wrk_command(args, s, args.duration))}")
+    for s in {s.kind: s for s in scenarios}.values():
+        print(f"# wrk: {s.kind}\n{shlex.join(wrk_command(args, s, args.duration, shim))}")
+    if shim is not None:
+        print(f"# {shim.name}: built with cc -shared -fPIC -O2 -ldl -lssl from\n"
+              + NO_RESUME_SHIM.strip())
     print("```")
     if args.json:
         write_json(args.json, {
-            "settings": settings(args), "machine": machine(), "openssl": ssl.OPENSSL_VERSION,
+            "settings": settings(args), "reproduce": reproduce, "machine": machine(),
+            "openssl": ssl.OPENSSL_VERSION,
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note}
                         for av in servers},
-            "commands": commands,
+            "commands": commands, "resumes_sessions": resumption,
             "results": [
                 {"scenario": r.scenario, "server": r.server, "error": r.error,
                  "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,

@@ -11,12 +11,14 @@ is JSON of what the app saw of the request and its connection.
   scope, ``tls`` (scope["extensions"]["tls"], or null) and ``extensions``
   (the names of the scope's extensions) instead of ``https``/``ssl``.
 
-A WebSocket (ASGI) is accepted, gets one text message (JSON: ``scheme``,
-``tls``: whether the scope has the tls extension, ``path``, ``pid``) and is
-closed.  Every response also has an ``X-Pid`` header.  A path whose last segment is
+Every response has an ``X-Pid`` header.  A path whose last segment is
 ``slow`` takes ``?s=SECONDS&tag=TAG``: it writes ``sleeping TAG PID`` to the
 server log (wsgi.errors / stderr) and sleeps (time.sleep in WSGI,
-asyncio.sleep in ASGI) before answering.
+asyncio.sleep in ASGI) before answering.  A path whose last segment is
+``echo`` answers the request body itself (application/octet-stream) instead
+of JSON.  A WebSocket (ASGI) is accepted, gets one text message (JSON:
+``scheme``, ``tls``: whether the scope has the tls extension, ``path``,
+``pid``) and is closed.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def _slow(query: str) -> tuple[float, str] | None:
     return float(args.get("s", "1")), args.get("tag", "-")
 
 
+def _echo_wsgi(body: bytes, start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(len(body))),
+                              ("X-Pid", str(os.getpid()))])
+    return [body]
+
+
 def _wsgi(group: str):
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -59,6 +68,8 @@ def _wsgi(group: str):
             environ["wsgi.errors"].write(f"sleeping {tag} {os.getpid()}\n")
             environ["wsgi.errors"].flush()
             time.sleep(seconds)
+        if path.rsplit("/", 1)[-1] == "echo":
+            return _echo_wsgi(body, start_response)
         port = environ.get("REMOTE_PORT")
         data = _answer(
             group, "wsgi", environ["REQUEST_METHOD"], path, query, body,
@@ -116,6 +127,14 @@ def _asgi(group: str):
             seconds, tag = _slow(query)
             print(f"sleeping {tag} {os.getpid()}", file=sys.stderr, flush=True)
             await asyncio.sleep(seconds)
+        if path.rsplit("/", 1)[-1] == "echo":
+            body = b"".join(parts)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"x-pid", str(os.getpid()).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         extensions = scope.get("extensions") or {}
         client = scope.get("client")
         data = _answer(

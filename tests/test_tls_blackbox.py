@@ -195,6 +195,7 @@ def assert_https_view(seen: Seen, interface: str, ctx: ssl.SSLContext,
         assert tls["tls_version"] == {"TLSv1.3": 0x0304, "TLSv1.2": 0x0303}[seen.version], tls
         assert tls["cipher_suite"] == suite_number(ctx, seen.cipher), tls
         assert tls["client_cert_error"] is None, tls
+        assert tls["server_cert"] is None, tls
         if client_cert is None:
             assert tls["client_cert_chain"] == [] and tls["client_cert_name"] is None, tls
         else:
@@ -404,6 +405,34 @@ def test_large_post_body(https, certs):
     seen = tls_once(https.tls_port, context(certs), "/upload", "POST", body)
     assert seen.body["length"] == len(body)
     assert seen.body["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_large_body_echoed_both_ways(https, certs):
+    body = os.urandom(2 * 1024 * 1024 + 3)
+    seen = tls_once(https.tls_port, context(certs), "/x/echo", "POST", body)
+    assert seen.response.status == 200
+    assert seen.response.body == body
+
+
+def test_limits_answer_over_tls_as_over_plain(https, certs):
+    """A request whose headers are too large gets the same answer on the TLS
+    listener as on the plain one (an error status), and the connection ends."""
+    request = get("/big-headers", extra="X-Big: " + "a" * 200_000 + "\r\n")
+    with socket.create_connection(("127.0.0.1", https.plain_port), timeout=10) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        plain = parse_responses(read_until_close(sock))
+    sock, stream = tls_connect(https.tls_port, context(certs))
+    with sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass
+        tls = stream.responses()
+    assert len(plain) == 1 and plain[0].status >= 400, plain
+    assert [(r.status, r.body) for r in tls] == [(plain[0].status, plain[0].body)], tls
 
 
 def test_health_path_over_tls(https, certs):
@@ -1046,6 +1075,68 @@ def test_pipelined_requests_across_groups_over_tls(routed, certs):
     assert [(b["group"], b["path"]) for b in bodies] == [
         ("web", "/one"), ("task", "/tast/two"), ("web", "/three"), ("task", "/tast/four")]
     assert bodies[1]["body"] == "second"
+
+
+@pytest.mark.parametrize("route", ["/tast", "/api"])
+def test_large_bodies_cross_the_relay_both_ways(routed, certs, route):
+    body = os.urandom(3 * 1024 * 1024 + 5)
+    sock, stream = tls_connect(routed.tls_port, context(certs))
+    with sock:
+        sock.sendall(post(f"{route}/echo", body))
+        echoed = stream.response()
+        sock.sendall(get("/after"))
+        after = json.loads(stream.response().body)
+    assert echoed.status == 200 and len(echoed.body) == len(body)
+    assert echoed.body == body
+    assert int(echoed.header("x-pid")) == {"/tast": routed.task_pid, "/api": routed.api_pid}[route]
+    assert (after["group"], after["pid"]) == ("web", routed.web_pid)
+
+
+@pytest.mark.parametrize("interface", list(APPS))
+def test_an_upload_relayed_right_after_boot(clusters, certs, interface):
+    """The first request of a new server (as right after a deploy or a reload)
+    is a 1 MiB upload over TLS for the routed WSGI group: relayed whole, and
+    echoed whole."""
+    chosen = ports("web", "tls")
+    text = render(groups={
+        "web": {"app": WEB_APPS[interface], "workers": 1,
+                "listen": [f"127.0.0.1:{chosen['web']}"],
+                "tls_listen": [f"127.0.0.1:{chosen['tls']}"],
+                "certfile": certs.cert_a, "keyfile": certs.key_a},
+        "task": routed_group(TASK_APP, ["/tast"], 1)})
+    server = clusters.start(text, workers=2, ports=chosen)
+    (task,) = server.wait_group("task", 1)
+    body = os.urandom(1024 * 1024)
+    sock, stream = tls_connect(chosen["tls"], context(certs))
+    with sock:
+        try:
+            sock.sendall(post("/tast/echo", body))
+            response = stream.response()
+        except (ssl.SSLError, EOFError, ConnectionResetError) as exc:
+            raise AssertionError(f"the upload was cut: {exc!r}\n{server.log}") from None
+    assert response.status == 200, (response.status, response.body[:300])
+    assert int(response.header("x-pid")) == task
+    assert response.body == body
+
+
+def test_a_client_that_resets_during_a_relayed_request(routed, certs):
+    """The client resets its TLS connection while the task group sleeps on its
+    request: every worker stays, the task worker finishes, the next requests
+    work."""
+    before = {name: routed.group_pids(name) for name in ("web", "task", "api")}
+    mark = len(routed.log)
+    tag = uuid.uuid4().hex
+    sock, _ = tls_connect(routed.tls_port, context(certs))
+    sock.sendall(get(f"/tast/slow?s=0.5&tag={tag}"))
+    wait_for(lambda: f"sleeping {tag}" in routed.log, what="the task group to sleep")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    ctx = context(certs)
+    assert tls_once(routed.tls_port, ctx, "/web-meanwhile").body["group"] == "web"
+    assert tls_once(routed.tls_port, ctx, "/tast/after", timeout=15).body["group"] == "task"
+    assert {name: routed.group_pids(name) for name in before} == before
+    wait_for(lambda: pending(routed) == 0, what="an empty task queue")
+    assert "Traceback" not in routed.log[mark:], routed.log[mark:]
 
 
 def start_slow(pool: ThreadPoolExecutor, server, ctx: ssl.SSLContext, route: str,

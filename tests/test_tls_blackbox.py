@@ -3,15 +3,19 @@ the real CLI for WSGI and ASGI, checked only through what a client sees (the
 wire, the certificates, the log, pids, ``fastpool check``/``status``).
 
 * what the app sees (scheme, HTTPS, SSL_* keys, the ASGI tls extension), ALPN,
-  keep-alive, pipelining, 100-continue, bodies, the health path, a plain and a
-  TLS listener side by side, with Python's ssl client and with curl;
+  SNI, keep-alive, pipelining, 100-continue, bodies, limits, the health path,
+  static files, the access log, a WebSocket (wss), a plain and a TLS listener
+  side by side, with Python's ssl client and with curl;
+* the other settings: an encrypted key, tls_min_version, tls_ciphers, the
+  FASTPOOL_* environment variables;
 * client certificates: required, optional, another CA's;
 * bad input that ends one connection only (the workers keep their pids);
 * config errors: exit code 2, one line naming the file;
 * certificate rotation by reload under a TLS load, and a broken certificate's
-  refused reload;
+  refused reload; a handshake under way when a reload begins; SIGTERM;
 * routes over TLS (the relay): the target group answers, keep-alive moves
-  between groups, max_pending's 503, a flood of the slow group;
+  between groups, large bodies both ways, a client that resets, max_pending's
+  503, a flood of the slow group;
 * kernel TLS where the machine has it, and what ``fastpool check`` says of it.
 
 Certificates: tls_certs.Certs (trustme); apps: apps_tls_blackbox.py.

@@ -68,16 +68,18 @@ ULP_LIST = Path("/proc/sys/net/ipv4/tcp_available_ulp")
 
 
 def ktls_missing() -> str | None:
-    """Why this machine cannot do kernel TLS, or None when it can."""
+    """Why this machine cannot do kernel TLS (every reason), or None when it can."""
+    reasons = []
     if not hasattr(ssl, "OP_ENABLE_KTLS"):
-        return "this Python has no ssl.OP_ENABLE_KTLS (3.12 or later has it)"
+        reasons.append("this Python has no ssl.OP_ENABLE_KTLS (3.12 or later has it)")
     try:
         ulps = ULP_LIST.read_text().split()
     except OSError:
         ulps = []
     if "tls" not in ulps:
-        return f"the kernel has no tls ULP ({ULP_LIST} lists {' '.join(ulps) or 'nothing'})"
-    return None
+        reasons.append(f"the kernel has no tls ULP ({ULP_LIST} lists "
+                       f"{' '.join(ulps) or 'nothing'})")
+    return "; ".join(reasons) or None
 
 
 # ---------------------------------------------------------------- helpers
@@ -1238,6 +1240,17 @@ def test_check_says_whether_kernel_tls_is_available(certs, tmp_path):
     else:
         assert "not available" in lines[0], lines[0]
     assert f"127.0.0.1:{PORT}" in result.stdout, result.stdout
+
+
+def test_status_says_whether_kernel_tls_is_used(routed):
+    """Issue 14: ``fastpool status`` says, for a group with TLS listeners,
+    whether kernel TLS is used; a group without them says nothing of it."""
+    result = routed.fastpool("status")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "kernel tls" in line.lower()]
+    assert len(lines) == 1, result.stdout
+    if ktls_missing() is not None:
+        assert "not available" in lines[0], lines[0]
 
 
 def test_kernel_tls_routes_where_available(clusters, certs):

@@ -1125,6 +1125,36 @@ def test_an_upload_relayed_right_after_boot(clusters, certs, interface):
     assert response.body == body
 
 
+def slow_request_holder(routed, sock: socket.socket, send, server_port: int) -> set[str]:
+    """Send a slow /tast request with ``send`` and, while the task group sleeps
+    on it, say which groups' workers hold the client's TCP connection."""
+    tag = uuid.uuid4().hex
+    send(get(f"/tast/slow?s=0.6&tag={tag}"))
+    wait_for(lambda: f"sleeping {tag}" in routed.log, what="the task group to sleep")
+    port = sock.getsockname()[1]
+    return {name for name, pid in (("web", routed.web_pid), ("task", routed.task_pid))
+            if holds_connection(pid, port, server_port)}
+
+
+def test_the_relay_keeps_the_tls_connection_in_the_web_worker(routed, certs):
+    """Without kernel TLS a TLS connection cannot move: while the task group
+    serves it, the web worker holds the TCP connection and the task worker
+    does not (it has the other end of a socket pair).  A plain connection,
+    handed over, is held by the task worker alone."""
+    plain_sock = socket.create_connection(("127.0.0.1", routed.ports["web"]), timeout=10)
+    with plain_sock:
+        plain_stream = Stream(plain_sock)
+        assert slow_request_holder(routed, plain_sock, plain_sock.sendall,
+                                   routed.ports["web"]) == {"task"}
+        assert json.loads(plain_stream.response().body)["group"] == "task"
+    if ktls_missing() is None:
+        pytest.skip("kernel TLS is available: TLS connections are handed over too")
+    sock, stream = tls_connect(routed.tls_port, context(certs))
+    with sock:
+        assert slow_request_holder(routed, sock, sock.sendall, routed.tls_port) == {"web"}
+        assert json.loads(stream.response().body)["group"] == "task"
+
+
 def test_a_client_that_resets_during_a_relayed_request(routed, certs):
     """The client resets its TLS connection while the task group sleeps on its
     request: every worker stays, the task worker finishes, the next requests
@@ -1278,6 +1308,10 @@ def test_kernel_tls_routes_where_available(clusters, certs):
             sock.sendall(get(target))
             body = json.loads(stream.response().body)
             assert (body["group"], body["pid"], body["scheme"]) == (group, pid, "https")
+        # The plain fd handoff: the task worker holds the TCP connection itself.
+        server.web_pid, server.task_pid = web, task
+        assert slow_request_holder(server, sock, sock.sendall, chosen["tls"]) == {"task"}
+        assert json.loads(stream.response().body)["group"] == "task"
     check = server.fastpool("check")
     assert check.returncode == 0, check.stderr
     assert "kernel TLS: available" in check.stdout, check.stdout

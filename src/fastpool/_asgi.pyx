@@ -1050,20 +1050,28 @@ cdef class Adoption:
     exists after the first step; the rest waits for connection_made."""
     cdef object coroutine
     cdef object sock
+    cdef ASGIWorker handshaking   # a TLS handshake's worker, told when it ends
 
-    def __init__(self, coroutine, sock):
+    def __init__(self, coroutine, sock, ASGIWorker handshaking=None):
         self.coroutine = coroutine
         self.sock = sock
+        self.handshaking = handshaking
 
     def step(self, _done=None):
         try:
             waiting = self.coroutine.send(None)
         except StopIteration:
-            return
+            return self.ended()
         except OSError:
             self.sock.close()     # the connection failed before it was made
-            return
+            return self.ended()
         waiting.add_done_callback(self.step)
+
+    cdef int ended(self) except -1:
+        if self.handshaking is not None:
+            self.handshaking.handshake_ended()
+            self.handshaking = None
+        return 0
 
 
 # ---------------------------------------------------------------- worker
@@ -1080,6 +1088,8 @@ cdef class ASGIWorker(WorkerBase):
     cdef readonly set connections
     cdef readonly set relays      # TLS connections relayed to another group (Relay)
     cdef dict tls_starting        # fd -> (conn, sock, context, accepted at): see accept
+    cdef int handshakes           # TLS handshakes under way (see start_transport)
+    cdef dict tls_options         # connect_accepted_socket's TLS timeouts (see main)
     cdef int app_calls            # app calls in progress
     cdef readonly dict state      # the lifespan state, copied into every scope
     cdef readonly bint websockets
@@ -1176,6 +1186,12 @@ cdef class ASGIWorker(WorkerBase):
         if self.alive:       # (a stop during the startup skips serving, not the shutdown)
             if isinstance(loop, BaseSelectorEventLoop):
                 self.make_transport = loop._make_socket_transport
+            # The handshake has client_timeout; a closing TLS connection waits
+            # for the client's close_notify as long as a lingering close
+            # drains a plain one (asyncio before 3.11 has no such timeout).
+            self.tls_options = {"ssl_handshake_timeout": self.client_timeout or None}
+            if not isinstance(loop, BaseSelectorEventLoop) or sys.version_info >= (3, 11):
+                self.tls_options["ssl_shutdown_timeout"] = LINGER_SECONDS
             # The worker accepts itself (not loop.create_server): the master's
             # sockets keep their backlog, and running out of descriptors
             # pauses accepting instead of spinning (asyncio) or resetting
@@ -1308,9 +1324,11 @@ cdef class ASGIWorker(WorkerBase):
         loop's non-blocking TLS handshake, which client_timeout bounds (a
         failed one ends the connection, logged at debug level by asyncio)."""
         if tls is not None:
+            # Counted until it ends (WorkerBase's drain waits for it, as the
+            # WSGI worker's does for a connection in HANDSHAKING).
+            self.handshakes += 1
             Adoption(self.loop.connect_accepted_socket(
-                conn.protocol_factory, sock, ssl=tls,
-                ssl_handshake_timeout=self.client_timeout or None), sock).step()
+                conn.protocol_factory, sock, ssl=tls, **self.tls_options), sock, self).step()
         elif self.make_transport is not None:
             # asyncio: connection_made runs soon, before the first read.
             self.make_transport(sock, conn, None, extra={"peername": conn.peer})
@@ -1357,6 +1375,9 @@ cdef class ASGIWorker(WorkerBase):
         (on a shutdown), and finish once drained."""
         cdef ASGIConnection conn
         self.watch_listeners(False)
+        if self.close_idle:
+            for fd in list(self.tls_starting):
+                self.tls_gone(fd)     # (connected, and not one byte sent yet)
         if self.handoff is not None and self.sockets:
             # Queued handoffs are for the workers that stay.
             self.loop.remove_reader(self.handoff.receiver_fd())
@@ -1369,8 +1390,16 @@ cdef class ASGIWorker(WorkerBase):
         return self.check_drained()
 
     cdef int check_drained(self) except -1:
-        if not self.connections and not self.relays and not self.app_calls:
+        if not (self.connections or self.relays or self.app_calls or self.tls_starting
+                or self.handshakes):
             self.quit()
+        return 0
+
+    cdef int handshake_ended(self) except -1:
+        """A TLS handshake is over (its connection, if made, is in connections)."""
+        self.handshakes -= 1
+        if not self.alive:
+            self.check_drained()
         return 0
 
     cdef int quit(self) except -1:

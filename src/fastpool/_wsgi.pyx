@@ -1711,6 +1711,9 @@ cdef class WSGIWorker(WorkerBase):
         conn.router = self.router
         conn.home_group = handover.home
         conn.handoff_origin = handover.origin
+        # Its bytes count as read now: a body that goes on arriving is timed
+        # from here (set_deadline), not from a read this worker never made.
+        conn.last_read = self.now or monotonic()
         conn.trusted_proxy = self.options.trust_all_proxies or (
             handover.tcp and remote in self.options.trusted_proxies)
         if not self.add_connection(conn):

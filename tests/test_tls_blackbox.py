@@ -1,4 +1,4 @@
-"""Black-box tests of TLS listeners (issue 14, /work/tls_spec.md): HTTPS through
+"""Black-box tests of TLS listeners (issue 14; README, "HTTPS"): HTTPS through
 the real CLI for WSGI and ASGI, checked only through what a client sees (the
 wire, the certificates, the log, pids, ``fastpool check``/``status``).
 

@@ -44,7 +44,7 @@ cdef class WorkerOptions:
     # Admission control on the group's own listeners (and its handoff queue)
     cdef readonly int max_pending
     cdef readonly double max_queue_wait
-    cdef readonly bytes shed_headers   # the Retry-After header of a shed request's 503
+    cdef readonly int retry_after      # the Retry-After of a shed request's 503
     # one worker kind's own
     cdef readonly int threads          # WSGI
     cdef readonly str loop             # ASGI

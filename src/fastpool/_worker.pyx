@@ -28,7 +28,7 @@ cimport cython
 from fastpool._consts cimport *
 from libc.math cimport INFINITY
 from fastpool._http cimport (
-    HttpConnection, Limits, monotonic, is_health_target, error_response,
+    HttpConnection, Limits, monotonic, is_health_target,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._static cimport StaticFiles
@@ -43,7 +43,9 @@ import logging
 import os
 import socket
 
-from fastpool.handoff import addresses as handoff_addresses, origin_text, parse_origin
+from fastpool.handoff import (
+    addresses as handoff_addresses, busy_answer, origin_text, parse_origin,
+)
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
@@ -93,8 +95,7 @@ cdef class WorkerOptions:
                                          group.static_follow_symlinks)
         options.max_pending = group.max_pending
         options.max_queue_wait = group.max_queue_wait
-        options.shed_headers = (f"Retry-After: {group.retry_after}\r\n".encode()
-                                if group.retry_after else b"")
+        options.retry_after = group.retry_after
         options.threads = group.threads
         options.loop = group.loop
         options.lifespan = lifespan
@@ -315,15 +316,13 @@ cdef class WorkerBase:
         cdef tcp_info info
         cdef socklen_t size = sizeof(info)
         cdef double now = monotonic()
-        if not listener.tcp:
-            return now
-        if self.options.max_pending:
+        if listener.tcp and self.options.max_pending:
             if getsockopt(listener.fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0 and \
                     info.tcpi_unacked + self.waiting > <unsigned int>self.options.max_pending:
                 return -INFINITY
             size = sizeof(info)
-        self.waiting += 1
-        if getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0:
+        self.waiting += 1          # (stop_waiting counts it down, whatever the listener)
+        if listener.tcp and getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &size) == 0:
             return now - info.tcpi_last_data_recv / MS_PER_SECOND
         return now
 
@@ -351,7 +350,7 @@ cdef class WorkerBase:
         """Count a request answered 503 by admission control; its answer
         (made now: its Date is now's)."""
         self.board[BOARD_SHED] += 1
-        return error_response(503, "the server is busy; retry later", self.options.shed_headers)
+        return busy_answer(self.options.retry_after)
 
     # ---- stopping
 

@@ -947,6 +947,21 @@ cdef class WSGIConnection(HttpConnection):
         self.closing = True
         return self.settle()
 
+    cdef Py_ssize_t read_record(self) except -3:
+        """One TLS read into the worker's receive buffer (the connection's
+        and its relay's): the bytes decrypted, 0 at the client's EOF, -1 when
+        nothing is there now, -2 on a TLS error (logged; the caller closes)."""
+        try:
+            return self.tls_io.read(RECV_SIZE, self.worker.recv_view)
+        except (SSLWantReadError, SSLWantWriteError):
+            return -1
+        except SSLEOFError:
+            return 0         # (an EOF without close_notify: an EOF all the same)
+        except OSError as exc:
+            error_log.debug("TLS error on the connection of %s: %s",
+                            self.remote_addr or "a unix socket client", exc)
+            return -2
+
     cdef int read_tls(self) except -1:
         """read() on a TLS connection: what OpenSSL decrypts, including the
         records it holds already (epoll does not know of them)."""
@@ -954,15 +969,10 @@ cdef class WSGIConnection(HttpConnection):
         cdef Py_ssize_t received
         cdef bint progress = False
         while True:
-            try:
-                received = self.tls_io.read(RECV_SIZE, worker.recv_view)
-            except (SSLWantReadError, SSLWantWriteError):
+            received = self.read_record()
+            if received == -1:
                 break
-            except SSLEOFError:
-                received = 0         # (an EOF without close_notify: an EOF all the same)
-            except OSError as exc:
-                error_log.debug("TLS error on the connection of %s: %s",
-                                self.remote_addr or "a unix socket client", exc)
+            if received == -2:
                 return self.close_connection()
             progress = True
             if received == 0:
@@ -1291,16 +1301,12 @@ cdef class Relay:
 
     cdef int from_client(self) except -1:
         cdef WSGIWorker worker = self.conn.worker
-        cdef object tls = self.conn.tls_io
         cdef Py_ssize_t received
         while self.to_inner is None:
-            try:
-                received = tls.read(RECV_SIZE, worker.recv_view)
-            except (SSLWantReadError, SSLWantWriteError):
+            received = self.conn.read_record()
+            if received == -1:
                 return 0
-            except SSLEOFError:
-                received = 0
-            except OSError:
+            if received == -2:
                 return self.end()
             if received == 0:
                 self.client_eof = True
@@ -1308,7 +1314,7 @@ cdef class Relay:
                 return 0
             self.to_inner = worker.recv_view[:received].tobytes()
             self.flush_inner()
-            if received < RECV_SIZE or not tls.pending():    # (see read_tls)
+            if received < RECV_SIZE or not self.conn.tls_io.pending():    # (see read_tls)
                 return 0
         return 0
 

@@ -188,8 +188,14 @@ class Handoff:
     def shed(self, group: int, retry_after: int) -> bytes:
         """Count a request refused for ``group`` and return its 503."""
         atomic_add(self.counters, MAX_GROUPS + group, 1)
-        headers = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
-        return error_response(503, "the server is busy; retry later", headers)
+        return busy_answer(retry_after)
+
+
+def busy_answer(retry_after: int) -> bytes:
+    """The 503 of admission control (routes here, a group's own port in the
+    workers), with Retry-After unless it is 0; made when sent (its Date)."""
+    headers = f"Retry-After: {retry_after}\r\n".encode() if retry_after else b""
+    return error_response(503, "the server is busy; retry later", headers)
 
 
 def origin_text(scheme: str, peer: tuple[str, int] | None,

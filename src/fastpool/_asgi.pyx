@@ -1013,11 +1013,7 @@ cdef class Relay:
         transport.set_protocol(self.client)
         self.client.transport = transport
         sock.setblocking(False)
-        if worker.make_transport is not None:
-            worker.make_transport(sock, self.inner, None)
-        else:
-            Adoption(worker.loop.connect_accepted_socket(self.inner.protocol_factory, sock),
-                     sock).step()
+        worker.start_transport(self.inner, sock)
 
     cdef int made(self, RelayEnd end) except -1:
         if end is self.inner and self.client.transport is not None:
@@ -1273,7 +1269,7 @@ cdef class ASGIWorker(WorkerBase):
                 conn.arrived = self.arrival(listening, fd)
             sock = socket.socket(address.ss_family, socket.SOCK_STREAM, 0, fileno=fd)
             if listening.tls is None:
-                self.start_transport(conn, sock)
+                self.start_transport(conn, sock, None, conn.peer)
             else:
                 # The handshake starts once the first bytes show it is one.
                 self.tls_starting[fd] = (conn, sock, listening.tls, monotonic())
@@ -1301,7 +1297,7 @@ cdef class ASGIWorker(WorkerBase):
                             conn.client_text())
             # Answered in plain text, with the lingering close of any refusal.
             conn.refusal = error_response(400, "The plain HTTP request was sent to HTTPS port")
-            self.start_transport(conn, sock)
+            self.start_transport(conn, sock, None, conn.peer)
         else:
             self.start_transport(conn, sock, context)
 
@@ -1318,9 +1314,11 @@ cdef class ASGIWorker(WorkerBase):
             self.watch_listeners(False)
         return 0
 
-    cdef int start_transport(self, ASGIConnection conn, object sock, object tls=None) except -1:
+    cdef int start_transport(self, object protocol, object sock, object tls=None,
+                             object peer=None) except -1:
         """Give an accepted (or handed-over) socket to the event loop, with
-        ``conn`` as its protocol; with ``tls`` (an SSL context), after the
+        ``protocol`` (an ASGIConnection, or a relay's end) as its protocol
+        and ``peer`` as its peername; with ``tls`` (an SSL context), after the
         loop's non-blocking TLS handshake, which client_timeout bounds (a
         failed one ends the connection, logged at debug level by asyncio)."""
         if tls is not None:
@@ -1328,13 +1326,15 @@ cdef class ASGIWorker(WorkerBase):
             # WSGI worker's does for a connection in HANDSHAKING).
             self.handshakes += 1
             Adoption(self.loop.connect_accepted_socket(
-                conn.protocol_factory, sock, ssl=tls, **self.tls_options), sock, self).step()
+                protocol.protocol_factory, sock, ssl=tls, **self.tls_options), sock,
+                self).step()
         elif self.make_transport is not None:
             # asyncio: connection_made runs soon, before the first read.
-            self.make_transport(sock, conn, None, extra={"peername": conn.peer})
+            self.make_transport(sock, protocol, None, extra={"peername": peer})
         else:
             # uvloop's public way is a coroutine: driven here, without a Task.
-            Adoption(self.loop.connect_accepted_socket(conn.protocol_factory, sock), sock).step()
+            Adoption(self.loop.connect_accepted_socket(protocol.protocol_factory, sock),
+                     sock).step()
         return 0
 
     def take_handoffs(self):
@@ -1361,7 +1361,7 @@ cdef class ASGIWorker(WorkerBase):
                 conn.peer = handover.peer
             sock = socket.socket(fileno=handover.fd)
             sock.setblocking(False)
-            self.start_transport(conn, sock)
+            self.start_transport(conn, sock, None, conn.peer)
 
     # ---- stopping (WorkerBase.stop, from the signal handlers in worker.py)
 

@@ -50,11 +50,12 @@ from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
     Request, HttpConnection, OutBuffer, TargetCache, refresh_date,
     error_response, status_line_of, monotonic, Framing, framing_reset, queue_head, frame_body,
-    end_body,
+    end_body, SERVED_HEALTH, SERVED_STATIC, SERVED_SHED, SERVED_ERROR,
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
-    WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE, input_waiting,
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE, BOARD_IN_FLIGHT,
+    input_waiting,
 )
 
 import asyncio
@@ -278,6 +279,7 @@ cdef class Cycle:
                 late = worker.too_late(conn.arrived, self.request.started)
                 conn.arrived = worker.stop_waiting(conn.arrived)
                 if late:
+                    self.framing.served_by = SERVED_SHED
                     self.fail(503, "", worker.shed())
                     return
             await app(self.request.scope, self.receive, self.send)
@@ -524,6 +526,7 @@ cdef class ASGIConnection(HttpConnection):
             # Admission control: too many wait already; the 503 goes out now.
             self.arrived = 0
             self.refusal = worker.shed()
+            worker.count_response(503, 0, SERVED_SHED)
         if self.refusal is not None:
             self.out.write(self.refusal)
             self.refusal = None
@@ -672,6 +675,7 @@ cdef class ASGIConnection(HttpConnection):
                     continue
                 if self.error_status:
                     self.out.write(error_response(self.error_status, self.error_reason or ""))
+                    worker.count_response(self.error_status, 0, SERVED_ERROR)
                     self.closing = True
                 elif self.peer_closed or (not worker.alive and worker.close_idle
                                           and self.at_message_boundary()):
@@ -749,6 +753,7 @@ cdef class ASGIConnection(HttpConnection):
         cycle.conn = self
         cycle.request = request
         framing_reset(&cycle.framing)
+        cycle.framing.served_by = SERVED_HEALTH
         self.cycle = cycle
         cycle.started = True
         cycle.headers = ((b"content-type", b"text/plain"),)
@@ -786,6 +791,7 @@ cdef class ASGIConnection(HttpConnection):
         cycle.conn = self
         cycle.request = request
         framing_reset(&cycle.framing)
+        cycle.framing.served_by = SERVED_STATIC
         self.cycle = cycle
         if answer is None:
             cycle.fail(500)
@@ -824,6 +830,8 @@ cdef class ASGIConnection(HttpConnection):
             return 0
         self.cycle = None
         worker.request_done()
+        worker.count_response(cycle.framing.status_code, cycle.request.started,
+                              cycle.framing.served_by)
         worker.retirement_due()
         if worker.access_log is not None:
             worker.log_access(cycle.request, self.base_scope.get("client"),
@@ -921,6 +929,7 @@ cdef class ASGIConnection(HttpConnection):
         elif self.current is not None:
             if limit > 0 and now - self.current.started > limit:
                 self.out.write(error_response(408, "request not received in time"))
+                worker.count_response(408, 0, SERVED_ERROR)
                 self.fail(408, "request not received in time")
                 self.close_after_output()
         elif not self.pending:
@@ -1117,12 +1126,14 @@ cdef class ASGIWorker(WorkerBase):
         says the loop has been busy (the tick refreshes it while calls run),
         so ``timeout`` means the loop itself is blocked."""
         self.app_calls += 1
+        self.board[BOARD_IN_FLIGHT] = self.app_calls
         if self.app_calls == 1:
             self.board[BOARD_BUSY_SINCE] = monotonic()
         return None
 
     cdef int app_finished(self, object token) except -1:
         self.app_calls -= 1
+        self.board[BOARD_IN_FLIGHT] = self.app_calls
         if self.app_calls == 0:
             self.board[BOARD_BUSY_SINCE] = 0.0
             if not self.alive:
@@ -1222,6 +1233,7 @@ cdef class ASGIWorker(WorkerBase):
         refresh_date()
         if self.app_calls:
             self.board[BOARD_BUSY_SINCE] = now
+        self.count_connections(len(self.connections))
         for conn in list(self.connections):
             conn.check_deadlines(now)
         for fd, entry in list(self.tls_starting.items()):
@@ -1297,6 +1309,7 @@ cdef class ASGIWorker(WorkerBase):
                             conn.client_text())
             # Answered in plain text, with the lingering close of any refusal.
             conn.refusal = error_response(400, "The plain HTTP request was sent to HTTPS port")
+            self.count_response(400, 0, SERVED_ERROR)
             self.start_transport(conn, sock, None, conn.peer)
         else:
             self.start_transport(conn, sock, context)

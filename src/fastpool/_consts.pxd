@@ -48,6 +48,13 @@ cdef enum:
     # ---- TLS
     TLS_HANDSHAKE_RECORD = 22       # a TLS connection's first byte: a handshake record (RFC 8446)
 
+    # ---- metrics (the scoreboard's response counts, fastpool.metrics)
+    STATUS_CLASSES = 5              # 1xx .. 5xx
+    # A response given up before its status went out (the client left, or
+    # stopped reading) is counted as nginx logs it: 499.
+    CLIENT_CLOSED_REQUEST = 499
+    DURATION_BUCKETS = 16           # the bounds of FASTPOOL_DURATION_BOUNDS below
+
     # ---- the parser
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)
     LLHTTP_ERRNO_MAX = 64           # llhttp error codes looked up by name at import are below this
@@ -70,6 +77,13 @@ cdef extern from *:
     /* ASGI: a handoff waits for the transport to send what precedes it,
        looking again this often (s). */
     #define FASTPOOL_HANDOFF_RETRY_SECONDS 0.001
+    /* The request duration histogram's upper bounds (s): from a cached
+       hello (0.5 ms) to a report that runs into the default timeout (60 s),
+       about three per decade as Prometheus's defaults.  fastpool.metrics
+       reads them through fastpool._worker.DURATION_BOUNDS. */
+    static const double FASTPOOL_DURATION_BOUNDS[] __attribute__((unused)) = {
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+        0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0};
     /* TCP_INFO gives times in milliseconds. */
     #define FASTPOOL_MS_PER_SECOND 1000.0
     """
@@ -79,3 +93,4 @@ cdef extern from *:
     const double READ_GRACE_SECONDS "FASTPOOL_READ_GRACE_SECONDS"
     const double HANDOFF_RETRY_SECONDS "FASTPOOL_HANDOFF_RETRY_SECONDS"
     const double MS_PER_SECOND "FASTPOOL_MS_PER_SECOND"
+    const double BUCKET_BOUNDS "FASTPOOL_DURATION_BOUNDS"[DURATION_BUCKETS]

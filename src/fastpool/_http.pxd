@@ -196,8 +196,22 @@ cdef struct HeadFlags:
 # How one response is delimited on the wire, decided when its head is built.
 # Every worker kind frames its responses with the functions below, so WSGI and
 # ASGI answer alike (Content-Length, chunked, close-delimited, keep-alive).
+# Who answered a request, for the scoreboard's response counts (one of the
+# ``served_by`` labels of fastpool_requests_total): the app, the static files,
+# the health path, admission control (503), or the server itself refusing a
+# request it could not parse or wait for (4xx).
+cdef enum ServedBy:
+    SERVED_APP = 0
+    SERVED_STATIC = 1
+    SERVED_HEALTH = 2
+    SERVED_SHED = 3
+    SERVED_ERROR = 4
+    SERVED_KINDS = 5
+
+
 cdef struct Framing:
     int status_code
+    int served_by               # a ServedBy value; framing_reset makes it SERVED_APP
     long long declared_length   # the body's announced length, -1 when unknown
     long long body_sent
     bint headers_sent

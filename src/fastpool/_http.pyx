@@ -1675,6 +1675,7 @@ cdef void head_free(HeadBuf *head) noexcept:
 
 cdef void framing_reset(Framing *framing) noexcept:
     framing.status_code = 0
+    framing.served_by = SERVED_APP
     framing.declared_length = -1
     framing.body_sent = 0
     framing.headers_sent = False

@@ -2,7 +2,8 @@
 # rules): what a worker is to the master and to the other groups, whatever
 # runs its connections.
 
-from fastpool._http cimport HttpConnection, Limits, Router
+from fastpool._consts cimport STATUS_CLASSES, DURATION_BUCKETS
+from fastpool._http cimport HttpConnection, Limits, Router, SERVED_KINDS
 from fastpool._posix cimport sockaddr_storage
 from fastpool._static cimport StaticFiles
 
@@ -10,14 +11,27 @@ from fastpool._static cimport StaticFiles
 # The scoreboard record of a worker: BOARD_SIZE doubles in memory shared with
 # the master.  This enum is the layout; fastpool.scoreboard reads it through
 # BOARD_LAYOUT (the _worker module's Python view of it), never by its own count.
+# Everything but the state and the gauges (busy since, in flight, connections)
+# only grows while the worker lives: the master folds a dead worker's counts
+# into its group's totals (fastpool.metrics), so no counter goes backwards.
 cdef enum:
     BOARD_REQUESTS = 0     # requests served
     BOARD_BUSY_SINCE = 1   # monotonic time app code has been running since; 0 = idle
     BOARD_STATE = 2        # one of the WorkerState values
+    BOARD_IN_FLIGHT = 3    # app calls running now
     BOARD_HANDED_IN = 4    # connections taken from the group's handoff queue
     BOARD_HANDED_OUT = 5   # connections handed to another group
-    BOARD_SHED = 6         # requests answered 503 by admission control
-    BOARD_SIZE = 8
+    BOARD_SHED = 6         # requests answered 503 by admission control on the group's own port
+    BOARD_CONNECTIONS = 7  # client connections open (updated by the once-a-second sweep)
+    # Responses by status class and by who answered: the count of class C
+    # (1 for 1xx .. 5) answered by S (a ServedBy) is at
+    # BOARD_RESPONSES + (C - 1) * SERVED_KINDS + S.
+    BOARD_RESPONSES = 8
+    # The request duration histogram: DURATION_BUCKETS + 1 counts (not
+    # cumulative; the last: above every bound), then the sum of the durations.
+    BOARD_DURATIONS = BOARD_RESPONSES + STATUS_CLASSES * SERVED_KINDS
+    BOARD_DURATION_SUM = BOARD_DURATIONS + DURATION_BUCKETS + 1
+    BOARD_SIZE = BOARD_DURATION_SUM + 1
 
 cpdef enum WorkerState:
     BOOTING = 0
@@ -105,6 +119,8 @@ cdef class WorkerBase:
     cdef object app_started(self)
     cdef int app_finished(self, object token) except -1
     cdef int request_done(self) except -1
+    cdef int count_response(self, int status, double started, int served_by) except -1
+    cdef int count_connections(self, Py_ssize_t count) except -1
     cdef bint retirement_due(self) except -1
     cdef bint master_gone(self) except -1
     cdef bint is_health(self, bytes target)

@@ -28,7 +28,8 @@ cimport cython
 from fastpool._consts cimport *
 from libc.math cimport INFINITY
 from fastpool._http cimport (
-    HttpConnection, Limits, monotonic, is_health_target,
+    HttpConnection, Limits, monotonic, SERVED_APP, SERVED_STATIC, SERVED_HEALTH, SERVED_SHED,
+    SERVED_ERROR, SERVED_KINDS, is_health_target,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._static cimport StaticFiles
@@ -53,8 +54,15 @@ cdef object error_log = logging.getLogger("fastpool.error")
 BOARD_LAYOUT = {
     "size": BOARD_SIZE, "requests": BOARD_REQUESTS, "busy_since": BOARD_BUSY_SINCE,
     "state": BOARD_STATE, "handed_in": BOARD_HANDED_IN, "handed_out": BOARD_HANDED_OUT,
-    "shed": BOARD_SHED,
+    "shed": BOARD_SHED, "in_flight": BOARD_IN_FLIGHT, "connections": BOARD_CONNECTIONS,
+    "responses": BOARD_RESPONSES, "durations": BOARD_DURATIONS,
+    "duration_sum": BOARD_DURATION_SUM, "status_classes": STATUS_CLASSES,
+    "served_kinds": SERVED_KINDS,
 }
+# The histogram's upper bounds (s), and who answered, by ServedBy value.
+DURATION_BOUNDS = tuple(BUCKET_BOUNDS[i] for i in range(DURATION_BUCKETS))
+SERVED_BY_NAMES = {SERVED_APP: "app", SERVED_STATIC: "static", SERVED_HEALTH: "health",
+                   SERVED_SHED: "shed", SERVED_ERROR: "error"}
 STATE_NAMES = {BOOTING: "booting", SERVING: "serving", DRAINING: "draining"}
 
 
@@ -166,6 +174,7 @@ cdef class WorkerBase:
         self.running.append(now)
         if len(self.running) == 1:
             self.board[BOARD_BUSY_SINCE] = now
+        self.board[BOARD_IN_FLIGHT] = len(self.running)
         return now
 
     cdef int app_finished(self, object token) except -1:
@@ -176,12 +185,41 @@ cdef class WorkerBase:
             # App threads finish in any order: the oldest still running counts.
             self.running.remove(token)
             self.board[BOARD_BUSY_SINCE] = min(self.running)
+        self.board[BOARD_IN_FLIGHT] = len(self.running)
         return 0
 
     cdef int request_done(self) except -1:
         """A response the app gave is over (sent, or given up)."""
         self.requests += 1
         self.board[BOARD_REQUESTS] = self.requests
+        return 0
+
+    cdef int count_response(self, int status, double started, int served_by) except -1:
+        """A response went out (or was given up): count it by status class and
+        by who answered (``served_by``, a ServedBy), and, when the request's
+        start is known (``started`` > 0), its duration in the histogram.  A
+        few additions in shared memory: no Python call, no lock (only this
+        worker writes its record, under the GIL)."""
+        cdef int status_class
+        cdef int bucket = 0
+        cdef double duration
+        if status == 0:
+            status = CLIENT_CLOSED_REQUEST     # given up before a status went out
+        status_class = status // 100
+        if status_class < 1 or status_class > STATUS_CLASSES:
+            status_class = STATUS_CLASSES    # (no such status leaves a worker; never lost)
+        self.board[BOARD_RESPONSES + (status_class - 1) * SERVED_KINDS + served_by] += 1
+        if started > 0:
+            duration = monotonic() - started
+            while bucket < DURATION_BUCKETS and duration > BUCKET_BOUNDS[bucket]:
+                bucket += 1
+            self.board[BOARD_DURATIONS + bucket] += 1
+            self.board[BOARD_DURATION_SUM] += duration
+        return 0
+
+    cdef int count_connections(self, Py_ssize_t count) except -1:
+        """The open client connections, for the master (each sweep)."""
+        self.board[BOARD_CONNECTIONS] = count
         return 0
 
     cdef bint retirement_due(self) except -1:
@@ -246,7 +284,8 @@ cdef class WorkerBase:
         self.board[BOARD_HANDED_IN] += 1
         os.set_blocking(fd, False)
         if refusal is not None:
-            self.board[BOARD_SHED] += 1
+            # (Counted as shed for this group by the handoff queues' own counts.)
+            self.count_response(503, 0, SERVED_SHED)
             try:
                 os.write(fd, refusal)
             except OSError:
@@ -280,7 +319,8 @@ cdef class WorkerBase:
         if refusal is None:
             self.board[BOARD_HANDED_OUT] += 1
             return None
-        self.board[BOARD_SHED] += 1
+        # (Counted as shed for the full group by the handoff queues' own counts.)
+        self.count_response(503, 0, SERVED_SHED)
         return refusal
 
     cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server):

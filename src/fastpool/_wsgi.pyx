@@ -73,7 +73,7 @@ from fastpool._http cimport (
     peer_of, remember, take_first, target_parts,
     deadline_after, Request, HttpConnection, OutBuffer, TargetCache,
     refresh_date, status_line, error_response, monotonic, Framing, framing_reset,
-    queue_head, frame_body, end_body,
+    queue_head, frame_body, end_body, SERVED_HEALTH, SERVED_STATIC, SERVED_SHED, SERVED_ERROR,
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
@@ -384,6 +384,7 @@ cdef class WSGIConnection(HttpConnection):
         cdef tuple answer = self.worker.health_answer()
         cdef bytes body = answer[1]
         self.reset_response(request)
+        self.framing.served_by = SERVED_HEALTH
         self.status = "200 OK" if answer[0] == 200 else "503 Service Unavailable"
         self.headers = [("Content-Type", "text/plain")]
         self.write_head(len(body))
@@ -426,6 +427,7 @@ cdef class WSGIConnection(HttpConnection):
         if self.pending and self.pending[0] is request:
             take_first(self.pending)
         self.reset_response(request)
+        self.framing.served_by = SERVED_STATIC
         if not queue_answer(answer, self.out, &self.framing, request,
                             worker.alive and worker.keep_alive > 0):
             self.end_response(None, True)
@@ -439,7 +441,10 @@ cdef class WSGIConnection(HttpConnection):
         return True
 
     cdef int finish_response(self, WSGIRequest request) except -1:
-        """After a response is queued: its access-log line, and the close decision."""
+        """After a response is queued: its counts, its access-log line, and the
+        close decision."""
+        self.worker.count_response(self.framing.status_code, request.started,
+                                   self.framing.served_by)
         if self.worker.access_log is not None:
             self.worker.access_log(request.environ, self.framing.status_code,
                                    self.framing.body_sent,
@@ -696,6 +701,7 @@ cdef class WSGIConnection(HttpConnection):
         Retry-After instead of the app, and the connection closes."""
         self.reset_response(request)
         self.out.write(self.worker.shed())
+        self.framing.served_by = SERVED_SHED
         self.framing.status_code = 503
         self.framing.headers_sent = True
         self.closing = True
@@ -944,6 +950,7 @@ cdef class WSGIConnection(HttpConnection):
         self.state = OPEN
         self.handshake_waits(False)
         self.out.write(error_response(400, "The plain HTTP request was sent to HTTPS port"))
+        self.worker.count_response(400, 0, SERVED_ERROR)
         self.closing = True
         return self.settle()
 
@@ -1090,6 +1097,7 @@ cdef class WSGIConnection(HttpConnection):
         if not self.closing and not self.pending and not self.streaming:
             if self.error_status:
                 self.out.write(error_response(self.error_status, self.error_reason or ""))
+                worker.count_response(self.error_status, 0, SERVED_ERROR)
                 self.closing = True
             elif self.peer_closed:
                 self.closing = True
@@ -1647,6 +1655,7 @@ cdef class WSGIWorker(WorkerBase):
                 # is drained by the lingering close).
                 conn.arrived = 0
                 conn.out.write(self.shed())
+                self.count_response(503, 0, SERVED_SHED)
                 conn.closing = True
                 conn.settle()
         return 0
@@ -1825,6 +1834,7 @@ cdef class WSGIWorker(WorkerBase):
             return 0
         if self.accept_paused:
             self.resume_accepting()
+        self.count_connections(self.connections)
         for entry in self.table:
             if type(entry) is not WSGIConnection:
                 continue

@@ -16,12 +16,13 @@ import os
 import platform
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from fastpool import __version__, core, settings, tls
-from fastpool.control import ControlError, format_status, request
+from fastpool.control import ControlError, format_status, format_watch, request
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.sockets import check_addresses
 
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show groups, workers and processes",
                                  description="Ask the running master for its state.")
     status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh in place once a second: per group workers by state, "
+                             "requests per second, p50/p99, in flight, shed, pending "
+                             "handoffs, listen queue (Ctrl-C ends it)")
     _add_control_target(status)
     reload = commands.add_parser("reload", help="rolling reload (like SIGHUP)",
                                  description="Re-read the config and replace every worker "
@@ -196,6 +201,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+WATCH_INTERVAL = 1.0    # seconds between two frames of fastpool status --watch
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def _watch(path: Path) -> int:
+    """``fastpool status --watch``: a frame a second, in place on a terminal
+    (one after another, separated by a blank line, into a pipe)."""
+    previous = None
+    in_place = sys.stdout.isatty()
+    try:
+        while True:
+            reply = request(path, {"command": "status"})
+            frame = format_watch(previous, reply)
+            print(CLEAR_SCREEN + frame if in_place else frame + "\n", flush=True)
+            previous = reply
+            time.sleep(WATCH_INTERVAL)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,6 +259,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command in ("status", "reload", "scale", "restart"):
         try:
             path = control_path(args)
+            if args.command == "status" and args.watch:
+                return _watch(path)
             if args.command == "status":
                 reply = request(path, {"command": "status"})
                 print(json.dumps(reply, indent=2) if args.json else format_status(reply))

@@ -1,7 +1,7 @@
 """The master's control socket, both sides: the server the master runs
 (``ControlServer``) and the client of ``fastpool status``, ``fastpool
 reload``, ``fastpool scale`` and ``fastpool restart`` (``request``,
-``format_status``).
+``format_status``, ``format_watch``).
 
 Rules of this module:
 
@@ -10,8 +10,9 @@ Rules of this module:
 * The server answers from the master's loop, never from a thread or a signal
   handler: the loop calls ``ControlServer.serve`` when the socket is
   readable, and each command calls back into the master (``reload``,
-  ``scale``, ``restart``) or reads its state (``status``).  ``scale`` takes
-  a group's or a process set's name; ``restart`` a process set's.
+  ``scale``, ``restart``) or reads its state (``status``, whose ``metrics``
+  are fastpool.metrics' snapshot: the numbers /metrics serves).  ``scale``
+  takes a group's or a process set's name; ``restart`` a process set's.
 * One master per control socket: ``ControlServer.open`` refuses a socket
   another master (or any process) listens on (``ControlSocketInUse``) and
   replaces a stale file nobody listens on; the socket is created 0600.  A
@@ -34,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastpool import __version__
+from fastpool import __version__, metrics
 
 if TYPE_CHECKING:
     from fastpool.master import Master
@@ -289,6 +290,7 @@ def rss_kib(pid: int) -> int | None:
 def status(master: Master) -> dict[str, Any]:
     """The ``status`` reply: every group with its workers, every process."""
     now = time.monotonic()
+    numbers = metrics.snapshot(master)
     groups = []
     for name, group in master.groups.items():
         workers = []
@@ -318,6 +320,7 @@ def status(master: Master) -> dict[str, Any]:
             "shed": queues.shed(name) if queues is not None else 0,
             "tls": _tls_status(group.tls),
             "workers": workers,
+            "metrics": numbers["groups"].get(name),
         })
     processes = []
     for name, process in master.processes.groups.items():
@@ -331,4 +334,45 @@ def status(master: Master) -> dict[str, Any]:
                         "state": "stopping" if c.retiring else "running"} for c in copies],
         })
     return {"master": master.pid, "version": __version__, "groups": groups,
-            "processes": processes}
+            "processes": processes, "bounds": numbers["bounds"], "time": numbers["time"]}
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def format_watch(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
+    """One frame of ``fastpool status --watch``: per group the workers by
+    state, requests per second and p50/p99 over the time since ``previous``
+    (the same counts as /metrics), in flight, shed, pending handoffs and the
+    listen queue."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(current["time"]))
+    lines = [f"fastpool {current['version']}, master pid {current['master']}, {stamp}"]
+    bounds = current.get("bounds") or []
+    before = {g["name"]: g.get("metrics") for g in (previous or {}).get("groups", [])}
+    elapsed = current["time"] - previous["time"] if previous else 0.0
+    for group in current["groups"]:
+        numbers = group.get("metrics")
+        lines.append("")
+        if not numbers:
+            lines.append(f"group {group['name']} ({group['state']}): no numbers yet")
+            continue
+        states = ", ".join(f"{state} {count}" for state, count in numbers["workers"].items())
+        lines.append(f"group {group['name']} ({group['state']}): "
+                     f"{len(group['workers'])}/{group['workers_wanted']} worker(s): {states}")
+        durations = numbers["durations"]
+        requests = sum(durations)
+        old = before.get(group["name"])
+        if old and elapsed > 0:
+            durations = [a - b for a, b in zip(durations, old["durations"], strict=True)]
+            rate = f"{(requests - sum(old['durations'])) / elapsed:.1f}"
+        else:
+            rate = "-"
+        queue = ", ".join(f"{q['queue']}/{q['backlog']}" for q in numbers["listen"]) or "-"
+        lines.append(
+            f"  req/s {rate}  p50 {_milliseconds(metrics.quantile(bounds, durations, 0.5))}  "
+            f"p99 {_milliseconds(metrics.quantile(bounds, durations, 0.99))}  "
+            f"in flight {numbers['in_flight']}  connections {numbers['connections']}  "
+            f"shed {numbers['shed']}  pending {numbers['pending']}  listen queue {queue}  "
+            f"restarts {sum(numbers['restarts'].values())}")
+    return "\n".join(lines)

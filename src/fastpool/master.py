@@ -65,6 +65,7 @@ from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import setup_error_log
+from fastpool.metrics import RESTART_CAUSES, AppMetrics, MetricsServer, Totals, rss_bytes
 from fastpool.process import (
     CRASH_WINDOW,
     Child,
@@ -84,6 +85,8 @@ HANDLED_SIGNALS = signals.MASTER_SIGNALS
 ABORT_GRACE = 2.0            # SIGABRT, then SIGKILL this much later
 LOOP_WAIT = 0.5              # seconds the loop sleeps at most between two looks around
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
+MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at the workers' RSS (max_rss)
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -107,6 +110,9 @@ class Group:
     # The SSL context of its tls_listen addresses (fastpool.tls), built from the
     # certificate files at start and again on every reload.
     tls: ssl.SSLContext | None = None
+    # The counts of its workers that have exited, restarts by cause, and CPU
+    # time by slot (fastpool.metrics): what keeps its counters monotonic.
+    totals: Totals = dataclasses.field(default_factory=Totals.empty)
 
 
 class Master:
@@ -130,6 +136,9 @@ class Master:
         # Its path is fixed at start: a reload cannot move it.
         self.control = ControlServer(config.control_path, self)
         self.booted = False      # every group at start-up has had a READY worker
+        self.metrics: MetricsServer | None = None     # metrics_listen
+        self.app_metrics: AppMetrics | None = None    # the apps' prometheus_client directory
+        self.memory_checked = 0.0                     # when max_rss was last checked
 
     # ---------------------------------------------------------------- start
 
@@ -149,6 +158,10 @@ class Master:
             if self.queues is not None:
                 self.queues.close()
             self.control.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.app_metrics is not None:
+                self.app_metrics.close()
 
     def _run(self) -> int:
         config = self.config
@@ -160,6 +173,12 @@ class Master:
         # First: a second server in the same place must not bind or fork anything.
         self.control.open()
         check_addresses(config)
+        if config.metrics_listen:
+            self.metrics = MetricsServer(self, config.metrics_listen)
+            self.metrics.open()
+            # Before any app is imported (preload) or forked: prometheus_client
+            # reads PROMETHEUS_MULTIPROC_DIR when a metric is created.
+            self.app_metrics = AppMetrics.setup(os.environ)
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
         for group in self.groups.values():
@@ -181,6 +200,9 @@ class Master:
             for text in group.listeners.describe():
                 log.info("Listening at: %s (group %s, %d worker(s))", text, group.config.name,
                          group.wanted)
+        if self.metrics is not None:
+            log.info("Metrics at: %s (app metrics: %s)", self.metrics.describe(),
+                     self.app_metrics.path if self.app_metrics else "-")
         if not self.groups:
             log.info("No worker groups: supervising %s only",
                      ", ".join(f"process {name}" for name in self.processes.groups))
@@ -344,6 +366,8 @@ class Master:
                 os.close(fd)
             self.control.close_in_child()
             self.processes.close_in_child()
+            if self.metrics is not None:
+                self.metrics.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -385,13 +409,16 @@ class Master:
 
     signal_child = staticmethod(signal_child)
 
-    def retire(self, child: Child) -> None:
+    def retire(self, child: Child, cause: str) -> None:
         """Graceful replacement: stop accepting, finish, leave (a worker's
-        retire signal; a process's stop_signal)."""
+        retire signal; a process's stop_signal).  ``cause``: a restart cause
+        of fastpool.metrics (``reload``, ``max_rss``), or ``scale``/``stop``
+        when no replacement follows."""
         if child.kind == "process":
             self.processes.retire(child)
         elif not child.retiring:
             child.retiring = True
+            child.retire_cause = cause
             self.signal_child(child, signals.SIGNAL_FOR[signals.RETIRE])
 
     def stop(self, graceful: bool) -> None:
@@ -463,7 +490,7 @@ class Master:
     def reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -471,15 +498,20 @@ class Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            if self.app_metrics is not None:
+                self.app_metrics.worker_gone(pid)
             served = 0
             if child.board_slot >= 0:
                 record = self.scoreboard.read(child.board_slot)
                 served = record.requests
-                self.scoreboard.release(child.board_slot)
                 gone_from = self.groups.get(child.name) if child.kind == "worker" else None
                 if gone_from is not None:
                     gone_from.handed_in += record.handed_in
                     gone_from.handed_out += record.handed_out
+                    # Before the record is reused: counters never go backwards.
+                    gone_from.totals.fold(self.scoreboard.fields(child.board_slot), child.slot,
+                                          usage.ru_utime + usage.ru_stime)
+                self.scoreboard.release(child.board_slot)
             self.read_notices()
             describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"
                         if child.kind == "worker"
@@ -505,12 +537,15 @@ class Master:
                 continue
             if self.stopping:
                 continue
-            self.worker_exited(child, crashed, served)
+            self.worker_exited(child, crashed, served, status)
 
-    def worker_exited(self, child: Child, crashed: bool, served: int) -> None:
+    def worker_exited(self, child: Child, crashed: bool, served: int, status: int) -> None:
         group = self.groups.get(child.name)
         if group is None:
             return
+        cause = restart_cause(child, status, group.config.max_requests)
+        if cause is not None:
+            group.totals.restarted(cause)
         if crashed and not child.ready and not self.booted and not self.exit_code:
             # Died before serving without saying why (a crash in C during import).
             log.error("Worker %d (pid %d) of group %s died while booting; stopping the server",
@@ -529,6 +564,7 @@ class Master:
         if group.crashes.record(failed, time.monotonic() - child.started,
                                 group.config.crash_limit) and group.state == "running":
             group.state = "crash-loop"
+            group.totals.restarted("crash_loop")
             self.kill_children(signals.SIGNAL_FOR[signals.SHUTDOWN], kind="worker",
                                name=child.name)
             self.crash_loop(f"Group {child.name}", f"{group.crashes.count} workers",
@@ -556,6 +592,26 @@ class Master:
                           group.config.timeout)
                 child.abort_sent = now
                 self.signal_child(child, signal.SIGABRT)
+
+    def check_memory(self) -> None:
+        """``max_rss``: recycle (gracefully, the replacement first) a worker
+        whose resident memory passed its group's limit; once a second."""
+        now = time.monotonic()
+        if now - self.memory_checked < MEMORY_CHECK_INTERVAL:
+            return
+        self.memory_checked = now
+        for child in list(self.children.values()):
+            if child.kind != "worker" or child.retiring or not child.ready:
+                continue
+            group = self.groups.get(child.name)
+            if group is None or not group.config.max_rss:
+                continue
+            rss = rss_bytes(child.pid)
+            if rss is not None and rss > group.config.max_rss * MIB:
+                log.warning("Worker %d (pid %d) of group %s uses %.0f MiB (max_rss %d MiB): "
+                            "replacing it gracefully", child.slot, child.pid, child.name,
+                            rss / MIB, group.config.max_rss)
+                self.retire(child, "max_rss")
 
     # ---------------------------------------------------------------- reload
 
@@ -634,7 +690,7 @@ class Master:
                        if c.kind == "worker" and c.name == name]
             if group.state != "running":
                 for child in workers:
-                    self.retire(child)
+                    self.retire(child, "stop")
                 if not workers and group.state == "stopped":
                     group.listeners.close()
                     del self.groups[name]
@@ -649,10 +705,10 @@ class Master:
                         self.spawn_worker(group, slot)
                 elif any(c.ready for c in new):
                     for child in old:
-                        self.retire(child)
+                        self.retire(child, "reload")
             for child in workers:
                 if child.slot >= group.wanted:
-                    self.retire(child)
+                    self.retire(child, "scale")
             # Slots above the wanted count whose last worker is gone: give back their sockets.
             busy_slots = {c.slot for c in workers}
             for slot in list(group.listeners.per_slot):
@@ -668,18 +724,22 @@ class Master:
                                                    *self.processes.output_fds()]
             if self.control.sock is not None:
                 readable.append(self.control.sock)
+            writable: list[socket.socket] = []
+            if self.metrics is not None:
+                readable.extend(self.metrics.readable())
+                writable = self.metrics.writable()
             wait = LOOP_WAIT
             output_due = self.processes.next_output_due()
             if output_due is not None:
                 wait = max(0.0, min(wait, output_due - time.monotonic()))
             try:
-                ready, _, _ = select.select(readable, [], [], wait)
+                ready, ready_out, _ = select.select(readable, writable, [], wait)
             except InterruptedError:
-                ready = []
+                ready = ready_out = []
             except OSError as exc:
                 if exc.errno != errno.EINTR:
                     raise
-                ready = []
+                ready = ready_out = []
             try:
                 while os.read(self.wake_r, 4096):
                     pass
@@ -692,6 +752,9 @@ class Master:
                     not self.stopping:
                 self.control.serve()
             self.reap()
+            if self.metrics is not None:
+                # (Also while stopping: a scrape during a drain sees it drain.)
+                self.metrics.serve(ready, ready_out)
             self.processes.check_stops()
             if self.stopping:
                 if not self.children and not self.processes.lingering:
@@ -704,10 +767,26 @@ class Master:
                     self.killed = True
                 continue
             self.check_timeouts()
+            self.check_memory()
             self.maintain()
             if not self.groups and not self.processes.groups:
                 log.info("Nothing left to supervise")
                 return
+
+
+def restart_cause(child: Child, status: int, max_requests: int) -> str | None:
+    """Why a worker that exited is being replaced (fastpool.metrics.RESTART_CAUSES),
+    or None when it is not (scaled down, its group stopped)."""
+    if child.retiring:
+        return child.retire_cause if child.retire_cause in RESTART_CAUSES else None
+    if child.abort_sent:
+        return "timeout"
+    if os.WIFSIGNALED(status):
+        return "signal"
+    # A worker leaves on its own with code 0 only after max_requests.
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and max_requests:
+        return "max_requests"
+    return "exit"
 
 
 def run(config: ServerConfig, cli: Mapping[str, Any], config_file: str | None,

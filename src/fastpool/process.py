@@ -88,6 +88,7 @@ class Child:
     generation: int = 0
     ready: bool = False
     retiring: bool = False
+    retire_cause: str = ""   # why the master retires it (fastpool.metrics.RESTART_CAUSES, "scale")
     abort_sent: float = 0.0
     own_group: bool = False  # leads a process group of its own (a command process)
     kill_at: float = 0.0     # a stop was asked: KILL at this time (0: no stop asked)

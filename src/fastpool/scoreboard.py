@@ -3,12 +3,14 @@ worker, read by the master.
 
 Rules: the master creates the mapping before it forks anything, hands each
 worker the index of a free record, and frees the record when the worker is
-reaped.  A record is ``BOARD_LAYOUT["size"]`` doubles; the layout (which
-double is what: requests served, since when app code has run, the state, the
-routing counts) is written once, as the ``BOARD_*`` enum of _worker.pxd, and
-read here through ``fastpool._worker.BOARD_LAYOUT`` and ``STATE_NAMES``.  Only
-the worker writes its record; a torn read costs the master one stale figure,
-never a wrong decision for long (it reads again a second later).
+reaped (after fastpool.metrics has folded its counts into its group's).  A
+record is ``BOARD_LAYOUT["size"]`` doubles; the layout (which double is what:
+requests served, since when app code has run, the state, the routing counts,
+the response counts and the duration histogram) is written once, as the
+``BOARD_*`` enum of _worker.pxd, and read here through
+``fastpool._worker.BOARD_LAYOUT`` and ``STATE_NAMES``.  Only the worker writes
+its record; a torn read costs the master one stale figure, never a wrong
+decision for long (it reads again a second later).
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ class Scoreboard:
         start = index * self.record.size
         return memoryview(self.memory)[start:start + self.record.size]
 
+    def fields(self, index: int) -> tuple[float, ...]:
+        """A record's doubles as they are now (fastpool.metrics reads them by layout)."""
+        return self.record.unpack_from(self.memory, index * self.record.size)
+
     def read(self, index: int) -> Record:
-        fields = self.record.unpack_from(self.memory, index * self.record.size)
+        fields = self.fields(index)
         at = self.layout
         return Record(int(fields[at["requests"]]), fields[at["busy_since"]],
                       self.states.get(int(fields[at["state"]]), "unknown"),

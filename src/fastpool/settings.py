@@ -419,6 +419,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_requests_jitter", "int", 0,
             "A random 0..N added to max_requests per worker, so workers do not all restart "
             "at once.", flags=("--max-requests-jitter",), metavar="N", check=at_least(0)),
+    Setting("max_rss", "int", 0,
+            "Recycle a worker (gracefully: a new one starts first) whose resident memory "
+            "passes this many MiB, checked once a second; 0: never. Counted as cause max_rss "
+            "in fastpool_worker_restarts_total.", flags=("--max-rss",), metavar="MIB",
+            check=at_least(0)),
     # ---- a group: limits
     Setting("limit_request_line", "int", 4094,
             "Largest request line in bytes (larger: 414). 0 means unlimited.",
@@ -537,6 +542,12 @@ SETTINGS: tuple[Setting, ...] = (
             "relative paths are relative to the config file's directory (or the current one). "
             "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
+    Setting("metrics_listen", "str", None,
+            "Serve Prometheus metrics (GET /metrics; OpenMetrics when the scraper asks) on "
+            "this HOST:PORT or unix:PATH, from the master: per-group request counts, "
+            "durations, workers, restarts, handoffs, listen queues, and the apps' own "
+            "prometheus_client metrics (fastpool[metrics]) merged across workers. Off by "
+            "default.", scope="server", flags=("--metrics-bind",), metavar="ADDRESS"),
     # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
             "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "

@@ -35,6 +35,7 @@ class GroupSettings:
     header_timeout: float    # alias of client_timeout
     max_requests: int
     max_requests_jitter: int
+    max_rss: int
     limit_request_line: int
     limit_request_fields: int
     limit_request_field_size: int
@@ -72,6 +73,7 @@ class ServerSettings:
     chdir: str | None
     log_level: str
     control_socket: str
+    metrics_listen: str | None
 
 
 class ProcessSettings:

@@ -119,7 +119,8 @@ def _overlap(a: Address, b: Address) -> bool:
 
 def check_addresses(config: ServerConfig) -> None:
     """Every listen address parses, and no two groups share one (the message
-    says which groups, and why a group without listen has its address)."""
+    says which groups, and why a group without listen has its address); nor
+    does metrics_listen."""
     seen: list[tuple[str, Address, str]] = []
     for name, group in config.groups.items():
         for address, text in group_addresses(group, config.path):
@@ -127,6 +128,15 @@ def check_addresses(config: ServerConfig) -> None:
                 if other_name != name and _overlap(address, other):
                     raise ConfigError(_shared(config, (other_name, other_text), (name, text)))
             seen.append((name, address, text))
+    if config.metrics_listen:
+        metrics = parse_address(config.metrics_listen, "metrics_listen")
+        if metrics.kind == "fd":
+            raise ConfigError(f"metrics_listen: {config.metrics_listen!r}: expected HOST:PORT "
+                              "or unix:PATH")
+        for name, address, text in seen:
+            if _overlap(metrics, address):
+                raise ConfigError(f"metrics_listen: {config.metrics_listen!r} is also an "
+                                  f"address of group {name!r} ({text!r})")
 
 
 def _shared(config: ServerConfig, first: tuple[str, str], second: tuple[str, str]) -> str:
@@ -315,15 +325,18 @@ class Listeners:
         seen: list[str] = []
         bound = list(self.shared) + [b for own in self.per_slot.values() for b in own]
         for item in bound:
-            if item.is_tcp and item.address.kind == "tcp":
-                host, port = item.sock.getsockname()[:2]
-                text = str(Address("tcp", host=str(host), port=int(port),
-                                   tls=item.address.tls))
-            else:
-                text = str(item.address)
+            text = self.describe_one(item)
             if text not in seen:
                 seen.append(text)
         return seen
+
+    @staticmethod
+    def describe_one(item: BoundSocket) -> str:
+        """One socket's address as ``describe`` writes it."""
+        if item.is_tcp and item.address.kind == "tcp":
+            host, port = item.sock.getsockname()[:2]
+            return str(Address("tcp", host=str(host), port=int(port), tls=item.address.tls))
+        return str(item.address)
 
     def close(self) -> None:
         for sock in self.all_sockets():

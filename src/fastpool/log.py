@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import logging.config
 import os
 import re
 import sys
@@ -133,6 +132,8 @@ def setup_logs(level: str = "info", error_log: str = "-", log_config: str | None
     data.setdefault("version", 1)
     # Loggers it does not name keep working (fastpool's own, the app's).
     data.setdefault("disable_existing_loggers", False)
+    import logging.config  # only here: most servers have no log_config
+
     try:
         logging.config.dictConfig(data)
     except (ValueError, TypeError, AttributeError, ImportError, OSError) as exc:

@@ -482,7 +482,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Write an access log line per request to this file ('-' is stdout). Off by "
             "default.", flags=("--access-log",), metavar="PATH"),
     Setting("access_log_format", "str", GUNICORN_FORMAT,
-            "The access log line: gunicorn's %(atom)s format (README, Logs), or 'json' "
+            "The access log line: a format of gunicorn's atoms (README, Logs), or 'json' "
             "(one JSON object per line). An unknown atom stops the start.",
             flags=("--access-log-format",), metavar="FORMAT", check=check_format),
     # ---- static files (fastpool._static)

@@ -268,7 +268,9 @@ def test_access_log_to_a_closed_stdout_is_switched_off_and_the_worker_serves_on(
     for _ in range(3):
         status, _, body = fetch(server, "/pid")
         assert (status, body) == (200, str(worker).encode())
-    warnings = error_lines(server.log, "access log: stdout is closed")
+    # The worker's log thread writes within a second (README, Logs).
+    warnings = wait_for(lambda: error_lines(server.log, "access log: stdout is closed"),
+                        what=f"the warning:\n{server.log}")
     assert len(warnings) == 1 and f"[{worker}] [WARNING]" in warnings[0], server.log
     assert server.stop() == 0
     assert "Traceback" not in server.log and "BrokenPipeError" not in server.log, server.log

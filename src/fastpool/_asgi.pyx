@@ -70,6 +70,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from fastpool.tls import asgi_extension as tls_extension
 
 from fastpool._http import ClientDisconnected
+from fastpool.log import asgi_environ
 from fastpool.signals import WORKER_SIGNALS
 
 cdef object error_log = logging.getLogger("fastpool.error")
@@ -1152,17 +1153,10 @@ cdef class ASGIWorker(WorkerBase):
         return 0
 
     def log_access(self, ASGIRequest request, client, int status, long long size):
-        environ = {
-            "REMOTE_ADDR": client[0] if client else "-",
-            "REQUEST_METHOD": request.method,
-            "RAW_URI": request.target.decode("latin-1"),
-            "SERVER_PROTOCOL": "HTTP/1.1" if request.http_minor else "HTTP/1.0",
-        }
-        for name, value in request.headers:
-            if name == b"referer":
-                environ["HTTP_REFERER"] = value.decode("latin-1")
-            elif name == b"user-agent":
-                environ["HTTP_USER_AGENT"] = value.decode("latin-1")
+        """The access-log line of a response (called only when the access log is on)."""
+        environ = asgi_environ(client, request.method, request.target,
+                               "1.1" if request.http_minor else "1.0", request.headers,
+                               self.access_log.headers)
         self.access_log(environ, status, size, monotonic() - request.started)
 
     # ---- life

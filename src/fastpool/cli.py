@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastpool import __version__, core, settings, tls
+from fastpool import __version__, core, log, settings, tls
 from fastpool.control import ControlError, format_status, format_watch, request
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.sockets import check_addresses
@@ -235,7 +235,12 @@ def _main(argv: Sequence[str] | None) -> int:
             tls.check(list(config.groups.values()))
             if args.command == "check":
                 _check(config)
-        except settings.ConfigError as exc:
+                if config.log_config:
+                    log.read_log_config(config.log_config)
+            else:
+                # Before the master: a bad log_config stops the start with one line.
+                log.setup_logs(config.log_level, config.error_log, config.log_config)
+        except (settings.ConfigError, log.LogConfigError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
         if args.command == "check":

@@ -38,8 +38,8 @@ Rules of this module (the model is gunicorn's arbiter):
   is replaced.
 * Signals mean what ``fastpool.signals.TABLE`` says (TERM and INT: graceful
   stop; QUIT, or a second INT: immediate stop; HUP: reload; TTIN/TTOU: one
-  worker more/less in every group; USR1: workers reopen their access logs),
-  and the master handles exactly the signals that table gives it.
+  worker more/less in every group; USR1: the master and the workers reopen
+  their log files), and the master handles exactly the signals that table gives it.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from fastpool import __version__, core, signals, tls, worker
 from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
-from fastpool.log import setup_error_log
+from fastpool.log import log_setup_done, reopen_files, setup_error_log
 from fastpool.metrics import RESTART_CAUSES, AppMetrics, MetricsServer, Totals, rss_bytes
 from fastpool.process import (
     CRASH_WINDOW,
@@ -143,7 +143,8 @@ class Master:
     # ---------------------------------------------------------------- start
 
     def run(self) -> int:
-        setup_error_log(self.config.log_level)
+        if not log_setup_done():
+            setup_error_log(self.config.log_level)
         try:
             return self._run()
         except ControlSocketInUse as exc:
@@ -326,6 +327,8 @@ class Master:
                          ", ".join(f"{n}: {g.wanted} worker(s)" for n, g in self.groups.items())
                          or "no worker groups: nothing to scale")
             elif action == signals.REOPEN_LOGS:
+                # First, so that this line is the first of the new file.
+                reopen_files()
                 log.info("Handling signal: %s (reopen log files)", name)
                 self.kill_children(signals.SIGNAL_FOR[signals.REOPEN_LOG], kind="worker")
 

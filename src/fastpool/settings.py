@@ -50,6 +50,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from fastpool.log import GUNICORN_FORMAT, check_format
 from fastpool.settings_types import GroupSettings, ProcessSettings, ServerSettings
 
 if sys.version_info >= (3, 11):
@@ -485,6 +486,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("access_log", "str", None,
             "Write an access log line per request to this file ('-' is stdout). Off by "
             "default.", flags=("--access-log",), metavar="PATH"),
+    Setting("access_log_format", "str", GUNICORN_FORMAT,
+            "The access log line: a format of gunicorn's atoms (README, Logs), or 'json' "
+            "(one JSON object per line). An unknown atom stops the start.",
+            flags=("--access-log-format",), metavar="FORMAT", check=check_format),
     # ---- static files (fastpool._static)
     Setting("static", "mounts", [],
             "Static files served by the workers without calling the app: URL prefix = "
@@ -537,6 +542,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_level", "str", "info", "Error log level: debug, info, warning, error, critical.",
             scope="server", flags=("--log-level",), metavar="LEVEL",
             check=choice("debug", "info", "warning", "error", "critical")),
+    Setting("error_log", "str", "-",
+            "The error log of the master and the workers: '-' is stderr, else a file "
+            "(appended to; SIGUSR1 reopens it). Relative to the config file's directory "
+            "(or the current one). Fixed at start.",
+            scope="server", flags=("--error-log",), metavar="PATH"),
+    Setting("log_config", "str", None,
+            "A logging.config.dictConfig file (.json or .toml) applied after fastpool's "
+            "defaults: loggers fastpool.error and fastpool.access (README, Logs). Relative "
+            "to the config file's directory (or the current one). Fixed at start.",
+            scope="server", flags=("--log-config",), metavar="PATH"),
     Setting("control_socket", "str", ".fastpool.sock",
             "The master's control socket (mode 0600) for fastpool status/reload/scale; "
             "relative paths are relative to the config file's directory (or the current one). "
@@ -944,6 +959,10 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
         if given is None:
             given = server_table.get(setting.name)
         values[setting.name] = setting.resolve_default() if given is None else given
+    base = path.parent if path is not None else Path.cwd()
+    for key in ("error_log", "log_config"):
+        if values[key] not in (None, "-"):
+            values[key] = str(base / values[key])
     return ServerConfig(values=values, path=path), server_table
 
 

@@ -51,6 +51,7 @@ class GroupSettings:
     health_path: str | None
     forwarded_allow_ips: tuple[str, ...]
     access_log: str | None
+    access_log_format: str
     static: tuple[tuple[str, str], ...]
     static_max_age: int
     static_precompressed: bool
@@ -72,6 +73,8 @@ class ServerSettings:
     port: int
     chdir: str | None
     log_level: str
+    error_log: str
+    log_config: str | None
     control_socket: str
     metrics_listen: str | None
 

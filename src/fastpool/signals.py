@@ -9,7 +9,7 @@ Rules of this module:
   signals.
 * A worker's signals (``WORKER_SIGNALS``): TERM = graceful stop, USR2 = retire
   (graceful, but idle keep-alive connections are not cut), QUIT = immediate
-  exit, USR1 = reopen the access log.  The master's own (INT, HUP, TTIN, TTOU)
+  exit, USR1 = reopen the log files.  The master's own (INT, HUP, TTIN, TTOU)
   are ignored in a worker: a Ctrl-C reaches the whole process group, and the
   master then stops the workers in order.
 * SIGABRT is nobody's handler: faulthandler dumps a worker's Python stacks
@@ -29,14 +29,14 @@ IMMEDIATE_STOP = "immediate stop"
 RELOAD = "reload"
 MORE_WORKERS = "one worker more in every group"
 FEWER_WORKERS = "one worker fewer in every group"
-REOPEN_LOGS = "workers reopen their access logs"
+REOPEN_LOGS = "reopen the log files, and the workers theirs"
 REAP = "reap children"
 
 # What a signal asks of a worker.
 SHUTDOWN = "shutdown"          # graceful stop, idle keep-alive connections closed
 RETIRE = "retire"              # graceful stop, idle keep-alive connections kept until due
 QUIT = "quit"                  # exit now
-REOPEN_LOG = "reopen log"      # reopen the access log
+REOPEN_LOG = "reopen log"      # reopen the access and error logs
 MASTERS = "the master's"       # ignored: the master's business
 DEFAULT = "default"            # the default action
 

@@ -52,6 +52,7 @@ from websockets.server import ServerProtocol
 
 from fastpool._asgi import HOLD_EARLY, HOLD_INBOX
 from fastpool._http import error_response
+from fastpool.log import asgi_environ
 
 log = logging.getLogger("fastpool.error")
 
@@ -230,18 +231,9 @@ class WebSocketSession:
         if access_log is None or self.logged:
             return
         self.logged = True
-        client = self.scope.get("client")
-        environ = {
-            "REMOTE_ADDR": client[0] if client else "-",
-            "REQUEST_METHOD": "GET",
-            "RAW_URI": self.target.decode("latin-1"),
-            "SERVER_PROTOCOL": f"HTTP/{self.scope.get('http_version', '1.1')}",
-        }
-        for name, value in self.scope["headers"]:
-            if name == b"referer":
-                environ["HTTP_REFERER"] = value.decode("latin-1")
-            elif name == b"user-agent":
-                environ["HTTP_USER_AGENT"] = value.decode("latin-1")
+        environ = asgi_environ(self.scope.get("client"), "GET", self.target,
+                               self.scope.get("http_version", "1.1"), self.scope["headers"],
+                               access_log.headers)
         access_log(environ, status, size, time.monotonic() - self.started)
 
     def _close(self, code: int, reason: str) -> None:

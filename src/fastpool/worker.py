@@ -14,13 +14,13 @@ Rules of this module:
   message the operator sees.  ``EXIT_CODES`` gives each failure its exit code
   (4 and 3): the worker's, and the server's when it stops at start-up.
 * Signals in a worker mean what ``fastpool.signals`` says (TERM = graceful
-  stop, USR2 = retire, QUIT = immediate exit, USR1 = reopen the access log;
+  stop, USR2 = retire, QUIT = immediate exit, USR1 = reopen the log files;
   the master's signals are ignored), and the handlers are installed from
   that table.  From its first instruction (the master blocks these signals
   across the fork, ``catch_boot_signals`` takes them in the child) a worker
   that is still booting keeps a TERM or USR2 as "stop requested" and, once
   its boot is done, exits 0 without serving; a QUIT exits at once, with 0; a
-  USR1 reopens the access log once it is booted.  No default action ever
+  USR1 reopens the log files once it is booted.  No default action ever
   kills a booting worker.  SIGABRT dumps every thread's Python stack
   (faulthandler) before the process dies: that is how the master's
   ``timeout`` shows where a worker was stuck.
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from fastpool import core, signals
 from fastpool.lifespan import LifespanFailure
 from fastpool.loading import AppLoadError, import_app, resolve_interface
-from fastpool.log import AccessLog
+from fastpool.log import AccessLog, access_via_logger, reopen_files_soon
 from fastpool.settings import GroupConfig
 from fastpool.sockets import BoundSocket
 
@@ -74,7 +74,7 @@ EXIT_CODES = {Notice.APP_LOAD_ERROR: APP_LOAD_ERROR, Notice.BOOT_ERROR: WORKER_B
 PR_SET_PDEATHSIG = 1
 
 # What a booting worker was asked (read once it has booted): the stop signal
-# it received (0: none), and whether to reopen its access log.
+# it received (0: none), and whether to reopen its log files.
 _stop_requested = 0
 _reopen_requested = False
 
@@ -213,6 +213,22 @@ def run_worker(
     """Boot and serve until told to stop; return the process exit code."""
     listening = ", ".join(str(b.address) for b in sockets)
     set_title(f"fastpool: {group.name} worker {slot} [{listening}]")
+    opened: list[AccessLog] = []
+    try:
+        return _run_worker(group, slot, sockets, app, master_pid, notify_fd, board,
+                           max_requests, routing, tls_context, opened)
+    finally:
+        # Every way out of a worker (a stop, QUIT, max_requests, a crash)
+        # passes here: the queued access lines are written before the exit.
+        for access_log in opened:
+            access_log.close()
+
+
+def _run_worker(group: GroupConfig, slot: int, sockets: list[BoundSocket],
+                app: Callable[..., Any] | None, master_pid: int, notify_fd: int,
+                board: memoryview, max_requests: int, routing: Routing | None,
+                tls_context: ssl.SSLContext | None, opened: list[AccessLog]) -> int:
+    """run_worker's body; the access log it opens is appended to ``opened``."""
     try:
         child_setup(master_pid, group.nice, group.cpus)
         # No core files from the master's SIGABRT; the Python stack goes to stderr.
@@ -224,7 +240,10 @@ def run_worker(
         if app is None:
             app = import_app(group.app)
         interface, app = resolve_interface(app, group.interface, group.app)
-        access_log = AccessLog(group.access_log) if group.access_log else None
+        access_log = None
+        if group.access_log or access_via_logger():
+            access_log = AccessLog(group.access_log, group.access_log_format, group.name)
+            opened.append(access_log)
         router = _router(group, routing)
         options = partial(WorkerOptions.from_group, group, access_log=access_log,
                           master_pid=master_pid, max_requests=max_requests, scoreboard=board,
@@ -252,6 +271,7 @@ def run_worker(
         raise SystemExit(0)
 
     def on_reopen(signum: int, frame: Any) -> None:
+        reopen_files_soon()
         if access_log is not None:
             access_log.reopen()
 
@@ -259,8 +279,8 @@ def run_worker(
                 signals.QUIT: on_quit, signals.REOPEN_LOG: on_reopen}
     for signum, action in signals.WORKER_ACTIONS.items():
         signal.signal(signum, handlers[action])
-    if _reopen_requested and access_log is not None:
-        access_log.reopen()
+    if _reopen_requested:
+        on_reopen(signal.SIGUSR1, None)
     if _stop_requested:
         # Asked to stop while booting (a scale-down, a stop): never serve.
         # A stop from here on reaches the loop, which returns at once.

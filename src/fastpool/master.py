@@ -58,9 +58,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, core, signals, tls, worker
+from fastpool import __version__, autoreload, core, signals, tls, worker
 from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
@@ -130,6 +131,11 @@ class Master:
         # Its path is fixed at start: a reload cannot move it.
         self.control = ControlServer(config.control_path, self)
         self.booted = False      # every group at start-up has had a READY worker
+        # Reload on code change (fastpool.autoreload): the watcher child, when on.
+        self.watcher: autoreload.Watcher | None = None
+        # The boot errors already logged since the last reload: a reload whose new
+        # workers cannot boot says why once, not once per worker or group.
+        self.reload_errors: set[str] = set()
 
     # ---------------------------------------------------------------- start
 
@@ -160,6 +166,7 @@ class Master:
         # First: a second server in the same place must not bind or fork anything.
         self.control.open()
         check_addresses(config)
+        watch_plan = autoreload.plan(config, Path.cwd())
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
         for group in self.groups.values():
@@ -190,6 +197,10 @@ class Master:
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
+        if watch_plan is not None:
+            log.info("Reload on code change is on (development only)")
+            self.watcher = autoreload.Watcher(watch_plan, self.fork, self.pid)
+            self.watcher.start()
         self.maintain()
         self.loop()
         self.processes.close_output()
@@ -344,6 +355,8 @@ class Master:
                 os.close(fd)
             self.control.close_in_child()
             self.processes.close_in_child()
+            if self.watcher is not None:
+                self.watcher.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -410,6 +423,8 @@ class Master:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
             self.kill_children(signals.SIGNAL_FOR[signals.QUIT], kind="worker")
             self.processes.quit_all()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
@@ -452,11 +467,17 @@ class Master:
             self.stop(graceful=False)
             return
         # Later (a respawn, a reload): log it; the crash-loop guard counts it.
-        log.error("%s", message)
-        if group is not None and child.generation == group.generation and group.generation > 0:
-            log.error("Reload of group %s failed: its new workers cannot boot; the old ones "
-                      "keep serving", child.name)
-            group.reload_failed_generation = group.generation
+        # A reload's new workers all fail alike: their error is logged once.
+        reloading = group is not None and child.generation == group.generation and \
+            group.generation > 0
+        if not reloading or message not in self.reload_errors:
+            log.error("%s", message)
+        if group is not None and reloading:
+            self.reload_errors.add(message)
+            if group.reload_failed_generation != group.generation:
+                log.error("Reload of group %s failed: its new workers cannot boot; the old "
+                          "ones keep serving", child.name)
+                group.reload_failed_generation = group.generation
 
     # ---------------------------------------------------------------- reaping
 
@@ -470,6 +491,8 @@ class Master:
                 return
             child = self.children.pop(pid, None)
             if child is None:
+                if self.watcher is not None:
+                    self.watcher.exited(pid, describe_exit(status))
                 continue
             served = 0
             if child.board_slot >= 0:
@@ -522,6 +545,13 @@ class Master:
             # The master ended it (scale-down, reload, group stop): not a restart,
             # and says nothing about a crash loop either way.
             return
+        if group.reload_failed_generation == child.generation and not child.ready and any(
+                c.kind == "worker" and c.name == child.name and c.slot == child.slot
+                and c.generation != child.generation and not c.retiring
+                for c in self.children.values()):
+            # A new worker of a failed reload, while the old one keeps its slot:
+            # not respawned, and no sign of a crash loop of the serving workers.
+            return
         group.restarts += 1
         # A crash loop is workers dying right after boot, before doing any work:
         # not a worker that served requests, nor one aborted for its timeout.
@@ -571,6 +601,8 @@ class Master:
                 log.error("Reload refused, the config has an error (nothing changed): %s", exc)
                 return str(exc)
         names = [only] if only is not None else list(new_config.groups)
+        self.reload_errors.clear()
+        fresh_apps, failed = self.import_fresh(new_config, names)
         # The certificate files are read again (rotation); one that cannot be
         # used refuses the whole reload, like any other config error.
         contexts = {}
@@ -584,7 +616,7 @@ class Master:
         for name in names:
             group_config = new_config.groups.get(name)
             group = self.groups.get(name)
-            if group_config is None:
+            if group_config is None or name in failed:
                 continue
             if group is None:
                 try:
@@ -609,6 +641,8 @@ class Master:
                     contexts[name] = group.tls    # (TLS addresses stay: so does their context)
             group.config = group_config
             group.tls = contexts[name]
+            if name in fresh_apps:
+                group.app = fresh_apps[name]
             group.wanted = group_config.workers
             group.generation += 1
             group.state = "running"
@@ -622,8 +656,68 @@ class Master:
                 self.groups[name].wanted = 0
             self.processes.reconfigure(new_config.processes)
             self.config = dataclasses.replace(self.config, values=new_config.values)
+            self.update_watcher()
         self.setup_routing()
         return None
+
+    def import_fresh(self, config: ServerConfig, names: list[str]
+                     ) -> tuple[dict[str, Callable[..., Any]], set[str]]:
+        """With reload on code change, the preloaded apps of ``names`` imported
+        again in the master from fresh modules; returns them, and the groups
+        whose app failed to import (their old workers keep serving)."""
+        preloading = [name for name in names
+                      if name in config.groups and config.groups[name].preload]
+        if self.watcher is None or not preloading:
+            return {}, set()
+        autoreload.forget_modules(self.watcher.plan.dirs)
+        apps, failed = {}, set()
+        for name in preloading:
+            try:
+                apps[name] = import_app(config.groups[name].app)
+            except AppLoadError as exc:
+                message = f"App failed to load: {exc}"
+                if message not in self.reload_errors:
+                    log.error("%s", message)
+                    self.reload_errors.add(message)
+                log.error("Reload of group %s failed: its app cannot be imported; the old "
+                          "workers keep serving", name)
+                failed.add(name)
+        return apps, failed
+
+    def update_watcher(self) -> None:
+        """After the config was read again: start, stop or restart the watcher
+        when the reload settings changed."""
+        try:
+            new_plan = autoreload.plan(self.config, Path.cwd())
+        except ConfigError as exc:
+            log.error("Reload: %s (the watcher keeps watching as before)", exc)
+            return
+        old = self.watcher
+        if new_plan == (old.plan if old is not None else None):
+            return
+        if old is not None:
+            old.stop()
+            old.close_in_child()   # its pipe: the master reads it no more
+        self.watcher = None
+        if new_plan is None:
+            log.info("Reload on code change is off now")
+            return
+        self.watcher = autoreload.Watcher(new_plan, self.fork, self.pid)
+        self.watcher.start()
+
+    def check_watcher(self, ready: list[Any]) -> None:
+        """The watcher saw files change: log them, and reload."""
+        watcher = self.watcher
+        if watcher is None or watcher.fd < 0 or watcher.fd not in ready:
+            return
+        batches = watcher.read()
+        if not batches or self.stopping:
+            return
+        changed = autoreload.Batch(
+            [name for batch in batches for name in batch.names][:autoreload.NAMES_SENT],
+            sum(batch.count for batch in batches))
+        log.info("Reload: %s changed; reloading", changed.describe())
+        self.reload()
 
     # ---------------------------------------------------------------- maintain
 
@@ -659,6 +753,8 @@ class Master:
                 if slot >= group.wanted and slot not in busy_slots:
                     group.listeners.close_slot(slot)
         self.processes.maintain()
+        if self.watcher is not None:
+            self.watcher.maintain()
 
     # ---------------------------------------------------------------- the loop
 
@@ -668,6 +764,8 @@ class Master:
                                                    *self.processes.output_fds()]
             if self.control.sock is not None:
                 readable.append(self.control.sock)
+            if self.watcher is not None and self.watcher.fd >= 0:
+                readable.append(self.watcher.fd)
             wait = LOOP_WAIT
             output_due = self.processes.next_output_due()
             if output_due is not None:
@@ -688,19 +786,23 @@ class Master:
             self.read_notices()
             self.processes.read_output(ready)
             self.handle_signals()
+            self.check_watcher(ready)
             if self.control.sock is not None and self.control.sock in ready and \
                     not self.stopping:
                 self.control.serve()
             self.reap()
             self.processes.check_stops()
             if self.stopping:
-                if not self.children and not self.processes.lingering:
+                watching = self.watcher is not None and self.watcher.pid
+                if not self.children and not self.processes.lingering and not watching:
                     return
                 if time.monotonic() >= self.kill_deadline and not self.killed:
                     log.warning("Graceful timeout reached; killing %d child(ren)",
                                 len(self.children) + len(self.processes.lingering))
                     self.kill_children(signal.SIGKILL)
                     self.processes.kill_lingering()
+                    if self.watcher is not None:
+                        self.watcher.stop(signal.SIGKILL)
                     self.killed = True
                 continue
             self.check_timeouts()

@@ -537,6 +537,30 @@ SETTINGS: tuple[Setting, ...] = (
             "relative paths are relative to the config file's directory (or the current one). "
             "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
+    # ---- reload on code change, for development (fastpool.autoreload)
+    Setting("reload", "bool", False,
+            "Development only: reload (rolling, as SIGHUP does) when a watched file changes. "
+            "Off by default; fastpool check says whether it is on.", scope="server",
+            flags=("--reload",)),
+    Setting("reload_dirs", "list", [],
+            "Directories watched by reload, recursively (repeatable); relative ones are "
+            "relative to the config file's directory (or the current one). The config file "
+            "is always watched.", scope="server", flags=("--reload-dir",), metavar="DIR",
+            default_doc="the current directory (after --chdir)"),
+    Setting("reload_includes", "list", [],
+            "Globs of file names whose change reloads (repeatable), added to *.py; they win "
+            "over the default excludes.", scope="server", flags=("--reload-include",),
+            metavar="GLOB", default_doc="`*.py`"),
+    Setting("reload_excludes", "list", [],
+            "Globs of file or directory names that never reload (repeatable), added to the "
+            "defaults; they win over any include.", scope="server",
+            flags=("--reload-exclude",), metavar="GLOB",
+            default_doc="`.*`, `__pycache__`, `*.swp`, `*.swo`, `*~`, `.#*`, `4913`, `*.tmp`"),
+    Setting("reload_watcher", "str", "auto",
+            "How reload watches: watchfiles (pip install 'fastpool[reload]'), poll "
+            "(modification times, every second), or auto (watchfiles when installed).",
+            scope="server", flags=("--reload-watcher",), metavar="KIND",
+            check=choice("auto", "watchfiles", "poll")),
     # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
             "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "

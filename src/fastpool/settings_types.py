@@ -72,6 +72,11 @@ class ServerSettings:
     chdir: str | None
     log_level: str
     control_socket: str
+    reload: bool
+    reload_dirs: tuple[str, ...]
+    reload_includes: tuple[str, ...]
+    reload_excludes: tuple[str, ...]
+    reload_watcher: str
 
 
 class ProcessSettings:

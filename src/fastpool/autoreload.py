@@ -129,10 +129,11 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def plan(config: ServerConfig, cwd: Path) -> Plan | None:
+def plan(config: ServerConfig, cwd: Path, source: str = "reload_dirs") -> Plan | None:
     """The watch plan of ``config`` (None: reload is off).  ``cwd`` is the
     server's current directory (after ``--chdir``): the default directory,
-    and the base of relative ones when there is no config file."""
+    and the base of relative ones when there is no config file; ``source``
+    names where reload_dirs came from (``settings.source_of``)."""
     if not config.reload:
         return None
     base = config.path.parent if config.path is not None else cwd
@@ -141,11 +142,11 @@ def plan(config: ServerConfig, cwd: Path) -> Plan | None:
         directory = (base / text).resolve()
         if not directory.is_dir():
             what = "not a directory" if directory.exists() else "no such directory"
-            raise ConfigError(f"reload_dirs: {text}: {what} ({directory})")
+            raise ConfigError(f"{source}: {text}: {what} ({directory})")
         if directory not in dirs:
             dirs.append(directory)
     if config.reload_watcher == "watchfiles" and not watchfiles_available():
-        raise ConfigError(f"reload_watcher = watchfiles, but watchfiles is not installed "
+        raise ConfigError(f"reload_watcher is watchfiles, but watchfiles is not installed "
                           f"({INSTALL_HINT})")
     backend = "poll" if config.reload_watcher == "poll" or not watchfiles_available() \
         else "watchfiles"

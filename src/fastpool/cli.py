@@ -211,7 +211,9 @@ def _main(argv: Sequence[str] | None) -> int:
             check_addresses(config)
             tls.check(list(config.groups.values()))
             # The server's current directory once --chdir is applied.
-            watch = autoreload.plan(config, Path(config.chdir or ".").resolve())
+            watch = autoreload.plan(config, Path(config.chdir or ".").resolve(),
+                                    settings.source_of("reload_dirs", cli, os.environ,
+                                                       config.path))
             if args.command == "check":
                 _check(config)
         except settings.ConfigError as exc:

@@ -389,7 +389,7 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("--backlog",), metavar="N", check=at_least(1)),
     Setting("preload", "bool", False,
             "Import the app in the master before forking (shared copy-on-write; a reload "
-            "then keeps the old code).", flags=("--preload",)),
+            "then keeps the old code, unless reload is on).", flags=("--preload",)),
     Setting("root_path", "str", "", "SCRIPT_NAME for the app (the prefix it is mounted under).",
             flags=("--root-path",), metavar="PATH"),
     # ---- a group: time
@@ -548,7 +548,7 @@ SETTINGS: tuple[Setting, ...] = (
             "is always watched.", scope="server", flags=("--reload-dir",), metavar="DIR",
             default_doc="the current directory (after --chdir)"),
     Setting("reload_includes", "list", [],
-            "Globs of file names whose change reloads (repeatable), added to *.py; they win "
+            "Globs of file names whose change reloads (repeatable), added to `*.py`; they win "
             "over the default excludes.", scope="server", flags=("--reload-include",),
             metavar="GLOB", default_doc="`*.py`"),
     Setting("reload_excludes", "list", [],
@@ -936,6 +936,22 @@ def load_server(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     path, data = find_config(config)
     return _server(cli, environ, path, data, _label(path))[0]
+
+
+def source_of(name: str, cli: Mapping[str, Any], environ: Mapping[str, str],
+              path: Path | None) -> str:
+    """Where the value of setting ``name`` came from, as messages name it (its
+    flag, its environment variable, or its key in ``[server]``): for values
+    checked after loading (``fastpool.autoreload.plan``)."""
+    setting = SETTINGS_BY_NAME[name]
+    for given in setting.names:
+        if cli.get(given) is not None:
+            return setting.flag_for(given) or given
+    if setting.env_var:
+        for given in setting.names:
+            if env_name(given) in environ:
+                return env_name(given)
+    return f"{_label(path)}: [server] {name}" if path is not None else name
 
 
 def _label(path: Path | None) -> str:

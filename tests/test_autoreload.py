@@ -12,13 +12,14 @@ order, so a reload the test wrongly caused shows before the marker's.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from client import fetch
 from clusters import fastpool, group, ports, render
-from conftest import alive, wait_for
+from conftest import alive, cmdline, wait_for
 
 WSGI_APP = '''
 import os
@@ -93,6 +94,13 @@ def reloads(server) -> int:
     return server.log.count(RELOADING)
 
 
+def watching(server, how: str = "with watchfiles"):
+    """``server`` once its watcher watches (it says so once its watches are set)."""
+    wait_for(lambda: "Reload: watching" in server.log, what=f"the watcher:\n{server.log}")
+    assert how in server.log, server.log
+    return server
+
+
 @pytest.fixture
 def app_file(tmp_path: Path) -> Path:
     path = tmp_path / "devapp.py"
@@ -101,8 +109,7 @@ def app_file(tmp_path: Path) -> Path:
 
 
 def test_an_edit_reloads_onto_new_workers(serve, app_file):
-    server = serve("devapp:app", "--reload", workers=2)
-    wait_for(lambda: "with watchfiles" in server.log, what=f"the watcher:\n{server.log}")
+    server = watching(serve("devapp:app", "--reload", workers=2))
     assert body(server) == "v1"
     old = set(server.booted_workers())
     assert len(old) == 2
@@ -123,7 +130,8 @@ def test_an_edit_reloads_onto_new_workers(serve, app_file):
 
 @pytest.mark.parametrize("watcher", ["watchfiles", "poll"])
 def test_a_burst_of_saves_is_one_reload(serve, app_file, watcher):
-    server = serve("devapp:app", "--reload", "--reload-watcher", watcher)
+    server = watching(serve("devapp:app", "--reload", "--reload-watcher", watcher),
+                      "with watchfiles" if watcher == "watchfiles" else "by polling")
     for version in range(2, 7):        # an editor, a git checkout: five saves at once
         save(app_file, WSGI_APP.format(version=f"v{version}"))
         time.sleep(0.05)
@@ -136,7 +144,7 @@ def test_a_burst_of_saves_is_one_reload(serve, app_file, watcher):
 def test_a_syntax_error_keeps_the_old_workers_and_is_logged_once(serve, app_file):
     # crash_limit 2: the two new workers that cannot boot are no crash loop of
     # the group (its old workers serve on).
-    server = serve("devapp:app", "--reload", "--crash-limit", "2", workers=2)
+    server = watching(serve("devapp:app", "--reload", "--crash-limit", "2", workers=2))
     old = set(server.booted_workers())
     save(app_file, WSGI_APP.format(version="v2").replace("def app(", "def app(:"))
     wait_for(lambda: "Reload of group main failed" in server.log,
@@ -153,7 +161,7 @@ def test_a_syntax_error_keeps_the_old_workers_and_is_logged_once(serve, app_file
 
 
 def test_excluded_files_change_nothing(serve, app_file, tmp_path):
-    server = serve("devapp:app", "--reload", "--reload-exclude", "generated_*.py")
+    server = watching(serve("devapp:app", "--reload", "--reload-exclude", "generated_*.py"))
     (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
     for name in (".#devapp.py", "devapp.py~", "devapp.py.swp", "4913", "notes.txt",
                  "generated_models.py", "pkg/__pycache__/devapp.py", ".hidden.py"):
@@ -170,10 +178,9 @@ def test_reload_dir_elsewhere(serve, tmp_path):
     run.mkdir()
     save(lib / "devapp.py", WSGI_APP.format(version="v1"))
     save(run / "local.py", "x = 1\n")
-    server = serve("devapp:app", "--reload", "--reload-dir", "../lib", cwd=run,
-                   env={"PYTHONPATH": str(lib)})
-    assert f"watching {lib} with" in wait_for(lambda: "Reload: watching" in server.log
-                                             and server.log)
+    server = watching(serve("devapp:app", "--reload", "--reload-dir", "../lib", cwd=run,
+                            env={"PYTHONPATH": str(lib)}))
+    assert f"Reload: watching {lib} with watchfiles" in server.log
     save(run / "local.py", "x = 2\n")      # not watched: the current directory is not
     save(lib / "devapp.py", WSGI_APP.format(version="v2"))
     wait_body(server, "v2")
@@ -184,7 +191,7 @@ def test_reload_dir_elsewhere(serve, tmp_path):
 def test_asgi_lifespan_runs_for_new_and_old_workers(serve, tmp_path):
     path = tmp_path / "devapp.py"
     save(path, ASGI_APP.format(version="v1"))
-    server = serve("devapp:app", "--reload", "--lifespan", "on")
+    server = watching(serve("devapp:app", "--reload", "--lifespan", "on"))
     assert body(server) == "v1"
     save(path, ASGI_APP.format(version="v2"))
     wait_body(server, "v2")        # set by the new worker's startup, from the new code
@@ -203,7 +210,7 @@ def test_groups_all_reload_and_the_config_file_is_watched(clusters, tmp_path, ap
                       groups={"a": group(port["a"], app="devapp:app"),
                               "b": group(port["b"], app="devapp:b", workers=b_workers)})
 
-    server = clusters.start(config(1), workers=2, ports=port)
+    server = watching(clusters.start(config(1), workers=2, ports=port))
     save(app_file, WSGI_APP.format(version="v2"))
     wait_body(server, "v2", port["a"])
     wait_body(server, "v2", port["b"])
@@ -217,7 +224,7 @@ def test_groups_all_reload_and_the_config_file_is_watched(clusters, tmp_path, ap
 
 
 def test_preload_imports_the_new_code_in_the_master(serve, app_file):
-    server = serve("devapp:app", "--reload", "--preload")
+    server = watching(serve("devapp:app", "--reload", "--preload"))
     save(app_file, WSGI_APP.format(version="v2"))
     wait_body(server, "v2")
     save(app_file, WSGI_APP.format(version="v3") + "\nraise RuntimeError('half-written')\n")
@@ -230,9 +237,8 @@ def test_preload_imports_the_new_code_in_the_master(serve, app_file):
 
 
 def test_polling_when_asked_by_the_environment(serve, app_file):
-    server = serve("devapp:app", "--reload", env={"FASTPOOL_RELOAD_WATCHER": "poll"})
-    wait_for(lambda: "by polling (pip install 'fastpool[reload]' for watchfiles)" in server.log,
-             what=f"the poller:\n{server.log}")
+    server = watching(serve("devapp:app", "--reload", env={"FASTPOOL_RELOAD_WATCHER": "poll"}),
+                      "by polling (pip install 'fastpool[reload]' for watchfiles)")
     save(app_file, WSGI_APP.format(version="v2"))
     wait_body(server, "v2")
     assert reloads(server) == 1
@@ -249,3 +255,19 @@ def test_off_by_default_and_check_lists_it(app_file, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == (f"Error: --reload-dir: nowhere: no such directory "
                           f"({tmp_path / 'nowhere'})\n")
+
+
+def test_a_watcher_that_dies_is_started_again(serve, app_file):
+    server = watching(serve("devapp:app", "--reload"))
+    watcher = [pid for pid in server.worker_pids() if pid not in server.booted_workers()]
+    assert len(watcher) == 1 and "reload watcher" in cmdline(watcher[0])
+    os.kill(watcher[0], signal.SIGKILL)
+    wait_for(lambda: server.log.count("Reload: watching") == 2,
+             what=f"a new watcher:\n{server.log}")
+    assert "ended (killed by signal SIGKILL); starting it again" in server.log
+    save(app_file, WSGI_APP.format(version="v2"))
+    wait_body(server, "v2")
+    # A stop ends the watcher with the rest.
+    new = [pid for pid in server.worker_pids() if pid not in server.booted_workers()]
+    assert server.stop() == 0
+    assert not any(alive(pid) for pid in new)

@@ -24,9 +24,10 @@ Rules of this module:
   ``POLL_INTERVAL``.  Either way a burst of changes (an editor that writes
   several files, a ``git checkout``) is one batch: it is sent once
   ``QUIET`` seconds pass without another change.
-* With ``preload``, a reload first drops every module whose file is under
-  a watched directory from the master's ``sys.modules`` (``forget_modules``)
-  and imports the app again, so the new workers fork from new code.
+* With ``preload``, a reload first drops every module loaded from a watched
+  file from the master's ``sys.modules`` (``forget_modules``; not fastpool's,
+  nor installed packages') and imports the app again, so the new workers
+  fork from new code.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import logging
 import os
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ DEFAULT_EXCLUDES = (".*", "__pycache__", "*.swp", "*.swo", "*~", ".#*", "4913", 
 POLL_INTERVAL = 1.0      # seconds between two looks of the poller
 QUIET = 0.4              # seconds without a change that end a burst (both watchers)
 DEBOUNCE_MAX = 1.6       # seconds a never-ending burst is held at most (watchfiles)
+WATCHFILES_TIMEOUT = 0.3  # seconds: watchfiles' idle turns (the first says it watches)
 RESTART_DELAY = 1.0      # seconds before a watcher that died is started again
 NAMES_SENT = 10          # changed files named in one batch (the rest are counted)
 INSTALL_HINT = "pip install 'fastpool[reload]' for watchfiles"
@@ -159,14 +162,19 @@ def plan(config: ServerConfig, cwd: Path, source: str = "reload_dirs") -> Plan |
 
 
 def _changes_watchfiles(plan: Plan) -> Iterator[set[str]]:
+    """Batches of changed files; the first (maybe empty) once the watches are set."""
     import watchfiles
 
     def wanted(change: Any, path: str) -> bool:
         return plan.wanted(path)
 
+    # yield_on_timeout: an empty batch every WATCHFILES_TIMEOUT, the first of
+    # which says that watching has begun.
     for changes in watchfiles.watch(*plan.roots(), watch_filter=wanted,
                                     debounce=int(DEBOUNCE_MAX * 1000),
-                                    step=int(QUIET * 1000)):
+                                    step=int(QUIET * 1000),
+                                    rust_timeout=int(WATCHFILES_TIMEOUT * 1000),
+                                    yield_on_timeout=True):
         yield {path for _, path in changes}
 
 
@@ -198,7 +206,9 @@ def _difference(before: dict[str, tuple[int, int]],
 
 
 def _changes_polling(plan: Plan) -> Iterator[set[str]]:
+    """Batches of changed files; the first (empty) once the first look is done."""
     before = snapshot(plan)
+    yield set()
     while True:
         time.sleep(POLL_INTERVAL)
         now = snapshot(plan)
@@ -231,13 +241,20 @@ def run_watcher(plan: Plan, write_fd: int, master_pid: int) -> int:
     # The master's stop signals end the watcher at once: it has nothing to finish.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if plan.backend == "watchfiles":
-        log.info("Reload: watching %s with watchfiles", plan.describe())
+        how = "with watchfiles"
         batches = _changes_watchfiles(plan)
     else:
-        log.info("Reload: watching %s by polling (%s)", plan.describe(), INSTALL_HINT)
+        how = f"by polling ({INSTALL_HINT})"
         batches = _changes_polling(plan)
+    watching = False
     with os.fdopen(write_fd, "w", buffering=1) as pipe:
         for changed in batches:
+            if not watching:
+                # Said once the watches are set: a change from now on is seen.
+                log.info("Reload: watching %s %s", plan.describe(), how)
+                watching = True
+            if not changed:
+                continue
             names = sorted(_shown(path) for path in changed)
             pipe.write(json.dumps({"changed": names[:NAMES_SENT],
                                    "count": len(names)}) + "\n")
@@ -346,14 +363,18 @@ class Watcher:
         self._buffer = b""
 
 
-def forget_modules(dirs: tuple[Path, ...]) -> None:
-    """Drop every module whose file is under ``dirs`` from ``sys.modules``
-    (fastpool's own excepted), so that the next import reads them afresh."""
-    prefixes = tuple(str(d) + os.sep for d in dirs)
+def forget_modules(plan: Plan) -> None:
+    """Drop from ``sys.modules`` every module loaded from a file the watcher
+    watches, so that the next import reads it afresh.  Kept: fastpool's own
+    modules and installed packages (a virtualenv inside a watched directory),
+    whose second import could break them (extension modules, registries)."""
+    installed = tuple(str(Path(sysconfig.get_paths()[key]).resolve()) + os.sep
+                      for key in ("purelib", "platlib"))
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if not path or name == "fastpool" or name.startswith("fastpool."):
             continue
-        if os.path.abspath(path).startswith(prefixes):
+        path = os.path.realpath(path)
+        if plan.wanted(path) and not path.startswith(installed):
             del sys.modules[name]
     importlib.invalidate_caches()

@@ -20,7 +20,14 @@ Rules of this module (the model is gunicorn's arbiter):
   accept queue down with it.
 * A reload (SIGHUP, ``fastpool reload``) starts the new workers of a slot
   first and retires the old one only once the new one says READY; a new
-  worker that fails to boot leaves the old ones serving.
+  worker that fails to boot leaves the old ones serving, its error is logged
+  once per reload (not once per worker or group), and it does not count
+  towards the group's crash loop while an old worker holds its slot.
+* Reload on code change (``fastpool.autoreload``, development only): the
+  watcher is a child the master forks and supervises, never a thread (a
+  thread could hold a lock across a fork); its batches of changed files
+  arrive on a pipe the loop selects on, and each is one ordinary reload
+  (with ``preload``, the app is imported afresh in the master first).
 * Boot failures at start-up stop the server with the message printed once
   and the exit code of the worker's notice (``worker.EXIT_CODES``: 3, or 4
   when the app cannot be imported): never a respawn loop.
@@ -669,7 +676,7 @@ class Master:
                       if name in config.groups and config.groups[name].preload]
         if self.watcher is None or not preloading:
             return {}, set()
-        autoreload.forget_modules(self.watcher.plan.dirs)
+        autoreload.forget_modules(self.watcher.plan)
         apps, failed = {}, set()
         for name in preloading:
             try:

@@ -32,6 +32,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib
 import importlib.util
@@ -240,6 +241,12 @@ def run_watcher(plan: Plan, write_fd: int, master_pid: int) -> int:
     child_setup(master_pid, 0, ())
     # The master's stop signals end the watcher at once: it has nothing to finish.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if plan.backend == "watchfiles":
+        try:
+            import watchfiles  # noqa: F401 - here, for a broken install's one clear line
+        except ImportError as exc:
+            log.warning("Reload: watchfiles cannot be imported (%s); polling instead", exc)
+            plan = dataclasses.replace(plan, backend="poll")
     if plan.backend == "watchfiles":
         how = "with watchfiles"
         batches = _changes_watchfiles(plan)

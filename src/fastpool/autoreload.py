@@ -321,16 +321,19 @@ class Watcher:
         """The batches the watcher has sent since the last look."""
         if self.fd < 0:
             return []
+        ended = False
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 break
             if not data:
-                self._close()
+                ended = True    # the watcher is gone; reaping says how
                 break
             self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
+        if ended:
+            self._close()
         batches = []
         for line in lines:
             try:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastpool import __version__, core, log, settings, tls
+from fastpool import __version__, autoreload, core, log, settings, tls
 from fastpool.control import ControlError, format_status, format_watch, request
 from fastpool.loading import AppLoadError, import_app, resolve_interface
 from fastpool.sockets import check_addresses
@@ -140,7 +140,7 @@ def control_path(args: argparse.Namespace) -> Path:
     return settings.load_server(vars(args), os.environ, args.config).control_path
 
 
-def _plan(config: settings.ServerConfig) -> str:
+def _plan(config: settings.ServerConfig, watch: autoreload.Plan | None) -> str:
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
         lines.append(
@@ -162,6 +162,8 @@ def _plan(config: settings.ServerConfig) -> str:
         lines.append(f"kernel TLS: {why}" if available else
                      f"kernel TLS: not available, {why}; TLS routes relay through the worker")
     lines.append(f"control socket: {config.control_path}")
+    # Listed always: a development setting must not reach production unseen.
+    lines.append(watch.summary() if watch is not None else "reload on code change: off")
     return "\n".join(lines)
 
 
@@ -233,6 +235,10 @@ def _main(argv: Sequence[str] | None) -> int:
             config = settings.load(cli, os.environ, args.config, args.app)
             check_addresses(config)
             tls.check(list(config.groups.values()))
+            # The server's current directory once --chdir is applied.
+            watch = autoreload.plan(config, Path(config.chdir or ".").resolve(),
+                                    settings.source_of("reload_dirs", cli, os.environ,
+                                                       config.path))
             if args.command == "check":
                 _check(config)
                 if config.log_config:
@@ -244,7 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
         if args.command == "check":
-            print(_plan(config))
+            print(_plan(config, watch))
             print("OK")
             return 0
         from fastpool import master

@@ -20,7 +20,14 @@ Rules of this module (the model is gunicorn's arbiter):
   accept queue down with it.
 * A reload (SIGHUP, ``fastpool reload``) starts the new workers of a slot
   first and retires the old one only once the new one says READY; a new
-  worker that fails to boot leaves the old ones serving.
+  worker that fails to boot leaves the old ones serving, its error is logged
+  once per reload (not once per worker or group), and it does not count
+  towards the group's crash loop while an old worker holds its slot.
+* Reload on code change (``fastpool.autoreload``, development only): the
+  watcher is a child the master forks and supervises, never a thread (a
+  thread could hold a lock across a fork); its batches of changed files
+  arrive on a pipe the loop selects on, and each is one ordinary reload
+  (with ``preload``, the app is imported afresh in the master first).
 * Boot failures at start-up stop the server with the message printed once
   and the exit code of the worker's notice (``worker.EXIT_CODES``: 3, or 4
   when the app cannot be imported): never a respawn loop.
@@ -58,9 +65,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, core, signals, tls, worker
+from fastpool import __version__, autoreload, core, signals, tls, worker
 from fastpool.control import ControlServer, ControlSocketInUse
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
@@ -139,6 +147,11 @@ class Master:
         self.metrics: MetricsServer | None = None     # metrics_listen
         self.app_metrics: AppMetrics | None = None    # the apps' prometheus_client directory
         self.memory_checked = 0.0                     # when max_rss was last checked
+        # Reload on code change (fastpool.autoreload): the watcher child, when on.
+        self.watcher: autoreload.Watcher | None = None
+        # The boot errors already logged since the last reload: a reload whose new
+        # workers cannot boot says why once, not once per worker or group.
+        self.reload_errors: set[str] = set()
 
     # ---------------------------------------------------------------- start
 
@@ -180,6 +193,7 @@ class Master:
             # Before any app is imported (preload) or forked: prometheus_client
             # reads PROMETHEUS_MULTIPROC_DIR when a metric is created.
             self.app_metrics = AppMetrics.setup(os.environ)
+        watch_plan = autoreload.plan(config, Path.cwd())
         for name, group_config in config.groups.items():
             self.groups[name] = self.make_group(group_config)
         for group in self.groups.values():
@@ -213,6 +227,10 @@ class Master:
         self.notify_r, self.notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._on_signal)
+        if watch_plan is not None:
+            log.info("Reload on code change is on (development only)")
+            self.watcher = autoreload.Watcher(watch_plan, self.fork, self.pid)
+            self.watcher.start()
         self.maintain()
         self.loop()
         self.processes.close_output()
@@ -371,6 +389,8 @@ class Master:
             self.processes.close_in_child()
             if self.metrics is not None:
                 self.metrics.close_in_child()
+            if self.watcher is not None:
+                self.watcher.close_in_child()
             own = {id(sock) for sock in keep}
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
@@ -440,6 +460,8 @@ class Master:
             self.kill_deadline = min(self.kill_deadline, now + 1.0) if self.stopping else now + 1.0
             self.kill_children(signals.SIGNAL_FOR[signals.QUIT], kind="worker")
             self.processes.quit_all()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
@@ -482,11 +504,17 @@ class Master:
             self.stop(graceful=False)
             return
         # Later (a respawn, a reload): log it; the crash-loop guard counts it.
-        log.error("%s", message)
-        if group is not None and child.generation == group.generation and group.generation > 0:
-            log.error("Reload of group %s failed: its new workers cannot boot; the old ones "
-                      "keep serving", child.name)
-            group.reload_failed_generation = group.generation
+        # A reload's new workers all fail alike: their error is logged once.
+        reloading = group is not None and child.generation == group.generation and \
+            group.generation > 0
+        if not reloading or message not in self.reload_errors:
+            log.error("%s", message)
+        if group is not None and reloading:
+            self.reload_errors.add(message)
+            if group.reload_failed_generation != group.generation:
+                log.error("Reload of group %s failed: its new workers cannot boot; the old "
+                          "ones keep serving", child.name)
+                group.reload_failed_generation = group.generation
 
     # ---------------------------------------------------------------- reaping
 
@@ -500,6 +528,8 @@ class Master:
                 return
             child = self.children.pop(pid, None)
             if child is None:
+                if self.watcher is not None:
+                    self.watcher.exited(pid, describe_exit(status))
                 continue
             if self.app_metrics is not None:
                 self.app_metrics.worker_gone(pid)
@@ -546,9 +576,6 @@ class Master:
         group = self.groups.get(child.name)
         if group is None:
             return
-        cause = restart_cause(child, status, group.config.max_requests)
-        if cause is not None:
-            group.totals.restarted(cause)
         if crashed and not child.ready and not self.booted and not self.exit_code:
             # Died before serving without saying why (a crash in C during import).
             log.error("Worker %d (pid %d) of group %s died while booting; stopping the server",
@@ -556,9 +583,21 @@ class Master:
             self.exit_code = worker.WORKER_BOOT_ERROR
             self.stop(graceful=False)
             return
+        failed_reload = group.reload_failed_generation == child.generation and \
+            not child.ready and any(
+                c.kind == "worker" and c.name == child.name and c.slot == child.slot
+                and c.generation != child.generation and not c.retiring
+                for c in self.children.values())
+        cause = restart_cause(child, status, group.config.max_requests)
+        if cause is not None and not failed_reload:
+            group.totals.restarted(cause)
         if child.retiring:
-            # The master ended it (scale-down, reload, group stop): not a restart,
-            # and says nothing about a crash loop either way.
+            # The master ended it (scale-down, reload, group stop): not a restart
+            # of group.restarts, and says nothing about a crash loop either way.
+            return
+        if failed_reload:
+            # A new worker of a failed reload, while the old one keeps its slot:
+            # not respawned, and no sign of a crash loop of the serving workers.
             return
         group.restarts += 1
         # A crash loop is workers dying right after boot, before doing any work:
@@ -630,6 +669,8 @@ class Master:
                 log.error("Reload refused, the config has an error (nothing changed): %s", exc)
                 return str(exc)
         names = [only] if only is not None else list(new_config.groups)
+        self.reload_errors.clear()
+        fresh_apps, failed = self.import_fresh(new_config, names)
         # The certificate files are read again (rotation); one that cannot be
         # used refuses the whole reload, like any other config error.
         contexts = {}
@@ -643,7 +684,7 @@ class Master:
         for name in names:
             group_config = new_config.groups.get(name)
             group = self.groups.get(name)
-            if group_config is None:
+            if group_config is None or name in failed:
                 continue
             if group is None:
                 try:
@@ -668,6 +709,8 @@ class Master:
                     contexts[name] = group.tls    # (TLS addresses stay: so does their context)
             group.config = group_config
             group.tls = contexts[name]
+            if name in fresh_apps:
+                group.app = fresh_apps[name]
             group.wanted = group_config.workers
             group.generation += 1
             group.state = "running"
@@ -681,8 +724,68 @@ class Master:
                 self.groups[name].wanted = 0
             self.processes.reconfigure(new_config.processes)
             self.config = dataclasses.replace(self.config, values=new_config.values)
+            self.update_watcher()
         self.setup_routing()
         return None
+
+    def import_fresh(self, config: ServerConfig, names: list[str]
+                     ) -> tuple[dict[str, Callable[..., Any]], set[str]]:
+        """With reload on code change, the preloaded apps of ``names`` imported
+        again in the master from fresh modules; returns them, and the groups
+        whose app failed to import (their old workers keep serving)."""
+        preloading = [name for name in names
+                      if name in config.groups and config.groups[name].preload]
+        if self.watcher is None or not preloading:
+            return {}, set()
+        autoreload.forget_modules(self.watcher.plan)
+        apps, failed = {}, set()
+        for name in preloading:
+            try:
+                apps[name] = import_app(config.groups[name].app)
+            except AppLoadError as exc:
+                message = f"App failed to load: {exc}"
+                if message not in self.reload_errors:
+                    log.error("%s", message)
+                    self.reload_errors.add(message)
+                log.error("Reload of group %s failed: its app cannot be imported; the old "
+                          "workers keep serving", name)
+                failed.add(name)
+        return apps, failed
+
+    def update_watcher(self) -> None:
+        """After the config was read again: start, stop or restart the watcher
+        when the reload settings changed."""
+        try:
+            new_plan = autoreload.plan(self.config, Path.cwd())
+        except ConfigError as exc:
+            log.error("Reload: %s (the watcher keeps watching as before)", exc)
+            return
+        old = self.watcher
+        if new_plan == (old.plan if old is not None else None):
+            return
+        if old is not None:
+            old.stop()
+            old.close_in_child()   # its pipe: the master reads it no more
+        self.watcher = None
+        if new_plan is None:
+            log.info("Reload on code change is off now")
+            return
+        self.watcher = autoreload.Watcher(new_plan, self.fork, self.pid)
+        self.watcher.start()
+
+    def check_watcher(self, ready: list[Any]) -> None:
+        """The watcher saw files change: log them, and reload."""
+        watcher = self.watcher
+        if watcher is None or watcher.fd < 0 or watcher.fd not in ready:
+            return
+        batches = watcher.read()
+        if not batches or self.stopping:
+            return
+        changed = autoreload.Batch(
+            [name for batch in batches for name in batch.names][:autoreload.NAMES_SENT],
+            sum(batch.count for batch in batches))
+        log.info("Reload: %s changed; reloading", changed.describe())
+        self.reload()
 
     # ---------------------------------------------------------------- maintain
 
@@ -718,6 +821,8 @@ class Master:
                 if slot >= group.wanted and slot not in busy_slots:
                     group.listeners.close_slot(slot)
         self.processes.maintain()
+        if self.watcher is not None:
+            self.watcher.maintain()
 
     # ---------------------------------------------------------------- the loop
 
@@ -731,6 +836,8 @@ class Master:
             if self.metrics is not None:
                 readable.extend(self.metrics.readable())
                 writable = self.metrics.writable()
+            if self.watcher is not None and self.watcher.fd >= 0:
+                readable.append(self.watcher.fd)
             wait = LOOP_WAIT
             output_due = self.processes.next_output_due()
             if output_due is not None:
@@ -751,6 +858,7 @@ class Master:
             self.read_notices()
             self.processes.read_output(ready)
             self.handle_signals()
+            self.check_watcher(ready)
             if self.control.sock is not None and self.control.sock in ready and \
                     not self.stopping:
                 self.control.serve()
@@ -760,13 +868,16 @@ class Master:
                 self.metrics.serve(ready, ready_out)
             self.processes.check_stops()
             if self.stopping:
-                if not self.children and not self.processes.lingering:
+                watching = self.watcher is not None and self.watcher.pid
+                if not self.children and not self.processes.lingering and not watching:
                     return
                 if time.monotonic() >= self.kill_deadline and not self.killed:
                     log.warning("Graceful timeout reached; killing %d child(ren)",
                                 len(self.children) + len(self.processes.lingering))
                     self.kill_children(signal.SIGKILL)
                     self.processes.kill_lingering()
+                    if self.watcher is not None:
+                        self.watcher.stop(signal.SIGKILL)
                     self.killed = True
                 continue
             self.check_timeouts()

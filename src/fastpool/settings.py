@@ -390,7 +390,7 @@ SETTINGS: tuple[Setting, ...] = (
             flags=("--backlog",), metavar="N", check=at_least(1)),
     Setting("preload", "bool", False,
             "Import the app in the master before forking (shared copy-on-write; a reload "
-            "then keeps the old code).", flags=("--preload",)),
+            "then keeps the old code, unless reload is on).", flags=("--preload",)),
     Setting("root_path", "str", "", "SCRIPT_NAME for the app (the prefix it is mounted under).",
             flags=("--root-path",), metavar="PATH"),
     # ---- a group: time
@@ -563,6 +563,30 @@ SETTINGS: tuple[Setting, ...] = (
             "durations, workers, restarts, handoffs, listen queues, and the apps' own "
             "prometheus_client metrics (fastpool[metrics]) merged across workers. Off by "
             "default.", scope="server", flags=("--metrics-bind",), metavar="ADDRESS"),
+    # ---- reload on code change, for development (fastpool.autoreload)
+    Setting("reload", "bool", False,
+            "Development only: reload (rolling, as SIGHUP does) when a watched file changes. "
+            "Off by default; fastpool check says whether it is on.", scope="server",
+            flags=("--reload",)),
+    Setting("reload_dirs", "list", [],
+            "Directories watched by reload, recursively (repeatable); relative ones are "
+            "relative to the config file's directory (or the current one). The config file "
+            "is always watched.", scope="server", flags=("--reload-dir",), metavar="DIR",
+            default_doc="the current directory (after --chdir)"),
+    Setting("reload_includes", "list", [],
+            "Globs of file names whose change reloads (repeatable), added to `*.py`; they win "
+            "over the default excludes.", scope="server", flags=("--reload-include",),
+            metavar="GLOB", default_doc="`*.py`"),
+    Setting("reload_excludes", "list", [],
+            "Globs of file or directory names that never reload (repeatable), added to the "
+            "defaults; they win over any include.", scope="server",
+            flags=("--reload-exclude",), metavar="GLOB",
+            default_doc="`.*`, `__pycache__`, `*.swp`, `*.swo`, `*~`, `.#*`, `4913`, `*.tmp`"),
+    Setting("reload_watcher", "str", "auto",
+            "How reload watches: watchfiles (pip install 'fastpool[reload]'), poll "
+            "(modification times, every second), or auto (watchfiles when installed).",
+            scope="server", flags=("--reload-watcher",), metavar="KIND",
+            check=choice("auto", "watchfiles", "poll")),
     # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
             "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "
@@ -938,6 +962,22 @@ def load_server(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     path, data = find_config(config)
     return _server(cli, environ, path, data, _label(path))[0]
+
+
+def source_of(name: str, cli: Mapping[str, Any], environ: Mapping[str, str],
+              path: Path | None) -> str:
+    """Where the value of setting ``name`` came from, as messages name it (its
+    flag, its environment variable, or its key in ``[server]``): for values
+    checked after loading (``fastpool.autoreload.plan``)."""
+    setting = SETTINGS_BY_NAME[name]
+    for given in setting.names:
+        if cli.get(given) is not None:
+            return setting.flag_for(given) or given
+    if setting.env_var:
+        for given in setting.names:
+            if env_name(given) in environ:
+                return env_name(given)
+    return f"{_label(path)}: [server] {name}" if path is not None else name
 
 
 def _label(path: Path | None) -> str:

@@ -77,6 +77,11 @@ class ServerSettings:
     log_config: str | None
     control_socket: str
     metrics_listen: str | None
+    reload: bool
+    reload_dirs: tuple[str, ...]
+    reload_includes: tuple[str, ...]
+    reload_excludes: tuple[str, ...]
+    reload_watcher: str
 
 
 class ProcessSettings:

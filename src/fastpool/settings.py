@@ -537,6 +537,20 @@ SETTINGS: tuple[Setting, ...] = (
             "relative paths are relative to the config file's directory (or the current one). "
             "A server refuses to start on a socket another running master listens on.",
             scope="server", flags=("--control-socket",), metavar="PATH"),
+    Setting("pid_file", "str", None,
+            "Write the master's pid to this file at start and remove it at exit (relative "
+            "paths: to the config file's directory, or the current one, --chdir's when "
+            "given). A server refuses to "
+            "start (exit 2) while the file names a running fastpool master; a stale file is "
+            "overwritten.", scope="server", flags=("--pid",), metavar="FILE"),
+    Setting("env_file", "str", None,
+            "A dotenv file (NAME=value lines) the master loads into the environment before it "
+            "imports the apps and forks, read again on every reload; variables already in the "
+            "environment win. It is for the apps (and processes) only, as uvicorn's "
+            "--env-file: FASTPOOL_* lines in it do not configure fastpool. Relative paths: to "
+            "the config file's directory (or the current one, --chdir's when given). Needs "
+            "python-dotenv (pip install 'fastpool[dotenv]').", scope="server",
+            flags=("--env-file",), metavar="FILE"),
     # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
             "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "
@@ -682,7 +696,24 @@ class ServerConfig(ServerSettings, _Values):
 
     @property
     def control_path(self) -> Path:
-        path = Path(self.values["control_socket"])
+        path = self._beside_config(self.values["control_socket"])
+        assert path is not None
+        return path
+
+    @property
+    def pid_path(self) -> Path | None:
+        return self._beside_config(self.values["pid_file"])
+
+    @property
+    def env_path(self) -> Path | None:
+        return self._beside_config(self.values["env_file"])
+
+    def _beside_config(self, text: str | None) -> Path | None:
+        """A path setting: relative ones start in the config file's directory
+        (or the current one)."""
+        if text is None:
+            return None
+        path = Path(text)
         if not path.is_absolute():
             base = self.path.parent if self.path is not None else Path.cwd()
             path = base / path

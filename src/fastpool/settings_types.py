@@ -72,6 +72,8 @@ class ServerSettings:
     chdir: str | None
     log_level: str
     control_socket: str
+    pid_file: str | None
+    env_file: str | None
 
 
 class ProcessSettings:

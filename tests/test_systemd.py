@@ -326,7 +326,7 @@ def test_ready_reloading_stopping_in_order(tmp_path: Path, notifications: Notifi
         notifications.messages()
 
 
-def test_refused_reload_says_ready_with_the_reason(tmp_path: Path,
+def test_refused_and_failed_reloads_say_ready_with_the_reason(tmp_path: Path,
                                                    notifications: Notifications,
                                                    servers: list[Server]) -> None:
     port = free_port()
@@ -344,6 +344,17 @@ def test_refused_reload_says_ready_with_the_reason(tmp_path: Path,
     _, ready = notifications.wait("READY", 2)
     assert ready["STATUS"].startswith("reload refused: fastpool.toml: [group.web] workers: "
                                       "expected an integer"), ready
+
+    # New workers that cannot boot: READY=1 again once the master gives up on them.
+    config.write_text(render(groups={"web": {"app": "apps_systemd:missing",
+                                             "listen": [f"127.0.0.1:{port}"]}}))
+    os.kill(server.pid, signal.SIGHUP)
+    notifications.wait("RELOADING", 2)
+    _, ready = notifications.wait("READY", 3)
+    assert ready["STATUS"] == ("reload failed: the new workers of group web cannot boot; the "
+                               "old ones keep serving"), ready
+    assert fetch(port, "/").body == b"web"
+    assert notifications.states() == ["READY", "RELOADING", "READY", "RELOADING", "READY"]
 
 
 def test_watchdog_pings_from_the_master_loop(tmp_path: Path, servers: list[Server]) -> None:

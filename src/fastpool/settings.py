@@ -359,9 +359,12 @@ SETTINGS: tuple[Setting, ...] = (
             "clients that ask for it; ws_max_size applies to the decompressed message.",
             flags=("--ws-per-message-deflate",)),
     Setting("listen", "list", None,
-            "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
-            "command line: --bind (repeatable) or --host/--port. A group that sets none (and "
-            "has no routes) listens on host:port; two such groups are a config error.",
+            "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH, fd://N, or "
+            "systemd:NAME / systemd (sockets passed by systemd socket activation, by "
+            "FileDescriptorName or all of them; README \"systemd\"). On the command line: "
+            "--bind (repeatable) or --host/--port. A group that sets none (and has no routes) "
+            "listens on host:port, or on systemd's sockets when there are any; two such "
+            "groups are a config error.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`",
             always_set=True),
     Setting("tls_listen", "list", [],

@@ -10,6 +10,7 @@ given to the server as ``NOTIFY_SOCKET``.  Apps: tests/apps_systemd.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -431,12 +432,16 @@ def test_stale_pid_file_is_overwritten(tmp_path: Path, servers: list[Server]) ->
 
 def test_env_file_reaches_the_app_not_the_settings_and_reloads(
         tmp_path: Path, servers: list[Server]) -> None:
-    env_file = tmp_path / "app.env"
+    (tmp_path / "conf").mkdir()
+    env_file = tmp_path / "conf" / "app.env"     # relative to the config file
     env_file.write_text("GREETING='hello from the file'\nKEPT=from the file\n"
-                        "FASTPOOL_WORKERS=3\nDROPPED=soon\n")
+                        "FASTPOOL_WORKERS=3\nWEB_CONCURRENCY=3\nDROPPED=soon\n")
     port = free_port()
-    server = Server(["apps_systemd:app", "--port", str(port), "--env-file", "app.env",
-                     "--preload"], port=port, workers=1, cwd=tmp_path,
+    config = tmp_path / "conf" / "fastpool.toml"
+    config.write_text(render(server={"env_file": "app.env", "preload": True},
+                             groups={"main": {"app": "apps_systemd:app",
+                                              "listen": [f"127.0.0.1:{port}"]}}))
+    server = Server(["--config", str(config)], port=port, workers=1, cwd=tmp_path,
                     env={"KEPT": "from the environment"}, log_path=tmp_path / "server.log")
     servers.append(server)
     server.wait_ready()
@@ -445,9 +450,8 @@ def test_env_file_reaches_the_app_not_the_settings_and_reloads(
     assert shown["KEPT"] == "from the environment"        # the environment wins
     assert shown["FASTPOOL_WORKERS"] == "3"                # the app sees it...
     assert "(group main, 1 worker(s))" in server.log       # ...fastpool does not use it
-    assert len(server.worker_pids()) == 1
 
-    env_file.write_text("GREETING=changed\n")
+    env_file.write_text("GREETING=changed\nWEB_CONCURRENCY=3\n")
     old = server.worker_pids()
     os.kill(server.pid, signal.SIGHUP)
 
@@ -458,6 +462,9 @@ def test_env_file_reaches_the_app_not_the_settings_and_reloads(
     assert shown["GREETING"] == "changed"
     assert "DROPPED" not in shown and "FASTPOOL_WORKERS" not in shown, shown
     assert shown["KEPT"] == "from the environment"
+    # The reload read the settings again, not from the file: still one worker.
+    status = fastpool("status", "--json", "--config", str(config), cwd=tmp_path)
+    assert json.loads(status.stdout)["groups"][0]["workers_wanted"] == 1, status.stdout
 
 
 def test_env_file_errors(tmp_path: Path) -> None:

@@ -173,9 +173,10 @@ def choice(*options: str) -> Callable[[Any], Any]:
     return check
 
 
-def _default_workers() -> int:
-    # gunicorn and uvicorn both honour WEB_CONCURRENCY; so do we.
-    raw = os.environ.get("WEB_CONCURRENCY")
+def _default_workers(environ: Mapping[str, str]) -> int:
+    # gunicorn and uvicorn both honour WEB_CONCURRENCY; so do we (from the
+    # environment the settings are read from: never from an env_file).
+    raw = environ.get("WEB_CONCURRENCY")
     if raw is None:
         return 1
     try:
@@ -242,8 +243,10 @@ class Setting:
             return ""
         return self.cli if name == self.name else alias_flag(name)
 
-    def resolve_default(self) -> Any:
-        value = self.default() if callable(self.default) else self.default
+    def resolve_default(self, environ: Mapping[str, str] | None = None) -> Any:
+        """The default; a callable one is given the environment settings are read from."""
+        environ = os.environ if environ is None else environ
+        value = self.default(environ) if callable(self.default) else self.default
         return list(value) if isinstance(value, list) else value
 
     # ---- reading values
@@ -550,7 +553,8 @@ SETTINGS: tuple[Setting, ...] = (
             "A dotenv file (NAME=value lines) the master loads into the environment before it "
             "imports the apps and forks, read again on every reload; variables already in the "
             "environment win. It is for the apps (and processes) only, as uvicorn's "
-            "--env-file: FASTPOOL_* lines in it do not configure fastpool. Relative paths: to "
+            "--env-file: fastpool's settings (FASTPOOL_*, WEB_CONCURRENCY) and the ${VAR} of "
+            "commands are never read from it. Relative paths: to "
             "the config file's directory (or the current one, --chdir's when given). Needs "
             "python-dotenv (pip install 'fastpool[dotenv]').", scope="server",
             flags=("--env-file",), metavar="FILE"),
@@ -889,7 +893,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             given = _given(setting, cli, environ)
             if given is None:
                 given = group_values.get(setting.name, server_table.get(setting.name))
-            resolved[setting.name] = setting.resolve_default() if given is None else given
+            resolved[setting.name] = (setting.resolve_default(environ) if given is None
+                                      else given)
         if not resolved["app"]:
             raise ConfigError(f"{where}: no app (set app here or in [server])")
         source = "server" if "listen" not in group_values and "listen" in server_table \
@@ -928,7 +933,7 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                     for s in PROCESS_SETTINGS}
         for setting in PROCESS_SETTINGS:
             if resolved[setting.name] is None:
-                resolved[setting.name] = setting.resolve_default()
+                resolved[setting.name] = setting.resolve_default(environ)
         if resolved["cwd"] is not None:
             resolved["cwd"] = _process_directory(resolved["cwd"], path, where)
         if resolved["command"] is not None:
@@ -966,7 +971,7 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
         given = _given(setting, cli, environ)
         if given is None:
             given = server_table.get(setting.name)
-        values[setting.name] = setting.resolve_default() if given is None else given
+        values[setting.name] = setting.resolve_default(environ) if given is None else given
     return ServerConfig(values=values, path=path), server_table
 
 

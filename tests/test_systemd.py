@@ -128,6 +128,21 @@ def test_activated_socket_replaces_the_default_address_and_is_not_rebound(
     assert int(shown["_pid"]) in server.worker_pids()
 
 
+def test_activated_sockets_replace_the_only_groups_listen_addresses(
+        tmp_path: Path, servers: list[Server]) -> None:
+    sock = listening_socket()
+    port = port_of(sock)
+    # The group's own address is systemd's port: as gunicorn, the socket replaces it.
+    server = Activated(tmp_path, ["apps_systemd:web", "--bind", f"127.0.0.1:{port}"], [sock],
+                       names="fastpool.socket")
+    servers.append(server)
+    server.wait_ready()
+    assert fetch(port, "/").body == b"web"
+    assert f"Listening at: systemd:fastpool.socket (fd 3) http://127.0.0.1:{port} (group main" \
+        in server.log, server.log
+    assert "Listening at: http://" not in server.log, server.log
+
+
 def test_bind_systemd_name_and_check_shows_it(tmp_path: Path, servers: list[Server]) -> None:
     sock = listening_socket()
     port = port_of(sock)
@@ -206,15 +221,15 @@ def test_an_unknown_name_is_an_error_listing_the_names(tmp_path: Path,
     servers.append(server)
     code, log = exited(server)
     assert code == 2, log
-    assert log.startswith("Error: fastpool.toml: [group.tast] 'systemd:api': systemd passed no "
-                          "socket named 'api' (it passed 'tast', 'web';"), log
+    assert log.startswith("Error: fastpool.toml: [group.tast] listen: 'systemd:api': systemd "
+                          "passed no socket named 'api' (it passed 'tast', 'web';"), log
     assert len(log.strip().splitlines()) == 1, log
 
 
 def test_systemd_address_without_activation_is_an_error(tmp_path: Path) -> None:
     result = fastpool("serve", "apps_systemd:app", "--bind", "systemd", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("Error: --bind 'systemd': systemd passed no sockets to "
+    assert result.stderr.startswith("Error: --bind: 'systemd': systemd passed no sockets to "
                                     "this process"), result.stderr
 
 

@@ -366,8 +366,9 @@ SETTINGS: tuple[Setting, ...] = (
             "systemd:NAME / systemd (sockets passed by systemd socket activation, by "
             "FileDescriptorName or all of them; README \"systemd\"). On the command line: "
             "--bind (repeatable) or --host/--port. A group that sets none (and has no routes) "
-            "listens on host:port, or on systemd's sockets when there are any; two such "
-            "groups are a config error.",
+            "listens on host:port; two such groups are a config error. With sockets from "
+            "systemd and no systemd address in the config, the only group listens on them "
+            "instead of its listen addresses.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`",
             always_set=True),
     Setting("tls_listen", "list", [],

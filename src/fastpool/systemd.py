@@ -12,8 +12,9 @@ Rules of this module (the protocols are systemd's ``sd_listen_fds(3)`` and
 * A group listens on them by ``systemd:NAME`` (every socket of that
   FileDescriptorName) or ``systemd`` (every socket no ``systemd:NAME`` of the
   config claims).  A config with no ``systemd`` address gives every activated
-  socket to its only listening group, in place of the default address;
-  several listening groups are then a ``ConfigError`` asking which is which
+  socket to its only listening group, in place of its plain addresses (as
+  gunicorn ignores ``--bind`` then; its ``tls_listen`` stay); several
+  listening groups are then a ``ConfigError`` asking which is which
   (``assign``).  An activated socket becomes an ``fd`` address
   (``sockets.Address``), so it is used as it is, never rebound, and shared by
   the group's workers.
@@ -133,11 +134,11 @@ def assign(config: ServerConfig, activated: list[Activated],
                 f"{prefix}systemd passed {_count(len(activated), 'socket')} ({names}) and the "
                 f"config has {_count(len(listening), 'group')}: say which group listens on "
                 "which with listen = [\"systemd:NAME\"]")
+        # In place of its plain addresses, as gunicorn ignores --bind then: they
+        # are for running it without systemd (and one is often the same port).
         name = listening[0]
-        group = config.groups[name]
-        kept = [(address, text) for address, text in result[name]
-                if address.tls or group.listen_source != "default"]
-        result[name] = kept + [(_fd_address(item, False), item.label()) for item in activated]
+        kept = [(address, text) for address, text in result[name] if address.tls]
+        result[name] = [(_fd_address(item, False), item.label()) for item in activated] + kept
         return result
     claimed = _claimed_names(config)
     passed = sorted({item.name for item in activated if item.name})
@@ -152,7 +153,9 @@ def assign(config: ServerConfig, activated: list[Activated],
             else:
                 matches = [item for item in activated if item.name not in claimed]
             if not matches and strict:
-                where = f"{prefix}[group.{name}]" if config.path is not None else "--bind"
+                key = "tls_listen" if address.tls else "listen"
+                where = (f"{prefix}[group.{name}] {key}" if config.path is not None
+                         else "--tls-bind" if address.tls else "--bind")
                 if not activated:
                     why = ("systemd passed no sockets to this process (LISTEN_PID/LISTEN_FDS "
                            "unset; start it from a .socket unit)")
@@ -162,7 +165,7 @@ def assign(config: ServerConfig, activated: list[Activated],
                            "FileDescriptorName= in the .socket unit names them)")
                 else:
                     why = "every socket systemd passed is claimed by a systemd:NAME address"
-                raise ConfigError(f"{where} {text!r}: {why}".lstrip())
+                raise ConfigError(f"{where}: {text!r}: {why}")
             if not matches:
                 expanded.append((address, text))
             expanded.extend((_fd_address(item, address.tls), text) for item in matches)

@@ -100,7 +100,9 @@ def cmdline(pid: int) -> str:
 
 
 class Server:
-    """A running ``fastpool serve`` process."""
+    """A running ``fastpool serve`` process (started through ``launcher``, a
+    program that execs the rest of its command line, when given: e.g. to pass
+    it sockets as systemd does, tests/test_systemd.py)."""
 
     def __init__(self, args: list[str], *, port: int | None, workers: int,
                  env: dict[str, str] | None, cwd: Path, log_path: Path,

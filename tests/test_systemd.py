@@ -382,7 +382,7 @@ def test_watchdog_pings_from_the_master_loop(tmp_path: Path, servers: list[Serve
                         env={"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "200000"})
         servers.append(server)
         ready_at, _ = listener.wait("READY")
-        listener.wait("WATCHDOG", 12)
+        listener.wait("WATCHDOG", 8)
         pings = [at for at, fields in listener.messages() if "WATCHDOG" in fields]
         # Every 0.1 s (half of WATCHDOG_USEC): never 0.2 s without one, the
         # first well before READY's neighbourhood ends, and not a flood either.

@@ -100,11 +100,14 @@ def cmdline(pid: int) -> str:
 
 
 class Server:
-    """A running ``fastpool serve`` process."""
+    """A running ``fastpool serve`` process (started through ``launcher``, a
+    program that execs the rest of its command line, when given: e.g. to pass
+    it sockets as systemd does, tests/test_systemd.py)."""
 
     def __init__(self, args: list[str], *, port: int | None, workers: int,
                  env: dict[str, str] | None, cwd: Path, log_path: Path,
-                 stdout_closed: bool = False, nofile: int | None = None) -> None:
+                 stdout_closed: bool = False, nofile: int | None = None,
+                 launcher: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> None:
         self.port = port
         self.host = "127.0.0.1"
         self.workers = workers
@@ -118,8 +121,11 @@ class Server:
             reader, stdout = os.pipe()
             os.close(reader)
         try:
+            # launcher: a program that execs the command line after it (the
+            # same pid), e.g. to hand it sockets as systemd does (pass_fds).
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fastpool", "serve", *args],
+                [*launcher, sys.executable, "-m", "fastpool", "serve", *args],
+                pass_fds=pass_fds,
                 stdout=stdout, stderr=self._log, cwd=cwd, env=child_env(env),
                 start_new_session=True,
                 # nofile: the descriptor limit of the server (and its workers).

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastpool import __version__, autoreload, core, log, settings, tls
+from fastpool import __version__, autoreload, core, log, settings, systemd, tls
 from fastpool.control import ControlError, format_status, format_watch, request
+from fastpool.envfile import EnvFile
 from fastpool.loading import AppLoadError, import_app, resolve_interface
-from fastpool.sockets import check_addresses
+from fastpool.sockets import Address, check_addresses
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,12 +141,32 @@ def control_path(args: argparse.Namespace) -> Path:
     return settings.load_server(vars(args), os.environ, args.config).control_path
 
 
-def _plan(config: settings.ServerConfig, watch: autoreload.Plan | None) -> str:
+def _listen(addresses: list[tuple[Address, str]]) -> str:
+    """A group's plain addresses as ``fastpool check`` shows them: as written,
+    a socket from systemd with its fd and what it is bound to."""
+    shown = []
+    for address, text in addresses:
+        if address.tls:
+            continue
+        if address.kind == "fd" and address.name:
+            shown.append(f"{address} {systemd.bound_to(address.fd)}")
+        elif address.kind == "systemd":
+            shown.append(f"{text} (a socket systemd passes at start)")
+        else:
+            shown.append(text)
+    return ", ".join(shown) or "-"
+
+
+def _plan(config: settings.ServerConfig, watch: autoreload.Plan | None,
+          assigned: dict[str, list[tuple[Address, str]]] | None = None) -> str:
+    assigned = assigned or systemd.assign(config, [], strict=False)
     lines = [f"config: {config.path or 'command line'}"]
     for name, group in config.groups.items():
+        default = group.listen_source == "default" and any(
+            address.kind == "tcp" for address, _ in assigned[name])
         lines.append(
-            f"group {name}: app {group.app}, listen {', '.join(group.listen) or '-'}"
-            f"{' (the default)' if group.listen_source == 'default' else ''}, "
+            f"group {name}: app {group.app}, listen {_listen(assigned[name])}"
+            f"{' (the default)' if default else ''}, "
             f"{group.workers} worker(s) x {group.threads} thread(s), timeout "
             f"{group.timeout:g} s, max_requests {group.max_requests or 'off'}, "
             f"nice {group.nice}, cpus {','.join(map(str, group.cpus)) or 'any'}, "
@@ -164,6 +185,10 @@ def _plan(config: settings.ServerConfig, watch: autoreload.Plan | None) -> str:
     lines.append(f"control socket: {config.control_path}")
     # Listed always: a development setting must not reach production unseen.
     lines.append(watch.summary() if watch is not None else "reload on code change: off")
+    if config.pid_path is not None:
+        lines.append(f"pid file: {config.pid_path}")
+    if config.env_path is not None:
+        lines.append(f"env file: {config.env_path}")
     return "\n".join(lines)
 
 
@@ -171,6 +196,7 @@ def _check(config: settings.ServerConfig) -> None:
     """Import every app and process target, as the workers would."""
     if config.chdir:
         os.chdir(config.chdir)
+    EnvFile(os.environ).apply(config.env_path)     # the apps import with it, as under serve
     for name, group in config.groups.items():
         try:
             resolve_interface(import_app(group.app), group.interface, group.app)
@@ -231,13 +257,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command in ("serve", "check"):
         cli = vars(args)
+        # First: the sockets systemd passed, and LISTEN_* out of the environment
+        # (apps and children must not see them; settings never read them).
+        activated = systemd.take_activation()
+        environ = dict(os.environ)
         try:
-            config = settings.load(cli, os.environ, args.config, args.app)
-            check_addresses(config)
+            config = settings.load(cli, environ, args.config, args.app)
+            assigned = systemd.assign(config, activated, strict=args.command == "serve")
+            check_addresses(config, assigned)
             tls.check(list(config.groups.values()))
             # The server's current directory once --chdir is applied.
             watch = autoreload.plan(config, Path(config.chdir or ".").resolve(),
-                                    settings.source_of("reload_dirs", cli, os.environ,
+                                    settings.source_of("reload_dirs", cli, environ,
                                                        config.path))
             if args.command == "check":
                 _check(config)
@@ -250,12 +281,13 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
         if args.command == "check":
-            print(_plan(config, watch))
+            print(_plan(config, watch, assigned))
             print("OK")
             return 0
         from fastpool import master
 
-        return master.run(config, cli, args.config, args.app)
+        return master.run(config, cli, args.config, args.app, environ=environ,
+                          activated=activated)
     if args.command == "nginx-config":
         from fastpool import nginx
 

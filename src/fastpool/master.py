@@ -43,6 +43,23 @@ Rules of this module (the model is gunicorn's arbiter):
   master listening on it refuses to start (exit 2, before it binds or forks
   anything; ``ControlServer.open``); a stale socket file with nobody listening
   is replaced.
+* ``pid_file``: the master writes its pid there once its control socket is
+  its own, before it binds or forks, and removes it at exit; a file naming
+  another running master refuses the start (exit 2; ``fastpool.pidfile``).
+* ``env_file`` is loaded into the master's environment (``fastpool.envfile``)
+  before any app is imported or child forked, and again by every reload
+  (before the new workers fork); fastpool's own settings never come from it.
+* systemd: sockets it passed (``LISTEN_FDS``) are taken by the CLI before
+  anything else reads the environment and given to groups by
+  ``fastpool.systemd.assign``; the master keeps them, as they are, across
+  reloads.  With ``NOTIFY_SOCKET`` the master's own loop tells systemd its
+  state (``tell_systemd``): ``READY=1`` once every group serves (``booted``),
+  ``RELOADING=1`` when a reload begins and ``READY=1`` once its new workers
+  serve or it was refused or failed, ``STOPPING=1`` when a stop begins,
+  ``STATUS=`` whenever the summary of groups and processes changes, and
+  ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` (the loop's wait never
+  outlasts it, so a master stuck anywhere stops pinging).  Children never
+  see ``LISTEN_*``, ``NOTIFY_SOCKET`` or ``WATCHDOG_*``.
 * Signals mean what ``fastpool.signals.TABLE`` says (TERM and INT: graceful
   stop; QUIT, or a second INT: immediate stop; HUP: reload; TTIN/TTOU: one
   worker more/less in every group; USR1: the master and the workers reopen
@@ -68,12 +85,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastpool import __version__, autoreload, core, signals, tls, worker
+from fastpool import __version__, autoreload, core, signals, systemd, tls, worker
 from fastpool.control import ControlServer, ControlSocketInUse
+from fastpool.envfile import EnvFile
 from fastpool.handoff import Admission, Queues, Routing
 from fastpool.loading import AppLoadError, import_app
 from fastpool.log import log_setup_done, reopen_files, setup_error_log
 from fastpool.metrics import RESTART_CAUSES, AppMetrics, MetricsServer, Totals, rss_bytes
+from fastpool.pidfile import PidFile, PidFileInUse
 from fastpool.process import (
     CRASH_WINDOW,
     Child,
@@ -85,7 +104,7 @@ from fastpool.process import (
 )
 from fastpool.scoreboard import Scoreboard
 from fastpool.settings import ConfigError, GroupConfig, ServerConfig, load
-from fastpool.sockets import Listeners, check_addresses, group_addresses
+from fastpool.sockets import Address, Listeners, check_addresses
 
 log = logging.getLogger("fastpool.error")
 
@@ -95,6 +114,8 @@ LOOP_WAIT = 0.5              # seconds the loop sleeps at most between two looks
 CONTROL_SOCKET_IN_USE = 2    # exit code: another master listens on our control socket
 MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at the workers' RSS (max_rss)
 MIB = 1024 * 1024
+PID_FILE_IN_USE = 2          # exit code: the pid file names another running master
+ENV_FILE_ERROR = 2           # exit code: the env file cannot be loaded (a config error)
 
 
 @dataclass
@@ -127,9 +148,21 @@ class Master:
     """The supervisor of one server (``run`` until it stops)."""
 
     def __init__(self, config: ServerConfig, reload_source: Callable[[], ServerConfig] | None
-                 = None) -> None:
+                 = None, *, activated: list[systemd.Activated] | None = None,
+                 notifier: systemd.Notifier | None = None, env: EnvFile | None = None) -> None:
         self.config = config
         self.reload_source = reload_source
+        self.activated = list(activated or [])      # the sockets systemd passed
+        self.notifier = notifier or systemd.Notifier(None)
+        self.env = env or EnvFile(os.environ)
+        # Its path is fixed at start, as the control socket's.
+        self.pid_file = PidFile(config.pid_path)
+        # What systemd was told: READY=1 sent, the last STATUS=, and the
+        # groups (name: generation) a reload waits for before READY=1 again.
+        self.ready_sent = False
+        self.status_sent = ""
+        self.reload_waiting: dict[str, int] = {}
+        self.reload_failed: list[str] = []
         self.pid = os.getpid()
         self.children: dict[int, Child] = {}
         self.groups: dict[str, Group] = {}
@@ -163,6 +196,9 @@ class Master:
         except ControlSocketInUse as exc:
             print(f"Error: {exc}", file=sys.stderr, flush=True)
             return CONTROL_SOCKET_IN_USE
+        except PidFileInUse as exc:
+            print(f"Error: {exc}", file=sys.stderr, flush=True)
+            return PID_FILE_IN_USE
         except ConfigError as exc:
             log.error("%s", exc)
             return 1
@@ -176,6 +212,9 @@ class Master:
                 self.metrics.close()
             if self.app_metrics is not None:
                 self.app_metrics.close()
+            self.pid_file.remove()
+            self.notifier.close()
+            systemd.close_activated(self.activated)
 
     def _run(self) -> int:
         config = self.config
@@ -194,8 +233,15 @@ class Master:
             # reads PROMETHEUS_MULTIPROC_DIR when a metric is created.
             self.app_metrics = AppMetrics.setup(os.environ)
         watch_plan = autoreload.plan(config, Path.cwd())
+        self.pid_file.create(self.pid)
+        assigned = systemd.assign(config, self.activated)
+        check_addresses(config, assigned)
         for name, group_config in config.groups.items():
-            self.groups[name] = self.make_group(group_config)
+            self.groups[name] = self.make_group(group_config, assigned[name])
+        used = {a.fd for addresses in assigned.values() for a, _ in addresses if a.kind == "fd"}
+        for item in self.activated:
+            if item.fd not in used:
+                log.warning("systemd passed socket %s, which no group listens on", item)
         for group in self.groups.values():
             if group.config.preload:
                 try:
@@ -237,8 +283,9 @@ class Master:
         log.info("Shutting down: master")
         return self.exit_code
 
-    def make_group(self, config: GroupConfig) -> Group:
-        addresses = [address for address, _ in group_addresses(config, self.config.path)]
+    def make_group(self, config: GroupConfig, assigned: list[tuple[Address, str]]) -> Group:
+        """A group listening on ``assigned`` (its addresses, ``systemd.assign``)."""
+        addresses = [address for address, _ in assigned]
         tls_context = tls.context_for(config)
         listeners = Listeners(addresses, backlog=config.backlog, reuse_port=config.reuse_port)
         group = Group(config=config, listeners=listeners, wanted=config.workers,
@@ -395,6 +442,8 @@ class Master:
             for sock in self.all_listening_sockets():
                 if id(sock) not in own:
                     sock.close()
+            # systemd's sockets that no group holds now (Listeners.close keeps them open).
+            systemd.close_activated(self.activated, keep={sock.fileno() for sock in keep})
             code = child_main()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0
@@ -462,6 +511,9 @@ class Master:
             self.processes.quit_all()
         if self.watcher is not None:
             self.watcher.stop()
+        if not self.stopping:
+            how = "graceful" if graceful else "immediate"
+            self.notifier.send("STOPPING=1", f"STATUS=stopping ({how})")
         self.stopping = True
 
     # ---------------------------------------------------------------- notices
@@ -660,14 +712,19 @@ class Master:
     def reload(self, only: str | None = None) -> str | None:
         """Re-read the config and roll every group (or ``only``) onto new workers.
         Returns an error message, or None."""
+        if self.ready_sent:
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}",
+                               "STATUS=reloading")
         new_config = self.config
-        if self.reload_source is not None:
-            try:
+        try:
+            if self.reload_source is not None:
                 new_config = self.reload_source()
-                check_addresses(new_config)
-            except ConfigError as exc:
-                log.error("Reload refused, the config has an error (nothing changed): %s", exc)
-                return str(exc)
+            assigned = systemd.assign(new_config, self.activated)
+            check_addresses(new_config, assigned)
+        except ConfigError as exc:
+            log.error("Reload refused, the config has an error (nothing changed): %s", exc)
+            self.reload_done(f"reload refused: {exc}")
+            return str(exc)
         names = [only] if only is not None else list(new_config.groups)
         self.reload_errors.clear()
         fresh_apps, failed = self.import_fresh(new_config, names)
@@ -680,7 +737,16 @@ class Master:
                     contexts[name] = tls.context_for(new_config.groups[name])
                 except ConfigError as exc:
                     log.error("Reload refused (nothing changed): %s", exc)
+                    self.reload_done(f"reload refused: {exc}")
                     return str(exc)
+        # The env file is read again, for the new workers: last, as nothing
+        # may change when the reload is refused.
+        try:
+            self.env.apply(new_config.env_path)
+        except ConfigError as exc:
+            log.error("Reload refused (nothing changed): %s", exc)
+            self.reload_done(f"reload refused: {exc}")
+            return str(exc)
         for name in names:
             group_config = new_config.groups.get(name)
             group = self.groups.get(name)
@@ -688,11 +754,12 @@ class Master:
                 continue
             if group is None:
                 try:
-                    self.groups[name] = self.make_group(group_config)
+                    self.groups[name] = self.make_group(group_config, assigned[name])
                 except ConfigError as exc:
                     log.error("Reload: cannot start group %s: %s", name, exc)
                     continue
                 log.info("Reload: starting new group %s", name)
+                self.reload_waiting[name] = 0
                 continue
             if group_config.listen != group.config.listen or \
                     group_config.tls_listen != group.config.tls_listen or \
@@ -717,6 +784,7 @@ class Master:
             group.crashes.reset()
             log.info("Reload: rolling group %s onto new workers (generation %d)", name,
                      group.generation)
+            self.reload_waiting[name] = group.generation
         if only is None:
             for name in [n for n in self.groups if n not in new_config.groups]:
                 log.info("Reload: stopping group %s (gone from the config)", name)
@@ -726,6 +794,8 @@ class Master:
             self.config = dataclasses.replace(self.config, values=new_config.values)
             self.update_watcher()
         self.setup_routing()
+        if not self.reload_waiting:
+            self.reload_done("")
         return None
 
     def import_fresh(self, config: ServerConfig, names: list[str]
@@ -786,6 +856,80 @@ class Master:
             sum(batch.count for batch in batches))
         log.info("Reload: %s changed; reloading", changed.describe())
         self.reload()
+    # ---------------------------------------------------------------- systemd
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: each group's serving workers (and
+        each process set's running copies) against the wanted count."""
+        parts = []
+        for name, group in self.groups.items():
+            if group.state != "running":
+                parts.append(f"group {name} {group.state}")
+                continue
+            serving = {c.slot for c in self.children.values()
+                       if c.kind == "worker" and c.name == name and c.ready and not c.retiring
+                       and c.slot < group.wanted}
+            parts.append(f"group {name} {len(serving)}/{group.wanted} workers")
+        for name, process in self.processes.groups.items():
+            copies = len(self.processes.instances(name))
+            parts.append(f"process {name} {copies}/{process.wanted} running")
+        return f"{'serving' if self.booted else 'starting'}: {', '.join(parts) or 'nothing'}"
+
+    def reload_done(self, problem: str) -> None:
+        """The reload is over (``problem``: why it did not apply, "" when it
+        did): READY=1 again, with the STATUS that says how it went."""
+        self.reload_waiting.clear()
+        if not self.ready_sent:
+            return
+        self.status_sent = problem or self.summary()
+        self.notifier.send("READY=1", f"STATUS={self.status_sent}")
+
+    def reload_progress(self) -> None:
+        """Whether every group a reload rolled serves on its new workers (or
+        gave up: its new workers cannot boot, it crash-loops, it is gone)."""
+        failed: list[str] = []
+        for name, generation in list(self.reload_waiting.items()):
+            group = self.groups.get(name)
+            if group is None or group.generation != generation:
+                del self.reload_waiting[name]     # gone, or rolled again by a later reload
+            elif group.state != "running" or group.reload_failed_generation == generation:
+                failed.append(name)
+                del self.reload_waiting[name]
+            else:
+                serving = {c.slot for c in self.children.values()
+                           if c.kind == "worker" and c.name == name and c.ready
+                           and c.generation == generation}
+                if serving.issuperset(range(group.wanted)):
+                    del self.reload_waiting[name]
+        self.reload_failed.extend(failed)
+        if self.reload_waiting:
+            return
+        problem = ""
+        if self.reload_failed:
+            problem = (f"reload failed: the new workers of group "
+                       f"{', '.join(self.reload_failed)} cannot boot; the old ones keep serving")
+        self.reload_failed = []
+        self.reload_done(problem)
+
+    def tell_systemd(self) -> None:
+        """What systemd should know now (a turn of the loop): READY=1 once
+        booted, the end of a reload, a new STATUS=."""
+        if not self.notifier.enabled or self.stopping:
+            return
+        if not self.ready_sent:
+            if self.booted:
+                self.ready_sent = True
+                self.status_sent = self.summary()
+                self.notifier.send("READY=1", f"MAINPID={self.pid}",
+                                   f"STATUS={self.status_sent}")
+                return
+        elif self.reload_waiting:
+            self.reload_progress()
+            return
+        summary = self.summary()
+        if summary != self.status_sent:
+            self.status_sent = summary
+            self.notifier.send(f"STATUS={summary}")
 
     # ---------------------------------------------------------------- maintain
 
@@ -839,9 +983,11 @@ class Master:
             if self.watcher is not None and self.watcher.fd >= 0:
                 readable.append(self.watcher.fd)
             wait = LOOP_WAIT
-            output_due = self.processes.next_output_due()
-            if output_due is not None:
-                wait = max(0.0, min(wait, output_due - time.monotonic()))
+            now = time.monotonic()
+            self.notifier.ping_watchdog(now)
+            for due in (self.processes.next_output_due(), self.notifier.watchdog_due(now)):
+                if due is not None:
+                    wait = max(0.0, min(wait, due - now))
             try:
                 ready, ready_out, _ = select.select(readable, writable, [], wait)
             except InterruptedError:
@@ -883,6 +1029,7 @@ class Master:
             self.check_timeouts()
             self.check_memory()
             self.maintain()
+            self.tell_systemd()
             if not self.groups and not self.processes.groups:
                 log.info("Nothing left to supervise")
                 return
@@ -904,8 +1051,13 @@ def restart_cause(child: Child, status: int, max_requests: int) -> str | None:
 
 
 def run(config: ServerConfig, cli: Mapping[str, Any], config_file: str | None,
-        app: str | None) -> int:
-    """``fastpool serve``: run a master until it stops; return the exit code."""
+        app: str | None, *, environ: Mapping[str, str] | None = None,
+        activated: list[systemd.Activated] | None = None) -> int:
+    """``fastpool serve``: run a master until it stops; return the exit code.
+
+    ``environ``: the environment the settings were read from (reloads read
+    them from it again), ``activated``: the sockets systemd passed (both
+    taken by the CLI before anything else reads the environment)."""
     chdir = config.chdir
     if chdir:
         try:
@@ -915,10 +1067,19 @@ def run(config: ServerConfig, cli: Mapping[str, Any], config_file: str | None,
             return 1
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    environ = dict(os.environ)
+    # Settings come from the environment the server started with, never from the env file.
+    settings_environ = dict(os.environ if environ is None else environ)
+    env = EnvFile(os.environ)
+    try:
+        env.apply(config.env_path)
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        return ENV_FILE_ERROR
+    notifier = systemd.take_notifier()
 
     def reload_source() -> ServerConfig:
-        return load(cli, environ, config_file, app)
+        return load(cli, settings_environ, config_file, app)
 
-    return Master(config, reload_source if config.path is not None else None).run()
+    return Master(config, reload_source if config.path is not None else None,
+                  activated=activated, notifier=notifier, env=env).run()
 

@@ -174,9 +174,10 @@ def choice(*options: str) -> Callable[[Any], Any]:
     return check
 
 
-def _default_workers() -> int:
-    # gunicorn and uvicorn both honour WEB_CONCURRENCY; so do we.
-    raw = os.environ.get("WEB_CONCURRENCY")
+def _default_workers(environ: Mapping[str, str]) -> int:
+    # gunicorn and uvicorn both honour WEB_CONCURRENCY; so do we (from the
+    # environment the settings are read from: never from an env_file).
+    raw = environ.get("WEB_CONCURRENCY")
     if raw is None:
         return 1
     try:
@@ -243,8 +244,10 @@ class Setting:
             return ""
         return self.cli if name == self.name else alias_flag(name)
 
-    def resolve_default(self) -> Any:
-        value = self.default() if callable(self.default) else self.default
+    def resolve_default(self, environ: Mapping[str, str] | None = None) -> Any:
+        """The default; a callable one is given the environment settings are read from."""
+        environ = os.environ if environ is None else environ
+        value = self.default(environ) if callable(self.default) else self.default
         return list(value) if isinstance(value, list) else value
 
     # ---- reading values
@@ -360,9 +363,13 @@ SETTINGS: tuple[Setting, ...] = (
             "clients that ask for it; ws_max_size applies to the decompressed message.",
             flags=("--ws-per-message-deflate",)),
     Setting("listen", "list", None,
-            "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH or fd://N. On the "
-            "command line: --bind (repeatable) or --host/--port. A group that sets none (and "
-            "has no routes) listens on host:port; two such groups are a config error.",
+            "Addresses to listen on: HOST:PORT, [IPV6]:PORT, unix:PATH, fd://N, or "
+            "systemd:NAME / systemd (sockets passed by systemd socket activation, by "
+            "FileDescriptorName or all of them; README \"systemd\"). On the command line: "
+            "--bind (repeatable) or --host/--port. A group that sets none (and has no routes) "
+            "listens on host:port; two such groups are a config error. With sockets from "
+            "systemd and no systemd address in the config, the only group listens on them "
+            "instead of its listen addresses.",
             flags=("-b", "--bind"), metavar="ADDRESS", default_doc="`127.0.0.1:8000`",
             always_set=True),
     Setting("tls_listen", "list", [],
@@ -587,6 +594,21 @@ SETTINGS: tuple[Setting, ...] = (
             "(modification times, every second), or auto (watchfiles when installed).",
             scope="server", flags=("--reload-watcher",), metavar="KIND",
             check=choice("auto", "watchfiles", "poll")),
+    Setting("pid_file", "str", None,
+            "Write the master's pid to this file at start and remove it at exit (relative "
+            "paths: to the config file's directory, or the current one, --chdir's when "
+            "given). A server refuses to "
+            "start (exit 2) while the file names a running fastpool master; a stale file is "
+            "overwritten.", scope="server", flags=("--pid",), metavar="FILE"),
+    Setting("env_file", "str", None,
+            "A dotenv file (NAME=value lines) the master loads into the environment before it "
+            "imports the apps and forks, read again on every reload; variables already in the "
+            "environment win. It is for the apps (and processes) only, as uvicorn's "
+            "--env-file: fastpool's settings (FASTPOOL_*, WEB_CONCURRENCY) and the ${VAR} of "
+            "commands are never read from it. Relative paths: to "
+            "the config file's directory (or the current one, --chdir's when given). Needs "
+            "python-dotenv (pip install 'fastpool[dotenv]').", scope="server",
+            flags=("--env-file",), metavar="FILE"),
     # ---- [process.NAME] tables (fastpool.process)
     Setting("target", "str", None,
             "A supervised Python process: MODULE:CALLABLE called with no arguments in a forked "
@@ -732,7 +754,24 @@ class ServerConfig(ServerSettings, _Values):
 
     @property
     def control_path(self) -> Path:
-        path = Path(self.values["control_socket"])
+        path = self._beside_config(self.values["control_socket"])
+        assert path is not None
+        return path
+
+    @property
+    def pid_path(self) -> Path | None:
+        return self._beside_config(self.values["pid_file"])
+
+    @property
+    def env_path(self) -> Path | None:
+        return self._beside_config(self.values["env_file"])
+
+    def _beside_config(self, text: str | None) -> Path | None:
+        """A path setting: relative ones start in the config file's directory
+        (or the current one)."""
+        if text is None:
+            return None
+        path = Path(text)
         if not path.is_absolute():
             base = self.path.parent if self.path is not None else Path.cwd()
             path = base / path
@@ -905,7 +944,8 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
             given = _given(setting, cli, environ)
             if given is None:
                 given = group_values.get(setting.name, server_table.get(setting.name))
-            resolved[setting.name] = setting.resolve_default() if given is None else given
+            resolved[setting.name] = (setting.resolve_default(environ) if given is None
+                                      else given)
         if not resolved["app"]:
             raise ConfigError(f"{where}: no app (set app here or in [server])")
         source = "server" if "listen" not in group_values and "listen" in server_table \
@@ -944,7 +984,7 @@ def load(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None,
                     for s in PROCESS_SETTINGS}
         for setting in PROCESS_SETTINGS:
             if resolved[setting.name] is None:
-                resolved[setting.name] = setting.resolve_default()
+                resolved[setting.name] = setting.resolve_default(environ)
         if resolved["cwd"] is not None:
             resolved["cwd"] = _process_directory(resolved["cwd"], path, where)
         if resolved["command"] is not None:
@@ -1003,6 +1043,7 @@ def _server(cli: Mapping[str, Any], environ: Mapping[str, str], path: Path | Non
     for key in ("error_log", "log_config"):
         if values[key] not in (None, "-"):
             values[key] = str(base / values[key])
+        values[setting.name] = setting.resolve_default(environ) if given is None else given
     return ServerConfig(values=values, path=path), server_table
 
 

@@ -82,6 +82,8 @@ class ServerSettings:
     reload_includes: tuple[str, ...]
     reload_excludes: tuple[str, ...]
     reload_watcher: str
+    pid_file: str | None
+    env_file: str | None
 
 
 class ProcessSettings:

@@ -8,8 +8,10 @@ Rules of this module:
 * With ``reuse_port`` (the default) each worker slot gets its own
   SO_REUSEPORT socket per TCP address, so the kernel spreads connections over
   the workers without a shared accept queue.  Unix sockets, inherited
-  ``fd://N`` sockets and ``--no-reuse-port`` use one socket shared by all
-  workers (woken with EPOLLEXCLUSIVE).
+  ``fd://N`` sockets, sockets passed by systemd (``systemd:NAME``, resolved
+  to ``fd`` addresses by ``fastpool.systemd.assign``) and ``--no-reuse-port``
+  use one socket shared by all workers (woken with EPOLLEXCLUSIVE); an
+  inherited socket is used as it is, never rebound.
 * An address that cannot be parsed or bound is a ``ConfigError`` naming it.
 """
 
@@ -19,7 +21,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +36,24 @@ MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 @dataclass(frozen=True)
 class Address:
-    kind: str           # "tcp", "unix" or "fd"
+    kind: str           # "tcp", "unix", "fd" or "systemd" (not yet resolved to an fd)
     host: str = ""
     port: int = 0
     path: str = ""
     fd: int = -1
     tls: bool = False   # a tls_listen address: its connections start with a TLS handshake
+    # systemd: the FileDescriptorName ("": every unclaimed socket); fd: the
+    # systemd address it came from ("systemd:web"), "" for fd://N.
+    name: str = ""
 
     def __str__(self) -> str:
         tls = " (TLS)" if self.tls else ""
         if self.kind == "unix":
             return f"unix:{self.path}{tls}"
         if self.kind == "fd":
-            return f"fd://{self.fd}{tls}"
+            return f"{self.name} (fd {self.fd}){tls}" if self.name else f"fd://{self.fd}{tls}"
+        if self.kind == "systemd":
+            return f"systemd{':' if self.name else ''}{self.name}{tls}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
@@ -56,8 +63,15 @@ class Address:
 
 
 def parse_address(text: str, source: str = "--bind", tls: bool = False) -> Address:
-    """``HOST:PORT``, ``[IPV6]:PORT``, ``HOST`` (port 8000), ``unix:PATH`` or ``fd://N``."""
+    """``HOST:PORT``, ``[IPV6]:PORT``, ``HOST`` (port 8000), ``unix:PATH``, ``fd://N``,
+    ``systemd`` or ``systemd:NAME``."""
     text = text.strip()
+    if text == "systemd" or text.startswith("systemd:"):
+        name = text[8:]
+        if text.startswith("systemd:") and not name:
+            raise ConfigError(f"{source}: {text!r} has no name (expected systemd:NAME, the "
+                              "FileDescriptorName= of the .socket unit, or systemd alone)")
+        return Address("systemd", name=name, tls=tls)
     if text.startswith("unix:"):
         path = text[5:]
         if not path:
@@ -110,6 +124,8 @@ def _overlap(a: Address, b: Address) -> bool:
         return os.path.abspath(a.path) == os.path.abspath(b.path)
     if a.kind == "fd":
         return a.fd == b.fd
+    if a.kind == "systemd":
+        return a.name == b.name
     if a.port != b.port or a.port == 0:
         return False
     if a.family != b.family:
@@ -117,13 +133,18 @@ def _overlap(a: Address, b: Address) -> bool:
     return a.host == b.host or a.host in WILDCARD_HOSTS or b.host in WILDCARD_HOSTS
 
 
-def check_addresses(config: ServerConfig) -> None:
+def check_addresses(config: ServerConfig,
+                    assigned: Mapping[str, list[tuple[Address, str]]] | None = None) -> None:
     """Every listen address parses, and no two groups share one (the message
     says which groups, and why a group without listen has its address); nor
-    does metrics_listen."""
+    does metrics_listen.  ``assigned``: the groups' addresses with systemd's
+    sockets in place (``fastpool.systemd.assign``), when the config may have
+    them."""
     seen: list[tuple[str, Address, str]] = []
     for name, group in config.groups.items():
-        for address, text in group_addresses(group, config.path):
+        addresses = assigned[name] if assigned is not None else group_addresses(group,
+                                                                                 config.path)
+        for address, text in addresses:
             for other_name, other, other_text in seen:
                 if other_name != name and _overlap(address, other):
                     raise ConfigError(_shared(config, (other_name, other_text), (name, text)))
@@ -248,6 +269,19 @@ class BoundSocket:
         return str(self.sock.getsockname() or "localhost"), "0"
 
 
+def bound_address(sock: socket.socket, tls: bool = False) -> str:
+    """What an inherited socket is bound to: ``http://HOST:PORT``, ``unix:PATH``."""
+    try:
+        name = sock.getsockname()
+    except OSError as exc:
+        return f"(not a socket: {exc.strerror or exc})"
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return str(Address("tcp", host=str(name[0]), port=int(name[1]), tls=tls))
+    if isinstance(name, bytes):
+        name = "@" + name[1:].decode(errors="replace")   # an abstract unix socket
+    return f"unix:{name}"
+
+
 class Listeners:
     """Every listening socket of a server, by worker slot."""
 
@@ -264,6 +298,9 @@ class Listeners:
             for address in addresses:
                 if address.kind == "unix":
                     self.shared.append(BoundSocket(_unix_socket(address, backlog), address, True))
+                elif address.kind == "systemd":
+                    raise ConfigError(f"cannot listen on {address}: systemd passed no such "
+                                      "socket to this process")
                 elif address.kind == "fd":
                     self.shared.append(BoundSocket(self._inherited(address), address, True))
                 elif not reuse_port:
@@ -321,7 +358,8 @@ class Listeners:
         return socks
 
     def describe(self) -> list[str]:
-        """One ``http://host:port`` / ``unix:path`` per address, with the real port."""
+        """One ``http://host:port`` / ``unix:path`` per address, with the real port;
+        a socket from systemd as ``systemd:web (fd 3) http://0.0.0.0:8080``."""
         seen: list[str] = []
         bound = list(self.shared) + [b for own in self.per_slot.values() for b in own]
         for item in bound:
@@ -336,9 +374,17 @@ class Listeners:
         if item.is_tcp and item.address.kind == "tcp":
             host, port = item.sock.getsockname()[:2]
             return str(Address("tcp", host=str(host), port=int(port), tls=item.address.tls))
+        if item.address.name:
+            return f"{item.address} {bound_address(item.sock, item.address.tls)}"
         return str(item.address)
 
     def close(self) -> None:
+        """Close every socket, but leave systemd's fds open: they are the
+        server's for its whole life (a group that a later reload brings back
+        takes them again), and systemd keeps their queues."""
+        for bound in self.shared:
+            if bound.address.kind == "fd" and bound.address.name:
+                bound.sock.detach()
         for sock in self.all_sockets():
             sock.close()
         for address in self.addresses:

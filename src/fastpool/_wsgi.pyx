@@ -77,7 +77,8 @@ from fastpool._http cimport (
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
-    WorkerBase, WorkerOptions, Handover, Listener, SERVING, input_waiting,
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, input_waiting, ProxyReader,
+    PROXY_WAIT, PROXY_BAD, PROXY_GONE,
 )
 
 import contextvars
@@ -268,6 +269,7 @@ cdef enum ConnState:
     CLOSED = 2
     HANDSHAKING = 3  # a TLS connection before its handshake is done
     RELAYING = 4    # a TLS connection another group serves: bytes go through a Relay
+    PROXYING = 5    # a proxy_protocol group's connection before its PROXY header is in
 
 
 cdef class Relay
@@ -312,6 +314,10 @@ cdef class WSGIConnection(HttpConnection):
     cdef object tls_io
     cdef Relay relay
     cdef bint fd_closed        # Python's ssl closed the descriptor (see start_tls)
+    # proxy_protocol: the header being read (state PROXYING), and the TLS
+    # context whose handshake follows it on a tls_listen socket.
+    cdef ProxyReader proxy
+    cdef object proxy_tls
     # Admission control: when the connection's bytes reached the kernel
     # (WorkerBase.arrival; 0 when not measured, -INFINITY to shed).
     cdef double arrived
@@ -852,6 +858,8 @@ cdef class WSGIConnection(HttpConnection):
                 self.handshake()
             elif self.state == RELAYING:
                 self.relay.client_event(flags)
+            elif self.state == PROXYING:
+                self.read_proxy()
         elif self.want_write:
             if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 self.advance()
@@ -876,6 +884,46 @@ cdef class WSGIConnection(HttpConnection):
         else:
             return self.close_connection()
         return self.advance()
+
+    # ---- the PROXY protocol
+
+    cdef int expect_proxy(self, object tls) except -1:
+        """A proxy_protocol group's connection: its PROXY header first (then
+        the TLS handshake, with ``tls``), within client_timeout."""
+        self.proxy = ProxyReader.__new__(ProxyReader)
+        self.proxy_tls = tls
+        self.state = PROXYING
+        return self.read_proxy()
+
+    cdef int read_proxy(self) except -1:
+        """Read the PROXY header; once it is in, its addresses stand for the
+        socket's (WorkerBase.proxy_origin decides) and the connection goes
+        on; an invalid one gets 400, as nginx answers it."""
+        cdef WSGIWorker worker = self.worker
+        cdef int step = self.proxy.step(self.fd)
+        cdef dict base = self.base_environ
+        if step == PROXY_WAIT:
+            return 0
+        if step == PROXY_GONE:
+            return self.close_connection()
+        self.state = OPEN
+        if step == PROXY_BAD:
+            error_log.debug("connection from %s refused: %s",
+                            self.remote_addr or "a unix socket client", self.proxy.error)
+            self.fail(400, self.proxy.error)
+            self.proxy = None
+            return self.settle()
+        origin = worker.proxy_origin(self.proxy, self.remote_addr, base["wsgi.url_scheme"])
+        if origin is not None:
+            client, server = self.proxy.client, self.proxy.server
+            self.remote_addr = client[0]
+            base["REMOTE_ADDR"], base["REMOTE_PORT"] = client[0], str(client[1])
+            base["SERVER_NAME"], base["SERVER_PORT"] = server[0], str(server[1])
+            self.handoff_origin = origin
+        tls, self.proxy, self.proxy_tls = self.proxy_tls, None, None
+        if tls is not None:
+            return self.start_tls(tls)
+        return self.read()
 
     # ---- TLS
 
@@ -1220,7 +1268,7 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int expire(self) except -1:
         """The deadline passed (see set_deadline)."""
-        if self.state == LINGERING or self.state == RELAYING:
+        if self.state == LINGERING or self.state == RELAYING or self.state == PROXYING:
             return self.close_connection()
         if self.state == HANDSHAKING:
             error_log.debug("TLS handshake with %s not done in %g s; closing",
@@ -1636,7 +1684,13 @@ cdef class WSGIWorker(WorkerBase):
                 conn.home_group = self.local_group
             if not self.add_connection(conn):
                 continue
-            if listener.tls is not None:
+            if self.proxy_protocol:
+                # (admission control sheds it when its first request is in)
+                try:
+                    conn.expect_proxy(listener.tls)
+                except Exception:
+                    conn.fail_hard()
+            elif listener.tls is not None:
                 try:
                     conn.start_tls(listener.tls)
                 except Exception:
@@ -1721,7 +1775,7 @@ cdef class WSGIWorker(WorkerBase):
         # from here (set_deadline), not from a read this worker never made.
         conn.last_read = self.now or monotonic()
         conn.trusted_proxy = self.options.trust_all_proxies or (
-            handover.tcp and remote in self.options.trusted_proxies)
+            handover.tcp and handover.via in self.options.trusted_proxies)
         if not self.add_connection(conn):
             return 0
         conn.feed(handover.data, PyBytes_GET_SIZE(handover.data))

@@ -49,6 +49,7 @@ class GroupSettings:
     max_queue_wait: float
     health_path: str | None
     forwarded_allow_ips: tuple[str, ...]
+    proxy_protocol: bool
     access_log: str | None
     static: tuple[tuple[str, str], ...]
     static_max_age: int

@@ -35,6 +35,11 @@ Rules of this module:
   as its deadline).  Static files then go through the transport (no
   sendfile), and a request for another group is relayed (``Relay``) instead
   of handed over: the keys stay in this loop.
+* PROXY protocol (``proxy_protocol``): before its transport exists, a
+  connection's header is taken off the raw socket (``ProxyReader``, the WSGI
+  worker's reader too), within client_timeout, from the same ``starting``
+  table as the TLS first byte; the transport starts after it (or after the
+  ClientHello on a tls_listen socket).
 * WebSocket and lifespan, which are not on the per-request hot path, live in
   plain Python (``fastpool.websocket``, ``fastpool.lifespan``).
 """

@@ -9,7 +9,9 @@ Rules of this module:
   (requests served, since when app code has run, the worker's state, the
   routing counts), retirement after ``max_requests``, the graceful stop and
   its deadline, the master-gone check, the health path's answer, the trusted
-  proxies' forwarded headers, and both ends of a handoff (taking a
+  proxies' forwarded headers and PROXY protocol headers (``ProxyReader``
+  reads one off a socket for either worker kind, ``proxy_origin`` decides
+  whether it is believed), and both ends of a handoff (taking a
   connection from the group's queue, refusing it with 503; giving one to
   another group, or for a TLS connection one end of a socket pair that the
   worker kind then relays: ``relay_off``).  A worker kind supplies only the loop-specific parts:

@@ -40,6 +40,11 @@ Rules of this module:
   (kernel TLS), the SSLSocket is dropped and the connection is plain.  A
   request for another group on a TLS connection is relayed (``Relay``,
   state RELAYING), since the keys cannot travel with the descriptor.
+* PROXY protocol (``proxy_protocol``): a new connection starts in state
+  PROXYING, whose reads take its header off the socket (``ProxyReader``)
+  within client_timeout; then it goes on as any other (OPEN, or HANDSHAKING
+  on a tls_listen socket).  Other connections never pass through that state:
+  it costs them nothing.
 * With ``threads`` > 1 the app runs in a pool of threads (gthread model): a
   connection with a ready request is taken out of epoll and handed to a
   thread, which serves its ready requests exactly as the loop would (the same
@@ -1885,7 +1890,8 @@ cdef class WSGIWorker(WorkerBase):
             conn = <WSGIConnection>entry
             if conn.busy:
                 continue
-            if not self.alive and self.close_idle and conn.state == HANDSHAKING:
+            if not self.alive and self.close_idle and (conn.state == HANDSHAKING
+                                                       or conn.state == PROXYING):
                 conn.close_connection()      # (no request yet: nothing to finish)
             elif (not self.alive and self.close_idle and conn.state == OPEN
                     and not conn.want_write and not conn.streaming and not conn.pending

@@ -11,8 +11,10 @@ tls_listen socket (the header comes before the ClientHello).
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -198,6 +200,28 @@ def test_without_proxy_protocol_the_header_is_a_bad_request(interface, tmp_path)
         assert [r.status for r in replies] == [400]
     finally:
         stop_server(server)
+
+
+def test_unix_listener(interface, serve):
+    """On a unix socket (its peers trusted only with '*')."""
+    directory = Path(tempfile.mkdtemp(prefix="fp-pp-"))     # (short: sun_path's limit)
+    path = directory / "s"
+    try:
+        serve(HTTP_APPS[interface], "--interface", interface, "--bind", f"unix:{path}",
+              "--proxy-protocol", "--forwarded-allow-ips", "*")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(v2(CLIENT6, SERVER6) + PEER)
+            reply = Stream(sock).response()
+        assert peer_of(reply) == (CLIENT6, SERVER6)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(PEER)
+            assert Stream(sock).response().status == 400
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- untrusted peer

@@ -24,6 +24,7 @@ Routes:
 * ``/file?path=P``   the file P through ``wsgi.file_wrapper`` (a download the app returns)
 * ``/pid``           the worker's pid
 * ``/env``           a few environ keys as JSON
+* ``/peer``          the client and server addresses as JSON (REMOTE_ADDR/PORT, SERVER_NAME/PORT)
 * anything else      ``METHOD PATH?QUERY``
 """
 
@@ -162,6 +163,12 @@ def app(environ, start_response):
     if path == "/pid":
         start_response("200 OK", text)
         return [str(os.getpid()).encode()]
+    if path == "/peer":
+        # The addresses the server gives the app (the PROXY protocol tests).
+        shown = {"client": [environ["REMOTE_ADDR"], environ.get("REMOTE_PORT") or None],
+                 "server": [environ["SERVER_NAME"], environ["SERVER_PORT"]]}
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(shown).encode()]
     if path == "/env":
         keys = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
                 "CONTENT_LENGTH", "HTTP_TRANSFER_ENCODING", "HTTP_EXPECT")

@@ -25,6 +25,7 @@ Routes (see apps_http.py):
 * ``/nonbytes``      sends a body that is a str
 * ``/pid``           the worker's pid
 * ``/env``           the keys of apps_http's ``/env``, derived from the scope
+* ``/peer``          apps_http's ``/peer`` from scope["client"] and scope["server"]
 * anything else      ``METHOD PATH?QUERY``
 """
 
@@ -157,6 +158,13 @@ async def app(scope: dict[str, Any], receive, send) -> None:
         return
     if path == "/pid":
         await _respond(send, str(os.getpid()).encode())
+        return
+    if path == "/peer":
+        # apps_http's /peer from the scope (ports as text, as WSGI has them).
+        client, server = scope.get("client"), scope.get("server")
+        shown = {"client": [client[0], str(client[1])] if client else ["", None],
+                 "server": [server[0], str(server[1])] if server else None}
+        await _respond(send, json.dumps(shown).encode(), [(b"content-type", b"application/json")])
         return
     if path == "/env":
         # What apps_http's /env shows, from the scope: the same request facts.

@@ -9,7 +9,8 @@ environment, so the app object is the only thing that tells them apart):
 
 Every response is JSON: ``group``, ``pid``, ``method``, ``path`` (as the app
 got it), ``query``, ``client_port`` (the client's TCP port: the same on every
-request of one connection, whichever group serves it), ``length`` and
+request of one connection, whichever group serves it) and ``client_host``,
+``length`` and
 ``sha256`` of the request body, and the body itself when it is short.  The
 worker's pid is also in an ``X-Pid`` header (for clusters.Load).
 
@@ -34,7 +35,7 @@ SHORT_BODY = 200    # bodies up to this size are echoed in the response
 
 
 def _describe(group: str, method: str, path: str, query: str, client_port: int | None,
-              body: bytes) -> bytes:
+              body: bytes, client_host: str | None = None) -> bytes:
     return json.dumps({
         "group": group,
         "pid": os.getpid(),
@@ -42,6 +43,7 @@ def _describe(group: str, method: str, path: str, query: str, client_port: int |
         "path": path,
         "query": query,
         "client_port": client_port,
+        "client_host": client_host,
         "length": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),
         "body": body.decode("latin-1") if len(body) <= SHORT_BODY else None,
@@ -65,7 +67,7 @@ def _wsgi_app(group: str):
             time.sleep(seconds)
         port = environ.get("REMOTE_PORT")
         data = _describe(group, environ["REQUEST_METHOD"], path, query,
-                         int(port) if port else None, body)
+                         int(port) if port else None, body, environ.get("REMOTE_ADDR"))
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(data))),
                                   ("X-Pid", str(os.getpid()))])
@@ -108,7 +110,8 @@ async def api(scope: dict[str, Any], receive: Any, send: Any) -> None:
         print(f"sleeping {tag} {os.getpid()}", file=sys.stderr, flush=True)
         await asyncio.sleep(seconds)
     client = scope.get("client")
-    data = _describe("api", scope["method"], path, query, client[1] if client else None, body)
+    data = _describe("api", scope["method"], path, query, client[1] if client else None, body,
+                     client[0] if client else None)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(data)).encode()),

@@ -35,6 +35,11 @@ Rules of this module:
   as its deadline).  Static files then go through the transport (no
   sendfile), and a request for another group is relayed (``Relay``) instead
   of handed over: the keys stay in this loop.
+* PROXY protocol (``proxy_protocol``): before its transport exists, a
+  connection's header is taken off the raw socket (``ProxyReader``, the WSGI
+  worker's reader too), within client_timeout, from the same ``starting``
+  table as the TLS first byte; the transport starts after it (or after the
+  ClientHello on a tls_listen socket).
 * WebSocket and lifespan, which are not on the per-request hot path, live in
   plain Python (``fastpool.websocket``, ``fastpool.lifespan``).
 """
@@ -55,7 +60,7 @@ from fastpool._http cimport (
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
     WorkerBase, WorkerOptions, Handover, Listener, SERVING, BOARD_BUSY_SINCE, BOARD_IN_FLIGHT,
-    input_waiting,
+    input_waiting, ProxyReader, PROXY_WAIT, PROXY_BAD, PROXY_GONE,
 )
 
 import asyncio
@@ -471,6 +476,8 @@ cdef class ASGIConnection(HttpConnection):
     cdef bint dispatching          # inside dispatch(): output waits for its end
     cdef bint peer_closed          # EOF from the client
     cdef bint trusted_proxy
+    cdef str via                   # the host trusted_proxy is decided on, when not the peer's
+    cdef ProxyReader proxy         # proxy_protocol: its PROXY header, until it is in
     cdef double last_activity      # monotonic time of the last read or response
     cdef readonly object websocket  # a fastpool.websocket.WebSocketSession after an upgrade
     cdef bint tcp
@@ -514,8 +521,8 @@ cdef class ASGIConnection(HttpConnection):
             scope["extensions"] = extensions
         if self.tcp and type(peer) is tuple:
             scope["client"] = (peer[0], peer[1])
-            self.trusted_proxy = (worker.options.trust_all_proxies
-                                  or peer[0] in worker.options.trusted_proxies)
+            self.trusted_proxy = (worker.options.trust_all_proxies or (
+                self.via if self.via is not None else peer[0]) in worker.options.trusted_proxies)
         else:
             scope["client"] = None
         self.base_scope = scope
@@ -1093,7 +1100,10 @@ cdef class ASGIWorker(WorkerBase):
     cdef object make_transport    # asyncio's selector loops make a transport at once
     cdef readonly set connections
     cdef readonly set relays      # TLS connections relayed to another group (Relay)
-    cdef dict tls_starting        # fd -> (conn, sock, context, accepted at): see accept
+    # fd -> (conn, sock, TLS context or None, accepted at): connections whose
+    # first bytes decide how they start (a TLS ClientHello, a PROXY header;
+    # see accept and first_bytes)
+    cdef dict starting
     cdef int handshakes           # TLS handshakes under way (see start_transport)
     cdef dict tls_options         # connect_accepted_socket's TLS timeouts (see main)
     cdef int app_calls            # app calls in progress
@@ -1115,7 +1125,7 @@ cdef class ASGIWorker(WorkerBase):
         self.sockets = []
         self.connections = set()
         self.relays = set()
-        self.tls_starting = {}
+        self.starting = {}
         self.tasks = set()
         self.websockets = options.websocket_options is not None
         self.handoff_scope = handoff_scope
@@ -1230,9 +1240,9 @@ cdef class ASGIWorker(WorkerBase):
         self.count_connections(len(self.connections))
         for conn in list(self.connections):
             conn.check_deadlines(now)
-        for fd, entry in list(self.tls_starting.items()):
+        for fd, entry in list(self.starting.items()):
             if self.client_timeout > 0 and now - entry[3] > self.client_timeout:
-                self.tls_gone(fd)
+                self.starting_gone(fd)
         if self.accept_paused and self.alive:
             self.accept_paused = False
             self.watch_listeners(True)
@@ -1274,20 +1284,33 @@ cdef class ASGIWorker(WorkerBase):
             if self.admission:
                 conn.arrived = self.arrival(listening, fd)
             sock = socket.socket(address.ss_family, socket.SOCK_STREAM, 0, fileno=fd)
-            if listening.tls is None:
+            if self.proxy_protocol:
+                conn.proxy = ProxyReader.__new__(ProxyReader)
+            if listening.tls is None and conn.proxy is None:
                 self.start_transport(conn, sock, None, conn.peer)
             else:
-                # The handshake starts once the first bytes show it is one.
-                self.tls_starting[fd] = (conn, sock, listening.tls, monotonic())
-                self.loop.add_reader(fd, self.tls_first_bytes, fd)
+                # The handshake starts once the first bytes show it is one
+                # (after the PROXY header, with proxy_protocol).
+                self.starting[fd] = (conn, sock, listening.tls, monotonic())
+                self.loop.add_reader(fd, self.first_bytes, fd)
 
-    def tls_first_bytes(self, int fd):
-        """A TLS connection's first bytes are in: a ClientHello starts the
-        loop's TLS handshake; a plain HTTP request gets nginx's 400 in plain
-        text (the WSGI worker learns the same from OpenSSL)."""
+    def first_bytes(self, int fd):
+        """A starting connection's first bytes are in.  With proxy_protocol,
+        its PROXY header first (WorkerBase.proxy_origin decides whether its
+        addresses stand; an invalid one gets nginx's 400).  Then, on a TLS
+        listener, a ClientHello starts the loop's TLS handshake; a plain HTTP
+        request gets nginx's 400 in plain text (the WSGI worker learns the
+        same from OpenSSL)."""
         cdef ASGIConnection conn
-        entry = self.tls_starting[fd]
+        entry = self.starting[fd]
         conn, sock, context = entry[0], entry[1], entry[2]
+        if conn.proxy is not None and not self.read_proxy(conn, fd):
+            return
+        if context is None:
+            self.loop.remove_reader(fd)
+            del self.starting[fd]
+            self.start_transport(conn, sock, None, conn.peer)
+            return
         try:
             first = sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -1295,7 +1318,7 @@ cdef class ASGIWorker(WorkerBase):
         except OSError:
             first = b""
         self.loop.remove_reader(fd)
-        del self.tls_starting[fd]
+        del self.starting[fd]
         if not first:
             sock.close()
         elif first[0] != TLS_HANDSHAKE_RECORD:
@@ -1308,9 +1331,38 @@ cdef class ASGIWorker(WorkerBase):
         else:
             self.start_transport(conn, sock, context)
 
-    cdef int tls_gone(self, int fd) except -1:
-        """A TLS connection that never sent its first bytes in time (or a stop)."""
-        entry = self.tls_starting.pop(fd)
+    cdef bint read_proxy(self, ASGIConnection conn, int fd) except -1:
+        """first_bytes' PROXY header part: True once it is in and the
+        connection goes on (its addresses set when believed); False while it
+        waits, or when it ended (closed, or given its 400)."""
+        cdef ProxyReader reader = conn.proxy
+        cdef int step = reader.step(fd)
+        if step == PROXY_WAIT:
+            return False
+        conn.proxy = None
+        if step == PROXY_GONE:
+            self.starting_gone(fd)
+            return False
+        if step == PROXY_BAD:
+            error_log.debug("connection from %s refused: %s", conn.peer[0] if type(
+                conn.peer) is tuple else "a unix socket client", reader.error)
+            entry = self.starting.pop(fd)
+            self.loop.remove_reader(fd)
+            conn.refusal = error_response(400, reader.error)
+            self.count_response(400, 0, SERVED_ERROR)
+            self.start_transport(conn, entry[1], None, conn.peer)
+            return False
+        peer = conn.peer[0] if type(conn.peer) is tuple else ""
+        origin = self.proxy_origin(reader, peer, conn.base_scope["scheme"])
+        if origin is not None:
+            conn.via, conn.peer, conn.tcp = peer, reader.client, True
+            conn.base_scope = dict(conn.base_scope, server=reader.server)
+            conn.handoff_origin = origin
+        return True
+
+    cdef int starting_gone(self, int fd) except -1:
+        """A starting connection that never sent its first bytes in time (or a stop)."""
+        entry = self.starting.pop(fd)
         self.loop.remove_reader(fd)
         entry[1].close()
         return 0
@@ -1366,6 +1418,7 @@ cdef class ASGIWorker(WorkerBase):
             conn.initial_data = handover.data
             if handover.peer is not None:
                 conn.peer = handover.peer
+            conn.via = handover.via
             sock = socket.socket(fileno=handover.fd)
             sock.setblocking(False)
             self.start_transport(conn, sock, None, conn.peer)
@@ -1383,8 +1436,8 @@ cdef class ASGIWorker(WorkerBase):
         cdef ASGIConnection conn
         self.watch_listeners(False)
         if self.close_idle:
-            for fd in list(self.tls_starting):
-                self.tls_gone(fd)     # (connected, and not one byte sent yet)
+            for fd in list(self.starting):
+                self.starting_gone(fd)     # (connected, and not one byte sent yet)
         if self.handoff is not None and self.sockets:
             # Queued handoffs are for the workers that stay.
             self.loop.remove_reader(self.handoff.receiver_fd())
@@ -1397,7 +1450,7 @@ cdef class ASGIWorker(WorkerBase):
         return self.check_drained()
 
     cdef int check_drained(self) except -1:
-        if not (self.connections or self.relays or self.app_calls or self.tls_starting
+        if not (self.connections or self.relays or self.app_calls or self.starting
                 or self.handshakes):
             self.quit()
         return 0
@@ -1416,8 +1469,8 @@ cdef class ASGIWorker(WorkerBase):
             conn.abort()
         for relay in list(self.relays):
             relay.abort()
-        for fd in list(self.tls_starting):
-            self.tls_gone(fd)
+        for fd in list(self.starting):
+            self.starting_gone(fd)
         if self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(None)
         return 0

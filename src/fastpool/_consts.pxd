@@ -54,6 +54,18 @@ cdef enum:
     # stopped reading) is counted as nginx logs it: 499.
     CLIENT_CLOSED_REQUEST = 499
     DURATION_BUCKETS = 16           # the bounds of FASTPOOL_DURATION_BOUNDS below
+    # ---- the PROXY protocol (HAProxy's proxy-protocol.txt, versions 1 and 2)
+    PROXY_V1_MAX = 107              # the longest v1 header the spec allows, CRLF included
+    PROXY_V2_FIXED = 16             # v2: signature (12), version/command, family, length (2)
+    PROXY_V2_SIGNATURE = 12         # v2: the signature's length
+    PROXY_V2_VERSION = 0x20         # v2: the version nibble of the 13th byte (version 2)
+    PROXY_V2_LOCAL = 0x00           # v2 command LOCAL: the balancer's own connection
+    PROXY_V2_PROXY = 0x01           # v2 command PROXY: addresses follow
+    PROXY_V2_INET = 0x10            # v2 address family nibbles (the 14th byte's high half)
+    PROXY_V2_INET6 = 0x20
+    PROXY_V2_INET_SIZE = 12         # v2: two IPv4 addresses and two ports
+    PROXY_V2_INET6_SIZE = 36        # v2: two IPv6 addresses and two ports
+    PROXY_PEEK = 4096               # a header is peeked at this much per read (see ProxyReader)
 
     # ---- the parser
     SETTINGS_SLOTS = 64             # room for any llhttp_settings_t (25 callbacks in llhttp 9.2)

@@ -355,6 +355,7 @@ cdef inline tuple target_parts(TargetCache cache, bytes target):
     return cache.get(target)
 
 cdef tuple peer_of(sockaddr_storage *address)
+cdef tuple proxy_header(const unsigned char *data, Py_ssize_t size)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
 cdef str forwarded_scheme(str proto)
 cdef bint is_health_target(bytes health, bytes target)

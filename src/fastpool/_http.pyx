@@ -38,8 +38,8 @@ from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from fastpool._posix cimport (
     iovec, writev, send, MSG_NOSIGNAL, errno, EAGAIN, EINTR,
     time, clock_gettime, timespec, CLOCK_MONOTONIC,
-    sockaddr_storage, sockaddr_in, sockaddr_in6, AF_INET, AF_INET6, inet_ntop, ntohs,
-    INET6_ADDRSTRLEN,
+    sockaddr_storage, sockaddr_in, sockaddr_in6, AF_INET, AF_INET6, inet_ntop, inet_pton,
+    ntohs, INET6_ADDRSTRLEN,
 )
 
 from email.utils import formatdate
@@ -2173,3 +2173,113 @@ cdef class RecordingConnection(HttpConnection):
     def receiving(self):
         """Whether a request is partly received (its head or its body)."""
         return self.current is not None
+
+
+# ---------------------------------------------------------------- the PROXY protocol
+
+# HAProxy's proxy-protocol.txt: a v1 header begins with this text, a v2 header
+# with this binary signature.
+cdef bytes PROXY_V1_PREFIX = b"PROXY "
+cdef bytes PROXY_V2_SIGNATURE_BYTES = b"\r\n\r\n\x00\r\nQUIT\n"
+cdef tuple PROXY_NEED_MORE = (0, None, None)
+
+
+cdef tuple proxy_header(const unsigned char *data, Py_ssize_t size):
+    """Parse the PROXY protocol header (v1 or v2) at the start of the ``size``
+    bytes read so far from a connection: ``(consumed, client, server)``.
+
+    ``consumed`` is 0 when more bytes are needed (``data`` is the beginning of
+    a valid header so far), -1 when they cannot begin one (then ``client`` is
+    the reason, for the log), else the header's length; ``client`` and
+    ``server`` are ``(host, port)``, or None for a v2 LOCAL or v1 UNKNOWN
+    header (the socket's own addresses stand), and TLVs are skipped."""
+    cdef Py_ssize_t length
+    cdef int family
+    cdef const unsigned char *addresses
+    if size == 0:
+        return PROXY_NEED_MORE
+    if data[0] == b"P"[0]:
+        return proxy_v1(data, size)
+    if memcmp(data, PyBytes_AS_STRING(PROXY_V2_SIGNATURE_BYTES),
+              min(size, <Py_ssize_t>PROXY_V2_SIGNATURE)) != 0:
+        return (-1, "no PROXY protocol header", None)
+    if size < PROXY_V2_FIXED:
+        return PROXY_NEED_MORE
+    if data[12] & 0xF0 != PROXY_V2_VERSION:
+        return (-1, "PROXY v2: unknown version", None)
+    length = (data[14] << 8) | data[15]
+    if size < PROXY_V2_FIXED + length:
+        return PROXY_NEED_MORE
+    if data[12] & 0x0F == PROXY_V2_LOCAL:
+        return (PROXY_V2_FIXED + length, None, None)
+    if data[12] & 0x0F != PROXY_V2_PROXY:
+        return (-1, "PROXY v2: unknown command", None)
+    family = data[13] & 0xF0
+    addresses = data + PROXY_V2_FIXED
+    if family == PROXY_V2_INET:
+        if length < PROXY_V2_INET_SIZE:
+            return (-1, "PROXY v2: IPv4 addresses cut short", None)
+        return (PROXY_V2_FIXED + length, v2_address(AF_INET, addresses, addresses + 8),
+                v2_address(AF_INET, addresses + 4, addresses + 10))
+    if family == PROXY_V2_INET6:
+        if length < PROXY_V2_INET6_SIZE:
+            return (-1, "PROXY v2: IPv6 addresses cut short", None)
+        return (PROXY_V2_FIXED + length, v2_address(AF_INET6, addresses, addresses + 32),
+                v2_address(AF_INET6, addresses + 16, addresses + 34))
+    # AF_UNSPEC or AF_UNIX: nothing the server could use as a client address.
+    return (PROXY_V2_FIXED + length, None, None)
+
+
+cdef tuple v2_address(int family, const unsigned char *address, const unsigned char *port):
+    cdef char text[INET6_ADDRSTRLEN + 1]
+    inet_ntop(family, address, text, sizeof(text))
+    return (text.decode("ascii"), (port[0] << 8) | port[1])
+
+
+cdef tuple proxy_v1(const unsigned char *data, Py_ssize_t size):
+    """proxy_header for a v1 (text) header: ``PROXY TCP4|TCP6 source
+    destination source-port destination-port\\r\\n`` or ``PROXY UNKNOWN ...``."""
+    cdef Py_ssize_t prefix = min(size, PyBytes_GET_SIZE(PROXY_V1_PREFIX))
+    cdef const unsigned char *end
+    cdef list fields
+    cdef int family
+    cdef tuple client, server
+    if memcmp(data, PyBytes_AS_STRING(PROXY_V1_PREFIX), prefix) != 0:
+        return (-1, "no PROXY protocol header", None)
+    end = <const unsigned char *>memchr(data, b"\n"[0], min(size, <Py_ssize_t>PROXY_V1_MAX))
+    if end == NULL:
+        if size >= PROXY_V1_MAX:
+            return (-1, "PROXY v1: header too long", None)
+        return PROXY_NEED_MORE
+    if end == data or (end - 1)[0] != b"\r"[0]:
+        return (-1, "PROXY v1: bare LF", None)
+    fields = data[:end - 1 - data].split(b" ")
+    if len(fields) >= 2 and fields[1] == b"UNKNOWN":
+        return (end + 1 - data, None, None)
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
+        return (-1, "PROXY v1: malformed header", None)
+    family = AF_INET if fields[1] == b"TCP4" else AF_INET6
+    client = v1_address(family, fields[2], fields[4])
+    server = v1_address(family, fields[3], fields[5])
+    if client is None or server is None:
+        return (-1, "PROXY v1: bad address or port", None)
+    return (end + 1 - data, client, server)
+
+
+cdef tuple v1_address(int family, bytes host, bytes port):
+    """``(host, port)`` of a v1 header's address and port (the address in its
+    canonical text), None when either is invalid."""
+    cdef unsigned char binary[16]
+    cdef char text[INET6_ADDRSTRLEN + 1]
+    if not (0 < len(port) <= 5 and port.isdigit()) or int(port) > 65535 or (
+            len(port) > 1 and port[0] == b"0"[0]):
+        return None
+    if inet_pton(family, host, binary) != 1:
+        return None
+    inet_ntop(family, binary, text, sizeof(text))
+    return (text.decode("ascii"), int(port))
+
+
+def parse_proxy_header(bytes data):
+    """proxy_header for Python (the tests' and tools' view of it)."""
+    return proxy_header(<const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))

@@ -64,6 +64,7 @@ cdef class WorkerOptions:
     cdef readonly str loop             # ASGI
     cdef readonly object lifespan      # ASGI: a fastpool.lifespan.Lifespan or None
     cdef readonly object websocket_options   # ASGI: fastpool.websocket.Options or None
+    cdef readonly bint proxy_protocol
 
 
 cdef class Listener:
@@ -85,6 +86,27 @@ cdef class Handover:
     cdef readonly tuple peer           # (host, port) or None
     cdef readonly str scheme           # "https" for a relayed TLS connection, else None
     cdef readonly bytes origin         # fastpool.handoff's origin text, to pass on, or None
+    # The host forwarded_allow_ips is checked against: the peer's, or the
+    # proxy's that sent a PROXY header for the client in ``peer``; "" for none.
+    cdef readonly str via
+
+
+# What ProxyReader.step found.
+cdef enum ProxyStep:
+    PROXY_WAIT = 0        # the header is not complete: wait for the socket
+    PROXY_DONE = 1        # complete and consumed: client and server are set
+    PROXY_BAD = 2         # not a valid header (error says why): answer 400
+    PROXY_GONE = 3        # the client closed or reset the connection
+
+
+cdef class ProxyReader:
+    """The PROXY protocol header of a connection on a proxy_protocol group."""
+    cdef bytes head                    # header bytes taken from the socket so far
+    cdef readonly tuple client         # (host, port) from the header, None for LOCAL/UNKNOWN
+    cdef readonly tuple server
+    cdef readonly str error
+
+    cdef int step(self, int fd) except -1
 
 
 # Whether unread bytes wait on a connection's socket (peeked, not consumed):
@@ -114,6 +136,8 @@ cdef class WorkerBase:
     cdef bint master_reported          # the master's death is logged once
     cdef readonly bint admission       # max_pending or max_queue_wait is set
     cdef readonly int waiting          # accepted connections whose first request waits
+    cdef readonly bint proxy_protocol  # every connection begins with a PROXY header
+    cdef bint proxy_warned             # an untrusted peer's PROXY header is logged once
 
     cdef int set_state(self, WorkerState state) except -1
     cdef object app_started(self)
@@ -127,6 +151,7 @@ cdef class WorkerBase:
     cdef tuple health_answer(self)
     cdef str forwarded_client(self, str chain)
     cdef str forwarded_scheme(self, str proto)
+    cdef bytes proxy_origin(self, ProxyReader reader, str peer, str scheme)
     cdef Handover take_handoff(self)
     cdef bytes hand_off(self, HttpConnection conn, int fd)
     cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server)

@@ -9,7 +9,9 @@ Rules of this module:
   (requests served, since when app code has run, the worker's state, the
   routing counts), retirement after ``max_requests``, the graceful stop and
   its deadline, the master-gone check, the health path's answer, the trusted
-  proxies' forwarded headers, and both ends of a handoff (taking a
+  proxies' forwarded headers and PROXY protocol headers (``ProxyReader``
+  reads one off a socket for either worker kind, ``proxy_origin`` decides
+  whether it is believed), and both ends of a handoff (taking a
   connection from the group's queue, refusing it with 503; giving one to
   another group, or for a TLS connection one end of a socket pair that the
   worker kind then relays: ``relay_off``).  A worker kind supplies only the loop-specific parts:
@@ -29,7 +31,7 @@ from fastpool._consts cimport *
 from libc.math cimport INFINITY
 from fastpool._http cimport (
     HttpConnection, Limits, monotonic, SERVED_APP, SERVED_STATIC, SERVED_HEALTH, SERVED_SHED,
-    SERVED_ERROR, SERVED_KINDS, is_health_target,
+    SERVED_ERROR, SERVED_KINDS, is_health_target, proxy_header,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._static cimport StaticFiles
@@ -108,6 +110,7 @@ cdef class WorkerOptions:
         options.loop = group.loop
         options.lifespan = lifespan
         options.websocket_options = websocket_options
+        options.proxy_protocol = group.proxy_protocol
         return options
 
 
@@ -128,6 +131,48 @@ cdef class Listener:
         self.shared = shared
         self.base = base
         self.tls = tls
+
+
+# ---------------------------------------------------------------- the PROXY protocol
+
+@cython.final
+cdef class ProxyReader:
+    """Reads the PROXY header a connection of a proxy_protocol group begins
+    with, for both worker kinds (the parse is _http's proxy_header).  The
+    socket is peeked at and only the header's own bytes are taken from it, so
+    what follows stays in the socket for whoever reads next: the HTTP parser,
+    or OpenSSL's handshake on a tls_listen socket."""
+
+    cdef int step(self, int fd) except -1:
+        """Read what the socket has of the header (non-blocking); a ProxyStep."""
+        cdef unsigned char buffer[PROXY_PEEK]
+        cdef ssize_t peeked = recv(fd, buffer, PROXY_PEEK, MSG_PEEK | MSG_DONTWAIT)
+        cdef Py_ssize_t have = 0, take
+        cdef bytes joined
+        cdef tuple found
+        if peeked == 0:
+            return PROXY_GONE
+        if peeked < 0:
+            return PROXY_WAIT if errno == EAGAIN or errno == EINTR else PROXY_GONE
+        if self.head is None:
+            found = proxy_header(buffer, peeked)
+        else:
+            have = len(self.head)
+            joined = self.head + buffer[:peeked]
+            found = proxy_header(<const unsigned char *><char *>joined, len(joined))
+        if found[0] < 0:
+            self.error = found[1]
+            return PROXY_BAD
+        # Incomplete, every byte peeked is the header's; else only its rest.
+        take = peeked if found[0] == 0 else found[0] - have
+        if recv(fd, buffer, take, MSG_DONTWAIT) != take:
+            return PROXY_GONE     # (the bytes just peeked are there: this is a reset)
+        if found[0] == 0:
+            self.head = buffer[:take] if self.head is None else self.head + buffer[:take]
+            return PROXY_WAIT
+        self.head = None
+        self.client, self.server = found[1], found[2]
+        return PROXY_DONE
 
 
 # ---------------------------------------------------------------- handoffs
@@ -160,6 +205,7 @@ cdef class WorkerBase:
         self.admission = options.max_pending > 0 or options.max_queue_wait > 0
         if self.router is not None:
             self.local_group = self.router.local_group
+        self.proxy_protocol = options.proxy_protocol
 
     # ---- the scoreboard
 
@@ -270,6 +316,25 @@ cdef class WorkerBase:
         """``http`` or ``https`` from a trusted proxy's X-Forwarded-Proto, else None."""
         return scheme_in(proto)
 
+    cdef bytes proxy_origin(self, ProxyReader reader, str peer, str scheme):
+        """A connection's PROXY header is complete: the origin (fastpool.handoff's
+        origin_text: scheme, the header's client and server, and ``peer`` as
+        the proxy it came through) its worker then serves it with and hands
+        it over with; None when the socket's own addresses stand -- a LOCAL
+        or UNKNOWN header, or one from a peer (``peer``, "" for a unix
+        socket's) not in forwarded_allow_ips, which is logged once per worker."""
+        if reader.client is None or reader.server is None:
+            return None
+        if not (self.options.trust_all_proxies or (peer and peer in self.options.trusted_proxies)):
+            if not self.proxy_warned:
+                self.proxy_warned = True
+                error_log.warning(
+                    "PROXY protocol header from %s ignored: not in forwarded_allow_ips "
+                    "(the connection's own address is the client; logged once per worker)",
+                    peer or "a unix socket client")
+            return None
+        return origin_text(scheme, reader.client, reader.server, peer or None)
+
     # ---- routes: taking connections and handing them over
 
     cdef Handover take_handoff(self):
@@ -300,9 +365,13 @@ cdef class WorkerBase:
         handover.data = data
         if origin is None:
             handover.tcp, handover.server, handover.peer = handoff_addresses(fd)
+            handover.via = handover.peer[0] if handover.peer is not None else ""
         else:
-            # A relayed TLS connection: the socket pair knows nothing of the client.
-            handover.scheme, handover.peer, handover.server = parse_origin(origin)
+            # A relayed TLS connection (the socket pair knows nothing of the
+            # client), or a PROXY protocol one (its socket's peer is the proxy).
+            handover.scheme, handover.peer, handover.server, via = parse_origin(origin)
+            handover.via = via if via is not None else (
+                handover.peer[0] if handover.peer is not None else "")
             handover.tcp = True
             handover.origin = origin
         return handover
@@ -332,7 +401,9 @@ cdef class WorkerBase:
         the 503 to answer when the group is full."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.handoff_origin = origin_text("https", peer, server)
+            # (the proxy of a PROXY protocol connection stays its trusted hop)
+            via = parse_origin(conn.handoff_origin)[3] if conn.handoff_origin else None
+            conn.handoff_origin = origin_text("https", peer, server, via)
             refusal = self.hand_off(conn, theirs.fileno())
         finally:
             theirs.close()          # the other group's worker has its own copy

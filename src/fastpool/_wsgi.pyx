@@ -40,6 +40,11 @@ Rules of this module:
   (kernel TLS), the SSLSocket is dropped and the connection is plain.  A
   request for another group on a TLS connection is relayed (``Relay``,
   state RELAYING), since the keys cannot travel with the descriptor.
+* PROXY protocol (``proxy_protocol``): a new connection starts in state
+  PROXYING, whose reads take its header off the socket (``ProxyReader``)
+  within client_timeout; then it goes on as any other (OPEN, or HANDSHAKING
+  on a tls_listen socket).  Other connections never pass through that state:
+  it costs them nothing.
 * With ``threads`` > 1 the app runs in a pool of threads (gthread model): a
   connection with a ready request is taken out of epoll and handed to a
   thread, which serves its ready requests exactly as the loop would (the same
@@ -77,7 +82,8 @@ from fastpool._http cimport (
 )
 from fastpool._static cimport StaticAnswer, StaticFile, StaticFiles, queue_answer
 from fastpool._worker cimport (
-    WorkerBase, WorkerOptions, Handover, Listener, SERVING, input_waiting,
+    WorkerBase, WorkerOptions, Handover, Listener, SERVING, input_waiting, ProxyReader,
+    PROXY_WAIT, PROXY_BAD, PROXY_GONE,
 )
 
 import contextvars
@@ -268,6 +274,7 @@ cdef enum ConnState:
     CLOSED = 2
     HANDSHAKING = 3  # a TLS connection before its handshake is done
     RELAYING = 4    # a TLS connection another group serves: bytes go through a Relay
+    PROXYING = 5    # a proxy_protocol group's connection before its PROXY header is in
 
 
 cdef class Relay
@@ -312,6 +319,10 @@ cdef class WSGIConnection(HttpConnection):
     cdef object tls_io
     cdef Relay relay
     cdef bint fd_closed        # Python's ssl closed the descriptor (see start_tls)
+    # proxy_protocol: the header being read (state PROXYING), and the TLS
+    # context whose handshake follows it on a tls_listen socket.
+    cdef ProxyReader proxy
+    cdef object proxy_tls
     # Admission control: when the connection's bytes reached the kernel
     # (WorkerBase.arrival; 0 when not measured, -INFINITY to shed).
     cdef double arrived
@@ -858,6 +869,8 @@ cdef class WSGIConnection(HttpConnection):
                 self.handshake()
             elif self.state == RELAYING:
                 self.relay.client_event(flags)
+            elif self.state == PROXYING:
+                self.read_proxy()
         elif self.want_write:
             if flags & (EPOLLOUT | EPOLLERR | EPOLLHUP):
                 self.advance()
@@ -882,6 +895,46 @@ cdef class WSGIConnection(HttpConnection):
         else:
             return self.close_connection()
         return self.advance()
+
+    # ---- the PROXY protocol
+
+    cdef int expect_proxy(self, object tls) except -1:
+        """A proxy_protocol group's connection: its PROXY header first (then
+        the TLS handshake, with ``tls``), within client_timeout."""
+        self.proxy = ProxyReader.__new__(ProxyReader)
+        self.proxy_tls = tls
+        self.state = PROXYING
+        return self.read_proxy()
+
+    cdef int read_proxy(self) except -1:
+        """Read the PROXY header; once it is in, its addresses stand for the
+        socket's (WorkerBase.proxy_origin decides) and the connection goes
+        on; an invalid one gets 400, as nginx answers it."""
+        cdef WSGIWorker worker = self.worker
+        cdef int step = self.proxy.step(self.fd)
+        cdef dict base = self.base_environ
+        if step == PROXY_WAIT:
+            return 0
+        if step == PROXY_GONE:
+            return self.close_connection()
+        self.state = OPEN
+        if step == PROXY_BAD:
+            error_log.debug("connection from %s refused: %s",
+                            self.remote_addr or "a unix socket client", self.proxy.error)
+            self.fail(400, self.proxy.error)
+            self.proxy = None
+            return self.settle()
+        origin = worker.proxy_origin(self.proxy, self.remote_addr, base["wsgi.url_scheme"])
+        if origin is not None:
+            client, server = self.proxy.client, self.proxy.server
+            self.remote_addr = client[0]
+            base["REMOTE_ADDR"], base["REMOTE_PORT"] = client[0], str(client[1])
+            base["SERVER_NAME"], base["SERVER_PORT"] = server[0], str(server[1])
+            self.handoff_origin = origin
+        tls, self.proxy, self.proxy_tls = self.proxy_tls, None, None
+        if tls is not None:
+            return self.start_tls(tls)
+        return self.read()
 
     # ---- TLS
 
@@ -1228,7 +1281,7 @@ cdef class WSGIConnection(HttpConnection):
 
     cdef int expire(self) except -1:
         """The deadline passed (see set_deadline)."""
-        if self.state == LINGERING or self.state == RELAYING:
+        if self.state == LINGERING or self.state == RELAYING or self.state == PROXYING:
             return self.close_connection()
         if self.state == HANDSHAKING:
             error_log.debug("TLS handshake with %s not done in %g s; closing",
@@ -1644,7 +1697,13 @@ cdef class WSGIWorker(WorkerBase):
                 conn.home_group = self.local_group
             if not self.add_connection(conn):
                 continue
-            if listener.tls is not None:
+            if self.proxy_protocol:
+                # (admission control sheds it when its first request is in)
+                try:
+                    conn.expect_proxy(listener.tls)
+                except Exception:
+                    conn.fail_hard()
+            elif listener.tls is not None:
                 try:
                     conn.start_tls(listener.tls)
                 except Exception:
@@ -1730,7 +1789,7 @@ cdef class WSGIWorker(WorkerBase):
         # from here (set_deadline), not from a read this worker never made.
         conn.last_read = self.now or monotonic()
         conn.trusted_proxy = self.options.trust_all_proxies or (
-            handover.tcp and remote in self.options.trusted_proxies)
+            handover.tcp and handover.via in self.options.trusted_proxies)
         if not self.add_connection(conn):
             return 0
         conn.feed(handover.data, PyBytes_GET_SIZE(handover.data))
@@ -1841,7 +1900,8 @@ cdef class WSGIWorker(WorkerBase):
             conn = <WSGIConnection>entry
             if conn.busy:
                 continue
-            if not self.alive and self.close_idle and conn.state == HANDSHAKING:
+            if not self.alive and self.close_idle and (conn.state == HANDSHAKING
+                                                       or conn.state == PROXYING):
                 conn.close_connection()      # (no request yet: nothing to finish)
             elif (not self.alive and self.close_idle and conn.state == OPEN
                     and not conn.want_write and not conn.streaming and not conn.pending

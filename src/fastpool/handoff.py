@@ -23,7 +23,10 @@ Rules of this module:
   for the addresses).  A TLS connection relayed through a socket pair (see
   ``WorkerBase.relay_off``) carries it instead: scheme, client address and
   server address as text (``origin_text``), passed on with every later
-  handoff of that connection.
+  handoff of that connection; so does a connection whose PROXY protocol
+  header was believed (``WorkerBase.proxy_origin``), whose origin also names
+  the proxy (``via``): the socket's peer, which the receiving group's
+  forwarded_allow_ips is checked against.
 * ``pending[g]`` (shared memory, atomic) counts handoffs queued for group
   ``g``, and ``shed[g]`` the requests for ``g`` answered with 503.  The sender
   checks ``pending`` against the group's ``max_pending`` and, when the group
@@ -199,25 +202,30 @@ def busy_answer(retry_after: int) -> bytes:
 
 
 def origin_text(scheme: str, peer: tuple[str, int] | None,
-                server: tuple[str, int] | None) -> bytes:
-    """Where a relayed connection came from: ``scheme peer-host peer-port
-    server-host server-port`` (``-`` for an unknown address)."""
+                server: tuple[str, int] | None, via: str | None = None) -> bytes:
+    """Where a relayed or PROXY protocol connection came from: ``scheme
+    peer-host peer-port server-host server-port [via]`` (``-`` for an unknown
+    address), where ``via`` is the proxy whose PROXY header named the peer:
+    the host the receiving group checks against its forwarded_allow_ips."""
     parts = [scheme]
     for address in (peer, server):
         parts += [str(address[0]), str(address[1])] if address else ["-", "-"]
+    if via:
+        parts.append(via)
     return " ".join(parts).encode("ascii", "replace")[:ORIGIN_LIMIT]
 
 
-def parse_origin(text: bytes) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None]:
-    """``(scheme, peer, server)`` of an origin_text."""
+def parse_origin(text: bytes) -> tuple[str, tuple[str, int] | None, tuple[str, int] | None,
+                                       str | None]:
+    """``(scheme, peer, server, via)`` of an origin_text (via None when absent)."""
     fields = text.decode("ascii", "replace").split()
     addresses: list[tuple[str, int] | None] = []
-    for host, port in ((fields[1], fields[2]), (fields[3], fields[4])) if len(fields) == 5 \
-            else ():
+    for host, port in ((fields[1], fields[2]), (fields[3], fields[4])) \
+            if len(fields) in (5, 6) else ():
         addresses.append((host, int(port)) if port.isdigit() else None)
     if len(addresses) != 2:
-        return fields[0] if fields else "http", None, None
-    return fields[0], addresses[0], addresses[1]
+        return fields[0] if fields else "http", None, None, None
+    return fields[0], addresses[0], addresses[1], fields[5] if len(fields) == 6 else None
 
 
 def addresses(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None]:

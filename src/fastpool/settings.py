@@ -490,6 +490,12 @@ SETTINGS: tuple[Setting, ...] = (
             "wsgi.url_scheme ('*': any peer; unix-socket peers need '*').",
             flags=("--forwarded-allow-ips",), metavar="IPS",
             default_doc="`127.0.0.1,::1`"),
+    Setting("proxy_protocol", "bool", False,
+            "Every connection on this group's listeners (tls_listen too: before the TLS "
+            "handshake) begins with a PROXY protocol header, v1 or v2 (HAProxy send-proxy, "
+            "AWS NLB); a connection without a valid one gets 400. Its addresses become the "
+            "client and server only from peers in forwarded_allow_ips.",
+            flags=("--proxy-protocol",)),
     Setting("access_log", "str", None,
             "Write an access log line per request to this file ('-' is stdout). Off by "
             "default.", flags=("--access-log",), metavar="PATH"),

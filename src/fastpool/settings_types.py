@@ -50,6 +50,7 @@ class GroupSettings:
     max_queue_wait: float
     health_path: str | None
     forwarded_allow_ips: tuple[str, ...]
+    proxy_protocol: bool
     access_log: str | None
     access_log_format: str
     static: tuple[tuple[str, str], ...]

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -377,13 +378,80 @@ def median_known(values: list[float]) -> float:
 
 
 @dataclass
+class Cost:
+    """What one measured run cost: the server's CPU seconds (its whole process tree,
+    ``tree_cpu_seconds``), the load generator's (``children_cpu_seconds``), and the
+    run's wall time."""
+
+    server_cpu_s: float
+    wrk_cpu_s: float
+    wall_s: float
+
+
+# wrk's share of its core above which a run is "client-bound": its req/s is a
+# floor set by the load generator, not a figure of the server.
+CLIENT_BOUND = 0.85
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's reaped children (wrk, once it has exited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def costing(server_pid: int, costs: list[Cost]) -> Iterator[None]:
+    """Wrap one run of wrk (started and waited for inside): its ``Cost`` is
+    appended to ``costs``."""
+    server0, wrk0, wall0 = tree_cpu_seconds(server_pid), children_cpu_seconds(), \
+        time.monotonic()
+    yield
+    costs.append(Cost(tree_cpu_seconds(server_pid) - server0, children_cpu_seconds() - wrk0,
+                      time.monotonic() - wall0))
+
+
+@dataclass
 class Result:
-    """A scenario's runs on one server, or why it was not measured; medians over the runs."""
+    """A scenario's runs on one server, or why it was not measured; medians over the runs,
+    and with ``costs`` (one per run) the server's CPU per request and wrk's CPU use."""
 
     scenario: str
     server: str
     runs: list[WrkRun] = field(default_factory=list)
     error: str | None = None
+    costs: list[Cost] = field(default_factory=list)
+
+    @property
+    def cpu_us(self) -> float:
+        """The server's user + system CPU per request (µs), median over the runs."""
+        if not self.costs:
+            return float("nan")
+        return median_known([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
+                             for r, c in zip(self.runs, self.costs, strict=True)])
+
+    @property
+    def wrk_busy(self) -> float:
+        """wrk's share of its core (median over the runs)."""
+        if not self.costs:
+            return float("nan")
+        return median_known([c.wrk_cpu_s / c.wall_s for c in self.costs])
+
+    @property
+    def client_bound(self) -> bool:
+        return self.wrk_busy > CLIENT_BOUND
+
+    def cost_cells(self, base: Result | None, base_name: str) -> list[str]:
+        """Table cells: CPU per request, ``base``'s CPU per request ÷ this one's (above
+        1 this server spends less than ``base``), wrk's CPU (flagged when client-bound)."""
+        cpu, busy = self.cpu_us, self.wrk_busy
+        ratio = None
+        if base is not None and self.server != base_name and cpu == cpu and cpu and \
+                base.cpu_us == base.cpu_us:
+            ratio = base.cpu_us / cpu
+        return ["?" if cpu != cpu else f"{cpu:,.1f} µs",
+                "—" if ratio is None else f"{ratio:.2f}",
+                "?" if busy != busy else f"{busy:.0%}"
+                + (" (client-bound)" if busy > CLIENT_BOUND else "")]
 
     @property
     def rps(self) -> float:

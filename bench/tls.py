@@ -54,18 +54,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import shlex
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import (
+    CLIENT_BOUND,
     HOST,
     BenchError,
     Result,
@@ -73,6 +72,7 @@ from common import (
     WrkRun,
     add_load_options,
     check_tools,
+    costing,
     exchange,
     find_nginx,
     http_request,
@@ -80,7 +80,6 @@ from common import (
     load_summary,
     machine,
     measure_scenarios,
-    median_known,
     nginx_head,
     nginx_version,
     pin,
@@ -95,14 +94,12 @@ from common import (
     run_wrk,
     settings,
     target_caveat,
-    tree_cpu_seconds,
     work_dir,
     write_json,
 )
 
 HELLO: bytes = load_apps().HELLO
 BASE = "fastpool"
-CLIENT_BOUND = 0.85   # wrk's share of its core above which its req/s is a floor
 
 CERTIFICATES = {
     "ecdsa": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
@@ -328,36 +325,7 @@ def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
 # --------------------------------------------------------------------------- results
 
 
-@dataclass
-class Cost:
-    server_cpu_s: float
-    wrk_cpu_s: float
-    wall_s: float
-
-
-@dataclass
-class TLSResult(Result):
-    costs: list[Cost] = field(default_factory=list)
-
-    def _median(self, values: list[float]) -> float:
-        return median_known(values) if values else float("nan")
-
-    @property
-    def cpu_us(self) -> float:
-        return self._median([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
-                             for r, c in zip(self.runs, self.costs, strict=True)])
-
-    @property
-    def wrk_busy(self) -> float:
-        return self._median([c.wrk_cpu_s / c.wall_s for c in self.costs])
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def ratio(results: dict[tuple[str, str], TLSResult], scenario: str, peer: str,
+def ratio(results: dict[tuple[str, str], Result], scenario: str, peer: str,
           on_cpu: bool = False) -> float | None:
     """fastpool's advantage over ``peer``: req/s ÷ req/s, or the peer's CPU per
     request ÷ fastpool's (``on_cpu``)."""
@@ -369,7 +337,7 @@ def ratio(results: dict[tuple[str, str], TLSResult], scenario: str, peer: str,
     return base.rps / other.rps if other.rps else None
 
 
-def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
+def render(results: dict[tuple[str, str], Result], servers: list[Available],
            args: argparse.Namespace, resumption: dict[str, str]) -> str:
     out: list[str] = []
     for s in SCENARIOS:
@@ -379,13 +347,8 @@ def render(results: dict[tuple[str, str], TLSResult], servers: list[Available],
             continue
         out.append(f"### {s.name}: {s.title}\n")
 
-        def cells(r: TLSResult, s: Scenario = s) -> list[str]:
-            cpu_ratio = ratio(results, s.name, r.server, on_cpu=True)
-            busy = r.wrk_busy
-            return ["?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:,.1f} µs",
-                    "—" if r.server == BASE or cpu_ratio is None else f"{1 / cpu_ratio:.2f}",
-                    "?" if busy != busy else f"{busy:.0%}"
-                    + (" (client-bound)" if busy > CLIENT_BOUND else "")]
+        def cells(r: Result, s: Scenario = s) -> list[str]:
+            return r.cost_cells(results.get((s.name, BASE)), BASE)
 
         out += result_table(rows, BASE, results.get((s.name, BASE)),
                             more_head=("CPU/req", f"CPU/req vs {BASE}", "wrk CPU"),
@@ -467,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         servers.append(found)
 
-    results: dict[tuple[str, str], TLSResult] = {}
+    results: dict[tuple[str, str], Result] = {}
     commands: dict[str, str] = {}
     resumption: dict[str, str] = {}   # "server (certificate)": "yes", "no" or why unknown
     with contextlib.ExitStack() as stack:
@@ -507,14 +470,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 def run(r: Result, cmd: list[str], duration: int,
                         server: Server = server) -> tuple[WrkRun, str]:
-                    assert isinstance(r, TLSResult) and server.proc is not None
-                    pid = server.proc.pid
-                    cpu0, wrk0, t0 = tree_cpu_seconds(pid), children_cpu_seconds(), \
-                        time.monotonic()
-                    one = run_wrk(cmd, duration)
-                    cost = Cost(tree_cpu_seconds(pid) - cpu0, children_cpu_seconds() - wrk0,
-                                time.monotonic() - t0)
-                    r.costs.append(cost)
+                    assert server.proc is not None
+                    with costing(server.proc.pid, r.costs):
+                        one = run_wrk(cmd, duration)
+                    cost = r.costs[-1]
                     per = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
                            if one.requests else "? µs/req")
                     return one, f", {per}, wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
@@ -525,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                         check=lambda group, context=context: check_server(
                             args.port, group, context),
                         result=lambda s, name=name: results.setdefault(
-                            (s.name, name), TLSResult(s.name, name)),
+                            (s.name, name), Result(s.name, name)),
                         wrk_command=lambda s, duration: wrk_command(args, s, duration, shim),
                         run=run, ready_note=resumption_note)
                 except BenchError as exc:

@@ -14,10 +14,12 @@ Rules of this module:
   ``Cycle`` is one request's ASGI call.  The next pipelined request starts as
   soon as the response before it is complete, even if that app call goes on
   (a background task after the response).
-* On Python 3.12+ an app's coroutine starts eagerly, inside data_received
-  (asyncio's eager tasks): a handler that never waits on I/O finishes without
-  a trip through the loop's ready queue.  Responses finished during one
-  data_received go out in one write.
+* An app's coroutine starts at once, inside data_received, in a copy of the
+  context (as a Task's would): a handler that never waits on I/O finishes
+  there, without a Task and without a trip through the loop's ready queue;
+  one that suspends continues as a Task (``Resumed``) from where it is
+  (Python 3.11+; 3.10 makes every call a Task).  Responses finished during
+  one data_received go out in one write.
 * Flow control both ways: while the transport says the client is not reading
   (pause_writing), the app's ``send`` waits; a body the app does not
   ``receive`` stops reading from the socket past ``BODY_HIGH_WATER`` bytes, and
@@ -64,6 +66,8 @@ from fastpool._worker cimport (
 )
 
 import asyncio
+import collections.abc
+import contextvars
 import logging
 import os
 import signal
@@ -80,9 +84,12 @@ from fastpool.signals import WORKER_SIGNALS
 
 cdef object error_log = logging.getLogger("fastpool.error")
 
-# Python 3.12+: a task can run its first step at once (asyncio eager tasks).
-cdef bint EAGER_TASKS = sys.version_info >= (3, 12)
+# Python 3.11+: a Task takes the context its coroutine runs in, so an app call
+# can run its first step here and become a Task only when it suspends
+# (start_cycle); 3.10 starts every call as a Task.
+cdef bint DIRECT_START = sys.version_info >= (3, 11)
 cdef object Task = asyncio.Task
+cdef object copy_context = contextvars.copy_context
 cdef object CancelledError = asyncio.CancelledError
 
 
@@ -744,14 +751,19 @@ cdef class ASGIConnection(HttpConnection):
         cycle.request = request
         framing_reset(&cycle.framing)
         self.cycle = cycle
-        if EAGER_TASKS:
-            task = Task(cycle.run(worker.app), loop=self.loop, eager_start=True)
+        coroutine = cycle.run(worker.app)
+        if DIRECT_START:
+            context = copy_context()
+            try:
+                waiting = context.run(coroutine.send, None)
+            except StopIteration:
+                return 0          # answered without suspending: no Task at all
+            task = Task(Resumed(coroutine, waiting), loop=self.loop, context=context)
         else:
-            task = Task(cycle.run(worker.app), loop=self.loop)
-        if not task.done():
-            # asyncio keeps only weak references to tasks.
-            cycle.task = task
-            worker.tasks.add(task)
+            task = Task(coroutine, loop=self.loop)
+        # asyncio keeps only weak references to tasks.
+        cycle.task = task
+        worker.tasks.add(task)
         return 0
 
     cdef int answer_health(self, ASGIRequest request) except -1:
@@ -1052,6 +1064,46 @@ cdef class Relay:
             if (<RelayEnd>end).transport is not None:
                 (<RelayEnd>end).transport.abort()
         return self.close()
+
+
+@cython.final
+cdef class Resumed:
+    """An app call's coroutine that start_cycle has already driven one step,
+    until it suspended on ``waiting`` (a future, or None for a bare yield):
+    the Task that continues it gets ``waiting`` from its first step, as if it
+    had run that step itself, then the coroutine's own steps."""
+    cdef object coroutine
+    cdef object waiting
+    cdef bint begun
+
+    def __init__(self, coroutine, waiting):
+        self.coroutine = coroutine
+        self.waiting = waiting
+
+    def send(self, value):
+        if self.begun:
+            return self.coroutine.send(value)
+        self.begun = True
+        waiting, self.waiting = self.waiting, None
+        return waiting
+
+    def throw(self, *exception):
+        self.begun = True
+        self.waiting = None
+        return self.coroutine.throw(*exception)
+
+    def close(self):
+        return self.coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
+# asyncio.Task takes a coroutine: anything collections.abc.Coroutine says is one.
+collections.abc.Coroutine.register(Resumed)
 
 
 # ---------------------------------------------------------------- accepting

@@ -886,7 +886,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "long, the one done first waiting idle, so that per-second work "
                         "cancels")
     p.add_argument("--top", type=int, default=25,
-                   help="functions in the breakdown of fastpool WSGI hello (0: none)")
+                   help="functions in the breakdown of the first fastpool figure (0: none)")
     p.add_argument("--port", type=int, default=18090, help="port the servers listen on")
     p.add_argument("--fastpool-python", default=sys.executable,
                    help="interpreter that runs fastpool")
@@ -960,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.connections} connection(s)", flush=True)
     results: list[Result] = []
     bd: dict[str, Any] | None = None
+    bd_label = ""
     started_at = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
@@ -991,9 +992,9 @@ def main(argv: list[str] | None = None) -> int:
                     result.error = str(exc)
                     print(f"  {av.kind.name} {name}: NOT MEASURED: {exc}", file=sys.stderr)
                     continue
-                if (args.top and bd is None and av.kind.name == "fastpool-wsgi"
-                        and name == "hello"):
+                if args.top and bd is None and av.kind.name.startswith("fastpool"):
                     bd = breakdown(result.pairs[0], args.top, annotate_tool)
+                    bd_label = f"{av.kind.name} {name}"
         elapsed = time.monotonic() - started_at
 
     print()
@@ -1007,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{git}; {tool_version([args.valgrind, '--version'])}; {machine()}")
     if bd is not None:
         print()
-        print(render_breakdown(bd, "fastpool-wsgi hello"))
+        print(render_breakdown(bd, bd_label))
     print("\nCommands (the first run of each figure: the runs of a pair differ in the port, "
           "fastpool's control socket and the run directory only; the client sends N or "
           "N + E requests, then stops the server):\n")

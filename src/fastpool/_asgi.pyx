@@ -106,6 +106,22 @@ def _yield_once():
 cdef dict DISCONNECT = {"type": "http.disconnect"}
 
 
+# An iterator that is over, and stays over: what a complete awaitable returns.
+cdef object EXHAUSTED = iter(())
+
+
+@cython.final
+cdef class Done:
+    """An awaitable that is complete: awaiting it returns None at once (its
+    iterator is the exhausted one), with no coroutine and no future."""
+
+    def __await__(self):
+        return EXHAUSTED
+
+
+cdef Done DONE = Done()
+
+
 # ---------------------------------------------------------------- scope
 
 # Request header names as received -> lower-cased (ASGI wants lower case).
@@ -193,7 +209,11 @@ cdef class Cycle:
             self.waiter.set_result(None)
         return 0
 
-    async def send(self, message):
+    def send(self, message):
+        """ASGI's send.  Not a coroutine: what it does happens now, and it
+        returns ``DONE`` (an awaitable that completes at once), or, when the
+        client is slow or the body large, an awaitable that waits for the
+        transport -- no coroutine object for a send that need not wait."""
         cdef ASGIConnection conn = self.conn
         cdef object kind = message["type"]
         cdef object body
@@ -207,15 +227,16 @@ cdef class Cycle:
             body = message.get("body", b"")
             self.write_body(body, message.get("more_body", False))
             if self.complete:
-                return
+                return DONE
             if conn.flow.write_paused:
-                await conn.flow.drain()
-            elif self.framing.body_sent - self.turn_start > HIGH_WATER:
+                return conn.flow.drain()
+            if self.framing.body_sent - self.turn_start > HIGH_WATER:
                 # A client that reads as fast as the app sends never pauses
                 # the transport: let the loop serve the other connections (and
                 # notice a disconnect) once per HIGH_WATER bytes.
                 self.turn_start = self.framing.body_sent
-                await sleep0()
+                return sleep0()
+            return DONE
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI: http.response.start sent twice")
@@ -225,6 +246,7 @@ cdef class Cycle:
             self.status = message["status"]
             self.headers = message.get("headers", ())
             self.started = True
+            return DONE
         else:
             raise RuntimeError(f"ASGI: unexpected message type {kind!r} on an http connection")
 

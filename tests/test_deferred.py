@@ -199,8 +199,10 @@ def test_a_burst_of_1000_jobs_leaves_the_web_pages_fast(example):
     assert len(set(jobs)) == 1000
     assert len(during) >= 100, len(during)
     # The burst went to the queue, not to the web group: its p99 stays within
-    # 2x of its quiet value (a floor of 2 ms: loopback on a loaded machine).
-    assert p99(during) <= 2 * max(quiet, 0.002), (round(quiet * 1000, 2),
+    # 2x of its quiet value (a floor of 10 ms: on a loaded 2-core machine the
+    # nine enqueuing threads share this process's GIL with the timed client;
+    # a burst served by the web group itself takes seconds, see bench/deferred.py).
+    assert p99(during) <= 2 * max(quiet, 0.010), (round(quiet * 1000, 2),
                                                   round(p99(during) * 1000, 2))
     # and the consumers work through them at their own pace
     wait_for(lambda: example.state(jobs[0])["status"] == "finished",

@@ -498,6 +498,10 @@ cdef class ASGIConnection(HttpConnection):
     cdef readonly object loop
     cdef readonly object transport
     cdef dict base_scope           # per connection: listener's keys plus client
+    # base_scope with every key finish_head sets (as None): a request's scope is
+    # a copy of it whose keys are then replaced, never added (no resize).
+    cdef dict scope_template
+    cdef dict template_of          # the base_scope scope_template was made from
     cdef OutBuffer out
     cdef Cycle cycle               # the request being answered, or None
     cdef readonly bint closed
@@ -644,9 +648,15 @@ cdef class ASGIConnection(HttpConnection):
 
     cdef int finish_head(self, Request request) except -1:
         cdef ASGIRequest asgi_request = <ASGIRequest>request
-        cdef dict scope = self.base_scope.copy()
+        cdef dict scope
         cdef tuple parts = target_parts(TARGETS, request.target)
         cdef ASGIWorker worker = self.worker
+        if self.template_of is not self.base_scope:
+            self.template_of = self.base_scope
+            self.scope_template = dict(self.base_scope, http_version=None, method=None,
+                                       path=None, raw_path=None, query_string=None,
+                                       headers=None)
+        scope = self.scope_template.copy()
         scope["http_version"] = "1.1" if request.http_minor else "1.0"
         scope["method"] = request.method
         if worker.root_path and not (<str>parts[0]).startswith(worker.root_path):

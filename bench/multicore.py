@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [n for n in args.workers_list if n <= len(server_cpus)]
     skipped = [n for n in args.workers_list if n > len(server_cpus)]
     print(f"server on CPU(s) {cpu_list(server_cpus)}, wrk -t{len(wrk_cpus)} on CPU(s) "
-          f"{cpu_list(wrk_cpus)}")
+          f"{cpu_list(wrk_cpus)}" + (" (sizes only: --no-pin)" if args.no_pin else ""))
     if skipped:
         print(f"skipping {', '.join(map(str, skipped))} worker(s): more than the server's "
               f"{len(server_cpus)} CPU(s) (half of the {len(server_cpus) + len(wrk_cpus)})")

@@ -1,5 +1,5 @@
 """Plumbing shared by the benchmark harnesses (``run.py``, ``isolation.py``, ``routes.py``,
-``instructions.py``, ``static.py``).
+``instructions.py``, ``static.py``, ``tls.py``, ``multicore.py``).
 
 * Servers: each runs in its own process group with its output in a log file, is waited
   for with a deadline (polled until ``GET /`` answers 200, never a fixed sleep) and is
@@ -420,6 +420,8 @@ class Result:
     runs: list[WrkRun] = field(default_factory=list)
     error: str | None = None
     costs: list[Cost] = field(default_factory=list)
+    # The CPUs wrk was given (one thread each, multicore.py): its busy share is of them all.
+    wrk_cpus: int = 1
 
     @property
     def cpu_us(self) -> float:
@@ -431,10 +433,18 @@ class Result:
 
     @property
     def wrk_busy(self) -> float:
-        """wrk's share of its core (median over the runs)."""
+        """wrk's share of its core, or of its ``wrk_cpus`` cores (median over the runs)."""
         if not self.costs:
             return float("nan")
-        return median_known([c.wrk_cpu_s / c.wall_s for c in self.costs])
+        return median_known([c.wrk_cpu_s / c.wall_s / self.wrk_cpus for c in self.costs])
+
+    @property
+    def server_cpus_used(self) -> float:
+        """How many CPUs' worth the server's process tree used: its CPU seconds ÷ the wall
+        seconds (median over the runs)."""
+        if not self.costs:
+            return float("nan")
+        return median_known([c.server_cpu_s / c.wall_s for c in self.costs])
 
     @property
     def client_bound(self) -> bool:

@@ -404,6 +404,10 @@ def profile(args: argparse.Namespace, cases: list[Case]) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         tmp = work_dir(stack, args, "fastpool-frameworks-profile-")
+        if args.workdir is not None and any(tmp.iterdir()):
+            print(f"error: --workdir {tmp} is not empty (the runs' directories must be "
+                  "new)", file=sys.stderr)
+            return 2
         iargs.control_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fpf-")))
         for label, kind, request in todo:
             av = instructions.Available(kind, args.fastpool_python, "")

@@ -220,11 +220,13 @@ class Response:
 
 
 def http_request(method: str, path: str, port: int, body: bytes = b"",
-                 close: bool = False, headers: tuple[str, ...] = ()) -> bytes:
-    """A request's bytes; ``headers``: extra ``Name: value`` lines."""
+                 close: bool = False, headers: tuple[str, ...] = (),
+                 content_type: str = "application/octet-stream") -> bytes:
+    """A request's bytes; ``headers``: extra ``Name: value`` lines; ``content_type``: a
+    POST body's."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", *headers]
     if method == "POST":
-        lines += ["Content-Type: application/octet-stream", f"Content-Length: {len(body)}"]
+        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -135,6 +135,7 @@ class RequestKind:
     body: bytes  # each response's expected body
     asgi_app: str  # the apps_asgi app that serves it
     echo: bool = False
+    app: str | None = None  # module:attribute fastpool serves instead (frameworks.py)
 
 
 def _get(path: str) -> bytes:
@@ -249,10 +250,12 @@ def server_command(av: Available, request: RequestKind, port: int, tmp: Path,
     common = ["--host", HOST, "--port", p, "--workers", "1",
               "--control-socket", str(control_dir / f"{port}.sock")]
     if name == "fastpool-wsgi":
-        return [prog, "-m", "fastpool", "serve", "apps:app", *common, "--interface", "wsgi"]
+        return [prog, "-m", "fastpool", "serve", request.app or "apps:app", *common,
+                "--interface", "wsgi"]
     if name.startswith("fastpool-asgi-"):
         loop = name.rpartition("-")[2]
-        return [prog, "-m", "fastpool", "serve", f"apps_asgi:{request.asgi_app}", *common,
+        target = request.app or f"apps_asgi:{request.asgi_app}"
+        return [prog, "-m", "fastpool", "serve", target, *common,
                 "--interface", "asgi", "--loop", loop]
     if name == "bjoern":
         return [prog, str(BENCH / "bjoern_serve.py"), HOST, p, "1"]

@@ -28,6 +28,8 @@ HTTP routes:
 * ``/misuse?kind=K``       sends ASGI messages in an order or shape the spec forbids
                            (``MISUSES``); the server must refuse each in the app's send
 * ``/bad-header?kind=K``   a response header that must never be sent (``BAD_HEADERS``)
+* ``/context?set=V&s=S``   sets a context variable to V, sleeps S (0: no suspension at
+                           all), answers what it was before and what it is after
 * ``/disconnect?tag=T``    receives until ``http.disconnect`` (noting each message in
                            ``receiving-T``), then tries to send; the outcome in ``disconnect-T``
 * anything else            ``METHOD PATH``
@@ -54,6 +56,7 @@ lifespan scope), ``wsgi_app`` (a plain WSGI app).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import os
@@ -67,6 +70,9 @@ JSON = [(b"content-type", b"application/json")]
 
 # The lifespan events of this process, in order.
 LIFESPAN_EVENTS: list[str] = []
+# /context: set in one request, it must not be seen by the next one.
+REQUEST_VALUE: contextvars.ContextVar[str] = contextvars.ContextVar("request_value",
+                                                                     default="unset")
 
 # kind -> (name, value) of a header a server must refuse to send.
 BAD_HEADERS = {
@@ -234,6 +240,13 @@ async def http(scope, receive, send) -> None:
         await send({"type": "http.response.body", "body": b"must never be sent"})
     elif path == "/disconnect":
         await disconnect(scope, receive, send)
+    elif path == "/context":
+        # What a request saw of the context var before setting it, and after a
+        # suspension (query s: seconds) whether its own value survived it.
+        before = REQUEST_VALUE.get()
+        REQUEST_VALUE.set(query(scope)["set"])
+        await asyncio.sleep(float(query(scope).get("s", "0")))
+        await respond_json(send, {"before": before, "after": REQUEST_VALUE.get()})
     else:
         await respond(send, f"{scope['method']} {path}".encode())
 

@@ -561,6 +561,27 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
         stream.assert_open(0.2)
 
 
+@pytest.mark.parametrize("pause", ["0", "0.05"])
+def test_each_request_runs_in_its_own_context(server, pause):
+    # An app call that never suspends runs its one step right in the protocol
+    # callback, one that suspends becomes a Task afterwards: either way in a
+    # copy of the context, so a context variable set by one request is not
+    # what the next request on the same connection starts with, and survives
+    # the request's own suspension.
+    sock, stream = connect(server)
+    with sock:
+        for value in ("one", "two", "three"):
+            sock.sendall(get(f"/context?set={value}&s={pause}"))
+            response = stream.response()
+            assert response.status == 200
+            assert json.loads(response.body) == {"before": "unset", "after": value}
+        # pipelined: the three run back to back in one data_received
+        sock.sendall(b"".join(get(f"/context?set=p{i}&s={pause}") for i in range(3)))
+        for i in range(3):
+            assert json.loads(stream.response().body) == {"before": "unset",
+                                                           "after": f"p{i}"}
+
+
 def test_pipelined_requests_are_answered_in_order(server):
     requests = [
         (get("/sleep?s=0.3"), "GET", b"slept 0.3"),

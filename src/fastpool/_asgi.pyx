@@ -15,9 +15,10 @@ Rules of this module:
   soon as the response before it is complete, even if that app call goes on
   (a background task after the response).
 * An app's coroutine starts at once, inside data_received, in a copy of the
-  context (as a Task's would): a handler that never waits on I/O finishes
-  there, without a Task and without a trip through the loop's ready queue;
-  one that suspends continues as a Task (``Resumed``) from where it is
+  worker's root context (never the previous request's: the Task that ends a
+  response may start the next request).  A handler that never waits on I/O
+  finishes there, without a Task and without a trip through the loop's ready
+  queue; one that suspends continues as a Task (``Resumed``) from where it is
   (Python 3.11+; 3.10 makes every call a Task).  Responses finished during
   one data_received go out in one write.
 * Flow control both ways: while the transport says the client is not reading
@@ -784,15 +785,18 @@ cdef class ASGIConnection(HttpConnection):
         framing_reset(&cycle.framing)
         self.cycle = cycle
         coroutine = cycle.run(worker.app)
+        # Every call starts from the worker's own context, never from the one
+        # this runs in: that may be the previous request's (its Task finished
+        # the response and started this one).
+        context = worker.root_context.copy()
         if DIRECT_START:
-            context = copy_context()
             try:
                 waiting = context.run(coroutine.send, None)
             except StopIteration:
                 return 0          # answered without suspending: no Task at all
             task = Task(Resumed(coroutine, waiting), loop=self.loop, context=context)
         else:
-            task = Task(coroutine, loop=self.loop)
+            task = context.run(Task, coroutine, loop=self.loop)
         # asyncio keeps only weak references to tasks.
         cycle.task = task
         worker.tasks.add(task)
@@ -872,7 +876,8 @@ cdef class ASGIConnection(HttpConnection):
         self.upgrade_data = None
         # The core stopped reading at the upgrade; the bytes now are frames.
         self.flow.hold(HOLD_HTTP, False)
-        self.websocket.start(worker.app)
+        # (Its task copies this: the worker's context, not an earlier request's.)
+        worker.root_context.copy().run(self.websocket.start, worker.app)
         return 0
 
     cdef int response_done(self, Cycle cycle) except -1:
@@ -1194,6 +1199,9 @@ cdef class ASGIWorker(WorkerBase):
     cdef readonly dict state      # the lifespan state, copied into every scope
     cdef readonly bint websockets
     cdef readonly set tasks       # app tasks still pending (asyncio holds them weakly)
+    # The context every app call starts from a copy of (the serving task's, as
+    # main() begins): never the context of the request that happened to start it.
+    cdef object root_context
     cdef dict handoff_scope
     cdef object stopped           # future: the worker is done serving
     cdef object tick_handle
@@ -1274,6 +1282,7 @@ cdef class ASGIWorker(WorkerBase):
 
     async def main(self):
         loop = self.loop
+        self.root_context = copy_context()
         self.stopped = loop.create_future()
         self.install_signal_handlers()
         if self.options.lifespan is not None:

@@ -947,7 +947,7 @@ def check_targets(targets: list[Target], results: dict[tuple[str, str], Result],
         base, peer = results.get((t.scenario, base_name)), results.get((t.scenario, t.peer))
         if base is None or peer is None:
             continue
-        ratios = {"rps": base.rps_ratio(peer), "cpu": peer.cpu_ratio(base)}
+        ratios = {"rps": base.rps_ratio(peer), "cpu": base.cpu_ratio(peer)}
         out.append({"scenario": t.scenario, "peer": t.peer, "target": t.least,
                     "on": list(t.on), "ratios": ratios,
                     "met": {m: None if ratios[m] is None else ratios[m] >= t.least

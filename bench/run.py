@@ -395,7 +395,7 @@ def asgi_ratios(scenarios: list[Scenario], results: dict[tuple[str, str], Result
             if mine is None or peer is None:
                 row[av.kind.name] = {"rps": None, "cpu": None}
             else:
-                row[av.kind.name] = {"rps": mine.rps_ratio(peer), "cpu": peer.cpu_ratio(mine)}
+                row[av.kind.name] = {"rps": mine.rps_ratio(peer), "cpu": mine.cpu_ratio(peer)}
         out[s.name] = row
     return out
 

@@ -766,6 +766,12 @@ def nginx_app_locations(hello: bytes, json_body: bytes) -> str:
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
 
+def interpreter_path(value: str) -> str:
+    """An interpreter option's value: a relative path made absolute (servers run with
+    bench/ as working directory); a bare name is left for PATH."""
+    return str(Path(value).absolute()) if os.sep in value else value
+
+
 def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help: str,
                      workdir_help: str, before: dict[str, AddOptions] | None = None) -> None:
     """The load, pinning, binary and output options of run.py and static.py, in their
@@ -789,9 +795,10 @@ def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help:
     add("--wrk-cpus", default="1", help="taskset -c list for wrk")
     add("--no-pin", action="store_true", help="do not use taskset")
     add("--port", type=int, default=port, help="port every server listens on")
-    add("--fastpool-python", default=sys.executable,
+    add("--fastpool-python", default=sys.executable, type=interpreter_path,
         help="interpreter that runs fastpool and fastpool-asgi")
-    add("--peer-python", default=sys.executable, help=peer_python_help)
+    add("--peer-python", default=sys.executable, type=interpreter_path,
+        help=peer_python_help)
     add("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
     add("--wrk", default="wrk", help="wrk binary")
     add("--start-timeout", type=float, default=30.0,

@@ -93,6 +93,7 @@ from common import (
     find_nginx,
     fmt_ms,
     http_request,
+    interpreter_path,
     machine,
     median_known,
     nginx_head,
@@ -765,9 +766,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=18180,
                    help="fast-path port (and the shared one); the slow pool gets PORT+1 "
                         "(nginx-gunicorn: the gunicorns get PORT+1 and PORT+2)")
-    p.add_argument("--fastpool-python", default=sys.executable,
+    p.add_argument("--fastpool-python", default=sys.executable, type=interpreter_path,
                    help="interpreter that runs fastpool")
-    p.add_argument("--peer-python", default=sys.executable, help="interpreter that runs gunicorn")
+    p.add_argument("--peer-python", default=sys.executable, type=interpreter_path,
+                   help="interpreter that runs gunicorn")
     p.add_argument("--wrk", default="wrk", help="wrk binary")
     p.add_argument("--start-timeout", type=float, default=30.0,
                    help="seconds a server gets to answer its first request")

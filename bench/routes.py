@@ -78,6 +78,7 @@ from common import (
     exchange,
     fmt_ms,
     http_request,
+    interpreter_path,
     machine,
     pin,
     port_in_use,
@@ -343,7 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
     p.add_argument("--no-pin", action="store_true", help="pin nothing")
     p.add_argument("--port", type=int, default=18280, help="the one port")
-    p.add_argument("--fastpool-python", default=sys.executable,
+    p.add_argument("--fastpool-python", default=sys.executable, type=interpreter_path,
                    help="interpreter that runs fastpool")
     p.add_argument("--wrk", default="wrk", help="wrk binary")
     p.add_argument("--start-timeout", type=float, default=30.0,

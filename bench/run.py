@@ -80,6 +80,7 @@ from common import (
     costed_run,
     exchange,
     http_request,
+    interpreter_path,
     load_apps,
     load_summary,
     machine,
@@ -480,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def interpreter(name: str, args: argparse.Namespace) -> str | None:
     overrides = dict(item.split("=", 1) for item in args.python)
     if name in overrides:
-        return overrides[name]
+        return interpreter_path(overrides[name])
     if name == "nginx":
         return None
     return args.fastpool_python if name.startswith("fastpool") else args.peer_python

@@ -518,12 +518,17 @@ class Result:
         return "?" if busy != busy else f"{busy:.0%}" + (
             " (client-bound)" if busy > CLIENT_BOUND else "")
 
+    def server_cell(self) -> str:
+        busy = self.server_busy
+        return "?" if busy != busy else f"{busy:.0%}"
+
     def cost_cells(self, base: Result | None) -> list[str]:
-        """Table cells (``COST_HEAD``): CPU per request, ``base``'s CPU per request ÷ this
-        one's (``cpu_ratio``; "—" for ``base`` itself), wrk's CPU (flagged when
-        client-bound)."""
+        """Table cells (``cost_columns``): CPU per request, ``base``'s CPU per request ÷
+        this one's (``cpu_ratio``; "—" for ``base`` itself), the server's CPU share, wrk's
+        (flagged when client-bound)."""
         ratio = self.cpu_ratio(base)
-        return [self.cpu_cell(), "—" if ratio is None else f"{ratio:.2f}", self.wrk_cell()]
+        return [self.cpu_cell(), "—" if ratio is None else f"{ratio:.2f}", self.server_cell(),
+                self.wrk_cell()]
 
     def to_json(self) -> dict[str, Any]:
         """The result for a harness's JSON file: medians (with the costs) and every run
@@ -904,9 +909,9 @@ def result_table(rows: list[Any], base_name: str, base: Result | None, *,
     return out
 
 
-def cost_columns(base_name: str) -> tuple[str, str, str]:
+def cost_columns(base_name: str) -> tuple[str, ...]:
     """The heads of ``Result.cost_cells``'s columns."""
-    return ("CPU/req", f"CPU/req vs {base_name}", "wrk CPU")
+    return ("CPU/req", f"CPU/req vs {base_name}", "server CPU", "wrk CPU")
 
 
 def cost_note(base_name: str) -> str:
@@ -915,9 +920,11 @@ def cost_note(base_name: str) -> str:
     return (f"CPU/req: the server's CPU time (user + system, its whole process tree, from "
             f"/proc) per request; the two 'vs {base_name}' columns read the same way, above 1 "
             f"the server does better than {base_name} (its req/s ÷ {base_name}'s; "
-            f"{base_name}'s CPU/req ÷ its); wrk CPU: wrk's CPU time ÷ wall time (above "
-            f"{CLIENT_BOUND:.0%} of its core: client-bound, the req/s is a floor set by the "
-            "load generator, and CPU/req is the figure to compare)")
+            f"{base_name}'s CPU/req ÷ its); server CPU: its CPU time ÷ wall time (100% = one "
+            "core; well below it while wrk is not client-bound, the server was starved by "
+            "other load on its core and its req/s says little); wrk CPU: wrk's CPU time ÷ "
+            f"wall time (above {CLIENT_BOUND:.0%} of its core: client-bound, the req/s is a "
+            "floor set by the load generator, and CPU/req is the figure to compare)")
 
 
 def client_bound_line(results: Iterable[Result]) -> str:

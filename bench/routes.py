@@ -243,7 +243,7 @@ def render(results: dict[str, RouteResult], args: argparse.Namespace, version: s
     head = ["scenario", "server", "request", "req/s", "p50", "p99", "handoffs / request",
             "÷ baseline", *cost_columns("baseline"), "µs per handoff", "errors"]
     out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] * 3 + ["---:"] * 9 + ["---"]) + "|"]
+           "|" + "|".join(["---"] * 3 + ["---:"] * 10 + ["---"]) + "|"]
     for res in results.values():
         s = res.spec
         assert s is not None
@@ -261,7 +261,7 @@ def render(results: dict[str, RouteResult], args: argparse.Namespace, version: s
                  fmt_ms(res.p50) if res.runs else "—",
                  fmt_ms(res.p99) if res.runs else "—",
                  "—" if moves != moves else f"{moves:.4f}" if moves < 0.01 else f"{moves:.2f}",
-                 ratio, *(res.cost_cells(base) if res.runs else ["—"] * 3), per_handoff,
+                 ratio, *(res.cost_cells(base) if res.runs else ["—"] * 4), per_handoff,
                  "; ".join(x for x in (res.problems(), res.error) if x) or "—"]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out.append("")

@@ -356,10 +356,6 @@ def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
 # --------------------------------------------------------------------------- results
 
 
-def fmt_pct(x: float) -> str:
-    return "?" if x != x else f"{x:.0%}"
-
-
 def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
            servers: list[Available], seen: dict[str, Seen], args: argparse.Namespace) -> str:
     out: list[str] = []
@@ -370,14 +366,11 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
             continue
         out.append(f"### {s.name}: {s.title} (`{s.path}`)\n")
         out += result_table(rows, BASE, results.get((s.name, BASE)), costs=True,
-                            more_head=("server CPU",),
-                            more_cells=lambda r: [fmt_pct(r.server_busy)],
                             errors_head="non-2xx / socket errors / not measured")
         out.append("")
     out += target_lines(check_targets(TARGETS, results, BASE), BASE, args)
-    out.append(f"{load_summary(args)}. {cost_note(BASE)}; server CPU: its CPU time ÷ wall "
-               f"time (100% = one core). {client_bound_line(results.values())} "
-               f"{machine()}.\n")
+    out.append(f"{load_summary(args)}. {cost_note(BASE)}. "
+               f"{client_bound_line(results.values())} {machine()}.\n")
     notes = []
     for av in servers:
         look = seen.get(av.kind.name)

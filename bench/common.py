@@ -7,8 +7,16 @@
   does this in a ``finally`` block, so Ctrl-C, SIGTERM or an exception never leaves a
   server running. A server is also SIGKILLed if the harness itself dies.
 * A minimal blocking HTTP/1.1 client for checks (``exchange``), wrk's output parser and
-  runner, the median of a scenario's runs (``Result``), ``taskset`` pinning (``pin``), the
-  CPU time of a server's process tree (``tree_cpu_seconds``), and formatting helpers.
+  runner, the median of a scenario's runs (``Result``), ``taskset`` pinning (``pin``), and
+  formatting helpers.
+* The costs of a wrk run, for every harness that measures one (the one place they are
+  computed and shown): ``costing`` reads the CPU time of the server's process tree(s)
+  (``tree_cpu_seconds``) and wrk's (``children_cpu_seconds``) around it; ``Result`` gives
+  the median CPU per request and wrk's CPU share (a run above ``CLIENT_BOUND`` is
+  client-bound: its req/s is a floor), their table cells (``cost_cells`` under
+  ``cost_columns``, explained by ``cost_note``; ``client_bound_line``), and ``Target``,
+  ``check_targets`` and ``target_lines`` give the ratios between servers on req/s and on
+  CPU per request against a harness's targets.
 * fastpool's control socket (``control_status``: the routing counts of a running server),
   TOML values for the generated config files, and finding and configuring nginx.
 
@@ -36,8 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -401,15 +409,53 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _roots(server_pids: int | Iterable[int]) -> list[int]:
+    return [server_pids] if isinstance(server_pids, int) else list(server_pids)
+
+
 @contextlib.contextmanager
-def costing(server_pid: int, costs: list[Cost]) -> Iterator[None]:
-    """Wrap one run of wrk (started and waited for inside): its ``Cost`` is
-    appended to ``costs``."""
-    server0, wrk0, wall0 = tree_cpu_seconds(server_pid), children_cpu_seconds(), \
-        time.monotonic()
+def costing(server_pids: int | Iterable[int], costs: list[Cost]) -> Iterator[None]:
+    """Wrap one run of wrk (started and waited for inside): its ``Cost`` is appended to
+    ``costs``. ``server_pids``: the root of the server's process tree, or of each of its
+    trees (a layout of several servers)."""
+    roots = _roots(server_pids)
+
+    def server_cpu() -> float:
+        return sum(tree_cpu_seconds(pid) for pid in roots)
+
+    server0, wrk0, wall0 = server_cpu(), children_cpu_seconds(), time.monotonic()
     yield
-    costs.append(Cost(tree_cpu_seconds(server_pid) - server0, children_cpu_seconds() - wrk0,
+    costs.append(Cost(server_cpu() - server0, children_cpu_seconds() - wrk0,
                       time.monotonic() - wall0))
+
+
+def costed_wrk(server_pids: int | Iterable[int], r: Result, cmd: list[str],
+               duration: int) -> tuple[WrkRun, str]:
+    """Run wrk ``cmd`` once under ``costing`` (its ``Cost`` goes to ``r.costs``; the
+    run is returned, not appended), and what a progress line adds: ", 12.3 µs/req, server
+    98% CPU, wrk 71%"."""
+    with costing(server_pids, r.costs):
+        one = run_wrk(cmd, duration)
+    return one, cost_progress(one, r.costs[-1])
+
+
+def costed_run(server: Server) -> Callable[[Result, list[str], int], tuple[WrkRun, str]]:
+    """``measure_scenarios``'s ``run`` for ``server``: wrk once, costed (``costed_wrk``)."""
+
+    def run(r: Result, cmd: list[str], duration: int) -> tuple[WrkRun, str]:
+        assert server.proc is not None  # taskset execs the server: its pid is the root
+        return costed_wrk(server.proc.pid, r, cmd, duration)
+
+    return run
+
+
+def cost_progress(one: WrkRun, cost: Cost) -> str:
+    """A run's costs for its progress line (see ``costed_wrk``)."""
+    per = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req" if one.requests
+           else "? µs/req")
+    busy = cost.wrk_cpu_s / cost.wall_s if cost.wall_s else float("nan")
+    return (f", {per}, server {cost.server_cpu_s / cost.wall_s:.0%} CPU, wrk {busy:.0%}"
+            + (" (client-bound)" if busy > CLIENT_BOUND else ""))
 
 
 @dataclass
@@ -449,21 +495,65 @@ class Result:
         return median_known([c.server_cpu_s / c.wall_s for c in self.costs])
 
     @property
+    def server_busy(self) -> float:
+        """The server's CPU time ÷ wall time (1.0: one core; median over the runs)."""
+        if not self.costs:
+            return float("nan")
+        return median_known([c.server_cpu_s / c.wall_s for c in self.costs])
+
+    @property
     def client_bound(self) -> bool:
         return self.wrk_busy > CLIENT_BOUND
 
-    def cost_cells(self, base: Result | None, base_name: str) -> list[str]:
-        """Table cells: CPU per request, ``base``'s CPU per request ÷ this one's (above
-        1 this server spends less than ``base``), wrk's CPU (flagged when client-bound)."""
-        cpu, busy = self.cpu_us, self.wrk_busy
-        ratio = None
-        if base is not None and self.server != base_name and cpu == cpu and cpu and \
-                base.cpu_us == base.cpu_us:
-            ratio = base.cpu_us / cpu
-        return ["?" if cpu != cpu else f"{cpu:,.1f} µs",
-                "—" if ratio is None else f"{ratio:.2f}",
-                "?" if busy != busy else f"{busy:.0%}"
-                + (" (client-bound)" if busy > CLIENT_BOUND else "")]
+    def cpu_ratio(self, base: Result | None) -> float | None:
+        """``base``'s CPU per request ÷ this one's (above 1 this server spends less than
+        ``base``); None without both figures, or when ``base`` is this result."""
+        cpu = self.cpu_us
+        if base is None or base is self or not self.runs or not base.runs or cpu != cpu \
+                or not cpu or base.cpu_us != base.cpu_us:
+            return None
+        return base.cpu_us / cpu
+
+    def rps_ratio(self, base: Result | None) -> float | None:
+        """This one's req/s ÷ ``base``'s; None without both, or when ``base`` is this one."""
+        if base is None or base is self or not self.runs or not base.runs or not base.rps:
+            return None
+        return self.rps / base.rps
+
+    def cpu_cell(self) -> str:
+        cpu = self.cpu_us
+        return "?" if cpu != cpu else f"{cpu:,.1f} µs"
+
+    def wrk_cell(self) -> str:
+        """wrk's CPU share, flagged when client-bound."""
+        busy = self.wrk_busy
+        return "?" if busy != busy else f"{busy:.0%}" + (
+            " (client-bound)" if busy > CLIENT_BOUND else "")
+
+    def server_cell(self) -> str:
+        busy = self.server_busy
+        return "?" if busy != busy else f"{busy:.0%}"
+
+    def cost_cells(self, base: Result | None) -> list[str]:
+        """Table cells (``cost_columns``): CPU per request, ``base``'s CPU per request ÷
+        this one's (``cpu_ratio``; "—" for ``base`` itself), the server's CPU share, wrk's
+        (flagged when client-bound)."""
+        ratio = self.cpu_ratio(base)
+        return [self.cpu_cell(), "—" if ratio is None else f"{ratio:.2f}", self.server_cell(),
+                self.wrk_cell()]
+
+    def to_json(self) -> dict[str, Any]:
+        """The result for a harness's JSON file: medians (with the costs) and every run
+        (raw wrk output, and its ``Cost`` where costed)."""
+        costs: list[Cost | None] = list(self.costs) if self.costs else [None] * len(self.runs)
+        return {
+            "scenario": self.scenario, "server": self.server, "error": self.error,
+            "median": ({"rps": self.rps, "p50_ms": self.p50, "p99_ms": self.p99,
+                        "cpu_us_per_request": self.cpu_us, "server_cpu": self.server_busy,
+                        "wrk_cpu": self.wrk_busy, "client_bound": self.client_bound}
+                       if self.runs else None),
+            "runs": [asdict(run) | ({"cost": asdict(cost)} if cost else {})
+                     for run, cost in zip(self.runs, costs, strict=True)]}
 
     @property
     def rps(self) -> float:
@@ -693,6 +783,12 @@ def nginx_app_locations(hello: bytes, json_body: bytes) -> str:
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
 
+def interpreter_path(value: str) -> str:
+    """An interpreter option's value: a relative path made absolute (servers run with
+    bench/ as working directory); a bare name is left for PATH."""
+    return str(Path(value).absolute()) if os.sep in value else value
+
+
 def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help: str,
                      workdir_help: str, before: dict[str, AddOptions] | None = None) -> None:
     """The load, pinning, binary and output options of run.py and static.py, in their
@@ -716,9 +812,10 @@ def add_load_options(p: argparse.ArgumentParser, *, port: int, peer_python_help:
     add("--wrk-cpus", default="1", help="taskset -c list for wrk")
     add("--no-pin", action="store_true", help="do not use taskset")
     add("--port", type=int, default=port, help="port every server listens on")
-    add("--fastpool-python", default=sys.executable,
+    add("--fastpool-python", default=sys.executable, type=interpreter_path,
         help="interpreter that runs fastpool and fastpool-asgi")
-    add("--peer-python", default=sys.executable, help=peer_python_help)
+    add("--peer-python", default=sys.executable, type=interpreter_path,
+        help=peer_python_help)
     add("--nginx", default="nginx", help="nginx binary (also tried: /usr/sbin/nginx)")
     add("--wrk", default="wrk", help="wrk binary")
     add("--start-timeout", type=float, default=30.0,
@@ -793,31 +890,129 @@ def load_summary(args: argparse.Namespace) -> str:
 
 
 def result_table(rows: list[Any], base_name: str, base: Result | None, *,
+                 costs: bool = False,
                  more_head: tuple[str, ...] = (),
                  more_cells: Callable[[Any], list[str]] = lambda r: [],
                  errors_head: str = "non-2xx / socket errors") -> list[str]:
     """The lines of a scenario's markdown table: per ``Result`` of ``rows`` its server,
-    req/s, p50, p99, req/s ÷ ``base``'s, then the columns ``more_head`` (right-aligned,
+    req/s, p50, p99, req/s ÷ ``base``'s, with ``costs`` the ``COST_HEAD`` columns
+    (``Result.cost_cells``), then the columns ``more_head`` (right-aligned,
     ``more_cells(result)`` for a measured one), and an ``errors_head`` column if any row
     has problems or an error."""
     base_rps = base.rps if base is not None and base.runs else None
     show_errors = any(r.problems() or r.error for r in rows)
-    head = ["server", "req/s", "p50", "p99", f"vs {base_name}", *more_head]
+    cost_head = cost_columns(base_name) if costs else ()
+    head = ["server", "req/s", "p50", "p99", f"vs {base_name}", *cost_head, *more_head]
     if show_errors:
         head.append(errors_head)
+    width = len(cost_head) + len(more_head)
     out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] + ["---:"] * (4 + len(more_head))
-                          + ["---"] * show_errors) + "|"]
+           "|" + "|".join(["---"] + ["---:"] * (4 + width) + ["---"] * show_errors) + "|"]
     for r in rows:
         if r.runs:
             ratio = f"{r.rps / base_rps:.2f}" if base_rps else "—"
             cells = [r.server, f"{r.rps:,.0f}", fmt_ms(r.p50), fmt_ms(r.p99), ratio,
-                     *more_cells(r)]
+                     *(r.cost_cells(base) if costs else []), *more_cells(r)]
         else:
-            cells = [r.server, "failed"] + ["—"] * (3 + len(more_head))
+            cells = [r.server, "failed"] + ["—"] * (3 + width)
         if show_errors:
             cells.append("; ".join(x for x in (r.problems(), r.error or "") if x) or "—")
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return out
+
+
+def cost_columns(base_name: str) -> tuple[str, ...]:
+    """The heads of ``Result.cost_cells``'s columns."""
+    return ("CPU/req", f"CPU/req vs {base_name}", "server CPU", "wrk CPU")
+
+
+def cost_note(base_name: str) -> str:
+    """What the cost columns mean, for the line under a harness's tables (no final
+    full stop)."""
+    return (f"CPU/req: the server's CPU time (user + system, its whole process tree, from "
+            f"/proc) per request; the two 'vs {base_name}' columns read the same way, above 1 "
+            f"the server does better than {base_name} (its req/s ÷ {base_name}'s; "
+            f"{base_name}'s CPU/req ÷ its); server CPU: its CPU time ÷ wall time (100% = one "
+            "core; well below it while wrk is not client-bound, the server was starved by "
+            "other load on its core and its req/s says little); wrk CPU: wrk's CPU time ÷ "
+            f"wall time (above {CLIENT_BOUND:.0%} of its core: client-bound, the req/s is a "
+            "floor set by the load generator, and CPU/req is the figure to compare)")
+
+
+def client_bound_line(results: Iterable[Result]) -> str:
+    """Which measured results were client-bound, as a sentence."""
+    bound = [f"{r.server} {r.scenario} (wrk {r.wrk_busy:.0%})" for r in results
+             if r.runs and r.client_bound]
+    if not bound:
+        return f"No run was client-bound (wrk at most {CLIENT_BOUND:.0%} of its core)."
+    return (f"Client-bound (wrk above {CLIENT_BOUND:.0%} of its core; their req/s is a "
+            f"floor): {', '.join(bound)}.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for the harness's base server against ``peer`` on ``scenario``: the base's
+    advantage at least ``least`` on each measure of ``on``: "rps" (base req/s ÷ peer
+    req/s) and "cpu" (peer CPU/req ÷ base CPU/req)."""
+
+    scenario: str
+    peer: str
+    least: float
+    on: tuple[str, ...] = ("rps", "cpu")
+
+
+MEASURES = {"rps": "req/s", "cpu": "CPU/req"}
+
+
+def check_targets(targets: list[Target], results: dict[tuple[str, str], Result],
+                  base_name: str) -> list[dict[str, Any]]:
+    """Each target whose scenario ran with the base and the peer: both ratios (None where
+    not measured), met or not per measure of its ``on``, and who was client-bound."""
+    out = []
+    for t in targets:
+        base, peer = results.get((t.scenario, base_name)), results.get((t.scenario, t.peer))
+        if base is None or peer is None:
+            continue
+        ratios = {"rps": base.rps_ratio(peer), "cpu": base.cpu_ratio(peer)}
+        out.append({"scenario": t.scenario, "peer": t.peer, "target": t.least,
+                    "on": list(t.on), "ratios": ratios,
+                    "met": {m: None if ratios[m] is None else ratios[m] >= t.least
+                            for m in t.on},
+                    "client_bound": [r.server for r in (base, peer)
+                                     if r.runs and r.client_bound],
+                    "errors": [r.server for r in (base, peer) if r.problems() or r.error]})
+    return out
+
+
+def target_lines(checks: list[dict[str, Any]], base_name: str, args: argparse.Namespace,
+                 source: str = "") -> list[str]:
+    """The targets' lines under the tables (``check_targets``): a head, then per target
+    both ratios with its verdict on each measure it asks for; [] without targets."""
+    if not checks:
+        return []
+    out = [f"Targets{f' ({source})' if source else ''}: {base_name} ÷ peer on req/s, "
+           f"peer's CPU/req ÷ {base_name}'s on CPU/req (above 1 {base_name} does better); "
+           f"1 worker pinned to one core, wrk on another{target_caveat(args)}; printed, not "
+           "asserted:\n"]
+    for c in checks:
+        parts = []
+        for measure, label in MEASURES.items():
+            ratio = c["ratios"][measure]
+            shown = "not measured" if ratio is None else f"{ratio:.2f}"
+            if measure in c["on"]:
+                verdict = "" if ratio is None else (" (met)" if c["met"][measure]
+                                                     else " (NOT met)")
+            else:
+                verdict = " (no target)" if ratio is not None else ""
+            parts.append(f"{label} {shown}{verdict}")
+        notes = []
+        if c["client_bound"]:
+            notes.append(f"client-bound: {' and '.join(c['client_bound'])}")
+        if c["errors"]:
+            notes.append(f"errors from {' and '.join(c['errors'])}: see the table")
+        out.append(f"- {c['scenario']}: {base_name} vs {c['peer']} >= {c['target']:g}: "
+                   + "; ".join(parts) + (f" [{'; '.join(notes)}]" if notes else ""))
+    out.append("")
     return out
 
 

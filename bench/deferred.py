@@ -19,6 +19,14 @@ the apps of ``examples/deferred`` (README, "Deferred work"):
 The fast page is ``GET /`` on one keep-alive connection, one request after the other.
 The servers are not pinned (the consumers and redis need a core of their own).
 
+No CPU time per request is reported here (unlike the wrk harnesses, see common.py
+``costing``): no figure of this harness is a throughput. The burst is a fixed number of
+requests, each ``--seconds`` of work by design, and the fast page is one client waiting
+for each answer; what is measured is admission (accepted/shed), the time to the last
+result and the fast page's latency, none of which a CPU-per-request figure would explain,
+and with the layouts unpinned and the queue layout's redis and consumers outside the
+server's process tree it could not be measured comparably either.
+
 Needs ``redis-server`` and ``rq`` (in the interpreter given by ``--fastpool-python``, as
 fastpool's test extra installs it). Usage::
 

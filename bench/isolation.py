@@ -45,6 +45,12 @@ Rules this harness keeps (the plumbing is ``common.py``, shared with ``run.py``)
   deadline), so one measurement does not leak into the next.
 * wrk runs with ``--timeout`` ``--wrk-timeout`` (30 s) so that slow responses still land
   in the latency histogram instead of being dropped as timeouts.
+* The fast path measured alone is costed like run.py's scenarios: the CPU time (user +
+  system) of every process of the layout (each server's whole process tree, from /proc)
+  per fast request, and wrk's CPU use (above 85 % of its core the run is flagged
+  client-bound: its req/s is a floor). Under the flood no CPU per request is given: two
+  wrks overlap, and the servers' CPU goes mostly to the slow path (all of it with
+  ``cpu``), so it would say nothing about the fast path.
 * Standard library only; the exact server and wrk command lines (and fastpool's
   config files) are printed under the table, and ``--json PATH`` saves the raw wrk output.
 
@@ -72,16 +78,22 @@ from typing import Any
 
 from common import (
     BENCH,
+    CLIENT_BOUND,
     HOST,
     BenchError,
+    Cost,
+    Result,
     Server,
     WrkRun,
+    client_bound_line,
+    costed_wrk,
     counts_delta,
     die_with_parent,
     exchange,
     find_nginx,
     fmt_ms,
     http_request,
+    interpreter_path,
     machine,
     median_known,
     nginx_head,
@@ -444,11 +456,17 @@ class LayoutResult:
     layout: Layout
     version: str = ""
     alone: list[WrkRun] = field(default_factory=list)
+    alone_costs: list[Cost] = field(default_factory=list)  # one per run of ``alone``
     rows: dict[str, Row] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     configs: dict[str, str] = field(default_factory=dict)
     wrk: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+
+    @property
+    def alone_result(self) -> Result:
+        """The fast path alone as a ``Result``, for its costs."""
+        return Result("fast alone", self.layout.name, self.alone, costs=self.alone_costs)
 
 
 def med(runs: list[WrkRun], attr: str) -> float:
@@ -516,8 +534,8 @@ def fmt_shed(runs: list[WrkRun]) -> str:
 
 def render(results: list[LayoutResult], args: argparse.Namespace) -> str:
     head = ["layout", "slow kind", "fast p50 alone", "fast p99 alone", "fast p50 flood",
-            "fast p99 flood", "p99 flood/alone", "fast req/s alone", "fast req/s flood",
-            "slow req/s"]
+            "fast p99 flood", "p99 flood/alone", "fast req/s alone", "fast CPU/req alone",
+            "wrk CPU alone", "fast req/s flood", "slow req/s"]
     if args.one_port:
         head += ["slow 2xx req/s", "slow p99", "slow 503 share"]
     head.append("errors")
@@ -540,8 +558,10 @@ def render(results: list[LayoutResult], args: argparse.Namespace) -> str:
                 errors.append(row.error or res.error or "")
             d = args.duration
             cells = [res.layout.name, kind, fmt_lat(a50, d), fmt_lat(a99, d), fmt_lat(f50, d),
-                     fmt_lat(f99, d), ratio, fmt_rps(res.alone), fmt_rps(row.fast),
-                     fmt_rps(row.slow)]
+                     fmt_lat(f99, d), ratio, fmt_rps(res.alone),
+                     *([res.alone_result.cpu_cell(), res.alone_result.wrk_cell()]
+                       if res.alone else ["—", "—"]),
+                     fmt_rps(row.fast), fmt_rps(row.slow)]
             if args.one_port:
                 cells += [fmt_rps(row.slow, ok_only=True),
                           fmt_lat(med(row.slow, "p99_ms"), flood_duration(args)),
@@ -582,7 +602,11 @@ def render(results: list[LayoutResult], args: argparse.Namespace) -> str:
         f"requests that complete within a run, so `> {args.duration} s` means none did. "
         + ("Not pinned. " if not (args.server_cpus or args.wrk_cpus) else
            f"Pinned: servers {args.server_cpus or 'any'}, wrk {args.wrk_cpus or 'any'}. ")
-        + f"{', '.join(versions)}. {machine()}.")
+        + "Fast CPU/req alone: the servers' CPU time (user + system of every process of "
+        "the layout, from /proc) per fast-path request with no flood; wrk CPU alone: that "
+        f"wrk's CPU time ÷ wall time (above {CLIENT_BOUND:.0%}: client-bound, its req/s is a "
+        f"floor). {client_bound_line(r.alone_result for r in results)} "
+        f"{', '.join(versions)}. {machine()}.")
     return "\n".join(out)
 
 
@@ -656,10 +680,13 @@ def bench_layout(layout: Layout, args: argparse.Namespace, tmp: Path,
 
         if args.warmup:
             run_wrk(fast_wrk(args, p.fast_port, args.warmup), args.warmup)
+        pids = [server.proc.pid for server, _ in servers if server.proc is not None]
+        alone = res.alone_result
         for i in range(args.runs):
-            run = run_wrk(fast_wrk(args, p.fast_port, args.duration), args.duration)
+            run, extra = costed_wrk(pids, alone,
+                                    fast_wrk(args, p.fast_port, args.duration), args.duration)
             res.alone.append(run)
-            print(f"  {layout.name} fast alone, run {i + 1}: {describe(run)}")
+            print(f"  {layout.name} fast alone, run {i + 1}: {describe(run)}{extra}")
         alive()
         for kind in kinds:
             row = res.rows[kind]
@@ -739,9 +766,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=18180,
                    help="fast-path port (and the shared one); the slow pool gets PORT+1 "
                         "(nginx-gunicorn: the gunicorns get PORT+1 and PORT+2)")
-    p.add_argument("--fastpool-python", default=sys.executable,
+    p.add_argument("--fastpool-python", default=sys.executable, type=interpreter_path,
                    help="interpreter that runs fastpool")
-    p.add_argument("--peer-python", default=sys.executable, help="interpreter that runs gunicorn")
+    p.add_argument("--peer-python", default=sys.executable, type=interpreter_path,
+                   help="interpreter that runs gunicorn")
     p.add_argument("--wrk", default="wrk", help="wrk binary")
     p.add_argument("--start-timeout", type=float, default=30.0,
                    help="seconds a server gets to answer its first request")
@@ -840,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
             "layouts": [
                 {"layout": asdict(r.layout), "error": r.error, "commands": r.commands,
                  "configs": r.configs, "wrk_commands": r.wrk,
-                 "alone": [asdict(run) for run in r.alone],
+                 "alone": r.alone_result.to_json(),
                  "rows": [{"kind": row.kind, "error": row.error,
                            "fast": [asdict(run) for run in row.fast],
                            "slow": [asdict(run) for run in row.slow],

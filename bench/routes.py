@@ -32,9 +32,11 @@ The table shows each scenario's median req/s, p50 and p99, the handoffs per requ
 from fastpool's control socket around the measured runs, so it shows what really moved),
 the req/s divided by its baseline's (``routed``: ÷ ``direct``; ``pair-alternate``: ÷
 ``pair-direct``; ``close-routed``: ÷ ``close-direct``; ``direct``: ÷ ``hello``;
-``close-direct``: ÷ ``close``), and for the rows that move at least every other request
-the server core time per handoff it implies: (1/req/s - 1/baseline req/s) / handoffs per
-request, meaningful only because the server is pinned to one core that it saturates.
+``close-direct``: ÷ ``close``), the server's CPU time per request (user + system of its
+whole process tree, master and every worker, from /proc, over each measured run) and the
+baseline's ÷ it, wrk's CPU use (above 85 % of its core the run is flagged client-bound: its
+req/s is a floor), and for the rows that move at least every other request the server CPU
+time per handoff: (CPU/req - baseline CPU/req) / the extra handoffs per request.
 
 Rules, as in run.py: the servers (master and every worker) are pinned to CPU 0 with
 ``taskset``, wrk to CPU 1; every server is waited for with a deadline, checked (exact
@@ -55,7 +57,6 @@ import contextlib
 import json
 import shlex
 import signal
-import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,15 +66,20 @@ from common import (
     BENCH,
     HOST,
     BenchError,
+    Result,
     Server,
     WrkRun,
     check_tools,
+    client_bound_line,
+    cost_columns,
+    cost_note,
+    costed_wrk,
     counts_delta,
     exchange,
     fmt_ms,
     http_request,
+    interpreter_path,
     machine,
-    median_known,
     pin,
     port_in_use,
     python_version,
@@ -219,15 +225,12 @@ def check(setup: str, port: int, control: Path, full: bool) -> None:
 
 
 @dataclass
-class Result:
-    scenario: Scenario
-    runs: list[WrkRun] = field(default_factory=list)
-    routing: dict[str, dict[str, int]] = field(default_factory=dict)  # over the runs
-    error: str | None = None
+class RouteResult(Result):
+    """A scenario's runs (``Result``: scenario = its name, server = its setup), with the
+    routing counts over them."""
 
-    @property
-    def rps(self) -> float:
-        return statistics.median(r.rps for r in self.runs) if self.runs else float("nan")
+    spec: Scenario | None = None
+    routing: dict[str, dict[str, int]] = field(default_factory=dict)  # over the runs
 
     def per_request(self) -> float:
         """Handoffs (into any group) per completed request over the measured runs."""
@@ -236,39 +239,30 @@ class Result:
         return moved / total if total else float("nan")
 
 
-def problems(runs: list[WrkRun]) -> str:
-    parts = []
-    if non2xx := sum(r.non_2xx for r in runs):
-        parts.append(f"{non2xx} non-2xx")
-    for kind in ("connect", "read", "write", "timeout"):
-        if n := sum(r.socket_errors[kind] for r in runs):
-            parts.append(f"{n} {kind}")
-    return ", ".join(parts)
-
-
-def render(results: dict[str, Result], args: argparse.Namespace, version: str) -> str:
+def render(results: dict[str, RouteResult], args: argparse.Namespace, version: str) -> str:
     head = ["scenario", "server", "request", "req/s", "p50", "p99", "handoffs / request",
-            "÷ baseline", "µs per handoff", "errors"]
+            "÷ baseline", *cost_columns("baseline"), "µs per handoff", "errors"]
     out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|"]
+           "|" + "|".join(["---"] * 3 + ["---:"] * 10 + ["---"]) + "|"]
     for res in results.values():
-        s = res.scenario
+        s = res.spec
+        assert s is not None
         base = results.get(s.baseline) if s.baseline else None
         ratio = per_handoff = "—"
         moves = res.per_request()
         if base is not None and base.runs and res.runs:
-            ratio = f"{res.rps / base.rps:.2f} (÷ `{base.scenario.name}`)"
+            ratio = f"{res.rps / base.rps:.2f} (÷ `{base.scenario}`)"
             extra_moves = moves - base.per_request()
-            if extra_moves >= 0.5:
-                cost = (1 / res.rps - 1 / base.rps) / extra_moves * 1e6
-                per_handoff = f"{cost:.1f}"
+            cost = res.cpu_us - base.cpu_us
+            if extra_moves >= 0.5 and cost == cost:
+                per_handoff = f"{cost / extra_moves:.1f}"
         cells = [f"`{s.name}`", s.setup, s.request,
                  f"{res.rps:,.0f}" if res.runs else "—",
-                 fmt_ms(median_known([r.p50_ms for r in res.runs])) if res.runs else "—",
-                 fmt_ms(median_known([r.p99_ms for r in res.runs])) if res.runs else "—",
+                 fmt_ms(res.p50) if res.runs else "—",
+                 fmt_ms(res.p99) if res.runs else "—",
                  "—" if moves != moves else f"{moves:.4f}" if moves < 0.01 else f"{moves:.2f}",
-                 ratio, per_handoff,
-                 "; ".join(x for x in (problems(res.runs), res.error) if x) or "—"]
+                 ratio, *(res.cost_cells(base) if res.runs else ["—"] * 4), per_handoff,
+                 "; ".join(x for x in (res.problems(), res.error) if x) or "—"]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out.append("")
     out.append(
@@ -280,8 +274,9 @@ def render(results: dict[str, Result], args: argparse.Namespace, version: str) -
            f"Pinned: servers (every process) on CPU {args.server_cpus}, wrk on CPU "
            f"{args.wrk_cpus}. ")
         + "Handoffs per request: every group's handed_in over the measured runs ÷ the "
-        "requests wrk completed. µs per handoff: (1/req/s − 1/baseline req/s) ÷ the extra "
-        f"handoffs per request, the server's core time when it saturates its core. "
+        f"requests wrk completed. {cost_note('baseline')}. µs per handoff: (CPU/req − the "
+        "baseline's CPU/req) ÷ the extra handoffs per request, the server's CPU time (both "
+        f"workers and the master) per move. {client_bound_line(results.values())} "
         f"{machine()}.")
     return "\n".join(out)
 
@@ -290,13 +285,13 @@ def render(results: dict[str, Result], args: argparse.Namespace, version: str) -
 
 
 def describe(run: WrkRun) -> str:
-    extra = problems([run])
+    extra = Result("", "", [run]).problems()
     return (f"{run.rps:,.0f} req/s, p50 {fmt_ms(run.p50_ms)}, p99 {fmt_ms(run.p99_ms)}"
             + (f" [{extra}]" if extra else ""))
 
 
 def bench_setup(setup: str, scenarios: list[Scenario], args: argparse.Namespace, tmp: Path,
-                results: dict[str, Result], commands: dict[str, str]) -> None:
+                results: dict[str, RouteResult], commands: dict[str, str]) -> None:
     cmd = server_command(setup, args, tmp)
     commands[setup] = f"PYTHONPATH={BENCH} {shlex.join(cmd)}"
     control = tmp / f"{setup}.sock"
@@ -314,9 +309,11 @@ def bench_setup(setup: str, scenarios: list[Scenario], args: argparse.Namespace,
                     run_wrk(wrk_command(s, args, args.warmup), args.warmup)
                 before = routing_counts(control)
                 for i in range(args.runs):
-                    run = run_wrk(wrk_command(s, args, args.duration), args.duration)
+                    assert server.proc is not None
+                    run, extra = costed_wrk(server.proc.pid, res,
+                                            wrk_command(s, args, args.duration), args.duration)
                     res.runs.append(run)
-                    print(f"  {s.name}, run {i + 1}: {describe(run)}")
+                    print(f"  {s.name}, run {i + 1}: {describe(run)}{extra}")
                 res.routing = counts_delta(before, routing_counts(control))
                 print(f"  {s.name}: {res.per_request():.4f} handoffs per request")
                 if not server.alive():
@@ -347,7 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-cpus", default="1", help="taskset -c list for wrk")
     p.add_argument("--no-pin", action="store_true", help="pin nothing")
     p.add_argument("--port", type=int, default=18280, help="the one port")
-    p.add_argument("--fastpool-python", default=sys.executable,
+    p.add_argument("--fastpool-python", default=sys.executable, type=interpreter_path,
                    help="interpreter that runs fastpool")
     p.add_argument("--wrk", default="wrk", help="wrk binary")
     p.add_argument("--start-timeout", type=float, default=30.0,
@@ -376,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: fastpool: {exc}; pass --fastpool-python", file=sys.stderr)
         return 2
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
-    results = {s.name: Result(s) for s in scenarios}
+    results = {s.name: RouteResult(s.name, s.setup, spec=s) for s in scenarios}
     commands: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         tmp = work_dir(stack, args, "fastpool-routes-")
@@ -406,9 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     for setup, cmd in commands.items():
         print(f"# {setup}")
         print(cmd)
-    for res in results.values():
-        print(f"#   wrk, {res.scenario.name}: "
-              f"{shlex.join(wrk_command(res.scenario, args, args.duration))}")
+    for s in scenarios:
+        print(f"#   wrk, {s.name}: {shlex.join(wrk_command(s, args, args.duration))}")
     print("```")
     if config:
         print()
@@ -426,11 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             "commands": commands,
             "config": config,
             "scenarios": [
-                {"scenario": asdict(r.scenario), "error": r.error, "routing": r.routing,
-                 "handoffs_per_request": r.per_request(),
-                 "wrk_command": shlex.join(wrk_command(r.scenario, args, args.duration)),
-                 "runs": [asdict(run) for run in r.runs]}
-                for r in results.values()],
+                results[s.name].to_json() | {
+                    "spec": asdict(s), "routing": results[s.name].routing,
+                    "handoffs_per_request": results[s.name].per_request(),
+                    "wrk_command": shlex.join(wrk_command(s, args, args.duration))}
+                for s in scenarios],
         }
         write_json(args.json, payload)
     return 0

@@ -40,11 +40,11 @@ table says why. A 1 s warm-up, then ``--runs`` (3) runs of ``--duration`` (5) s;
 p50 and p99 are medians. Servers are stopped with SIGTERM to the process group, then
 SIGKILL, also on Ctrl-C.
 
-Besides wrk's figures, each run reads the CPU time (utime + stime, from /proc/PID/stat) of
-the server's whole process tree before and after wrk, and the table shows the median of
-server CPU seconds / requests (µs per request), and how busy the server and wrk were (CPU
-seconds / wall seconds; 100% is one core saturated; wrk's from getrusage of its process).
-Beside the tables, the targets for fastpool (printed, not asserted).
+Besides wrk's figures, each run is costed (``common.costing``: the CPU time of the
+server's whole process tree, from /proc, and wrk's), and the table shows the median server
+CPU per request, fastpool's ÷ it, how busy the server and wrk were (CPU seconds / wall
+seconds; 100% is one core saturated), a run with wrk above 85 % flagged client-bound.
+Beside the tables, the targets for fastpool with both ratios (printed, not asserted).
 
 Standard library only. Usage (see bench/README.md)::
 
@@ -57,11 +57,9 @@ import argparse
 import contextlib
 import os
 import random
-import resource
 import shlex
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +71,13 @@ from common import (
     Response,
     Result,
     Server,
-    WrkRun,
+    Target,
     add_load_options,
+    check_targets,
     check_tools,
+    client_bound_line,
+    cost_note,
+    costed_run,
     exchange,
     find_nginx,
     http_request,
@@ -83,7 +85,6 @@ from common import (
     load_summary,
     machine,
     measure_scenarios,
-    median_known,
     nginx_head,
     nginx_version,
     pin,
@@ -94,10 +95,8 @@ from common import (
     require_warmup,
     result_table,
     run_main,
-    run_wrk,
     settings,
-    target_caveat,
-    tree_cpu_seconds,
+    target_lines,
     work_dir,
     write_json,
 )
@@ -134,11 +133,13 @@ SCENARIOS = [
 ]
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
-# (scenario, peer, least fastpool req/s / peer req/s): printed beside the tables, not
-# asserted. The granian and whitenoise targets hold for every scenario.
-TARGETS = ([("file-1k", "nginx", 0.8), ("file-1m", "nginx", 0.9)]
-           + [(s, "granian", 2.0) for s in SCENARIO_NAMES]
-           + [(s, "gunicorn-whitenoise", 10.0) for s in SCENARIO_NAMES])
+# fastpool's req/s ÷ the peer's at least this: printed beside the tables, not asserted
+# (with the ratio on CPU per request). The granian and whitenoise targets hold for every
+# scenario.
+TARGETS = ([Target("file-1k", "nginx", 0.8, on=("rps",)),
+            Target("file-1m", "nginx", 0.9, on=("rps",))]
+           + [Target(s, "granian", 2.0, on=("rps",)) for s in SCENARIO_NAMES]
+           + [Target(s, "gunicorn-whitenoise", 10.0, on=("rps",)) for s in SCENARIO_NAMES])
 
 
 def make_files(directory: Path) -> dict[str, bytes]:
@@ -352,83 +353,10 @@ def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
     return pin(args.wrk_cpus, args) + cmd
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 # --------------------------------------------------------------------------- results
 
 
-@dataclass
-class Cost:
-    """What one measured run cost: CPU seconds of the server's tree and of wrk, wall time."""
-
-    server_cpu_s: float
-    wrk_cpu_s: float
-    wall_s: float
-
-
-@dataclass
-class StaticResult(Result):
-    costs: list[Cost] = field(default_factory=list)  # one per run
-
-    def _median(self, values: list[float]) -> float:
-        return median_known(values) if values else float("nan")
-
-    @property
-    def cpu_us(self) -> float:
-        """Median server CPU microseconds per request."""
-        return self._median([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
-                             for r, c in zip(self.runs, self.costs, strict=True)])
-
-    @property
-    def server_busy(self) -> float:
-        return self._median([c.server_cpu_s / c.wall_s for c in self.costs])
-
-    @property
-    def wrk_busy(self) -> float:
-        return self._median([c.wrk_cpu_s / c.wall_s for c in self.costs])
-
-
-def measure(server: Server, cmd: list[str], duration: int) -> tuple[WrkRun, Cost]:
-    assert server.proc is not None
-    pid = server.proc.pid  # taskset execs the server: its pid is the tree's root
-    cpu0, wrk0, t0 = tree_cpu_seconds(pid), children_cpu_seconds(), time.monotonic()
-    run = run_wrk(cmd, duration)
-    t1, wrk1, cpu1 = time.monotonic(), children_cpu_seconds(), tree_cpu_seconds(pid)
-    return run, Cost(cpu1 - cpu0, wrk1 - wrk0, t1 - t0)
-
-
-def ratios(results: dict[tuple[str, str], StaticResult]) -> dict[tuple[str, str], float]:
-    """{(scenario, peer): fastpool req/s / peer req/s} where both were measured."""
-    out = {}
-    for (scenario, name), r in results.items():
-        base = results.get((scenario, BASE))
-        if name != BASE and r.runs and base is not None and base.runs and r.rps > 0:
-            out[(scenario, name)] = base.rps / r.rps
-    return out
-
-
-def targets(results: dict[tuple[str, str], StaticResult],
-            servers: list[Available], scenarios: list[Scenario]) -> list[dict[str, Any]]:
-    names = {av.kind.name for av in servers}
-    ran = {s.name for s in scenarios}
-    got = ratios(results)
-    out = []
-    for scenario, peer, least in TARGETS:
-        if scenario in ran and peer in names and BASE in names:
-            ratio = got.get((scenario, peer))
-            out.append({"scenario": scenario, "peer": peer, "target": least, "ratio": ratio,
-                        "met": None if ratio is None else ratio >= least})
-    return out
-
-
-def fmt_pct(x: float) -> str:
-    return "?" if x != x else f"{x:.0%}"
-
-
-def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResult],
+def render(scenarios: list[Scenario], results: dict[tuple[str, str], Result],
            servers: list[Available], seen: dict[str, Seen], args: argparse.Namespace) -> str:
     out: list[str] = []
     for s in scenarios:
@@ -437,29 +365,12 @@ def render(scenarios: list[Scenario], results: dict[tuple[str, str], StaticResul
         if not rows:
             continue
         out.append(f"### {s.name}: {s.title} (`{s.path}`)\n")
-        out += result_table(rows, BASE, results.get((s.name, BASE)),
-                            more_head=("CPU/req", "server CPU", "wrk CPU"),
-                            more_cells=lambda r: [
-                                "?" if r.cpu_us != r.cpu_us else f"{r.cpu_us:.1f} µs",
-                                fmt_pct(r.server_busy), fmt_pct(r.wrk_busy)],
+        out += result_table(rows, BASE, results.get((s.name, BASE)), costs=True,
                             errors_head="non-2xx / socket errors / not measured")
         out.append("")
-
-    lines = []
-    for t in targets(results, servers, scenarios):
-        verdict = ("not measured" if t["ratio"] is None else
-                   f"{t['ratio']:.2f}: {'met' if t['met'] else 'NOT met'}")
-        lines.append(f"- {t['scenario']}: {BASE} / {t['peer']} >= {t['target']:g}: {verdict}")
-    if lines:
-        out.append(f"Targets ({BASE} req/s ÷ peer req/s; 1 worker pinned to one core, wrk on "
-                   f"another{target_caveat(args)}; printed, not asserted):\n")
-        out += lines
-        out.append("")
-
-    out.append(
-        f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user + system) "
-        "per request; server/wrk CPU: CPU time ÷ wall time (100% = one core). "
-        f"{machine()}.\n")
+    out += target_lines(check_targets(TARGETS, results, BASE), BASE, args)
+    out.append(f"{load_summary(args)}. {cost_note(BASE)}. "
+               f"{client_bound_line(results.values())} {machine()}.\n")
     notes = []
     for av in servers:
         look = seen.get(av.kind.name)
@@ -503,7 +414,7 @@ Commands = dict[str, str]  # server -> its command line
 
 def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namespace,
                  tmp: Path, directory: Path, files: dict[str, bytes],
-                 results: dict[tuple[str, str], StaticResult], commands: Commands,
+                 results: dict[tuple[str, str], Result], commands: Commands,
                  wrk_cmds: dict[tuple[str, str], str], seen: Seen) -> None:
     """Start ``av``, check it, measure ``scenarios``, stop it."""
     name = av.kind.name
@@ -516,8 +427,8 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
     commands[name] = prefix + shlex.join(cmd)
     server = Server(name, cmd, tmp / f"{name}.log", env)
 
-    def result(s: Scenario) -> StaticResult:
-        return results.setdefault((s.name, name), StaticResult(s.name, name))
+    def result(s: Scenario) -> Result:
+        return results.setdefault((s.name, name), Result(s.name, name))
 
     def etag(s: Scenario) -> str | None:
         return seen.etag if s.revalidate else None
@@ -525,22 +436,13 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
     def record(s: Scenario) -> None:
         wrk_cmds[(s.name, name)] = shlex.join(wrk_command(args, s, args.duration, etag(s)))
 
-    def run(r: Result, cmd: list[str], duration: int) -> tuple[WrkRun, str]:
-        assert isinstance(r, StaticResult)
-        one, cost = measure(server, cmd, duration)
-        r.costs.append(cost)
-        cpu = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
-               if one.requests else "? µs/req")
-        return one, (f", {cpu}, server {cost.server_cpu_s / cost.wall_s:.0%} CPU, "
-                     f"wrk {cost.wrk_cpu_s / cost.wall_s:.0%}")
-
     # the check after each scenario's load wants the same ETag again (seen.etag) for revalidate
     measure_scenarios(
         server, name, name, scenarios, args,
         check=lambda group: check_server(args.port, group, files, seen),
         result=result,
         wrk_command=lambda s, duration: wrk_command(args, s, duration, etag(s)),
-        run=run,
+        run=costed_run(server),
         ready_note=lambda: f" (ETag {seen.etag})" if seen.etag else "",
         loading=record)
 
@@ -567,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         servers.append(found)
 
-    results: dict[tuple[str, str], StaticResult] = {}
+    results: dict[tuple[str, str], Result] = {}
     commands: Commands = {}
     wrk_cmds: dict[tuple[str, str], str] = {}
     seen: dict[str, Seen] = {}
@@ -613,17 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             "nginx_conf": nginx_text,
             "wrk_commands": {f"{scenario}/{name}": cmd
                              for (scenario, name), cmd in wrk_cmds.items()},
-            "results": [
-                {"scenario": r.scenario, "server": r.server, "error": r.error,
-                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
-                             "cpu_us_per_request": r.cpu_us, "server_cpu": r.server_busy,
-                             "wrk_cpu": r.wrk_busy} if r.runs else None),
-                 "runs": [asdict(run) | {"cost": asdict(cost)}
-                          for run, cost in zip(r.runs, r.costs, strict=True)]}
-                for r in results.values()],
-            "ratios": {f"{scenario}/{peer}": ratio
-                       for (scenario, peer), ratio in ratios(results).items()},
-            "targets": targets(results, servers, scenarios),
+            "results": [r.to_json() for r in results.values()],
+            "targets": check_targets(TARGETS, results, BASE),
         }
         write_json(args.json, payload)
     return 0

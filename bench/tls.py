@@ -60,19 +60,21 @@ import socket
 import ssl
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
-    CLIENT_BOUND,
     HOST,
     BenchError,
     Result,
     Server,
-    WrkRun,
+    Target,
     add_load_options,
+    check_targets,
     check_tools,
-    costing,
+    client_bound_line,
+    cost_note,
+    costed_run,
     exchange,
     find_nginx,
     http_request,
@@ -91,9 +93,8 @@ from common import (
     require_warmup,
     result_table,
     run_main,
-    run_wrk,
     settings,
-    target_caveat,
+    target_lines,
     work_dir,
     write_json,
 )
@@ -128,9 +129,11 @@ SCENARIOS = [Scenario(f"{cert}/{kind}", cert, kind, title)
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
 
 # (scenario kind, peer, least fastpool/peer on req/s), from issue 14 ("new connections"
-# is both handshake kinds).
-TARGETS = [("keepalive", "granian", 1.5), ("keepalive", "uvicorn", 3.0),
-           ("handshake", "nginx", 0.8), ("resumed", "nginx", 0.8)]
+# is both handshake kinds); each becomes a ``Target`` per certificate.
+TARGET_KINDS = [("keepalive", "granian", 1.5), ("keepalive", "uvicorn", 3.0),
+                ("handshake", "nginx", 0.8), ("resumed", "nginx", 0.8)]
+TARGETS = [Target(s.name, peer, least, on=("rps",)) for s in SCENARIOS
+           for kind, peer, least in TARGET_KINDS if s.kind == kind]
 
 # LD_PRELOADed into wrk for ``handshake``: wrk ends a connection with SSL_shutdown and
 # SSL_clear and reconnects with the same SSL object, which keeps its session and resumes
@@ -325,18 +328,6 @@ def wrk_command(args: argparse.Namespace, s: Scenario, duration: int,
 # --------------------------------------------------------------------------- results
 
 
-def ratio(results: dict[tuple[str, str], Result], scenario: str, peer: str,
-          on_cpu: bool = False) -> float | None:
-    """fastpool's advantage over ``peer``: req/s ÷ req/s, or the peer's CPU per
-    request ÷ fastpool's (``on_cpu``)."""
-    base, other = results.get((scenario, BASE)), results.get((scenario, peer))
-    if base is None or other is None or not base.runs or not other.runs:
-        return None
-    if on_cpu:
-        return other.cpu_us / base.cpu_us if base.cpu_us == base.cpu_us else None
-    return base.rps / other.rps if other.rps else None
-
-
 def render(results: dict[tuple[str, str], Result], servers: list[Available],
            args: argparse.Namespace, resumption: dict[str, str]) -> str:
     out: list[str] = []
@@ -346,37 +337,11 @@ def render(results: dict[tuple[str, str], Result], servers: list[Available],
         if not rows:
             continue
         out.append(f"### {s.name}: {s.title}\n")
-
-        def cells(r: Result, s: Scenario = s) -> list[str]:
-            return r.cost_cells(results.get((s.name, BASE)), BASE)
-
-        out += result_table(rows, BASE, results.get((s.name, BASE)),
-                            more_head=("CPU/req", f"CPU/req vs {BASE}", "wrk CPU"),
-                            more_cells=cells)
+        out += result_table(rows, BASE, results.get((s.name, BASE)), costs=True)
         out.append("")
-    lines = []
-    for s in SCENARIOS:
-        kind = s.name.split("/")[1]
-        for target_kind, peer, least in TARGETS:
-            if target_kind != kind:
-                continue
-            got = ratio(results, s.name, peer)
-            on_cpu = ratio(results, s.name, peer, on_cpu=True)
-            if got is None:
-                continue
-            lines.append(f"- {s.name}: {BASE} / {peer} >= {least:g} on req/s: {got:.2f} "
-                         f"({'met' if got >= least else 'NOT met'}); on CPU per request: "
-                         + ("?" if on_cpu is None else f"{on_cpu:.2f}"))
-    if lines:
-        out.append(f"Targets (issue 14; {BASE} ÷ peer; 1 worker pinned to one core, wrk on "
-                   f"another{target_caveat(args)}; printed, not asserted):\n")
-        out += lines
-        out.append("")
-    out.append(f"{load_summary(args)}. CPU/req: the server's process tree's CPU time (user "
-               f"+ system) per request; the two 'vs {BASE}' columns read the same way, above 1 "
-               f"the server does better than {BASE} (its req/s ÷ {BASE}'s; {BASE}'s CPU/req ÷ "
-               "its); wrk CPU: wrk's CPU time ÷ wall time (above "
-               f"{CLIENT_BOUND:.0%}: client-bound, the req/s is a floor). {machine()}; "
+    out += target_lines(check_targets(TARGETS, results, BASE), BASE, args, "issue 14")
+    out.append(f"{load_summary(args)}. {cost_note(BASE)}. "
+               f"{client_bound_line(results.values())} {machine()}; "
                f"{ssl.OPENSSL_VERSION} (this Python's).\n")
     out.append("Notes:\n" + "\n".join(f"- {av.kind.name} ({av.version}): {av.kind.note}"
                                       for av in servers) + "\n")
@@ -468,16 +433,6 @@ def main(argv: list[str] | None = None) -> int:
                         resumption[label] = f"? ({type(exc).__name__}: {exc})"
                     return f"; resumes sessions: {resumption[label]}"
 
-                def run(r: Result, cmd: list[str], duration: int,
-                        server: Server = server) -> tuple[WrkRun, str]:
-                    assert server.proc is not None
-                    with costing(server.proc.pid, r.costs):
-                        one = run_wrk(cmd, duration)
-                    cost = r.costs[-1]
-                    per = (f"{cost.server_cpu_s / one.requests * 1e6:.1f} µs/req"
-                           if one.requests else "? µs/req")
-                    return one, f", {per}, wrk {cost.wrk_cpu_s / cost.wall_s:.0%}"
-
                 try:
                     measure_scenarios(
                         server, name, f"{name} ({certificate})", group, args,
@@ -486,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         result=lambda s, name=name: results.setdefault(
                             (s.name, name), Result(s.name, name)),
                         wrk_command=lambda s, duration: wrk_command(args, s, duration, shim),
-                        run=run, ready_note=resumption_note)
+                        run=costed_run(server), ready_note=resumption_note)
                 except BenchError as exc:
                     print(f"  {name}: {exc}", file=sys.stderr)
 
@@ -512,14 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note}
                         for av in servers},
             "commands": commands, "resumes_sessions": resumption,
-            "results": [
-                {"scenario": r.scenario, "server": r.server, "error": r.error,
-                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
-                             "cpu_us_per_request": r.cpu_us, "wrk_cpu": r.wrk_busy}
-                            if r.runs else None),
-                 "runs": [asdict(run) | {"cost": asdict(cost)}
-                          for run, cost in zip(r.runs, r.costs, strict=True)]}
-                for r in results.values()],
+            "results": [r.to_json() for r in results.values()],
+            "targets": check_targets(TARGETS, results, BASE),
         })
     return 0
 

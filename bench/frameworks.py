@@ -55,7 +55,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -295,12 +295,7 @@ def render(results: dict[tuple[str, str], Result], cases: list[Case], servers: l
         base = results.get((c.name, BASE))
         out.append(f"### {c.name}: {c.title}\n")
 
-        def cells(r: Result, base: Result | None = base) -> list[str]:
-            return r.cost_cells(base, BASE)
-
-        out += result_table(rows, BASE, base,
-                            more_head=("CPU/req", f"CPU/req vs {BASE}", "wrk CPU"),
-                            more_cells=cells)
+        out += result_table(rows, BASE, base, costs=True)
         out.append("")
     out.append("### Summary: req/s (server CPU per request)\n")
     out.append("| case | " + " | ".join(servers) + " | fastpool ÷ peer, req/s "
@@ -610,14 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                         for av in servers},
             "frameworks": {f"{fw} ({python})": v for (python, fw), v in versions.items()},
             "skipped": skipped, "commands": commands,
-            "results": [
-                {"case": r.scenario, "server": r.server, "error": r.error,
-                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
-                             "cpu_us_per_request": r.cpu_us, "wrk_cpu": r.wrk_busy}
-                            if r.runs else None),
-                 "runs": [asdict(run) | {"cost": asdict(cost)}
-                          for run, cost in zip(r.runs, r.costs, strict=True)]}
-                for r in results.values()],
+            "results": [r.to_json() for r in results.values()],
         })
     return 0
 

@@ -53,7 +53,6 @@ import resource
 import shlex
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from common import (
@@ -226,12 +225,12 @@ def render(results: dict[tuple[str, int], Result], servers: list[Available],
         these = load_args(args, n)
         out.append(f"### {n} worker(s): `wrk -t{these.wrk_threads} -c{these.connections}`\n")
 
-        def cells(r: Result, base: Result | None = base) -> list[str]:
+        def cells(r: Result) -> list[str]:
             used = r.server_cpus_used
-            return [*r.cost_cells(base, BASE), "?" if used != used else f"{used:.2f}"]
+            return ["?" if used != used else f"{used:.2f}"]
 
-        out += result_table(rows, BASE, base, more_head=(
-            "CPU/req", f"CPU/req vs {BASE}", "wrk CPU", "server CPUs used"), more_cells=cells)
+        out += result_table(rows, BASE, base, costs=True, more_head=("server CPUs used",),
+                            more_cells=cells)
         out.append("")
     out.append("### Scaling: req/s at N workers ÷ req/s at 1 worker\n")
     head = ["workers", *names]
@@ -423,15 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             "servers": {av.kind.name: {"version": av.version, "note": av.kind.note}
                         for av in servers},
             "commands": commands,
-            "results": [
-                {"server": r.server, "workers": n, "error": r.error,
-                 "median": ({"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99,
-                             "cpu_us_per_request": r.cpu_us, "wrk_cpu": r.wrk_busy,
-                             "server_cpus_used": r.server_cpus_used,
-                             "scaling": scaling(results, r.server, n)} if r.runs else None),
-                 "runs": [asdict(run) | {"cost": asdict(cost)}
-                          for run, cost in zip(r.runs, r.costs, strict=True)]}
-                for (_, n), r in results.items()],
+            "results": [r.to_json() | {"workers": n, "server_cpus_used": r.server_cpus_used,
+                                        "scaling": scaling(results, r.server, n)}
+                        for (_, n), r in results.items()],
         })
     return 0
 

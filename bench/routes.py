@@ -24,6 +24,11 @@ Scenarios (wrk ``-t1 -c64``, like run.py):
   (``wrk/sequence.lua``): ``/`` + ``/``, or ``/`` + ``/tast/hello``. Alternating, every
   request is for the other group than the one holding the connection: web to task, then
   back to web with the next ``/``: the worst case, one handoff per request.
+* ``stay`` / ``alternate`` (routes): keep-alive, one GET per write (no pipelining), one
+  connection per wrk thread (``-tN -cN``, ``--alt-connections``; ``wrk/alternate.lua``
+  walks each connection through its paths in turn): ``/`` only, or ``/`` and
+  ``/tast/hello`` in turn, so every request after a connection's first moves it: what a
+  client that goes back and forth between the groups gets.
 * ``close`` (single), ``close-direct`` / ``close-routed`` (routes): ``Connection: close``,
   a new connection per request; routed, every request is accepted and read by the web
   worker and handed to the task worker, which answers and closes.
@@ -31,10 +36,14 @@ Scenarios (wrk ``-t1 -c64``, like run.py):
 The table shows each scenario's median req/s, p50 and p99, the handoffs per request (read
 from fastpool's control socket around the measured runs, so it shows what really moved),
 the req/s divided by its baseline's (``routed``: ÷ ``direct``; ``pair-alternate``: ÷
-``pair-direct``; ``close-routed``: ÷ ``close-direct``; ``direct``: ÷ ``hello``;
-``close-direct``: ÷ ``close``), and for the rows that move at least every other request
-the server core time per handoff it implies: (1/req/s - 1/baseline req/s) / handoffs per
-request, meaningful only because the server is pinned to one core that it saturates.
+``pair-direct``; ``alternate``: ÷ ``stay``; ``close-routed``: ÷ ``close-direct``;
+``direct``: ÷ ``hello``; ``close-direct``: ÷ ``close``), the server's CPU per request (user
++ system of the whole process tree over each run, ``common.costing``; median over the
+runs), and for the rows that move at least every other request what one handoff costs:
+the **CPU per move**, (CPU per request - the baseline's) / the extra handoffs per request
+(both workers, the sender's and the receiver's, together), and the core time it implies
+from req/s, (1/req/s - 1/baseline req/s) / the extra handoffs per request (meaningful only
+because the server is pinned to one core that it saturates).
 
 Rules, as in run.py: the servers (master and every worker) are pinned to CPU 0 with
 ``taskset``, wrk to CPU 1; every server is waited for with a deadline, checked (exact
@@ -65,9 +74,11 @@ from common import (
     BENCH,
     HOST,
     BenchError,
+    Cost,
     Server,
     WrkRun,
     check_tools,
+    costing,
     counts_delta,
     exchange,
     fmt_ms,
@@ -105,6 +116,7 @@ class Scenario:
     request: str  # what the table says about it
     paths: tuple[str, ...]  # one path: plain wrk; more: pipelined by wrk/sequence.lua
     close: bool = False  # Connection: close
+    one_per_thread: bool = False  # wrk -tN -cN with wrk/alternate.lua: paths in turn
     baseline: str | None = None  # the scenario its req/s is divided by
 
 
@@ -118,6 +130,12 @@ SCENARIOS = [
     Scenario("pair-alternate", "routes",
              f"`GET /` + `GET {ROUTED}` pipelined per write: every request moves",
              ("/", ROUTED), baseline="pair-direct"),
+    Scenario("stay", "routes", "`GET /` keep-alive, one per write, a wrk thread per "
+             "connection", ("/",), one_per_thread=True),
+    Scenario("alternate", "routes",
+             f"`GET /` and `GET {ROUTED}` in turn on each keep-alive connection, one per "
+             "write: every request moves", ("/", ROUTED), one_per_thread=True,
+             baseline="stay"),
     Scenario("close", "single", "`GET /`, `Connection: close`, no routes configured", ("/",),
              close=True),
     Scenario("close-direct", "routes", "`GET /`, `Connection: close`", ("/",), close=True,
@@ -166,11 +184,16 @@ def server_command(setup: str, args: argparse.Namespace, tmp: Path) -> list[str]
 
 
 def wrk_command(s: Scenario, args: argparse.Namespace, duration: int) -> list[str]:
-    cmd = pin(args.wrk_cpus, args) + [
-        args.wrk, "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency"]
+    if s.one_per_thread:
+        shape = [f"-t{args.alt_connections}", f"-c{args.alt_connections}"]
+    else:
+        shape = ["-t1", f"-c{args.connections}"]
+    cmd = pin(args.wrk_cpus, args) + [args.wrk, *shape, f"-d{duration}s", "--latency"]
     if s.close:
         cmd += ["-H", "Connection: close"]
     url = f"http://{HOST}:{args.port}"
+    if s.one_per_thread:
+        return cmd + ["-s", str(BENCH / "wrk" / "alternate.lua"), url, "--", *s.paths]
     if len(s.paths) == 1:
         return cmd + [url + s.paths[0]]
     return cmd + ["-s", str(BENCH / "wrk" / "sequence.lua"), url, "--", *s.paths]
@@ -224,6 +247,13 @@ class Result:
     runs: list[WrkRun] = field(default_factory=list)
     routing: dict[str, dict[str, int]] = field(default_factory=dict)  # over the runs
     error: str | None = None
+    costs: list[Cost] = field(default_factory=list)  # one per run (common.costing)
+
+    @property
+    def cpu_us(self) -> float:
+        """The server's CPU per request (µs), median over the runs."""
+        return median_known([c.server_cpu_s / r.requests * 1e6 if r.requests else float("nan")
+                             for r, c in zip(self.runs, self.costs, strict=True)])
 
     @property
     def rps(self) -> float:
@@ -248,39 +278,46 @@ def problems(runs: list[WrkRun]) -> str:
 
 def render(results: dict[str, Result], args: argparse.Namespace, version: str) -> str:
     head = ["scenario", "server", "request", "req/s", "p50", "p99", "handoffs / request",
-            "÷ baseline", "µs per handoff", "errors"]
+            "÷ baseline", "server CPU / request", "CPU per move", "core µs per handoff",
+            "errors"]
     out = ["| " + " | ".join(head) + " |",
-           "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|"]
+           "|" + "|".join(["---"] * 3 + ["---:"] * 8 + ["---"]) + "|"]
     for res in results.values():
         s = res.scenario
         base = results.get(s.baseline) if s.baseline else None
-        ratio = per_handoff = "—"
+        ratio = per_handoff = per_move = "—"
         moves = res.per_request()
+        cpu = res.cpu_us if res.runs else float("nan")
         if base is not None and base.runs and res.runs:
             ratio = f"{res.rps / base.rps:.2f} (÷ `{base.scenario.name}`)"
             extra_moves = moves - base.per_request()
             if extra_moves >= 0.5:
                 cost = (1 / res.rps - 1 / base.rps) / extra_moves * 1e6
                 per_handoff = f"{cost:.1f}"
+                if cpu == cpu and base.cpu_us == base.cpu_us:
+                    per_move = f"{(cpu - base.cpu_us) / extra_moves:.1f} µs"
         cells = [f"`{s.name}`", s.setup, s.request,
                  f"{res.rps:,.0f}" if res.runs else "—",
                  fmt_ms(median_known([r.p50_ms for r in res.runs])) if res.runs else "—",
                  fmt_ms(median_known([r.p99_ms for r in res.runs])) if res.runs else "—",
                  "—" if moves != moves else f"{moves:.4f}" if moves < 0.01 else f"{moves:.2f}",
-                 ratio, per_handoff,
+                 ratio, "—" if cpu != cpu else f"{cpu:.1f} µs", per_move, per_handoff,
                  "; ".join(x for x in (problems(res.runs), res.error) if x) or "—"]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out.append("")
     out.append(
         f"fastpool {version}, {args.workers} worker(s) per group, {args.threads} app "
         f"thread(s); `single`: one group, no routes; `routes`: `web` (listener) + `task` "
-        f"(`routes = [\"{PREFIX}\"]`), both serving `{APP}`. wrk -t1 -c{args.connections}; "
+        f"(`routes = [\"{PREFIX}\"]`), both serving `{APP}`. wrk -t1 -c{args.connections} "
+        f"(`stay`, `alternate`: -t{args.alt_connections} -c{args.alt_connections}); "
         f"median of {args.runs} run(s) of {args.duration} s after a {args.warmup} s warm-up. "
         + ("Not pinned. " if args.no_pin else
            f"Pinned: servers (every process) on CPU {args.server_cpus}, wrk on CPU "
            f"{args.wrk_cpus}. ")
         + "Handoffs per request: every group's handed_in over the measured runs ÷ the "
-        "requests wrk completed. µs per handoff: (1/req/s − 1/baseline req/s) ÷ the extra "
+        "requests wrk completed. Server CPU: user + system of the server's process tree "
+        "per completed request. CPU per move: (CPU per request − the baseline's) ÷ the "
+        "extra handoffs per request. Core µs per handoff: (1/req/s − 1/baseline req/s) ÷ the extra "
         f"handoffs per request, the server's core time when it saturates its core. "
         f"{machine()}.")
     return "\n".join(out)
@@ -314,9 +351,14 @@ def bench_setup(setup: str, scenarios: list[Scenario], args: argparse.Namespace,
                     run_wrk(wrk_command(s, args, args.warmup), args.warmup)
                 before = routing_counts(control)
                 for i in range(args.runs):
-                    run = run_wrk(wrk_command(s, args, args.duration), args.duration)
+                    assert server.proc is not None
+                    with costing(server.proc.pid, res.costs):
+                        run = run_wrk(wrk_command(s, args, args.duration), args.duration)
                     res.runs.append(run)
-                    print(f"  {s.name}, run {i + 1}: {describe(run)}")
+                    cost = res.costs[-1]
+                    print(f"  {s.name}, run {i + 1}: {describe(run)}, "
+                          f"{cost.server_cpu_s / run.requests * 1e6:.1f} µs CPU/req"
+                          if run.requests else f"  {s.name}, run {i + 1}: {describe(run)}")
                 res.routing = counts_delta(before, routing_counts(control))
                 print(f"  {s.name}: {res.per_request():.4f} handoffs per request")
                 if not server.alive():
@@ -341,6 +383,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="seconds of discarded load before each scenario (0: none)")
     p.add_argument("--connections", type=int, default=64, help="wrk -c")
+    p.add_argument("--alt-connections", type=int, default=16,
+                   help="wrk -tN -cN of `stay` and `alternate` (a wrk thread per connection)")
     p.add_argument("--workers", type=int, default=1, help="workers per group")
     p.add_argument("--threads", type=int, default=1, help="app threads per worker")
     p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
@@ -358,7 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, metavar="DIR",
                    help="keep server logs and the config here (default: a temporary directory)")
     args = p.parse_args(argv)
-    require_positive(p, args, "duration", "runs", "connections", "workers", "threads")
+    require_positive(p, args, "duration", "runs", "connections", "alt_connections", "workers",
+                     "threads")
     require_warmup(p, args)
     return args
 
@@ -428,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": [
                 {"scenario": asdict(r.scenario), "error": r.error, "routing": r.routing,
                  "handoffs_per_request": r.per_request(),
+                 "server_cpu_us_per_request": r.cpu_us if r.runs else None,
+                 "costs": [asdict(c) for c in r.costs],
                  "wrk_command": shlex.join(wrk_command(r.scenario, args, args.duration)),
                  "runs": [asdict(run) for run in r.runs]}
                 for r in results.values()],

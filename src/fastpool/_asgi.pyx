@@ -1419,7 +1419,10 @@ cdef class ASGIWorker(WorkerBase):
             if handover.peer is not None:
                 conn.peer = handover.peer
             conn.via = handover.via
-            sock = socket.socket(fileno=handover.fd)
+            # With the family from the message, the socket object asks the
+            # descriptor nothing (three getsockopt calls otherwise).
+            sock = socket.socket(handover.family, socket.SOCK_STREAM, 0, handover.fd) \
+                if handover.family else socket.socket(fileno=handover.fd)
             sock.setblocking(False)
             self.start_transport(conn, sock, None, conn.peer)
 

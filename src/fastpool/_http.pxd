@@ -359,3 +359,14 @@ cdef tuple proxy_header(const unsigned char *data, Py_ssize_t size)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
 cdef str forwarded_scheme(str proto)
 cdef bint is_health_target(bytes health, bytes target)
+
+
+# Shared counters (the handoff queues' pending and shed counts): an atomic add
+# on a 64-bit counter that several processes write; returns the new value.
+cdef extern from *:
+    """
+    static inline long long fastpool_atomic_add(long long *target, long long delta) {
+        return __atomic_add_fetch(target, delta, __ATOMIC_SEQ_CST);
+    }
+    """
+    long long fastpool_atomic_add(long long *target, long long delta) nogil

@@ -2113,14 +2113,7 @@ cdef str forwarded_scheme(str proto):
 
 
 # ---------------------------------------------------------------- shared counters
-
-cdef extern from *:
-    """
-    static long long fastpool_atomic_add(long long *target, long long delta) {
-        return __atomic_add_fetch(target, delta, __ATOMIC_SEQ_CST);
-    }
-    """
-    long long fastpool_atomic_add(long long *target, long long delta) nogil
+# (fastpool_atomic_add: _http.pxd)
 
 
 def atomic_add(memory, Py_ssize_t index, long long delta):

@@ -1415,6 +1415,7 @@ cdef class ASGIWorker(WorkerBase):
             conn.router = self.router
             conn.home_group = handover.home
             conn.handoff_origin = handover.origin
+            conn.handoff_addresses = handover.addresses
             conn.initial_data = handover.data
             if handover.peer is not None:
                 conn.peer = handover.peer

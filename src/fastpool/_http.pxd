@@ -136,6 +136,10 @@ cdef class HttpConnection:
     # relayed through a socket pair): fastpool.handoff's origin text, passed on
     # with every handoff of the connection; None for a plain socket.
     cdef public bytes handoff_origin
+    # The socket's family and addresses as a handoff carries them (a
+    # HandoffAddresses of _worker.pxd), once a handoff brought them: handed on
+    # again, the connection's socket is asked nothing.  None until then.
+    cdef public bytes handoff_addresses
     # Parsing state of feed (see there).
     cdef ParseMode mode
     cdef PauseReason pause_reason

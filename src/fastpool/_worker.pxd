@@ -77,6 +77,17 @@ cdef class Listener:
     cdef readonly object tls           # a tls_listen socket: the group's ssl.SSLContext
 
 
+# A socket's family and addresses as a handoff message carries them: read by
+# the first sender (getsockname/getpeername), then passed on with the
+# connection (HttpConnection.handoff_addresses), so no worker asks again.
+cdef packed struct HandoffAddresses:
+    uint16_t family                # AF_INET, AF_INET6, AF_UNIX; 0 unknown
+    uint8_t server_size            # sockaddr sizes; 0: unknown (or not a TCP socket)
+    uint8_t peer_size
+    unsigned char server[HANDOFF_ADDRESS_SIZE]
+    unsigned char peer[HANDOFF_ADDRESS_SIZE]
+
+
 # The header of a handoff message (see fastpool.handoff), in the native byte
 # order: the sender and the receiver are workers of one server on one machine.
 cdef packed struct HandoffHeader:
@@ -87,14 +98,7 @@ cdef packed struct HandoffHeader:
     uint64_t size                  # payload bytes (after the origin, or in the memfd)
     uint8_t in_memfd               # the payload is in the second descriptor
     uint16_t origin_size           # origin bytes after the header
-    # The client's socket, read by the sender (getsockname/getpeername), so
-    # the receiver asks nothing: its family (AF_INET, AF_INET6, AF_UNIX; 0
-    # unknown), then the server's and the peer's sockaddr (size 0: unknown).
-    uint16_t family
-    uint8_t server_size
-    uint8_t peer_size
-    unsigned char server[HANDOFF_ADDRESS_SIZE]
-    unsigned char peer[HANDOFF_ADDRESS_SIZE]
+    HandoffAddresses addresses     # the client's socket (addresses: without an origin)
 
 
 cdef class Handover:
@@ -108,6 +112,7 @@ cdef class Handover:
     cdef readonly tuple peer           # (host, port) or None
     cdef readonly str scheme           # "https" for a relayed TLS connection, else None
     cdef readonly bytes origin         # fastpool.handoff's origin text, to pass on, or None
+    cdef readonly bytes addresses      # its HandoffAddresses, to pass on
     # The host forwarded_allow_ips is checked against: the peer's, or the
     # proxy's that sent a PROXY header for the client in ``peer``; "" for none.
     cdef readonly str via

@@ -448,16 +448,20 @@ cdef class WorkerBase:
             return handover
         handover = Handover.__new__(Handover)
         handover.fd = fd
-        handover.family = header.family
+        handover.family = header.addresses.family
         handover.home = header.home
         handover.data = data
+        handover.addresses = PyBytes_FromStringAndSize(<char *>&header.addresses,
+                                                       sizeof(HandoffAddresses))
         if header.origin_size == 0:
             # The client's own socket: its addresses came with the message.
-            handover.tcp = header.family == AF_INET or header.family == AF_INET6
-            if handover.tcp and header.server_size and header.peer_size:
-                memcpy(&address, header.server, HANDOFF_ADDRESS_SIZE)
+            handover.tcp = header.addresses.family == AF_INET or \
+                header.addresses.family == AF_INET6
+            if handover.tcp and header.addresses.server_size and header.addresses.peer_size:
+                memset(&address, 0, sizeof(address))
+                memcpy(&address, header.addresses.server, header.addresses.server_size)
                 handover.server = peer_of(&address)
-                memcpy(&address, header.peer, HANDOFF_ADDRESS_SIZE)
+                memcpy(&address, header.addresses.peer, header.addresses.peer_size)
                 handover.peer = peer_of(&address)
             handover.via = handover.peer[0] if handover.peer is not None else ""
         else:
@@ -504,19 +508,25 @@ cdef class WorkerBase:
         header.size = size
         header.origin_size = PyBytes_GET_SIZE(origin)
         # The receiver learns the socket's family and addresses from the
-        # message, not from the socket (an origin names the addresses itself).
-        length = sizeof(address)
-        if getsockname(fd, <sockaddr *>&address, &length) == 0:
-            header.family = address.ss_family
-            if header.origin_size == 0 and length <= HANDOFF_ADDRESS_SIZE and \
-                    (header.family == AF_INET or header.family == AF_INET6):
-                memcpy(header.server, &address, length)
-                header.server_size = length
-                length = sizeof(address)
-                if getpeername(fd, <sockaddr *>&address, &length) == 0 \
-                        and length <= HANDOFF_ADDRESS_SIZE:
-                    memcpy(header.peer, &address, length)
-                    header.peer_size = length
+        # message, not from the socket (an origin names the addresses itself);
+        # a connection that came by a handoff has them already.
+        if conn.handoff_addresses is not None and \
+                PyBytes_GET_SIZE(conn.handoff_addresses) == sizeof(HandoffAddresses):
+            memcpy(&header.addresses, PyBytes_AS_STRING(conn.handoff_addresses),
+                   sizeof(HandoffAddresses))
+        else:
+            length = sizeof(address)
+            if getsockname(fd, <sockaddr *>&address, &length) == 0:
+                header.addresses.family = address.ss_family
+                if header.origin_size == 0 and length <= HANDOFF_ADDRESS_SIZE and (
+                        address.ss_family == AF_INET or address.ss_family == AF_INET6):
+                    memcpy(header.addresses.server, &address, length)
+                    header.addresses.server_size = length
+                    length = sizeof(address)
+                    if getpeername(fd, <sockaddr *>&address, &length) == 0 \
+                            and length <= HANDOFF_ADDRESS_SIZE:
+                        memcpy(header.addresses.peer, &address, length)
+                        header.addresses.peer_size = length
         fds[0] = fd
         if size > self.handoff_inline_limit:
             memfd = memfd_create(b"fastpool-handoff", MFD_CLOEXEC)

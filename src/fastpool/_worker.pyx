@@ -14,8 +14,11 @@ Rules of this module:
   whether it is believed), and both ends of a handoff (taking a
   connection from the group's queue, refusing it with 503; giving one to
   another group, or for a TLS connection one end of a socket pair that the
-  worker kind then relays: ``relay_off``).  A worker kind supplies only the loop-specific parts:
-  ``stop_accepting``, ``quit``, and how a taken connection starts.
+  worker kind then relays: ``relay_off``).  A handoff's message is sent and
+  taken here in C (``sendmsg``/``recvmsg``, the ``HandoffHeader`` of
+  _worker.pxd): the one implementation, with no Python call on the way.
+  A worker kind supplies only the loop-specific parts: ``stop_accepting``,
+  ``quit``, and how a taken connection starts.
 * ``WorkerOptions`` is built once per worker from its group's settings
   (``WorkerOptions.from_group``); a worker reads its options, never a list
   of keyword arguments.

@@ -24,6 +24,11 @@ Scenarios (wrk ``-t1 -c64``, like run.py):
   (``wrk/sequence.lua``): ``/`` + ``/``, or ``/`` + ``/tast/hello``. Alternating, every
   request is for the other group than the one holding the connection: web to task, then
   back to web with the next ``/``: the worst case, one handoff per request.
+* ``stay`` / ``alternate`` (routes): keep-alive, one GET per write (no pipelining), one
+  connection per wrk thread (``-tN -cN``, ``--alt-connections``; ``wrk/alternate.lua``
+  walks each connection through its paths in turn): ``/`` only, or ``/`` and
+  ``/tast/hello`` in turn, so every request after a connection's first moves it: what a
+  client that goes back and forth between the groups gets.
 * ``close`` (single), ``close-direct`` / ``close-routed`` (routes): ``Connection: close``,
   a new connection per request; routed, every request is accepted and read by the web
   worker and handed to the task worker, which answers and closes.
@@ -111,6 +116,7 @@ class Scenario:
     request: str  # what the table says about it
     paths: tuple[str, ...]  # one path: plain wrk; more: pipelined by wrk/sequence.lua
     close: bool = False  # Connection: close
+    one_per_thread: bool = False  # wrk -tN -cN with wrk/alternate.lua: paths in turn
     baseline: str | None = None  # the scenario its req/s is divided by
 
 
@@ -124,6 +130,12 @@ SCENARIOS = [
     Scenario("pair-alternate", "routes",
              f"`GET /` + `GET {ROUTED}` pipelined per write: every request moves",
              ("/", ROUTED), baseline="pair-direct"),
+    Scenario("stay", "routes", "`GET /` keep-alive, one per write, a wrk thread per "
+             "connection", ("/",), one_per_thread=True),
+    Scenario("alternate", "routes",
+             f"`GET /` and `GET {ROUTED}` in turn on each keep-alive connection, one per "
+             "write: every request moves", ("/", ROUTED), one_per_thread=True,
+             baseline="stay"),
     Scenario("close", "single", "`GET /`, `Connection: close`, no routes configured", ("/",),
              close=True),
     Scenario("close-direct", "routes", "`GET /`, `Connection: close`", ("/",), close=True,
@@ -172,11 +184,16 @@ def server_command(setup: str, args: argparse.Namespace, tmp: Path) -> list[str]
 
 
 def wrk_command(s: Scenario, args: argparse.Namespace, duration: int) -> list[str]:
-    cmd = pin(args.wrk_cpus, args) + [
-        args.wrk, "-t1", f"-c{args.connections}", f"-d{duration}s", "--latency"]
+    if s.one_per_thread:
+        shape = [f"-t{args.alt_connections}", f"-c{args.alt_connections}"]
+    else:
+        shape = ["-t1", f"-c{args.connections}"]
+    cmd = pin(args.wrk_cpus, args) + [args.wrk, *shape, f"-d{duration}s", "--latency"]
     if s.close:
         cmd += ["-H", "Connection: close"]
     url = f"http://{HOST}:{args.port}"
+    if s.one_per_thread:
+        return cmd + ["-s", str(BENCH / "wrk" / "alternate.lua"), url, "--", *s.paths]
     if len(s.paths) == 1:
         return cmd + [url + s.paths[0]]
     return cmd + ["-s", str(BENCH / "wrk" / "sequence.lua"), url, "--", *s.paths]
@@ -268,7 +285,8 @@ def render(results: dict[str, RouteResult], args: argparse.Namespace, version: s
     out.append(
         f"fastpool {version}, {args.workers} worker(s) per group, {args.threads} app "
         f"thread(s); `single`: one group, no routes; `routes`: `web` (listener) + `task` "
-        f"(`routes = [\"{PREFIX}\"]`), both serving `{APP}`. wrk -t1 -c{args.connections}; "
+        f"(`routes = [\"{PREFIX}\"]`), both serving `{APP}`. wrk -t1 -c{args.connections} "
+        f"(`stay`, `alternate`: -t{args.alt_connections} -c{args.alt_connections}); "
         f"median of {args.runs} run(s) of {args.duration} s after a {args.warmup} s warm-up. "
         + ("Not pinned. " if args.no_pin else
            f"Pinned: servers (every process) on CPU {args.server_cpus}, wrk on CPU "
@@ -338,6 +356,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="seconds of discarded load before each scenario (0: none)")
     p.add_argument("--connections", type=int, default=64, help="wrk -c")
+    p.add_argument("--alt-connections", type=int, default=16,
+                   help="wrk -tN -cN of `stay` and `alternate` (a wrk thread per connection)")
     p.add_argument("--workers", type=int, default=1, help="workers per group")
     p.add_argument("--threads", type=int, default=1, help="app threads per worker")
     p.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
@@ -355,7 +375,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, metavar="DIR",
                    help="keep server logs and the config here (default: a temporary directory)")
     args = p.parse_args(argv)
-    require_positive(p, args, "duration", "runs", "connections", "workers", "threads")
+    require_positive(p, args, "duration", "runs", "connections", "alt_connections", "workers",
+                     "threads")
     require_warmup(p, args)
     return args
 

@@ -9,8 +9,8 @@ environment, so the app object is the only thing that tells them apart):
 
 Every response is JSON: ``group``, ``pid``, ``method``, ``path`` (as the app
 got it), ``query``, ``client_port`` (the client's TCP port: the same on every
-request of one connection, whichever group serves it) and ``client_host``,
-``length`` and
+request of one connection, whichever group serves it), ``client_host``,
+``server_port`` (the port the client connected to), ``length`` and
 ``sha256`` of the request body, and the body itself when it is short.  The
 worker's pid is also in an ``X-Pid`` header (for clusters.Load).
 
@@ -35,7 +35,8 @@ SHORT_BODY = 200    # bodies up to this size are echoed in the response
 
 
 def _describe(group: str, method: str, path: str, query: str, client_port: int | None,
-              body: bytes, client_host: str | None = None) -> bytes:
+              body: bytes, client_host: str | None = None,
+              server_port: int | None = None) -> bytes:
     return json.dumps({
         "group": group,
         "pid": os.getpid(),
@@ -44,6 +45,7 @@ def _describe(group: str, method: str, path: str, query: str, client_port: int |
         "query": query,
         "client_port": client_port,
         "client_host": client_host,
+        "server_port": server_port,
         "length": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),
         "body": body.decode("latin-1") if len(body) <= SHORT_BODY else None,
@@ -65,9 +67,10 @@ def _wsgi_app(group: str):
             environ["wsgi.errors"].write(f"sleeping {tag} {os.getpid()}\n")
             environ["wsgi.errors"].flush()
             time.sleep(seconds)
-        port = environ.get("REMOTE_PORT")
+        port, server = environ.get("REMOTE_PORT"), environ.get("SERVER_PORT")
         data = _describe(group, environ["REQUEST_METHOD"], path, query,
-                         int(port) if port else None, body, environ.get("REMOTE_ADDR"))
+                         int(port) if port else None, body, environ.get("REMOTE_ADDR"),
+                         int(server) if server else None)
         start_response("200 OK", [("Content-Type", "application/json"),
                                   ("Content-Length", str(len(data))),
                                   ("X-Pid", str(os.getpid()))])
@@ -109,9 +112,9 @@ async def api(scope: dict[str, Any], receive: Any, send: Any) -> None:
         seconds, tag = _sleep_args(query)
         print(f"sleeping {tag} {os.getpid()}", file=sys.stderr, flush=True)
         await asyncio.sleep(seconds)
-    client = scope.get("client")
+    client, server = scope.get("client"), scope.get("server")
     data = _describe("api", scope["method"], path, query, client[1] if client else None, body,
-                     client[0] if client else None)
+                     client[0] if client else None, server[1] if server else None)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(data)).encode()),

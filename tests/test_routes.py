@@ -114,8 +114,12 @@ def test_keep_alive_moves_between_groups_on_one_connection(routed):
         seen = []
         for target in path:
             described = served(client.send(target))
-            # The same TCP connection, whichever group answered.
+            # The same TCP connection, whichever group answered; its
+            # addresses travel with every handoff (the sender's, then the
+            # message's: no worker but the first asks the socket).
             assert described["client_port"] == client.port, (target, described)
+            assert described["client_host"] == "127.0.0.1", (target, described)
+            assert described["server_port"] == routed.web, (target, described)
             assert described["path"] == target
             seen.append(described["group"])
     assert seen == ["web", "task", "web", "api", "task", "api", "web"]

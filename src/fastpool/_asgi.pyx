@@ -1508,11 +1508,15 @@ cdef class ASGIWorker(WorkerBase):
             conn.router = self.router
             conn.home_group = handover.home
             conn.handoff_origin = handover.origin
+            conn.handoff_addresses = handover.addresses
             conn.initial_data = handover.data
             if handover.peer is not None:
                 conn.peer = handover.peer
             conn.via = handover.via
-            sock = socket.socket(fileno=handover.fd)
+            # With the family from the message, the socket object asks the
+            # descriptor nothing (three getsockopt calls otherwise).
+            sock = socket.socket(handover.family, socket.SOCK_STREAM, 0, handover.fd) \
+                if handover.family else socket.socket(fileno=handover.fd)
             sock.setblocking(False)
             self.start_transport(conn, sock, None, conn.peer)
 

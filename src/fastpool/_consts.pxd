@@ -9,6 +9,16 @@ cdef enum:
     MAX_EVENTS = 256                # epoll events handled per wakeup
     ACCEPT_BATCH = 64               # connections accepted per readiness of a listener
     HANDOFF_BATCH = 64              # handed-over connections taken per readiness of the queue
+
+    # ---- handoffs (fastpool.handoff: the message; its sizes are that module's)
+    HANDOFF_VERSION = 3             # the message header's layout (HandoffHeader, _worker.pxd)
+    HANDOFF_FDS = 2                 # descriptors per message: the client's socket, a memfd
+    # An address in a message: room for a sockaddr_in6 (28 bytes), the larger of the two
+    # that a TCP connection has.
+    HANDOFF_ADDRESS_SIZE = 28
+    # The control message (the descriptors) is built in this many 8-byte words: CMSG_SPACE
+    # of two ints is 24 bytes on Linux; the worker checks the room when it starts.
+    HANDOFF_CONTROL_WORDS = 8
     BODY_MEMORY_LIMIT = 1048576     # request body bytes held in memory; past this: a temporary file
     BODY_HIGH_WATER = 262144        # ASGI: unread body past which the socket is not read
     MAX_PIPELINED = 32              # ASGI: complete heads waiting behind the running request

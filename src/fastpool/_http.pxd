@@ -136,6 +136,10 @@ cdef class HttpConnection:
     # relayed through a socket pair): fastpool.handoff's origin text, passed on
     # with every handoff of the connection; None for a plain socket.
     cdef public bytes handoff_origin
+    # The socket's family and addresses as a handoff carries them (a
+    # HandoffAddresses of _worker.pxd), once a handoff brought them: handed on
+    # again, the connection's socket is asked nothing.  None until then.
+    cdef public bytes handoff_addresses
     # Parsing state of feed (see there).
     cdef ParseMode mode
     cdef PauseReason pause_reason
@@ -359,3 +363,14 @@ cdef tuple proxy_header(const unsigned char *data, Py_ssize_t size)
 cdef str forwarded_client(str chain, frozenset trusted, bint trust_all)
 cdef str forwarded_scheme(str proto)
 cdef bint is_health_target(bytes health, bytes target)
+
+
+# Shared counters (the handoff queues' pending and shed counts): an atomic add
+# on a 64-bit counter that several processes write; returns the new value.
+cdef extern from *:
+    """
+    static inline long long fastpool_atomic_add(long long *target, long long delta) {
+        return __atomic_add_fetch(target, delta, __ATOMIC_SEQ_CST);
+    }
+    """
+    long long fastpool_atomic_add(long long *target, long long delta) nogil

@@ -2073,12 +2073,32 @@ cdef bint is_health_target(bytes health, bytes target):
 
 # ---------------------------------------------------------------- peers and proxies
 
+cdef int ipv4_text(const unsigned char *octets, char *text) noexcept nogil:
+    """The dotted quad of an IPv4 address into ``text`` (NUL-terminated; room
+    for 16 bytes): what inet_ntop writes, without its printf (a third of a
+    handoff's address work)."""
+    cdef int i, n = 0, octet
+    for i in range(4):
+        octet = octets[i]
+        if octet >= 100:
+            text[n] = c'0' + octet // 100
+            n += 1
+        if octet >= 10:
+            text[n] = c'0' + octet // 10 % 10
+            n += 1
+        text[n] = c'0' + octet % 10
+        n += 1
+        text[n] = c'.' if i < 3 else 0
+        n += 1
+    return n - 1
+
+
 cdef tuple peer_of(sockaddr_storage *address):
     """``(host, port)`` of an accepted IPv4 or IPv6 peer, else None."""
     cdef char text[INET6_ADDRSTRLEN + 1]
     cdef int port
     if address.ss_family == AF_INET:
-        inet_ntop(AF_INET, &(<sockaddr_in *>address).sin_addr, text, sizeof(text))
+        ipv4_text(<const unsigned char *>&(<sockaddr_in *>address).sin_addr, text)
         port = ntohs((<sockaddr_in *>address).sin_port)
     elif address.ss_family == AF_INET6:
         inet_ntop(AF_INET6, &(<sockaddr_in6 *>address).sin6_addr, text, sizeof(text))
@@ -2113,14 +2133,7 @@ cdef str forwarded_scheme(str proto):
 
 
 # ---------------------------------------------------------------- shared counters
-
-cdef extern from *:
-    """
-    static long long fastpool_atomic_add(long long *target, long long delta) {
-        return __atomic_add_fetch(target, delta, __ATOMIC_SEQ_CST);
-    }
-    """
-    long long fastpool_atomic_add(long long *target, long long delta) nogil
+# (fastpool_atomic_add: _http.pxd)
 
 
 def atomic_add(memory, Py_ssize_t index, long long delta):

@@ -80,6 +80,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int sockfd, int how)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen)
+    int getpeername(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -132,6 +134,42 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 
+# Messages with descriptors attached (SCM_RIGHTS): the handoff queues.
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    enum:
+        SCM_RIGHTS
+        MSG_CMSG_CLOEXEC
+        MSG_CTRUNC
+
+    ssize_t sendmsg(int sockfd, const msghdr *msg, int flags)
+    ssize_t recvmsg(int sockfd, msghdr *msg, int flags)
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    enum:
+        MFD_CLOEXEC
+    int memfd_create(const char *name, unsigned int flags)
+
+
 cdef extern from "<sys/sendfile.h>" nogil:
     ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
 
@@ -154,6 +192,7 @@ cdef extern from "<poll.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     int getppid()
+    ssize_t write(int fd, const void *buf, size_t count)
 
 
 cdef extern from "<time.h>" nogil:
@@ -179,7 +218,10 @@ cdef extern from "<fcntl.h>" nogil:
         O_NOFOLLOW
         O_DIRECTORY
         O_PATH
+        F_GETFL
+        F_SETFL
     int openat(int dirfd, const char *pathname, int flags)
+    int fcntl(int fd, int cmd, ...)
 
 
 cdef extern from "<sys/stat.h>" nogil:

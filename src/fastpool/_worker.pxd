@@ -2,7 +2,8 @@
 # rules): what a worker is to the master and to the other groups, whatever
 # runs its connections.
 
-from fastpool._consts cimport STATUS_CLASSES, DURATION_BUCKETS
+from libc.stdint cimport uint8_t, uint16_t, uint64_t
+from fastpool._consts cimport STATUS_CLASSES, DURATION_BUCKETS, HANDOFF_ADDRESS_SIZE
 from fastpool._http cimport HttpConnection, Limits, Router, SERVED_KINDS
 from fastpool._posix cimport sockaddr_storage
 from fastpool._static cimport StaticFiles
@@ -76,9 +77,34 @@ cdef class Listener:
     cdef readonly object tls           # a tls_listen socket: the group's ssl.SSLContext
 
 
+# A socket's family and addresses as a handoff message carries them: read by
+# the first sender (getsockname/getpeername), then passed on with the
+# connection (HttpConnection.handoff_addresses), so no worker asks again.
+cdef packed struct HandoffAddresses:
+    uint16_t family                # AF_INET, AF_INET6, AF_UNIX; 0 unknown
+    uint8_t server_size            # sockaddr sizes; 0: unknown (or not a TCP socket)
+    uint8_t peer_size
+    unsigned char server[HANDOFF_ADDRESS_SIZE]
+    unsigned char peer[HANDOFF_ADDRESS_SIZE]
+
+
+# The header of a handoff message (see fastpool.handoff), in the native byte
+# order: the sender and the receiver are workers of one server on one machine.
+cdef packed struct HandoffHeader:
+    uint16_t version               # HANDOFF_VERSION
+    uint16_t home                  # the connection's home group
+    double started                 # monotonic time the routed request began
+    double queued                  # monotonic time it was queued
+    uint64_t size                  # payload bytes (after the origin, or in the memfd)
+    uint8_t in_memfd               # the payload is in the second descriptor
+    uint16_t origin_size           # origin bytes after the header
+    HandoffAddresses addresses     # the client's socket (addresses: without an origin)
+
+
 cdef class Handover:
     """A connection taken from the group's handoff queue."""
     cdef readonly int fd
+    cdef readonly int family           # the socket's (AF_INET, AF_INET6, AF_UNIX), 0 unknown
     cdef readonly int home
     cdef readonly bytes data
     cdef readonly bint tcp
@@ -86,6 +112,7 @@ cdef class Handover:
     cdef readonly tuple peer           # (host, port) or None
     cdef readonly str scheme           # "https" for a relayed TLS connection, else None
     cdef readonly bytes origin         # fastpool.handoff's origin text, to pass on, or None
+    cdef readonly bytes addresses      # its HandoffAddresses, to pass on
     # The host forwarded_allow_ips is checked against: the peer's, or the
     # proxy's that sent a PROXY header for the client in ``peer``; "" for none.
     cdef readonly str via
@@ -131,7 +158,19 @@ cdef class WorkerBase:
     cdef list running                  # start times of the app code running now
     cdef readonly Router router        # routes (None without), this group's index, its queue
     cdef readonly int local_group
-    cdef object handoff
+    cdef object handoff                # the fastpool.handoff.Handoff, or None
+    # The handoff queues in C (taken from ``handoff`` once; see hand_off, take_handoff)
+    cdef int handoff_groups            # queues (one per group): the size of the arrays
+    cdef int *handoff_senders          # send end of each group's queue
+    cdef int *handoff_max_pending      # each group's max_pending (0: none)
+    cdef int *handoff_retry_after      # each group's Retry-After of a 503
+    cdef int handoff_receiver          # this group's receive end, -1 without routes
+    cdef long long[::1] handoff_counters   # pending[g], then shed[g] from handoff_shed_base
+    cdef int handoff_shed_base
+    cdef Py_ssize_t handoff_inline_limit   # a larger payload goes in a memfd
+    cdef double handoff_max_queue_wait
+    cdef char *handoff_buffer          # one received message
+    cdef Py_ssize_t handoff_buffer_size
     cdef readonly StaticFiles static   # the group's static mounts, or None
     cdef bint master_reported          # the master's death is logged once
     cdef readonly bint admission       # max_pending or max_queue_wait is set
@@ -154,6 +193,8 @@ cdef class WorkerBase:
     cdef bytes proxy_origin(self, ProxyReader reader, str peer, str scheme)
     cdef Handover take_handoff(self)
     cdef bytes hand_off(self, HttpConnection conn, int fd)
+    cdef bytes refuse_handoff(self, int group)
+    cdef int open_handoffs(self) except -1
     cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server)
     cdef double arrival(self, Listener listener, int fd)
     cdef bint too_late(self, double arrived, double started)

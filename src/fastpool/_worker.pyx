@@ -14,8 +14,11 @@ Rules of this module:
   whether it is believed), and both ends of a handoff (taking a
   connection from the group's queue, refusing it with 503; giving one to
   another group, or for a TLS connection one end of a socket pair that the
-  worker kind then relays: ``relay_off``).  A worker kind supplies only the loop-specific parts:
-  ``stop_accepting``, ``quit``, and how a taken connection starts.
+  worker kind then relays: ``relay_off``).  A handoff's message is sent and
+  taken here in C (``sendmsg``/``recvmsg``, the ``HandoffHeader`` of
+  _worker.pxd): the one implementation, with no Python call on the way.
+  A worker kind supplies only the loop-specific parts: ``stop_accepting``,
+  ``quit``, and how a taken connection starts.
 * ``WorkerOptions`` is built once per worker from its group's settings
   (``WorkerOptions.from_group``); a worker reads its options, never a list
   of keyword arguments.
@@ -30,8 +33,8 @@ cimport cython
 from fastpool._consts cimport *
 from libc.math cimport INFINITY
 from fastpool._http cimport (
-    HttpConnection, Limits, monotonic, SERVED_APP, SERVED_STATIC, SERVED_HEALTH, SERVED_SHED,
-    SERVED_ERROR, SERVED_KINDS, is_health_target, proxy_header,
+    HttpConnection, Limits, monotonic, peer_of, fastpool_atomic_add, SERVED_APP, SERVED_STATIC,
+    SERVED_HEALTH, SERVED_SHED, SERVED_ERROR, SERVED_KINDS, is_health_target, proxy_header,
     forwarded_client as client_in_chain, forwarded_scheme as scheme_in,
 )
 from fastpool._static cimport StaticFiles
@@ -39,15 +42,21 @@ from fastpool._posix cimport (
     getppid, accept4, setsockopt, sockaddr, sockaddr_storage, socklen_t, SOCK_NONBLOCK,
     SOCK_CLOEXEC, IPPROTO_TCP, TCP_NODELAY, errno, EAGAIN, EINTR, ECONNABORTED, EPROTO,
     EMFILE, ENFILE, ENOBUFS, ENOMEM, recv, MSG_PEEK, MSG_DONTWAIT, getsockopt, TCP_INFO,
-    tcp_info,
+    tcp_info, AF_INET, AF_INET6, SOL_SOCKET, MSG_NOSIGNAL, iovec, msghdr, cmsghdr,
+    sendmsg, recvmsg, SCM_RIGHTS, MSG_CMSG_CLOEXEC, CMSG_FIRSTHDR, CMSG_NXTHDR, CMSG_DATA,
+    CMSG_SPACE, CMSG_LEN, getpeername, getsockname, memfd_create, MFD_CLOEXEC, write, close,
+    pread, fcntl, F_GETFL, F_SETFL, O_NONBLOCK,
 )
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from libc.string cimport memcpy, memset
 
 import logging
 import os
 import socket
 
 from fastpool.handoff import (
-    addresses as handoff_addresses, busy_answer, origin_text, parse_origin,
+    INLINE_LIMIT, MAX_GROUPS, ORIGIN_LIMIT, busy_answer, origin_text, parse_origin,
 )
 
 cdef object error_log = logging.getLogger("fastpool.error")
@@ -206,6 +215,44 @@ cdef class WorkerBase:
         if self.router is not None:
             self.local_group = self.router.local_group
         self.proxy_protocol = options.proxy_protocol
+        self.handoff_receiver = -1
+        if self.handoff is not None:
+            self.open_handoffs()
+
+    def __dealloc__(self):
+        PyMem_Free(self.handoff_senders)
+        PyMem_Free(self.handoff_max_pending)
+        PyMem_Free(self.handoff_retry_after)
+        PyMem_Free(self.handoff_buffer)
+
+    cdef int open_handoffs(self) except -1:
+        """The queues, the counters and the admission of fastpool.handoff's
+        Handoff, in C: a handoff then makes no Python call."""
+        cdef int group, count = len(self.handoff.senders)
+        if CMSG_SPACE(HANDOFF_FDS * sizeof(int)) > HANDOFF_CONTROL_WORDS * 8:
+            raise RuntimeError("HANDOFF_CONTROL_WORDS is too small for this system")
+        self.handoff_senders = <int *>PyMem_Malloc(count * sizeof(int))
+        self.handoff_max_pending = <int *>PyMem_Malloc(count * sizeof(int))
+        self.handoff_retry_after = <int *>PyMem_Malloc(count * sizeof(int))
+        self.handoff_buffer_size = sizeof(HandoffHeader) + ORIGIN_LIMIT + INLINE_LIMIT
+        self.handoff_buffer = <char *>PyMem_Malloc(self.handoff_buffer_size)
+        if (self.handoff_senders == NULL or self.handoff_max_pending == NULL
+                or self.handoff_retry_after == NULL or self.handoff_buffer == NULL):
+            raise MemoryError()
+        self.handoff_groups = count
+        for group in range(count):
+            self.handoff_senders[group] = self.handoff.senders[group].fileno()
+            admission = self.handoff.admission.get(group)
+            # (A group without admission settings: no limit, and Retry-After: 1
+            # when its queue itself is full.)
+            self.handoff_max_pending[group] = admission.max_pending if admission else 0
+            self.handoff_retry_after[group] = admission.retry_after if admission else 1
+        self.handoff_receiver = self.handoff.receiver.fileno()
+        self.handoff_counters = memoryview(self.handoff.counters).cast("B").cast("q")
+        self.handoff_shed_base = MAX_GROUPS
+        self.handoff_inline_limit = INLINE_LIMIT
+        self.handoff_max_queue_wait = self.handoff.max_queue_wait
+        return 0
 
     # ---- the scoreboard
 
@@ -338,37 +385,93 @@ cdef class WorkerBase:
     # ---- routes: taking connections and handing them over
 
     cdef Handover take_handoff(self):
-        """One connection from this group's queue; None when the queue is
-        empty.  One that waited past max_queue_wait is answered 503 here and
-        closed: its Handover has fd -1."""
+        """One connection from this group's queue (recvmsg here, no Python
+        call); None when the queue is empty.  One that waited past
+        max_queue_wait is answered 503 here and closed: its Handover has fd -1."""
         cdef Handover handover
-        entry = self.handoff.receive()
-        if entry is None:
+        cdef HandoffHeader header
+        cdef msghdr message
+        cdef iovec part
+        cdef cmsghdr *control
+        cdef int fds[HANDOFF_FDS]
+        cdef int count = 0, fd, flags, i
+        cdef size_t taken
+        cdef Py_ssize_t received, size, start
+        cdef sockaddr_storage address
+        cdef bytes data, refusal
+        cdef unsigned long long space[HANDOFF_CONTROL_WORDS]   # (aligned for cmsghdr)
+        part.iov_base = self.handoff_buffer
+        part.iov_len = self.handoff_buffer_size
+        memset(&message, 0, sizeof(message))
+        message.msg_iov = &part
+        message.msg_iovlen = 1
+        message.msg_control = space
+        message.msg_controllen = CMSG_SPACE(HANDOFF_FDS * sizeof(int))
+        received = recvmsg(self.handoff_receiver, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC)
+        if received < 0:
+            return None         # empty (EAGAIN), or interrupted: the loop comes back
+        fastpool_atomic_add(&self.handoff_counters[self.local_group], -1)
+        control = CMSG_FIRSTHDR(&message)
+        while control != NULL:
+            if control.cmsg_level == SOL_SOCKET and control.cmsg_type == SCM_RIGHTS:
+                taken = (control.cmsg_len - CMSG_LEN(0)) // sizeof(int)
+                for i in range(<int>taken):
+                    if count < HANDOFF_FDS:
+                        memcpy(&fds[count], CMSG_DATA(control) + i * sizeof(int), sizeof(int))
+                        count += 1
+            control = CMSG_NXTHDR(&message, control)
+        if count == 0 or received < <Py_ssize_t>sizeof(HandoffHeader):
+            for i in range(count):
+                close(fds[i])
             return None
-        fd, home, _started, data, refusal, origin = entry
+        memcpy(&header, self.handoff_buffer, sizeof(HandoffHeader))
+        fd = fds[0]
         self.board[BOARD_HANDED_IN] += 1
-        os.set_blocking(fd, False)
-        if refusal is not None:
-            # (Counted as shed for this group by the handoff queues' own counts.)
-            self.count_response(503, 0, SERVED_SHED)
-            try:
-                os.write(fd, refusal)
-            except OSError:
-                pass
-            os.close(fd)
+        flags = fcntl(fd, F_GETFL)
+        if flags >= 0 and not flags & O_NONBLOCK:
+            fcntl(fd, F_SETFL, flags | O_NONBLOCK)   # (a relayed TLS connection's pair)
+        size = <Py_ssize_t>header.size
+        if header.in_memfd and count > 1:
+            data = PyBytes_FromStringAndSize(NULL, size)
+            if pread(fds[1], PyBytes_AS_STRING(data), size, 0) != size:
+                data = b""
+        else:
+            start = <Py_ssize_t>sizeof(HandoffHeader) + header.origin_size
+            received = min(received, start + size)
+            data = self.handoff_buffer[start:received] if received > start else b""
+        for i in range(1, count):
+            close(fds[i])
+        if self.handoff_max_queue_wait and \
+                monotonic() - header.queued > self.handoff_max_queue_wait:
+            refusal = self.refuse_handoff(self.local_group)
+            write(fd, PyBytes_AS_STRING(refusal), PyBytes_GET_SIZE(refusal))
+            close(fd)
             handover = Handover.__new__(Handover)
             handover.fd = -1
             return handover
         handover = Handover.__new__(Handover)
         handover.fd = fd
-        handover.home = home
+        handover.family = header.addresses.family
+        handover.home = header.home
         handover.data = data
-        if origin is None:
-            handover.tcp, handover.server, handover.peer = handoff_addresses(fd)
+        handover.addresses = PyBytes_FromStringAndSize(<char *>&header.addresses,
+                                                       sizeof(HandoffAddresses))
+        if header.origin_size == 0:
+            # The client's own socket: its addresses came with the message.
+            handover.tcp = header.addresses.family == AF_INET or \
+                header.addresses.family == AF_INET6
+            if handover.tcp and header.addresses.server_size and header.addresses.peer_size:
+                memset(&address, 0, sizeof(address))
+                memcpy(&address, header.addresses.server, header.addresses.server_size)
+                handover.server = peer_of(&address)
+                memcpy(&address, header.addresses.peer, header.addresses.peer_size)
+                handover.peer = peer_of(&address)
             handover.via = handover.peer[0] if handover.peer is not None else ""
         else:
             # A relayed TLS connection (the socket pair knows nothing of the
             # client), or a PROXY protocol one (its socket's peer is the proxy).
+            origin = self.handoff_buffer[sizeof(HandoffHeader):
+                                         sizeof(HandoffHeader) + header.origin_size]
             handover.scheme, handover.peer, handover.server, via = parse_origin(origin)
             handover.via = via if via is not None else (
                 handover.peer[0] if handover.peer is not None else "")
@@ -378,19 +481,104 @@ cdef class WorkerBase:
 
     cdef bytes hand_off(self, HttpConnection conn, int fd):
         """Give ``conn`` (its socket ``fd``) to the group its next request
-        belongs to.  None when it is on its way (the caller drops its copy);
-        else the 503 to answer, because that group is full."""
-        refusal = self.handoff.send(conn.handoff_group, fd, conn.home_group,
-                                    conn.handoff_started, conn.handoff_data,
-                                    conn.handoff_origin)
+        belongs to (sendmsg here, no Python call).  None when it is on its way
+        (the caller drops its copy); else the 503 to answer, because that
+        group is full."""
+        cdef int group = conn.handoff_group
+        cdef bytes data = conn.handoff_data if conn.handoff_data is not None else b""
+        cdef bytes origin = conn.handoff_origin if conn.handoff_origin is not None else b""
+        cdef HandoffHeader header
+        cdef msghdr message
+        cdef iovec parts[3]
+        cdef cmsghdr *control
+        cdef int fds[HANDOFF_FDS]
+        cdef int count = 1, memfd = -1
+        cdef socklen_t length
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(data), done = 0, wrote
+        cdef sockaddr_storage address
+        cdef unsigned long long space[HANDOFF_CONTROL_WORDS]   # (aligned for cmsghdr)
         conn.handoff_group = -1
         conn.handoff_data = None
-        if refusal is None:
-            self.board[BOARD_HANDED_OUT] += 1
-            return None
-        # (Counted as shed for the full group by the handoff queues' own counts.)
+        if group < 0 or group >= self.handoff_groups:
+            return self.refuse_handoff(self.local_group)    # (no such queue: never happens)
+        if self.handoff_max_pending[group] and fastpool_atomic_add(
+                &self.handoff_counters[group], 0) >= self.handoff_max_pending[group]:
+            return self.refuse_handoff(group)
+        memset(&header, 0, sizeof(header))
+        header.version = HANDOFF_VERSION
+        header.home = conn.home_group
+        header.started = conn.handoff_started
+        header.size = size
+        header.origin_size = PyBytes_GET_SIZE(origin)
+        # The receiver learns the socket's family and addresses from the
+        # message, not from the socket (an origin names the addresses itself);
+        # a connection that came by a handoff has them already.
+        if conn.handoff_addresses is not None and \
+                PyBytes_GET_SIZE(conn.handoff_addresses) == sizeof(HandoffAddresses):
+            memcpy(&header.addresses, PyBytes_AS_STRING(conn.handoff_addresses),
+                   sizeof(HandoffAddresses))
+        else:
+            length = sizeof(address)
+            if getsockname(fd, <sockaddr *>&address, &length) == 0:
+                header.addresses.family = address.ss_family
+                if header.origin_size == 0 and length <= HANDOFF_ADDRESS_SIZE and (
+                        address.ss_family == AF_INET or address.ss_family == AF_INET6):
+                    memcpy(header.addresses.server, &address, length)
+                    header.addresses.server_size = length
+                    length = sizeof(address)
+                    if getpeername(fd, <sockaddr *>&address, &length) == 0 \
+                            and length <= HANDOFF_ADDRESS_SIZE:
+                        memcpy(header.addresses.peer, &address, length)
+                        header.addresses.peer_size = length
+        fds[0] = fd
+        if size > self.handoff_inline_limit:
+            memfd = memfd_create(b"fastpool-handoff", MFD_CLOEXEC)
+            while memfd >= 0 and done < size:
+                wrote = write(memfd, PyBytes_AS_STRING(data) + done, size - done)
+                if wrote <= 0:
+                    close(memfd)
+                    memfd = -1
+                done += wrote
+            if memfd < 0:
+                return self.refuse_handoff(group)        # (no memory for it: as a full queue)
+            header.in_memfd = 1
+            fds[1] = memfd
+            count = 2
+        parts[0].iov_base = &header
+        parts[0].iov_len = sizeof(header)
+        parts[1].iov_base = PyBytes_AS_STRING(origin)
+        parts[1].iov_len = PyBytes_GET_SIZE(origin)
+        parts[2].iov_base = PyBytes_AS_STRING(data)
+        parts[2].iov_len = 0 if memfd >= 0 else size
+        memset(&message, 0, sizeof(message))
+        message.msg_iov = parts
+        message.msg_iovlen = 3
+        message.msg_control = space
+        message.msg_controllen = CMSG_SPACE(count * sizeof(int))
+        control = CMSG_FIRSTHDR(&message)
+        control.cmsg_level = SOL_SOCKET
+        control.cmsg_type = SCM_RIGHTS
+        control.cmsg_len = CMSG_LEN(count * sizeof(int))
+        memcpy(CMSG_DATA(control), fds, count * sizeof(int))
+        header.queued = monotonic()
+        fastpool_atomic_add(&self.handoff_counters[group], 1)
+        wrote = sendmsg(self.handoff_senders[group], &message, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if memfd >= 0:
+            close(memfd)
+        if wrote < 0:
+            # The queue itself is full (or gone): the same answer as max_pending.
+            fastpool_atomic_add(&self.handoff_counters[group], -1)
+            return self.refuse_handoff(group)
+        self.board[BOARD_HANDED_OUT] += 1
+        return None
+
+    cdef bytes refuse_handoff(self, int group):
+        """A request for ``group`` refused (max_pending, a full queue, or
+        max_queue_wait): counted as shed for the group, and its 503 (with the
+        group's Retry-After) returned to answer it with."""
+        fastpool_atomic_add(&self.handoff_counters[self.handoff_shed_base + group], 1)
         self.count_response(503, 0, SERVED_SHED)
-        return refusal
+        return busy_answer(self.handoff_retry_after[group])
 
     cdef object relay_off(self, HttpConnection conn, tuple peer, tuple server):
         """Hand a TLS connection's next request to another group: its TLS

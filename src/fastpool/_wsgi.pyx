@@ -1785,6 +1785,7 @@ cdef class WSGIWorker(WorkerBase):
         conn.router = self.router
         conn.home_group = handover.home
         conn.handoff_origin = handover.origin
+        conn.handoff_addresses = handover.addresses
         # Its bytes count as read now: a body that goes on arriving is timed
         # from here (set_deadline), not from a read this worker never made.
         conn.last_read = self.now or monotonic()

@@ -12,15 +12,22 @@ Rules of this module:
   lose a queued handoff.  Every worker inherits the send end of every queue
   and the receive end of its own group's queue; the free workers of a group
   take the handoffs from it (a busy WSGI worker is not waiting on it).
-* A handoff is one message: a fixed header (home group, when the request
-  began, when it was queued, payload size, where the payload is, origin
-  size) followed by the origin and the payload — every byte already read
-  from the client from the routed request's first byte on — with the
-  client's socket attached (SCM_RIGHTS).  A payload larger than
-  ``INLINE_LIMIT`` travels in a memfd, attached as a second descriptor, so no
-  read size can overflow a message.
-* The origin is empty for a client's own socket (the receiver asks the socket
-  for the addresses).  A TLS connection relayed through a socket pair (see
+* A handoff is one message: a fixed header (``HandoffHeader`` in
+  _worker.pxd: version, home group, when the request began, when it was
+  queued, payload size, where the payload is, origin size, and the socket's
+  family with its server and peer addresses) followed by the origin and the
+  payload — every byte already read from the client from the routed
+  request's first byte on — with the client's socket attached (SCM_RIGHTS).
+  A payload larger than ``INLINE_LIMIT`` travels in a memfd, attached as a
+  second descriptor, so no read size can overflow a message.
+* Sending and taking a handoff is compiled code (``WorkerBase.hand_off`` and
+  ``take_handoff`` in _worker.pyx, one implementation for both worker
+  kinds): a move costs the two workers a few system calls and no Python
+  call.  This module sets the queues up and holds the sizes and the text
+  form of an origin.
+* The origin is empty for a client's own socket: the sender reads its
+  addresses (getsockname, getpeername) into the header, so the receiver asks
+  the socket nothing.  A TLS connection relayed through a socket pair (see
   ``WorkerBase.relay_off``) carries it instead: scheme, client address and
   server address as text (``origin_text``), passed on with every later
   handoff of that connection; so does a connection whose PROXY protocol
@@ -32,28 +39,22 @@ Rules of this module:
   checks ``pending`` against the group's ``max_pending`` and, when the group
   is full, answers ``503`` with ``Retry-After`` itself; the receiver counts the
   handoff out as it takes it, and answers 503 to one that waited longer than
-  its group's ``max_queue_wait``.
+  its group's ``max_queue_wait``.  Both count their 503s in ``shed``.
 """
 
 from __future__ import annotations
 
-import array
 import mmap
-import os
 import socket
-import struct
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastpool._http import atomic_add, error_response
 
-# version, home group, started, queued, payload size, in memfd, origin size
-HEADER = struct.Struct("=HHddQBH")
-VERSION = 2
+# A payload up to this size travels in the message itself; a larger one in a memfd.
 INLINE_LIMIT = 32 * 1024
 ORIGIN_LIMIT = 256      # an origin is two addresses and a scheme: far below this
-MAX_GROUPS = 256
+MAX_GROUPS = 256        # queues (and pending/shed counter pairs) in the shared counters
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class Routing:
 
 
 class Handoff:
-    """A worker's side: send to any group, receive for its own."""
+    """A worker's side: the send end of every group's queue, the receive end
+    of its own, the counters and every group's admission (which the compiled
+    worker reads once, see ``WorkerBase.open_handoffs``)."""
 
     def __init__(self, queues: Queues, local: str, admission: Mapping[int, Admission],
                  max_queue_wait: float) -> None:
@@ -122,76 +125,6 @@ class Handoff:
 
     def receiver_fd(self) -> int:
         return self.receiver.fileno()
-
-    def send(self, group: int, fd: int, home: int, started: float, data: bytes,
-             origin: bytes | None = None) -> bytes | None:
-        """Queue the connection ``fd`` for ``group``.  None when it is on its
-        way (the caller closes its own copy of ``fd``); otherwise the 503 to
-        answer, because the group is full."""
-        origin = origin or b""
-        admission = self.admission.get(group)
-        if admission is not None and admission.max_pending and (
-                atomic_add(self.counters, group, 0) >= admission.max_pending):
-            return self.shed(group, admission.retry_after)
-        fds = [fd]
-        memfd = -1
-        if len(data) > INLINE_LIMIT:
-            memfd = os.memfd_create("fastpool-handoff", os.MFD_CLOEXEC)
-            os.write(memfd, data)
-            fds.append(memfd)
-        header = HEADER.pack(VERSION, home, started, time.monotonic(), len(data), memfd >= 0,
-                             len(origin))
-        atomic_add(self.counters, group, 1)
-        try:
-            self.senders[group].sendmsg(
-                [header, origin, data if memfd < 0 else b""],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        except OSError:
-            # The queue itself is full (or gone): the same answer as max_pending.
-            atomic_add(self.counters, group, -1)
-            return self.shed(group, admission.retry_after if admission else 1)
-        finally:
-            if memfd >= 0:
-                os.close(memfd)
-        return None
-
-    def receive(self) -> tuple[int, int, float, bytes, bytes | None, bytes | None] | None:
-        """Take one handoff: ``(fd, home, started, data, refusal, origin)``,
-        where ``refusal`` is the 503 to answer when it waited longer than
-        max_queue_wait (else None) and ``origin`` None for a client's own
-        socket; None when the queue is empty."""
-        fds = array.array("i")
-        try:
-            message, ancillary, flags, _ = self.receiver.recvmsg(
-                HEADER.size + ORIGIN_LIMIT + INLINE_LIMIT, socket.CMSG_SPACE(2 * fds.itemsize))
-        except (BlockingIOError, InterruptedError):
-            return None
-        atomic_add(self.counters, self.local, -1)
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        if not fds or len(message) < HEADER.size:
-            for stray in fds:
-                os.close(stray)
-            return None
-        version, home, started, queued, size, in_memfd, origin_size = \
-            HEADER.unpack_from(message)
-        origin = message[HEADER.size:HEADER.size + origin_size] or None
-        if in_memfd and len(fds) > 1:
-            data = os.pread(fds[1], size, 0)
-            os.close(fds[1])
-        else:
-            data = message[HEADER.size + origin_size:]
-        refusal = None
-        if self.max_queue_wait and time.monotonic() - queued > self.max_queue_wait:
-            refusal = self.shed(self.local, self.admission[self.local].retry_after
-                                if self.local in self.admission else 1)
-        return fds[0], home, started, data, refusal, origin
-
-    def shed(self, group: int, retry_after: int) -> bytes:
-        """Count a request refused for ``group`` and return its 503."""
-        atomic_add(self.counters, MAX_GROUPS + group, 1)
-        return busy_answer(retry_after)
 
 
 def busy_answer(retry_after: int) -> bytes:
@@ -226,20 +159,3 @@ def parse_origin(text: bytes) -> tuple[str, tuple[str, int] | None, tuple[str, i
     if len(addresses) != 2:
         return fields[0] if fields else "http", None, None, None
     return fields[0], addresses[0], addresses[1], fields[5] if len(fields) == 6 else None
-
-
-def addresses(fd: int) -> tuple[bool, tuple[str, int] | None, tuple[str, int] | None]:
-    """``(is_tcp, server address, peer address)`` of a handed-over socket."""
-    sock = socket.socket(fileno=fd)
-    try:
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        if not tcp:
-            return False, None, None
-        try:
-            server = sock.getsockname()[:2]
-            peer = sock.getpeername()[:2]
-        except OSError:
-            return True, None, None
-        return True, (str(server[0]), int(server[1])), (str(peer[0]), int(peer[1]))
-    finally:
-        sock.detach()

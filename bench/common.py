@@ -640,6 +640,18 @@ def raise_exit(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def harness_start(argv: list[str] | None, announce: bool = True) -> str | None:
+    """The first steps of every harness's ``main``: SIGTERM and SIGHUP end it through
+    ``SystemExit`` (so its servers are stopped on the way out), and the command line
+    that ran it (``reproduce_command``), printed first when ``announce``."""
+    signal.signal(signal.SIGTERM, raise_exit)
+    signal.signal(signal.SIGHUP, raise_exit)
+    reproduce = reproduce_command(argv)
+    if reproduce and announce:
+        print(f"running: {reproduce}")
+    return reproduce
+
+
 def python_version(python: str, modules: list[str], dist: str) -> str:
     """``dist``'s version as ``python`` sees it, after importing ``modules``.
 

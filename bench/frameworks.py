@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -72,6 +71,7 @@ from common import (
     check_tools,
     costing,
     exchange,
+    harness_start,
     http_request,
     load_summary,
     machine,
@@ -79,8 +79,6 @@ from common import (
     pin,
     port_in_use,
     python_version,
-    raise_exit,
-    reproduce_command,
     require_positive,
     require_warmup,
     result_table,
@@ -515,11 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = reproduce_command(argv)
-    if reproduce:
-        print(f"running: {reproduce}")
+    reproduce = harness_start(argv)
     cases = [c for c in CASES if not args.case or c.name in args.case]
     if args.profile:
         return profile(args, cases)

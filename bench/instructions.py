@@ -94,11 +94,11 @@ from common import (
     HOST,
     BenchError,
     die_with_parent,
+    harness_start,
     load_apps,
     machine,
     nginx_app_locations,
     nginx_head,
-    raise_exit,
     run_main,
 )
 
@@ -932,8 +932,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
+    harness_start(argv, announce=False)
     annotate_tool = shutil.which("callgrind_annotate")
     if shutil.which(args.valgrind) is None or annotate_tool is None:
         print(f"error: {args.valgrind} and callgrind_annotate are needed", file=sys.stderr)

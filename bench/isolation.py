@@ -67,7 +67,6 @@ import contextlib
 import json
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,7 @@ from common import (
     exchange,
     find_nginx,
     fmt_ms,
+    harness_start,
     http_request,
     interpreter_path,
     machine,
@@ -101,8 +101,6 @@ from common import (
     parse_wrk,
     port_in_use,
     python_version,
-    raise_exit,
-    reproduce_command,
     require_warmup,
     routing_counts,
     run_main,
@@ -806,9 +804,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = reproduce_command(argv)
+    reproduce = harness_start(argv, announce=False)
     layouts = [x for x in LAYOUTS if (x.name in args.layout if args.layout
                                       else in_mode(x, args.one_port))]
     layouts = [x for x in layouts if layout_kinds(x, args)]

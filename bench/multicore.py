@@ -51,7 +51,6 @@ import contextlib
 import os
 import resource
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -65,12 +64,11 @@ from common import (
     check_tools,
     costing,
     find_nginx,
+    harness_start,
     machine,
     measure_scenarios,
     pin,
     port_in_use,
-    raise_exit,
-    reproduce_command,
     require_positive,
     require_warmup,
     result_table,
@@ -358,11 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = reproduce_command(argv)
-    if reproduce:
-        print(f"running: {reproduce}")
+    reproduce = harness_start(argv)
     if not check_tools(args):
         return 2
     raise_open_files()

@@ -61,7 +61,6 @@ import argparse
 import contextlib
 import json
 import shlex
-import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,14 +81,13 @@ from common import (
     counts_delta,
     exchange,
     fmt_ms,
+    harness_start,
     http_request,
     interpreter_path,
     machine,
     pin,
     port_in_use,
     python_version,
-    raise_exit,
-    reproduce_command,
     require_positive,
     require_warmup,
     routing_counts,
@@ -383,9 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = reproduce_command(argv)
+    reproduce = harness_start(argv, announce=False)
     if not check_tools(args):
         return 2
     try:

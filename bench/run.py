@@ -57,7 +57,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -79,6 +78,7 @@ from common import (
     cost_note,
     costed_run,
     exchange,
+    harness_start,
     http_request,
     interpreter_path,
     load_apps,
@@ -90,7 +90,6 @@ from common import (
     pin,
     port_in_use,
     python_version,
-    raise_exit,
     require_positive,
     require_warmup,
     result_table,
@@ -540,8 +539,7 @@ def server_json(av: Available, commands: Commands) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
+    harness_start(argv, announce=False)
     scenarios = [s for s in make_scenarios(args.depth, args.interface)
                  if not args.scenario or s.name in args.scenario]
     if not check_tools(args):

@@ -58,7 +58,6 @@ import contextlib
 import os
 import random
 import shlex
-import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +79,7 @@ from common import (
     costed_run,
     exchange,
     find_nginx,
+    harness_start,
     http_request,
     load_apps,
     load_summary,
@@ -90,7 +90,6 @@ from common import (
     pin,
     port_in_use,
     python_version,
-    raise_exit,
     require_positive,
     require_warmup,
     result_table,
@@ -449,8 +448,7 @@ def bench_server(av: Available, scenarios: list[Scenario], args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
+    harness_start(argv, announce=False)
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]
     if not check_tools(args):
         return 2

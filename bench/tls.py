@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import signal
 import socket
 import ssl
 import subprocess
@@ -77,6 +76,7 @@ from common import (
     costed_run,
     exchange,
     find_nginx,
+    harness_start,
     http_request,
     load_apps,
     load_summary,
@@ -87,8 +87,6 @@ from common import (
     pin,
     port_in_use,
     python_version,
-    raise_exit,
-    reproduce_command,
     require_positive,
     require_warmup,
     result_table,
@@ -377,11 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_exit)
-    signal.signal(signal.SIGHUP, raise_exit)
-    reproduce = reproduce_command(argv)
-    if reproduce:
-        print(f"running: {reproduce}")
+    reproduce = harness_start(argv)
     if not check_tools(args):
         return 2
     scenarios = [s for s in SCENARIOS if not args.scenario or s.name in args.scenario]

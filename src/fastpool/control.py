@@ -278,15 +278,6 @@ class ControlServer:
         return {"ok": False, "error": f"unknown command {command!r}"}
 
 
-def rss_kib(pid: int) -> int | None:
-    """The resident memory of ``pid`` in KiB, or None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def status(master: Master) -> dict[str, Any]:
     """The ``status`` reply: every group with its workers, every process."""
     now = time.monotonic()
@@ -294,18 +285,18 @@ def status(master: Master) -> dict[str, Any]:
     groups = []
     for name, group in master.groups.items():
         workers = []
-        handed_in, handed_out = group.handed_in, group.handed_out
+        counts = numbers["groups"][name]
         for child in sorted(master.children.values(), key=lambda c: (c.slot, c.pid)):
             if child.kind != "worker" or child.name != name:
                 continue
             record = master.scoreboard.read(child.board_slot)
-            handed_in += record.handed_in
-            handed_out += record.handed_out
+            rss = metrics.rss_bytes(child.pid)
             workers.append({
                 "pid": child.pid, "slot": child.slot, "requests": record.requests,
                 "current_request_s": round(now - record.busy_since, 3)
                 if record.busy_since else None,
-                "rss_kib": rss_kib(child.pid), "age_s": round(now - child.started, 1),
+                "rss_kib": None if rss is None else rss // 1024,
+                "age_s": round(now - child.started, 1),
                 "state": "retiring" if child.retiring else record.state,
                 "generation": child.generation, "shed": record.shed,
             })
@@ -315,12 +306,12 @@ def status(master: Master) -> dict[str, Any]:
             "listen": group.listeners.describe(), "workers_wanted": group.wanted,
             "threads": group.config.threads, "restarts": group.restarts,
             "interface": group.config.interface, "routes": group.config.routes,
-            "handed_in": handed_in, "handed_out": handed_out,
+            "handed_in": counts["handed_in"], "handed_out": counts["handed_out"],
             "pending": queues.pending(name) if queues is not None else 0,
             "shed": queues.shed(name) if queues is not None else 0,
             "tls": _tls_status(group.tls),
             "workers": workers,
-            "metrics": numbers["groups"].get(name),
+            "metrics": counts,
         })
     processes = []
     for name, process in master.processes.groups.items():

@@ -132,10 +132,6 @@ class Group:
     restarts: int = 0
     ever_ready: bool = False          # a worker of this group has served
     reload_failed_generation: int = -1
-    # Routing counts of the group's workers that have exited (status adds the
-    # live workers' records to these).
-    handed_in: int = 0
-    handed_out: int = 0
     # The SSL context of its tls_listen addresses (fastpool.tls), built from the
     # certificate files at start and again on every reload.
     tls: ssl.SSLContext | None = None
@@ -587,15 +583,12 @@ class Master:
                 self.app_metrics.worker_gone(pid)
             served = 0
             if child.board_slot >= 0:
-                record = self.scoreboard.read(child.board_slot)
-                served = record.requests
+                fields = self.scoreboard.fields(child.board_slot)
+                served = int(fields[self.scoreboard.layout["requests"]])
                 gone_from = self.groups.get(child.name) if child.kind == "worker" else None
                 if gone_from is not None:
-                    gone_from.handed_in += record.handed_in
-                    gone_from.handed_out += record.handed_out
                     # Before the record is reused: counters never go backwards.
-                    gone_from.totals.fold(self.scoreboard.fields(child.board_slot), child.slot,
-                                          usage.ru_utime + usage.ru_stime)
+                    gone_from.totals.fold(fields, child.slot, usage.ru_utime + usage.ru_stime)
                 self.scoreboard.release(child.board_slot)
             self.read_notices()
             describe = (f"Worker {child.slot} (pid {pid}) of group {child.name}"

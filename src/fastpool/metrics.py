@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import glob
 import logging
 import os
 import re
@@ -454,9 +453,6 @@ class AppMetrics:
     def close(self) -> None:
         if self.own:
             shutil.rmtree(self.path, ignore_errors=True)
-
-    def files(self) -> list[str]:
-        return glob.glob(os.path.join(self.path, "*.db"))
 
 
 # ---------------------------------------------------------------- the server
